@@ -1,0 +1,45 @@
+# cosell-sync: every target creates .venv from the lock file on first use.
+SHELL := /bin/bash
+PY := $(shell command -v python3.11 || command -v python3)
+UV_VERSION := 0.13.9
+TOOLS := .tools
+VENV := .venv
+UV := $(TOOLS)/bin/uv
+BIN := $(VENV)/bin
+
+export UV_PYTHON_DOWNLOADS := never
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export COSELL_SANDBOX_HOME ?= $(CURDIR)/.sandbox
+
+.PHONY: venv test lint demo airflow bench clean
+
+$(UV):
+	$(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PY)
+	touch $@
+
+venv: $(VENV)/.synced
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv lint
+	$(BIN)/python -m pytest
+
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+airflow: venv
+	bash scripts/airflow_standalone.sh
+
+bench: venv
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .airflow .sandbox .pytest_cache .ruff_cache

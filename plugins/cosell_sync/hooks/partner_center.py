@@ -1,0 +1,383 @@
+"""Hook for the Microsoft Partner Center Referrals and webhook registration APIs.
+
+Connection (type ``partner_center``)::
+
+    login     = <client id>                  password = <client secret>
+    extra     = {"tenant_id": "...",
+                 "authority": "https://login.microsoftonline.com",          # default
+                 "referrals_url": "https://api.partner.microsoft.com/v1.0/engagements/referrals",
+                 "webhooks_url": "https://api.partnercenter.microsoft.com/webhooks/v1",
+                 "refresh_token": "...",            # app+user; or "username" + "user_password"
+                 "ca_bundle": "/path/ca.pem"}       # optional
+
+Partner Center accepts app+user tokens only. The referrals API and the webhooks API
+are different resources (``api.partner.microsoft.com`` and
+``api.partnercenter.microsoft.com``), so the hook holds one token for each, both
+obtained from the same user grant.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote as urlquote
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import requests
+from airflow.sdk import BaseHook
+
+from cosell_sync.errors import ApiError, ConfigurationError, NotFoundError
+from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession
+from cosell_sync.hooks._msal import (
+    RefreshTokenStore,
+    authority_url,
+    cached_token,
+    confidential_app,
+    mask,
+)
+from cosell_sync.hooks._odata import quote
+from cosell_sync.models import Referral, ReferralParseError, parse_referral, parse_referrals
+
+DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
+DEFAULT_REFERRALS_URL = "https://api.partner.microsoft.com/v1.0/engagements/referrals"
+DEFAULT_WEBHOOKS_URL = "https://api.partnercenter.microsoft.com/webhooks/v1"
+REFERRALS_SCOPE = "https://api.partner.microsoft.com/.default"
+WEBHOOKS_SCOPE = "https://api.partnercenter.microsoft.com/.default"
+MAX_PAGE_SIZE = 100
+REFERRAL_EVENTS = ("referral-created", "referral-updated", "related-referral-created", "related-referral-updated")
+
+_rotation_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PartnerCenterSettings:
+    conn_id: str
+    client_id: str
+    client_secret: str
+    tenant_id: str
+    authority: str
+    referrals_url: str
+    webhooks_url: str
+    refresh_token: str | None
+    username: str | None
+    user_password: str | None
+    ca_bundle: str | None
+    referrals_scope: str
+    webhooks_scope: str
+    token_store_path: str | None
+
+    @classmethod
+    def from_connection(cls, conn: Any) -> PartnerCenterSettings:
+        extra: dict[str, Any] = conn.extra_dejson or {}
+        settings = cls(
+            conn_id=conn.conn_id,
+            client_id=conn.login or extra.get("client_id") or "",
+            client_secret=conn.password or extra.get("client_secret") or "",
+            tenant_id=extra.get("tenant_id") or "",
+            authority=(extra.get("authority") or DEFAULT_AUTHORITY).rstrip("/"),
+            referrals_url=(extra.get("referrals_url") or DEFAULT_REFERRALS_URL).rstrip("/"),
+            webhooks_url=(extra.get("webhooks_url") or DEFAULT_WEBHOOKS_URL).rstrip("/"),
+            refresh_token=extra.get("refresh_token") or None,
+            username=extra.get("username") or None,
+            user_password=extra.get("user_password") or None,
+            ca_bundle=extra.get("ca_bundle") or None,
+            referrals_scope=extra.get("referrals_scope") or REFERRALS_SCOPE,
+            webhooks_scope=extra.get("webhooks_scope") or WEBHOOKS_SCOPE,
+            token_store_path=extra.get("token_store_path") or None,
+        )
+        for secret in (settings.client_secret, settings.refresh_token, settings.user_password):
+            if secret:
+                mask(secret)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        where = f"Connection '{self.conn_id}' (partner_center)"
+        if not self.client_id or not self.client_secret:
+            raise ConfigurationError(f"{where}: set the client id as login and the client secret as password.")
+        if not self.tenant_id:
+            raise ConfigurationError(f"{where}: set 'tenant_id' in the extras.")
+        if not self.refresh_token and not (self.username and self.user_password):
+            raise ConfigurationError(
+                f"{where}: Partner Center needs an app+user token; set 'refresh_token', or 'username' and "
+                "'user_password' for a service account, in the extras."
+            )
+        if self.ca_bundle and not Path(self.ca_bundle).is_file():
+            raise ConfigurationError(f"{where}: ca_bundle '{self.ca_bundle}' is not a readable file.")
+        for name in ("authority", "referrals_url", "webhooks_url"):
+            if urlsplit(getattr(self, name)).scheme != "https":
+                raise ConfigurationError(f"{where}: '{name}' must be an https:// URL.")
+
+
+def registration_value(doc: Mapping[str, Any], name: str) -> Any:
+    """A registration key whatever its casing (the API uses PascalCase and camelCase)."""
+    for key, value in doc.items():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+class PartnerCenterHook(BaseHook):
+    """Referrals (list, get, create, replace, patch) and webhook registration, with retries."""
+
+    conn_name_attr = "partner_center_conn_id"
+    default_conn_name = "partner_center_default"
+    conn_type = "partner_center"
+    hook_name = "Microsoft Partner Center"
+
+    def __init__(
+        self,
+        partner_center_conn_id: str = default_conn_name,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        token_store: RefreshTokenStore | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__()
+        self.partner_center_conn_id = partner_center_conn_id
+        self.retry_policy = retry_policy or RetryPolicy()
+        self._token_store = token_store
+        self._sleep = sleep
+
+    # -- plumbing -----------------------------------------------------------------------
+    @cached_property
+    def settings(self) -> PartnerCenterSettings:
+        return PartnerCenterSettings.from_connection(self.get_connection(self.partner_center_conn_id))
+
+    @cached_property
+    def session(self) -> requests.Session:
+        return TrustedSession(self.settings.ca_bundle)
+
+    @cached_property
+    def token_store(self) -> RefreshTokenStore:
+        if self._token_store is not None:
+            return self._token_store
+        if self.settings.token_store_path:
+            return RefreshTokenStore(Path(self.settings.token_store_path))
+        return RefreshTokenStore.default()
+
+    def _client(self, system: str, scope: str) -> RestClient:
+        return RestClient(
+            system,
+            self.session,
+            lambda force: self.get_token(scope, force=force),
+            policy=self.retry_policy,
+            default_headers={"Accept": "application/json"},
+            sleep=self._sleep,
+        )
+
+    @cached_property
+    def referrals(self) -> RestClient:
+        return self._client("Partner Center", self.settings.referrals_scope)
+
+    @cached_property
+    def webhooks(self) -> RestClient:
+        return self._client("Partner Center webhooks", self.settings.webhooks_scope)
+
+    def get_conn(self) -> RestClient:
+        return self.referrals
+
+    # -- auth ------------------------------------------------------------------------------
+    def get_token(self, scope: str, *, force: bool = False) -> str:
+        """An app+user access token for ``scope``, cached until shortly before it expires."""
+        s = self.settings
+        principal = "rt" if s.refresh_token else f"user:{s.username}"
+        key = (s.authority, s.tenant_id, s.client_id, principal, scope)
+
+        def acquire() -> dict[str, Any]:
+            app = confidential_app(authority_url(s.authority, s.tenant_id), s.client_id, s.client_secret, self.session)
+            if s.refresh_token:
+                return self._refresh_token_grant(app, scope)
+            assert s.username and s.user_password
+            return app.acquire_token_by_username_password(s.username, s.user_password, scopes=[scope])
+
+        return cached_token(key, acquire, force)
+
+    def _refresh_token_grant(self, app: Any, scope: str) -> dict[str, Any]:
+        s = self.settings
+        assert s.refresh_token
+        store_key = RefreshTokenStore.key(s.conn_id, s.client_id, s.refresh_token)
+        with _rotation_lock:
+            stored = self.token_store.load(store_key)
+            result: dict[str, Any] = {}
+            for candidate in dict.fromkeys(t for t in (stored, s.refresh_token) if t):
+                result = app.acquire_token_by_refresh_token(candidate, scopes=[scope])
+                if "access_token" in result:
+                    rotated = result.get("refresh_token")
+                    if rotated and rotated != candidate:
+                        self.token_store.save(store_key, rotated)
+                    return result
+                if result.get("error") != "invalid_grant":
+                    return result
+                if candidate == stored:
+                    self.log.warning(
+                        "The persisted refresh token for %s was rejected; trying the connection's own.", s.conn_id
+                    )
+                    self.token_store.forget(store_key)
+            return result
+
+    # -- referrals: reads ----------------------------------------------------------------
+    def _url(self, *parts: str) -> str:
+        return "/".join([self.settings.referrals_url, *(urlquote(p, safe="") for p in parts)])
+
+    @staticmethod
+    def _with_query(url: str, params: Mapping[str, str]) -> str:
+        query = "&".join(f"{k}={urlquote(v, safe=chr(39) + ',/:()')}" for k, v in params.items())
+        return f"{url}?{query}" if query else url
+
+    def _next_link(self, link: str) -> str:
+        """Follow ``@odata.nextLink`` as given: its path and query verbatim.
+
+        The documented link has an ``http://`` scheme (and ``/v1.0/referrals`` without
+        ``/engagements``). A bearer token never goes over plain HTTP, so the scheme is
+        upgraded to https for the API's own host; a link to any other host is refused.
+        """
+        base = urlsplit(self.settings.referrals_url)
+        parts = urlsplit(urljoin(self.settings.referrals_url + "/", link))
+        same_host = (parts.hostname or "").lower() == (base.hostname or "").lower()
+        same_port = parts.port is None or parts.port == (base.port or 443)
+        if not same_host or not same_port:
+            raise ApiError("Partner Center", f"refusing to follow a nextLink to another host ({parts.netloc})")
+        return urlunsplit(("https", parts.netloc, parts.path, parts.query, parts.fragment))
+
+    def iter_referral_pages(
+        self, filter: str | None = None, orderby: str | None = None, top: int = MAX_PAGE_SIZE
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Raw referral documents, one list per page, following every nextLink."""
+        if not 1 <= top <= MAX_PAGE_SIZE:
+            raise ValueError(f"top must be between 1 and {MAX_PAGE_SIZE}")
+        params = {"$top": str(top)}
+        if filter:
+            params["$filter"] = filter
+        if orderby:
+            params["$orderby"] = orderby
+        url: str | None = self._with_query(self.settings.referrals_url, params)
+        while url:
+            body = self.referrals.request("GET", url).json()
+            yield list(body.get("value") or [])
+            link = body.get("@odata.nextLink")
+            url = self._next_link(link) if link else None
+
+    def list_referrals(
+        self, filter: str | None = None, orderby: str | None = None, top: int = MAX_PAGE_SIZE
+    ) -> Iterator[dict[str, Any]]:
+        for page in self.iter_referral_pages(filter, orderby, top):
+            yield from page
+
+    def list_referral_models(
+        self, filter: str | None = None, orderby: str | None = None
+    ) -> tuple[list[Referral], list[ReferralParseError]]:
+        """Parsed referrals plus one error per malformed document; a bad one never hides the good."""
+        return parse_referrals(list(self.list_referrals(filter, orderby)))
+
+    def get_referral(self, referral_id: str) -> dict[str, Any]:
+        resp = self.referrals.request("GET", self._url(referral_id))
+        return self._with_etag(resp)
+
+    def get_referral_model(self, referral_id: str) -> Referral:
+        return parse_referral(self.get_referral(referral_id))
+
+    def find_by_external_reference(self, external_reference_id: str) -> list[dict[str, Any]]:
+        return list(self.list_referrals(filter=f"externalReferenceId eq {quote(external_reference_id)}"))
+
+    @staticmethod
+    def _with_etag(resp: requests.Response) -> dict[str, Any]:
+        doc: dict[str, Any] = resp.json()
+        if resp.headers.get("ETag"):
+            doc["eTag"] = resp.headers["ETag"]
+        return doc
+
+    # -- referrals: writes -----------------------------------------------------------------
+    def create_referral(self, referral: Mapping[str, Any] | Referral) -> dict[str, Any]:
+        """``POST`` a referral. Never creates twice: before any retry, the referral is looked
+        up by ``externalReferenceId`` and returned if the first attempt landed."""
+        body = referral.to_api() if isinstance(referral, Referral) else dict(referral)
+        ext = body.get("externalReferenceId")
+
+        def landed() -> requests.Response | None:
+            found = self.find_by_external_reference(ext) if ext else []
+            if not found:
+                return None
+            self.log.warning("A retried create of %s had already landed as %s", ext, found[0].get("id"))
+            return self.referrals.request("GET", self._url(found[0]["id"]))
+
+        resp = self.referrals.request(
+            "POST", self.settings.referrals_url, json=body, idempotent=False, before_retry=landed if ext else None
+        )
+        return self._with_etag(resp)
+
+    def replace_referral(self, referral_id: str, referral: Mapping[str, Any] | Referral, etag: str) -> dict[str, Any]:
+        """``PUT`` the whole referral; ``If-Match`` is required and ``links`` is removed from the body."""
+        if not etag:
+            raise ValueError("replace_referral needs the ETag the referral was read with")
+        body = referral.to_api() if isinstance(referral, Referral) else dict(referral)
+        body.pop("links", None)
+        resp = self.referrals.request("PUT", self._url(referral_id), json=body, headers={"If-Match": etag})
+        return self._with_etag(resp)
+
+    def patch_referral(
+        self,
+        referral_id: str,
+        operations: Sequence[Mapping[str, Any]],
+        etag: str | None = None,
+        *,
+        return_representation: bool = True,
+    ) -> dict[str, Any] | None:
+        """JSON Patch (``replace``/``add``). With an ETag the write is conditional (412 on a
+        stale read) and so safe to retry; without one, it is sent once."""
+        for op in operations:
+            if op.get("op") not in ("replace", "add"):
+                raise ValueError(f"Partner Center supports only JSON Patch replace and add, not {op.get('op')!r}")
+        headers = {}
+        if etag:
+            headers["If-Match"] = etag
+        if return_representation:
+            headers["Prefer"] = "return=representation"
+        resp = self.referrals.request(
+            "PATCH", self._url(referral_id), json=list(operations), headers=headers, idempotent=bool(etag)
+        )
+        return self._with_etag(resp) if resp.status_code == 200 and resp.content else None
+
+    # -- webhooks ----------------------------------------------------------------------------
+    def _hooks_url(self, path: str) -> str:
+        return f"{self.settings.webhooks_url}/{path}"
+
+    def list_webhook_events(self) -> list[str]:
+        return list(self.webhooks.request("GET", self._hooks_url("registration/events")).json())
+
+    def get_webhook_registration(self) -> dict[str, Any] | None:
+        try:
+            return dict(self.webhooks.request("GET", self._hooks_url("registration")).json())
+        except NotFoundError:
+            return None
+
+    def create_webhook_registration(self, url: str, events: Sequence[str]) -> dict[str, Any]:
+        body = {"WebhookUrl": url, "WebhookEvents": list(events)}
+        # A registration POST is safe to retry: a second one that lands answers 409.
+        return dict(self.webhooks.request("POST", self._hooks_url("registration"), json=body).json())
+
+    def update_webhook_registration(self, url: str, events: Sequence[str]) -> dict[str, Any]:
+        body = {"WebhookUrl": url, "WebhookEvents": list(events)}
+        return dict(self.webhooks.request("PUT", self._hooks_url("registration"), json=body).json())
+
+    def create_validation_event(self) -> str:
+        """Ask Partner Center to send a ``test-created`` event; returns its correlation id."""
+        body = self.webhooks.request("POST", self._hooks_url("registration/validationEvents"), idempotent=False).json()
+        return str(registration_value(body, "correlationId"))
+
+    def get_validation_event(self, correlation_id: str) -> dict[str, Any]:
+        url = self._hooks_url(f"registration/validationEvents/{urlquote(correlation_id, safe='')}")
+        return dict(self.webhooks.request("GET", url).json())
+
+    # -- Airflow UI ------------------------------------------------------------------------
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            next(self.iter_referral_pages(top=1))
+        except Exception as exc:
+            return False, str(exc)
+        return True, "Connected: token acquired and referrals listed."

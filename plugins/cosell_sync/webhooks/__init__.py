@@ -1,0 +1,1 @@
+"""Partner Center webhook support: signature verification (receiver and registration follow)."""

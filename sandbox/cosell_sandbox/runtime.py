@@ -1,0 +1,171 @@
+"""Starts every emulator, owns the sandbox credentials, and renders the Airflow
+connections that point at them."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .entra import EntraConfig, EntraEmulator
+from .partner_center import CERT_PATH, REFERRALS_PATH, WEBHOOKS_PATH, PartnerCenterEmulator
+from .server import EmulatorServer
+from .tls import SandboxPKI
+from .webhooks import WebhookDispatcher
+
+DEFAULT_HOME = ".sandbox"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("COSELL_SANDBOX_HOME", DEFAULT_HOME)).resolve()
+
+
+@dataclass
+class Credentials:
+    tenant_id: str
+    client_id: str
+    client_secret: str
+    username: str
+    password: str
+    refresh_token: str
+
+    @classmethod
+    def generate(cls) -> Credentials:
+        return cls(
+            tenant_id=str(uuid.uuid4()),
+            client_id=str(uuid.uuid4()),
+            client_secret=secrets.token_urlsafe(24),
+            username="cosell-sync@sandboxpartner.example",
+            password=secrets.token_urlsafe(16),
+            refresh_token="0.sandbox." + secrets.token_urlsafe(48),
+        )
+
+
+class Sandbox:
+    """All emulators in one process, each on its own HTTPS port on 127.0.0.1."""
+
+    EMULATORS = ("entra", "partner_center")  # port order from base_port
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        base_port: int = 0,
+        ports: Mapping[str, int] | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
+        self.home = Path(home) if home else default_home()
+        self.base_port = base_port
+        self.ports = dict(ports or {})
+        self.credentials = credentials or Credentials.generate()
+        self.pki = SandboxPKI.ensure(self.home / "pki")
+        self.entra = EntraEmulator(EntraConfig(tenant_id=self.credentials.tenant_id))
+        self._servers: list[EmulatorServer] = []
+        self.dispatcher: WebhookDispatcher | None = None
+        self.partner_center: PartnerCenterEmulator | None = None
+
+    def _port(self, name: str) -> int:
+        if name in self.ports:
+            return self.ports[name]
+        return self.base_port + self.EMULATORS.index(name) if self.base_port else 0
+
+    def start(self) -> Sandbox:
+        ctx = self.pki.server_context()
+        entra_server = EmulatorServer(self.entra, ctx, self._port("entra")).start()
+        self._servers.append(entra_server)
+        creds = self.credentials
+        self.entra.add_client(creds.client_id, creds.client_secret)
+        self.entra.add_user(creds.username, creds.password)
+        # The app+user bootstrap: as if the service account had consented once interactively.
+        self.entra.issue_refresh_token(creds.client_id, creds.username, token=creds.refresh_token)
+        self.dispatcher = WebhookDispatcher(
+            self.pki.signer_private_key(), self.pki.client_context(), lambda: self.origin("partner_center") + CERT_PATH
+        )
+        self.partner_center = PartnerCenterEmulator(self.entra, self.dispatcher)
+        self.partner_center.signer_der = self.pki.signer_der()
+        self._servers.append(EmulatorServer(self.partner_center, ctx, self._port("partner_center")).start())
+        return self
+
+    def reset(self) -> None:
+        """Back to a fresh sandbox: no data, no registration, no faults, default token settings."""
+        assert self.partner_center is not None
+        self.partner_center.reset()
+        self.entra.reset()
+        creds = self.credentials
+        self.entra.issue_refresh_token(creds.client_id, creds.username, token=creds.refresh_token)
+
+    def stop(self) -> None:
+        if self.dispatcher:
+            self.dispatcher.stop()
+        for server in self._servers:
+            server.stop()
+        self._servers.clear()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def origin(self, name: str) -> str:
+        for server in self._servers:
+            if server.app.name == name:
+                return server.origin
+        raise KeyError(name)
+
+    # -- connections ---------------------------------------------------------------
+    def connections(self) -> dict[str, dict[str, Any]]:
+        creds = self.credentials
+        pc = self.origin("partner_center")
+        return {
+            "partner_center_default": {
+                "conn_type": "partner_center",
+                "login": creds.client_id,
+                "password": creds.client_secret,
+                "extra": {
+                    "tenant_id": creds.tenant_id,
+                    "authority": self.origin("entra"),
+                    "referrals_url": pc + REFERRALS_PATH,
+                    "webhooks_url": pc + WEBHOOKS_PATH,
+                    "refresh_token": creds.refresh_token,
+                    "ca_bundle": str(self.pki.ca_cert),
+                },
+            },
+        }
+
+    def env(self) -> dict[str, str]:
+        return {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(conn) for conn_id, conn in self.connections().items()}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "credentials": asdict(self.credentials),
+            "origins": {s.app.name: s.origin for s in self._servers},
+            "env": self.env(),
+            "ca_bundle": str(self.pki.ca_cert),
+            "pid": os.getpid(),
+        }
+
+    def write_state(self) -> Path:
+        path = self.home / "state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+        return path
+
+
+def load_credentials(home: Path) -> Credentials | None:
+    path = home / "state.json"
+    if not path.exists():
+        return None
+    return Credentials(**json.loads(path.read_text())["credentials"])
+
+
+def render_env(env: dict[str, str]) -> str:
+    return "\n".join(f"export {key}={shlex.quote(value)}" for key, value in env.items())

@@ -1,0 +1,493 @@
+"""Shared machinery of every emulator: an HTTPS server on 127.0.0.1, a tiny router,
+request/response objects, a bounded request log and seeded fault injection.
+
+The standard library server is used on purpose: it gives full control over the
+wire (exact status lines and headers, dropped connections for fault injection)
+and needs nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+import ssl
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+MAX_BODY = 20 * 1024 * 1024
+
+
+class Headers:
+    """Case-insensitive, ordered response/request headers."""
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: list[tuple[str, str]] = list(items)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        lname = name.lower()
+        for key, value in self._items:
+            if key.lower() == lname:
+                return value
+        return default
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def set(self, name: str, value: str) -> None:
+        lname = name.lower()
+        self._items = [(k, v) for k, v in self._items if k.lower() != lname]
+        self._items.append((name, value))
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self._items)
+
+
+@dataclass
+class Request:
+    method: str
+    target: str  # raw request target, e.g. /v1.0/referrals?$top=10
+    headers: Headers
+    body: bytes
+    path: str = ""
+    query: dict[str, list[str]] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  # path parameters from the route
+    server: EmulatorServer | None = None
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.target)
+        self.path = unquote(parts.path)
+        self.query = parse_qs(parts.query, keep_blank_values=True)
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    def json(self) -> Any:
+        """Decoded JSON body; raises :class:`HTTPError` 400 when it is not JSON."""
+        if not self.body:
+            raise HTTPError(400, "invalidRequest", "A request body is required.")
+        try:
+            return json.loads(self.body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HTTPError(400, "invalidRequest", f"The request body is not valid JSON: {exc}") from None
+
+    @property
+    def origin(self) -> str:
+        assert self.server is not None
+        return self.server.origin
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: Headers = field(default_factory=Headers)
+
+    @classmethod
+    def json(cls, payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+        resp = cls(status=status, body=json.dumps(payload, separators=(",", ":")).encode())
+        resp.headers.set("Content-Type", "application/json; charset=utf-8")
+        for key, value in (headers or {}).items():
+            resp.headers.set(key, value)
+        return resp
+
+    @classmethod
+    def empty(cls, status: int = 204, headers: Mapping[str, str] | None = None) -> Response:
+        resp = cls(status=status)
+        for key, value in (headers or {}).items():
+            resp.headers.set(key, value)
+        return resp
+
+
+class HTTPError(Exception):
+    """Raised by handlers; each emulator renders it in its own documented error shape."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None, **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+
+Handler = Callable[[Request], Response]
+
+
+class Router:
+    def __init__(self) -> None:
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        """``pattern`` is a regex matched against the whole decoded path; named groups become params."""
+        self._routes.append((method.upper(), re.compile(pattern + r"\Z"), handler))
+
+    def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | None:
+        """The handler for method+path; raises 405 when the path exists for other methods only."""
+        allowed: list[str] = []
+        for route_method, regex, handler in self._routes:
+            match = regex.match(path)
+            if not match:
+                continue
+            if route_method == method:
+                return handler, match.groupdict()
+            allowed.append(route_method)
+        if allowed:
+            raise HTTPError(
+                405,
+                "methodNotAllowed",
+                f"The method {method} is not allowed on {path}.",
+                headers={"Allow": ", ".join(sorted(set(allowed)))},
+            )
+        return None
+
+
+@dataclass
+class FaultConfig:
+    """Seeded fault injection. Rates are probabilities per API request."""
+
+    seed: int = 0
+    latency_ms: tuple[int, int] = (0, 0)
+    rate_429: float = 0.0
+    retry_after: float = 1.0
+    rate_5xx: float = 0.0
+    status_5xx: int = 503
+    drop_rate: float = 0.0  # drop the connection before the request is processed
+    drop_after_rate: float = 0.0  # process the request, then drop the connection (the answer is lost)
+    max_faults: int | None = None  # stop injecting after this many faults
+    path_prefix: str = ""  # only requests whose path starts with this are affected
+    methods: tuple[str, ...] = ()  # empty: all methods
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> FaultConfig:
+        latency = doc.get("latency_ms", (0, 0))
+        if isinstance(latency, int | float):
+            latency = (int(latency), int(latency))
+        return cls(
+            seed=int(doc.get("seed", 0)),
+            latency_ms=(int(latency[0]), int(latency[1])),
+            rate_429=float(doc.get("rate_429", 0.0)),
+            retry_after=float(doc.get("retry_after", 1.0)),
+            rate_5xx=float(doc.get("rate_5xx", 0.0)),
+            status_5xx=int(doc.get("status_5xx", 503)),
+            drop_rate=float(doc.get("drop_rate", 0.0)),
+            drop_after_rate=float(doc.get("drop_after_rate", 0.0)),
+            max_faults=None if doc.get("max_faults") is None else int(doc["max_faults"]),
+            path_prefix=str(doc.get("path_prefix", "")),
+            methods=tuple(m.upper() for m in doc.get("methods", ())),
+        )
+
+
+class Faults:
+    """Decides, with a seeded RNG, which fault (if any) hits a request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.config = FaultConfig()
+        self._rng = random.Random(0)
+        self.injected: dict[str, int] = {"latency": 0, "429": 0, "5xx": 0, "drop": 0, "drop_after": 0}
+
+    def configure(self, config: FaultConfig) -> None:
+        with self._lock:
+            self.config = config
+            self._rng = random.Random(config.seed)
+            self.injected = dict.fromkeys(self.injected, 0)
+
+    def clear(self) -> None:
+        self.configure(FaultConfig())
+
+    def decide(self, method: str, path: str) -> tuple[float, str | None]:
+        """(latency seconds, fault) where fault is None, '429', '5xx', 'drop' or 'drop_after'."""
+        with self._lock:
+            cfg = self.config
+            if not path.startswith(cfg.path_prefix) or (cfg.methods and method not in cfg.methods):
+                return 0.0, None
+            lo, hi = cfg.latency_ms
+            latency = self._rng.uniform(lo, hi) / 1000 if hi > 0 else 0.0
+            if latency:
+                self.injected["latency"] += 1
+            roll = self._rng.random()
+            fault: str | None = None
+            threshold = 0.0
+            for name, rate in (
+                ("drop", cfg.drop_rate),
+                ("drop_after", cfg.drop_after_rate),
+                ("429", cfg.rate_429),
+                ("5xx", cfg.rate_5xx),
+            ):
+                threshold += rate
+                if roll < threshold:
+                    fault = name
+                    break
+            faults_so_far = sum(v for k, v in self.injected.items() if k != "latency")
+            if fault and cfg.max_faults is not None and faults_so_far >= cfg.max_faults:
+                fault = None
+            if fault:
+                self.injected[fault] += 1
+            return latency, fault
+
+
+@dataclass
+class LoggedRequest:
+    at: float
+    method: str
+    path: str
+    target: str
+    status: int
+    fault: str | None
+    headers: dict[str, str]
+
+
+class EmulatorApp:
+    """Base class of an emulator: override :meth:`routes` and :meth:`error_response`.
+
+    Paths under ``/_sandbox/`` are the control plane: they are never hit by faults,
+    and need no token.
+    """
+
+    name = "emulator"
+
+    def __init__(self) -> None:
+        self.router = Router()
+        self.faults = Faults()
+        self.log: deque[LoggedRequest] = deque(maxlen=20000)
+        self.lock = threading.RLock()  # guards the emulator's state
+        self.server: EmulatorServer | None = None
+        self.routes(self.router)
+        self.router.add("POST", r"/_sandbox/faults", self._set_faults)
+        self.router.add("DELETE", r"/_sandbox/faults", self._clear_faults)
+        self.router.add("GET", r"/_sandbox/faults", self._get_faults)
+        self.router.add("GET", r"/_sandbox/requests", self._get_requests)
+        self.router.add("DELETE", r"/_sandbox/requests", self._clear_requests)
+
+    # -- override points -------------------------------------------------
+    def routes(self, router: Router) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def error_response(self, err: HTTPError, request: Request) -> Response:
+        return Response.json({"error": {"code": err.code, "message": err.message}}, err.status, err.headers)
+
+    def throttle_response(self, request: Request, retry_after: float) -> Response:
+        return self.error_response(
+            HTTPError(
+                429,
+                "tooManyRequests",
+                "Rate limit is exceeded. Try again later.",
+                headers={"Retry-After": _retry_after_value(retry_after)},
+            ),
+            request,
+        )
+
+    def unavailable_response(self, request: Request, status: int) -> Response:
+        headers = {"Retry-After": "1"} if status == 503 else {}
+        return self.error_response(
+            HTTPError(status, "serviceNotAvailable", "The service is temporarily unavailable.", headers),
+            request,
+        )
+
+    def decorate(self, request: Request, response: Response) -> None:
+        """Add headers every response of this API carries (request ids, limits, ...)."""
+
+    # -- dispatch ----------------------------------------------------------
+    def dispatch(self, request: Request) -> tuple[Response | None, str | None]:
+        """Returns (response, fault). A None response means: drop the connection."""
+        control = request.path.startswith("/_sandbox/")
+        fault = None
+        if not control:
+            latency, fault = self.faults.decide(request.method, request.path)
+            if latency:
+                time.sleep(latency)
+            if fault == "drop":
+                return None, fault
+            if fault == "429":
+                resp = self.throttle_response(request, self.faults.config.retry_after)
+                self.decorate(request, resp)
+                return resp, fault
+            if fault == "5xx":
+                resp = self.unavailable_response(request, self.faults.config.status_5xx)
+                self.decorate(request, resp)
+                return resp, fault
+        try:
+            resolved = self.router.resolve(request.method, request.path)
+            if resolved is None:
+                raise HTTPError(404, "itemNotFound", f"No resource matches {request.path}.")
+            handler, params = resolved
+            request.params = params
+            response = handler(request)
+        except HTTPError as err:
+            response = self.error_response(err, request)
+        if fault == "drop_after":
+            return None, fault
+        if not control:
+            self.decorate(request, response)
+        return response, fault
+
+    # -- control plane shared by all emulators ---------------------------
+    def _set_faults(self, request: Request) -> Response:
+        self.faults.configure(FaultConfig.from_json(request.json()))
+        return Response.json({"faults": vars(self.faults.config)})
+
+    def _clear_faults(self, request: Request) -> Response:
+        self.faults.clear()
+        return Response.empty()
+
+    def _get_faults(self, request: Request) -> Response:
+        return Response.json({"faults": vars(self.faults.config), "injected": self.faults.injected})
+
+    def _get_requests(self, request: Request) -> Response:
+        entries = [
+            {"at": e.at, "method": e.method, "path": e.path, "target": e.target, "status": e.status, "fault": e.fault}
+            for e in list(self.log)
+            if not e.path.startswith("/_sandbox/")
+        ]
+        return Response.json({"requests": entries})
+
+    def _clear_requests(self, request: Request) -> Response:
+        self.log.clear()
+        return Response.empty()
+
+    def requests_matching(self, method: str | None = None, path_prefix: str = "") -> list[LoggedRequest]:
+        return [e for e in list(self.log) if (method is None or e.method == method) and e.path.startswith(path_prefix)]
+
+
+def _retry_after_value(seconds: float) -> str:
+    # Retry-After is an integer number of seconds on the wire; round up so a client never waits too little.
+    whole = int(seconds)
+    return str(whole if whole == seconds else whole + 1)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: EmulatorServer
+    server_version = "cosell-sandbox"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _handle(self) -> None:
+        app = self.server.app
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = self._read_chunked()
+        else:
+            size = int(length) if length and length.isdigit() else 0
+            if size > MAX_BODY:
+                self.send_error(413)
+                return
+            body = self.rfile.read(size) if size else b""
+        headers = Headers(self.headers.items())
+        request = Request(self.command, self.path, headers, body, server=self.server)
+        response, fault = app.dispatch(request)
+        app.log.append(
+            LoggedRequest(
+                time.time(),
+                request.method,
+                request.path,
+                request.target,
+                response.status if response else 0,
+                fault,
+                headers.as_dict(),
+            )
+        )
+        if response is None:
+            self._drop()
+            return
+        self.send_response(response.status)
+        for key, value in response.headers.items():
+            self.send_header(key, value)
+        if response.status not in (204, 304):
+            self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        if response.body and self.command != "HEAD" and response.status not in (204, 304):
+            self.wfile.write(response.body)
+
+    def _read_chunked(self) -> bytes:
+        chunks = []
+        total = 0
+        while True:
+            line = self.rfile.readline(65537).strip()
+            size = int(line.split(b";")[0], 16)
+            if size == 0:
+                self.rfile.readline()
+                break
+            total += size
+            if total > MAX_BODY:
+                raise ValueError("body too large")
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
+        return b"".join(chunks)
+
+    def _drop(self) -> None:
+        """Abort the connection without a response, as a failing load balancer would."""
+        self.close_connection = True
+        try:
+            # SO_LINGER with a zero timeout makes close() send a TCP RST.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
+
+
+class EmulatorServer(ThreadingHTTPServer):
+    """HTTPS server for one emulator, bound to 127.0.0.1 (port 0 picks a free port)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, app: EmulatorApp, context: ssl.SSLContext, port: int = 0) -> None:
+        self.app = app
+        self._context = context
+        super().__init__(("127.0.0.1", port), _Handler)
+        app.server = self
+        self._thread: threading.Thread | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = self.socket.accept()
+        # Handshake in the handler thread, so one slow client cannot stall the accept loop.
+        return self._context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # TLS handshake failures and clients hanging up are routine; don't print tracebacks.
+        pass
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def origin(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self) -> EmulatorServer:
+        self._thread = threading.Thread(target=self.serve_forever, name=f"sandbox-{self.app.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,59 @@
+"""Shared fixtures: an isolated AIRFLOW_HOME and one in-process sandbox per session.
+
+The sandbox's emulators run on free ports on 127.0.0.1 over HTTPS with the
+locally generated CA; every test resets the state it touches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="cosell-test-"))
+os.environ["AIRFLOW_HOME"] = str(_HOME / "airflow")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
+os.environ["COSELL_SANDBOX_HOME"] = str(_HOME / "sandbox")
+
+from cosell_sandbox.runtime import Sandbox  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(_HOME / "sandbox") as sb:
+        assert sb.dispatcher is not None
+        sb.dispatcher.config.backoff_base = 0.05
+        yield sb
+
+
+@pytest.fixture
+def pc(sandbox: Sandbox) -> Iterator[Sandbox]:
+    """The sandbox with Partner Center reset (no referrals, no registration, no faults)."""
+    sandbox.reset()
+    yield sandbox
+    sandbox.reset()
+
+
+@pytest.fixture
+def pc_conn(pc: Sandbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
+    """AIRFLOW_CONN_PARTNER_CENTER_DEFAULT pointing at the sandbox, with a private token store."""
+    from cosell_sync.hooks._msal import forget_tokens
+
+    forget_tokens()
+    conn = pc.connections()["partner_center_default"]
+    conn["extra"]["token_store_path"] = str(tmp_path / "tokens.json")
+    monkeypatch.setenv("AIRFLOW_CONN_PARTNER_CENTER_DEFAULT", json.dumps(conn))
+    yield conn
+    forget_tokens()
+
+
+@pytest.fixture
+def hook(pc_conn: dict):
+    from cosell_sync.hooks.partner_center import PartnerCenterHook
+
+    return PartnerCenterHook()

@@ -46,6 +46,10 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [
             {"integration-name": "Microsoft Partner Center", "python-modules": ["cosell_sync.hooks.partner_center"]},
+            {
+                "integration-name": "Microsoft Dynamics 365 (Dataverse)",
+                "python-modules": ["cosell_sync.hooks.dynamics"],
+            },
         ],
         "connection-types": [
             {

@@ -1,0 +1,141 @@
+"""`make bench`: ratios against a baseline measured in the same process, plus call counts.
+
+Absolute times on shared machines are noise; the ratio of our code to a minimal
+hand-written equivalent, run interleaved in the same process, is the signal.
+
+* paging: PartnerCenterHook.list_referrals vs a bare requests loop over the same pages
+  (ratio = cost of retries, typed errors and nextLink checks);
+* parsing: list_referral_models vs plain JSON decoding (ratio = cost of the model);
+* memory: peak traced allocation of parsed models vs raw dicts;
+* calls: GET requests and token grants for one full listing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_TMP = Path(tempfile.mkdtemp(prefix="cosell-bench-"))
+os.environ.setdefault("AIRFLOW_HOME", str(_TMP / "airflow"))
+
+import requests  # noqa: E402
+from cosell_sandbox.runtime import Sandbox  # noqa: E402
+
+from cosell_sync.hooks.partner_center import PartnerCenterHook  # noqa: E402
+from cosell_sync.models import parse_referrals  # noqa: E402
+
+N_REFERRALS = int(os.environ.get("BENCH_REFERRALS", "3000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+
+
+def baseline_list(session: requests.Session, url: str, token: str, ca: str) -> list[dict]:
+    """The least code that lists every referral: no retries, no checks."""
+    out: list[dict] = []
+    next_url: str | None = url + "?$top=100"
+    while next_url:
+        body = session.get(next_url, headers={"Authorization": f"Bearer {token}"}, verify=ca, timeout=60).json()
+        out.extend(body["value"])
+        link = body.get("@odata.nextLink")
+        next_url = link.replace("http://", "https://", 1) if link else None
+    return out
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> int:
+    results: dict[str, object] = {"referrals": N_REFERRALS, "rounds": ROUNDS}
+    with Sandbox(_TMP / "sandbox") as sb:
+        assert sb.partner_center is not None
+        sb.partner_center.seed(N_REFERRALS, seed=1)
+        conn = sb.connections()["partner_center_default"]
+        conn["extra"]["token_store_path"] = str(_TMP / "tokens.json")
+        os.environ["AIRFLOW_CONN_PARTNER_CENTER_DEFAULT"] = json.dumps(conn)
+        hook = PartnerCenterHook()
+        token = hook.get_token(hook.settings.referrals_scope)
+        ca = conn["extra"]["ca_bundle"]
+        session = requests.Session()
+        url = hook.settings.referrals_url
+
+        baseline_list(session, url, token, ca)  # warm both paths
+        list(hook.list_referrals())
+        base_t, hook_t, raw_parse_t, model_t = [], [], [], []
+        raw_docs: list[dict] = []
+        for _ in range(ROUNDS):  # interleaved, so machine noise hits both alike
+            t, raw_docs = timed(lambda: baseline_list(session, url, token, ca))
+            base_t.append(t)
+            t, _ = timed(lambda: list(hook.list_referrals()))
+            hook_t.append(t)
+            blob = json.dumps(raw_docs)
+            t, _ = timed(lambda: json.loads(blob))
+            raw_parse_t.append(t)
+            t, _ = timed(lambda: parse_referrals(json.loads(blob)))
+            model_t.append(t)
+
+        tracemalloc.start()
+        raw = json.loads(json.dumps(raw_docs))
+        raw_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        del raw
+        tracemalloc.start()
+        models, errors = parse_referrals(json.loads(json.dumps(raw_docs)))
+        model_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+        fresh = PartnerCenterHook()
+        grants_before = sb.entra.grants["refresh_token"]
+        from cosell_sync.hooks._msal import forget_tokens
+
+        forget_tokens()
+        count = sum(1 for _ in fresh.list_referrals())
+        results["paging"] = {
+            "baseline_median_s": statistics.median(base_t),
+            "hook_median_s": statistics.median(hook_t),
+            "ratio_hook_to_baseline": statistics.median(hook_t) / statistics.median(base_t),
+        }
+        results["parsing"] = {
+            "json_median_s": statistics.median(raw_parse_t),
+            "models_median_s": statistics.median(model_t),
+            "ratio_models_to_json": statistics.median(model_t) / statistics.median(raw_parse_t),
+            "malformed": len(errors),
+            "parsed": len(models),
+        }
+        results["memory"] = {
+            "raw_peak_bytes": raw_peak,
+            "models_peak_bytes": model_peak,
+            "ratio_models_to_raw": model_peak / raw_peak,
+        }
+        results["calls"] = {
+            "referrals_listed": count,
+            "get_requests": fresh.referrals.calls["GET"],
+            "expected_pages": -(-N_REFERRALS // 100),
+            "token_grants": sb.entra.grants["refresh_token"] - grants_before,
+        }
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=2))
+    p, m, mem, c = results["paging"], results["parsing"], results["memory"], results["calls"]
+    print(
+        f"paging  {N_REFERRALS} referrals: hook/baseline = {p['ratio_hook_to_baseline']:.2f}x "
+        f"(median {p['hook_median_s']:.3f}s vs {p['baseline_median_s']:.3f}s)"
+    )
+    print(
+        f"parsing models/json = {m['ratio_models_to_json']:.2f}x; memory models/raw = {mem['ratio_models_to_raw']:.2f}x"
+    )
+    print(f"calls   {c['get_requests']} GETs for {c['expected_pages']} pages, {c['token_grants']} token grant(s)")
+    print(f"written {out_dir / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

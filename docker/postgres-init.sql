@@ -1,0 +1,1 @@
+CREATE DATABASE cosell_state OWNER airflow;

@@ -26,8 +26,8 @@ _TMP = Path(tempfile.mkdtemp(prefix="cosell-bench-"))
 os.environ.setdefault("AIRFLOW_HOME", str(_TMP / "airflow"))
 
 import requests  # noqa: E402
-from cosell_sandbox.runtime import Sandbox  # noqa: E402
 
+from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from cosell_sync.hooks.partner_center import PartnerCenterHook  # noqa: E402
 from cosell_sync.models import parse_referrals  # noqa: E402
 
@@ -77,9 +77,9 @@ def main() -> int:
             t, _ = timed(lambda: list(hook.list_referrals()))
             hook_t.append(t)
             blob = json.dumps(raw_docs)
-            t, _ = timed(lambda: json.loads(blob))
+            t, _ = timed(lambda blob=blob: json.loads(blob))
             raw_parse_t.append(t)
-            t, _ = timed(lambda: parse_referrals(json.loads(blob)))
+            t, _ = timed(lambda blob=blob: parse_referrals(json.loads(blob)))
             model_t.append(t)
 
         tracemalloc.start()

@@ -20,10 +20,10 @@ os.environ.setdefault("AIRFLOW_HOME", str(ROOT / ".airflow"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 import requests  # noqa: E402
-from cosell_sandbox.runtime import Sandbox  # noqa: E402
-from cosell_sandbox.server import FaultConfig  # noqa: E402
 from cryptography import x509  # noqa: E402
 
+from cosell_sandbox.runtime import Sandbox  # noqa: E402
+from cosell_sandbox.server import FaultConfig  # noqa: E402
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS, PartnerCenterHook  # noqa: E402
 from cosell_sync.webhooks.signature import (  # noqa: E402
     SignatureError,

@@ -8,8 +8,8 @@ import socket
 
 import pytest
 import requests
-from cosell_sandbox.runtime import Sandbox
 
+from cosell_sandbox.runtime import Sandbox
 from cosell_sync.errors import AuthenticationError, ConfigurationError
 from cosell_sync.hooks._http import RetryPolicy, TrustedSession
 from cosell_sync.hooks._msal import forget_tokens

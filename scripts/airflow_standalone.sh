@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
+export PATH="$PWD/$BIN:$PATH"  # airflow standalone starts its components as `airflow ...`
 mkdir -p "$AIRFLOW_HOME" "$COSELL_SANDBOX_HOME"
 log="$COSELL_SANDBOX_HOME/serve.log"
 "$BIN/cosell-sandbox" serve --base-port "${COSELL_SANDBOX_PORT:-47400}" --seed-referrals 200 >"$log" 2>&1 &

@@ -108,6 +108,40 @@ FILTER_PATHS = frozenset(
     }
 )
 ORDERBY_PATHS = frozenset({"createdDateTime", "updatedDateTime"})
+SELECTABLE = frozenset(
+    {
+        "id",
+        "engagementId",
+        "organizationId",
+        "organizationName",
+        "name",
+        "externalReferenceId",
+        "createdDateTime",
+        "updatedDateTime",
+        "expirationDateTime",
+        "acceptedDateTime",
+        "closedDateTime",
+        "status",
+        "substatus",
+        "statusReason",
+        "type",
+        "qualification",
+        "direction",
+        "salesStage",
+        "customerProfile",
+        "consent",
+        "details",
+        "team",
+        "inviteContext",
+        "target",
+        "eTag",
+        "links",
+        "registrationStatus",
+        "tags",
+        "lastModifiedVia",
+        "trackingInfo",
+    }
+)
 WEBHOOK_EVENTS = [
     "test-created",
     "subscription-updated",
@@ -145,6 +179,11 @@ def _field(doc: dict[str, Any], dotted: str) -> Any:
             return None
         cur = cur.get(part)
     return cur
+
+
+def strip_annotations(doc: dict[str, Any]) -> dict[str, Any]:
+    """OData instance annotations (``@odata.context`` ...) in a request body are ignored."""
+    return {k: v for k, v in doc.items() if not k.startswith("@")}
 
 
 def validate_referral(doc: Any, *, creating: bool) -> None:
@@ -345,7 +384,9 @@ class PartnerCenterEmulator(EmulatorApp):
         headers = {"ETag": doc["eTag"]}
         if status == 201:
             headers["Location"] = f"{request.origin}{REFERRALS_PATH}/{doc['id']}"
-        return Response.json(self._public(doc, request.origin), status, headers)
+        body = {"@odata.context": f"{request.origin}/v1.0/engagements/referrals/$metadata#Referrals/$entity"}
+        body.update(self._public(doc, request.origin))
+        return Response.json(body, status, headers)
 
     def _lookup(self, referral_id: str) -> dict[str, Any]:
         doc = self.referrals.get(referral_id)
@@ -360,6 +401,7 @@ class PartnerCenterEmulator(EmulatorApp):
             try:
                 state = json.loads(base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4)))
                 expr, order_expr, top, last = state["f"], state["o"], int(state["t"]), state["k"]
+                select = state.get("s") or []
             except (ValueError, KeyError, TypeError):
                 raise _bad("The $skiptoken is invalid.") from None
         else:
@@ -369,6 +411,10 @@ class PartnerCenterEmulator(EmulatorApp):
             if not top_arg.isdigit() or not 1 <= int(top_arg) <= MAX_TOP:
                 raise _bad(f"The value of $top must be an integer between 1 and {MAX_TOP}.")
             top, last = int(top_arg), None
+            select = [f.strip() for f in (request.arg("$select") or "").split(",") if f.strip()]
+            unknown = [f for f in select if f not in SELECTABLE]
+            if unknown:
+                raise _bad(f"Could not find a property named '{unknown[0]}' for $select.")
         try:
             predicate = compile_filter(expr, FilterOptions(allowed_paths=FILTER_PATHS)) if expr else None
             order = parse_orderby(order_expr, ORDERBY_PATHS)
@@ -392,9 +438,13 @@ class PartnerCenterEmulator(EmulatorApp):
         if last is not None:
             matches = [d for d in matches if after(key(d))]
         page = matches[:top]
-        body: dict[str, Any] = {"value": [self._public(d, request.origin) for d in page], "totalCount": len(page)}
+        body: dict[str, Any] = {
+            "@odata.context": f"{request.origin}/v1.0/$metadata#Referrals",
+            "@odata.count": len(matches) if last is None else len(page),
+            "value": [self._select(self._public(d, request.origin), select) for d in page],
+        }
         if len(matches) > top:
-            next_state = {"f": expr, "o": order_expr, "t": top, "k": key(page[-1])}
+            next_state = {"f": expr, "o": order_expr, "t": top, "k": key(page[-1]), "s": select}
             skiptoken = base64.urlsafe_b64encode(json.dumps(next_state).encode()).decode().rstrip("=")
             if self.nextlink_style == "documented":
                 host = request.origin.removeprefix("https://")
@@ -402,6 +452,10 @@ class PartnerCenterEmulator(EmulatorApp):
             else:
                 body["@odata.nextLink"] = f"{request.origin}{REFERRALS_PATH}?$skiptoken={skiptoken}"
         return Response.json(body)
+
+    @staticmethod
+    def _select(doc: dict[str, Any], select: list[str]) -> dict[str, Any]:
+        return {k: v for k, v in doc.items() if k in select} if select else doc
 
     def _get(self, request: Request) -> Response:
         self._auth(request, REFERRALS_AUDIENCE)
@@ -412,6 +466,7 @@ class PartnerCenterEmulator(EmulatorApp):
         self._auth(request, REFERRALS_AUDIENCE)
         doc = request.json()
         validate_referral(doc, creating=True)
+        doc = strip_annotations(doc)
         for key in READ_ONLY - {"engagementId"}:
             if doc.get(key) is not None:
                 raise _bad(f"The field '{key}' is read-only and cannot be set on create.")
@@ -487,7 +542,7 @@ class PartnerCenterEmulator(EmulatorApp):
         with self.lock:
             old = self._lookup(request.params["id"])
             self._check_if_match(request, old, required=True)
-            new = copy.deepcopy(body)
+            new = strip_annotations(copy.deepcopy(body))
             for key in READ_ONLY - {"links"}:  # server-owned values are kept; a different value is an error
                 new.setdefault(key, old.get(key))
             return self._single(self._commit_update(old, new, "API"), request)

@@ -449,3 +449,26 @@ def test_seeded_referrals_parse_with_the_model(pc, hook):
     models, errors = hook.list_referral_models()
     assert errors == [] and len(models) == 120
     assert any(m.consent and m.consent.consent_to_share_info_with_others is not None for m in models)
+
+
+def test_select_and_odata_annotations(pc, hook):
+    seeded(pc, 130)
+    docs = list(hook.list_referrals(select=["id", "status", "customerProfile"]))
+    assert len(docs) == 130
+    assert all(set(d) == {"id", "status", "customerProfile"} for d in docs)
+    first = next(hook.iter_referral_pages(top=5))
+    assert len(first) == 5
+    token = hook.get_token(hook.settings.referrals_scope)
+    raw = requests.get(
+        f"{hook.settings.referrals_url}?$top=5&$filter=status eq 'New'",
+        headers={"Authorization": f"Bearer {token}"},
+        verify=hook.settings.ca_bundle,
+        timeout=10,
+    ).json()
+    assert raw["@odata.context"].endswith("$metadata#Referrals")
+    assert raw["@odata.count"] == sum(1 for d in pc.partner_center.referrals.values() if d["status"] == "New")
+    assert raw["@odata.nextLink"].startswith("http://")
+    one = hook.get_referral(docs[0]["id"])
+    assert not any(k.startswith("@odata") for k in one)  # the hook hands back the resource only
+    with pytest.raises(ValidationError, match="nosuchfield"):
+        list(hook.list_referrals(select=["nosuchfield"]))

@@ -246,7 +246,11 @@ class PartnerCenterHook(BaseHook):
         return urlunsplit(("https", parts.netloc, parts.path, parts.query, parts.fragment))
 
     def iter_referral_pages(
-        self, filter: str | None = None, orderby: str | None = None, top: int = MAX_PAGE_SIZE
+        self,
+        filter: str | None = None,
+        orderby: str | None = None,
+        top: int = MAX_PAGE_SIZE,
+        select: Sequence[str] | None = None,
     ) -> Iterator[list[dict[str, Any]]]:
         """Raw referral documents, one list per page, following every nextLink."""
         if not 1 <= top <= MAX_PAGE_SIZE:
@@ -256,6 +260,8 @@ class PartnerCenterHook(BaseHook):
             params["$filter"] = filter
         if orderby:
             params["$orderby"] = orderby
+        if select:
+            params["$select"] = ",".join(select)
         url: str | None = self._with_query(self.settings.referrals_url, params)
         while url:
             body = self.referrals.request("GET", url).json()
@@ -264,9 +270,13 @@ class PartnerCenterHook(BaseHook):
             url = self._next_link(link) if link else None
 
     def list_referrals(
-        self, filter: str | None = None, orderby: str | None = None, top: int = MAX_PAGE_SIZE
+        self,
+        filter: str | None = None,
+        orderby: str | None = None,
+        top: int = MAX_PAGE_SIZE,
+        select: Sequence[str] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        for page in self.iter_referral_pages(filter, orderby, top):
+        for page in self.iter_referral_pages(filter, orderby, top, select):
             yield from page
 
     def list_referral_models(
@@ -283,11 +293,17 @@ class PartnerCenterHook(BaseHook):
         return parse_referral(self.get_referral(referral_id))
 
     def find_by_external_reference(self, external_reference_id: str) -> list[dict[str, Any]]:
-        return list(self.list_referrals(filter=f"externalReferenceId eq {quote(external_reference_id)}"))
+        return list(
+            self.list_referrals(
+                filter=f"externalReferenceId eq {quote(external_reference_id)}",
+                select=("id", "externalReferenceId", "eTag", "status"),
+            )
+        )
 
     @staticmethod
     def _with_etag(resp: requests.Response) -> dict[str, Any]:
-        doc: dict[str, Any] = resp.json()
+        """The referral without OData annotations, with the ETag header as ``eTag``."""
+        doc: dict[str, Any] = {k: v for k, v in resp.json().items() if not k.startswith("@odata.")}
         if resp.headers.get("ETag"):
             doc["eTag"] = resp.headers["ETag"]
         return doc

@@ -17,7 +17,6 @@ import pytest
 _HOME = Path(tempfile.mkdtemp(prefix="cosell-test-"))
 os.environ["AIRFLOW_HOME"] = str(_HOME / "airflow")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
 os.environ["COSELL_SANDBOX_HOME"] = str(_HOME / "sandbox")
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402

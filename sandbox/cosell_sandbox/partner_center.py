@@ -789,11 +789,12 @@ class PartnerCenterEmulator(EmulatorApp):
     def _microsoft_create(self, request: Request) -> Response:
         """A Microsoft seller shares a new incoming referral; fires referral-created."""
         doc = request.json()
-        rng = random.Random(doc.pop("seed", None) if isinstance(doc, dict) else None)
+        if not isinstance(doc, dict):
+            raise _bad("The body must be a JSON object of referral fields to set.")
+        rng = random.Random(doc.pop("seed", None))
         base = make_referral(rng, datetime.now(UTC), self.organization_id, len(self.referrals) + 1)
         base.update(status="New", substatus="Pending", direction="Incoming", type="Shared")
-        for key, value in (doc or {}).items():
-            base[key] = value
+        base.update(doc)
         validate_referral(base, creating=True)
         with self.lock:
             stored = self._store_new(base, direction="Incoming", via="Microsoft")
@@ -804,6 +805,8 @@ class PartnerCenterEmulator(EmulatorApp):
     def _microsoft_edit(self, request: Request) -> Response:
         """A Microsoft seller acts on a referral: accept, win, lose, decline, or update fields."""
         doc = request.json()
+        if not isinstance(doc, dict):
+            raise _bad("The body must be a JSON object with 'action' and optional 'changes'.")
         action = doc.get("action", "update")
         presets = {
             "accept": {"status": "Active", "substatus": "Accepted"},

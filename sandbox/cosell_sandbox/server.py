@@ -9,6 +9,7 @@ and needs nothing beyond the standard library.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import socket
@@ -25,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 MAX_BODY = 20 * 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 class Headers:
@@ -331,6 +333,11 @@ class EmulatorApp:
             response = handler(request)
         except HTTPError as err:
             response = self.error_response(err, request)
+        except Exception as exc:  # a bug or an input the emulator did not foresee: answer like a service would
+            log.exception("%s: unhandled error on %s %s", self.name, request.method, request.path)
+            response = self.error_response(
+                HTTPError(500, "generalException", f"An unexpected error occurred ({type(exc).__name__})."), request
+            )
         if fault == "drop_after":
             return None, fault
         if not control:

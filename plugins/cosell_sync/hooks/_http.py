@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 
@@ -82,6 +83,23 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def follow_link(base_url: str, link: str, system: str) -> str:
+    """The URL to request for a server-sent ``@odata.nextLink``/``deltaLink``.
+
+    The link's path and query are kept verbatim (skip tokens must not be re-encoded).
+    A bearer token never goes over plain HTTP, so an ``http://`` link to the API's own
+    host (Partner Center documents that shape) is upgraded to https; a link to any
+    other host is refused rather than handed our token.
+    """
+    base = urlsplit(base_url)
+    parts = urlsplit(urljoin(base_url.rstrip("/") + "/", link))
+    same_host = (parts.hostname or "").lower() == (base.hostname or "").lower()
+    same_port = parts.port is None or parts.port == (base.port or 443)
+    if not same_host or not same_port:
+        raise ApiError(system, f"refusing to follow a link to another host ({parts.netloc})")
+    return urlunsplit(("https", parts.netloc, parts.path, parts.query, parts.fragment))
+
+
 ErrorParser = Callable[[requests.Response], tuple[str | None, str]]
 
 
@@ -131,6 +149,7 @@ class RestClient:
         url: str,
         *,
         json: Any = None,
+        data: bytes | None = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
@@ -154,7 +173,7 @@ class RestClient:
             with self._lock:
                 self.calls[method.upper()] += 1
             try:
-                response = self.session.request(method, url, json=json, params=params, headers=hdrs)
+                response = self.session.request(method, url, json=json, data=data, params=params, headers=hdrs)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 reason = type(exc).__name__
                 if attempt >= self.policy.max_attempts or (not idempotent and before_retry is None):

@@ -7,29 +7,83 @@ Connection (type ``dynamics365``)::
     extra = {"tenant_id": "...", "authority": "https://login.microsoftonline.com", "ca_bundle": "..."}
 
 Authentication is msal client credentials with the scope ``<host>/.default``.
-This module holds the connection, token and request plumbing; queries and writes
-build on :attr:`DynamicsHook.api`.
+Reads page with ``Prefer: odata.maxpagesize`` and follow ``@odata.nextLink`` unchanged;
+incremental reads go by ``modifiedon`` or by change tracking (delta links, deleted
+rows). Writes: create, update with ``If-Match``, alternate-key upsert, ``$batch`` with
+change sets and ``continue-on-error``, the ``*Multiple`` actions, and the
+``WinOpportunity``/``LoseOpportunity`` actions. Every value put into ``$filter`` goes
+through :func:`cosell_sync.hooks._odata.quote`.
 """
 
 from __future__ import annotations
 
+import re
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote as urlquote
 from urllib.parse import urlsplit
 
 import requests
 from airflow.sdk import BaseHook
 
-from cosell_sync.errors import ConfigurationError
-from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession
+from cosell_sync.errors import ApiError, ConfigurationError, NotFoundError
+from cosell_sync.hooks._batch import (
+    BatchRequest,
+    BatchResponse,
+    ChangeSet,
+    build_batch,
+    entity_id_from_url,
+    parse_batch,
+)
+from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
 from cosell_sync.hooks._msal import authority_url, cached_token, confidential_app, mask
+from cosell_sync.hooks._odata import datetime_literal, quote, with_query
 
 API_PATH = "/api/data/v9.2"
 ODATA_HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"}
+MAX_PAGE_SIZE = 5000
+GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+WON, LOST = 1, 2  # opportunity statecode
+# entity set -> primary key column, for the tables the sync uses; others: pass the logical name.
+PRIMARY_KEYS = {
+    "opportunities": "opportunityid",
+    "accounts": "accountid",
+    "contacts": "contactid",
+    "transactioncurrencies": "transactioncurrencyid",
+}
+
+_currencies: dict[str, dict[str, str]] = {}
+_currency_lock = threading.Lock()
+
+
+def primary_key(entity_set: str) -> str:
+    try:
+        return PRIMARY_KEYS[entity_set]
+    except KeyError:
+        raise ValueError(f"unknown entity set {entity_set!r}; known: {sorted(PRIMARY_KEYS)}") from None
+
+
+@dataclass
+class Changes:
+    """One change-tracking read: changed or new rows, deleted ids, and where to continue."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    delta_link: str | None = None
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    created: bool
+    id: str
+    etag: str | None
 
 
 @dataclass(frozen=True)
@@ -128,8 +182,280 @@ class DynamicsHook(BaseHook):
     def get_conn(self) -> RestClient:
         return self.api
 
+    # -- addressing ----------------------------------------------------------------------
+    def _url(self, path: str) -> str:
+        return f"{self.settings.api_url}/{path}"
+
+    @staticmethod
+    def row(entity_set: str, row_id: str) -> str:
+        """``opportunities(<guid>)``; refuses anything that is not a GUID (no path injection)."""
+        if not GUID.fullmatch(row_id or ""):
+            raise ValueError(f"{entity_set}: {row_id!r} is not a row id (GUID)")
+        return f"{entity_set}({row_id.lower()})"
+
+    @staticmethod
+    def alternate_key(entity_set: str, **keys: str) -> str:
+        """``opportunities(cosell_referralid='...')`` with every value quoted and escaped."""
+        if not keys:
+            raise ValueError("alternate_key needs at least one key column")
+        inner = ",".join(f"{column}={urlquote(quote(value), safe=chr(39) + '=,')}" for column, value in keys.items())
+        return f"{entity_set}({inner})"
+
+    @staticmethod
+    def bind(entity_set: str, row_id: str) -> str:
+        """The value of a ``<lookup>@odata.bind`` property."""
+        return "/" + DynamicsHook.row(entity_set, row_id)
+
+    # -- reads ------------------------------------------------------------------------------
+    def iter_pages(
+        self,
+        entity_set: str,
+        *,
+        select: Sequence[str] | None = None,
+        filter: str | None = None,
+        orderby: str | None = None,
+        top: int | None = None,
+        count: bool = False,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Rows page by page: ``Prefer: odata.maxpagesize`` and the nextLink, sent back unchanged
+        with the same ``Prefer`` on every page."""
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        params: dict[str, str] = {}
+        if select:
+            params["$select"] = ",".join(select)
+        if filter:
+            params["$filter"] = filter
+        if orderby:
+            params["$orderby"] = orderby
+        if top is not None:
+            params["$top"] = str(top)
+        if count:
+            params["$count"] = "true"
+        headers = {"Prefer": f"odata.maxpagesize={page_size}"}
+        url: str | None = with_query(self._url(entity_set), params)
+        while url:
+            body = self.api.request("GET", url, headers=headers).json()
+            yield list(body.get("value") or [])
+            link = body.get("@odata.nextLink")
+            url = follow_link(self.settings.url, link, "Dataverse") if link else None
+
+    def query(self, entity_set: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        for page in self.iter_pages(entity_set, **kwargs):
+            yield from page
+
+    def read_modified_since(
+        self,
+        entity_set: str,
+        since: datetime | None,
+        *,
+        select: Sequence[str] | None = None,
+        extra_filter: str | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Rows with ``modifiedon`` after ``since`` (and up to ``until``), oldest first."""
+        clauses = []
+        if since is not None:
+            clauses.append(f"modifiedon gt {datetime_literal(since)}")
+        if until is not None:
+            clauses.append(f"modifiedon le {datetime_literal(until)}")
+        if extra_filter:
+            clauses.append(f"({extra_filter})")
+        key = primary_key(entity_set)
+        yield from self.query(
+            entity_set,
+            select=[*select, "modifiedon"] if select and "modifiedon" not in select else select,
+            filter=" and ".join(clauses) or None,
+            orderby=f"modifiedon asc,{key} asc",
+        )
+
+    def track_changes(
+        self,
+        entity_set: str,
+        *,
+        select: Sequence[str] | None = None,
+        delta_link: str | None = None,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> Changes:
+        """Change tracking: without ``delta_link``, the initial load plus a delta link; with it,
+        the rows changed since and the ids deleted since, plus the next delta link."""
+        headers = {"Prefer": f"odata.track-changes,odata.maxpagesize={page_size}"}
+        if delta_link:
+            url: str | None = follow_link(self.settings.url, delta_link, "Dataverse")
+        else:
+            url = with_query(self._url(entity_set), {"$select": ",".join(select)} if select else {})
+        changes = Changes()
+        while url:
+            body = self.api.request("GET", url, headers=headers).json()
+            for item in body.get("value") or []:
+                if str(item.get("@odata.context", "")).endswith("$deletedEntity") or item.get("reason") == "deleted":
+                    changes.deleted.append(str(item["id"]))
+                else:
+                    changes.rows.append(item)
+            link = body.get("@odata.nextLink")
+            url = follow_link(self.settings.url, link, "Dataverse") if link else None
+            if not link:
+                changes.delta_link = body.get("@odata.deltaLink")
+        if not changes.delta_link:
+            raise ApiError("Dataverse", f"change tracking on {entity_set} returned no delta link; is it enabled?")
+        return changes
+
+    def get(self, entity_set: str, row_id: str, *, select: Sequence[str] | None = None) -> dict[str, Any]:
+        params = {"$select": ",".join(select)} if select else {}
+        return dict(self.api.request("GET", with_query(self._url(self.row(entity_set, row_id)), params)).json())
+
+    # -- writes -----------------------------------------------------------------------------
+    def create(
+        self, entity_set: str, data: Mapping[str, Any], *, return_representation: bool = False
+    ) -> str | dict[str, Any]:
+        """``POST``: the new row's id (204 + ``OData-EntityId``), or the row itself (201) with
+        ``return_representation``. The primary key is generated here unless given, so that a
+        retry after a lost answer finds the row instead of creating a second one."""
+        key = primary_key(entity_set)
+        body = dict(data)
+        row_id = str(body.setdefault(key, str(uuid.uuid4())))
+        headers = {"Prefer": "return=representation"} if return_representation else {}
+
+        def landed() -> requests.Response | None:
+            try:
+                return self.api.request("GET", self._url(self.row(entity_set, row_id)))
+            except NotFoundError:
+                return None
+
+        resp = self.api.request(
+            "POST", self._url(entity_set), json=body, headers=headers, idempotent=False, before_retry=landed
+        )
+        if return_representation:
+            return dict(resp.json()) if resp.content else self.get(entity_set, row_id)
+        return entity_id_from_url(resp.headers.get("OData-EntityId")) or row_id
+
+    def update(
+        self,
+        entity_set: str,
+        row_id: str,
+        data: Mapping[str, Any],
+        *,
+        etag: str = "*",
+        return_representation: bool = False,
+    ) -> dict[str, Any] | None:
+        """``PATCH`` an existing row: ``If-Match`` is its ETag (412 when it changed since it was
+        read) or ``*`` (update only: 404 instead of creating)."""
+        headers = {"If-Match": etag}
+        if return_representation:
+            headers["Prefer"] = "return=representation"
+        resp = self.api.request("PATCH", self._url(self.row(entity_set, row_id)), json=dict(data), headers=headers)
+        return dict(resp.json()) if return_representation and resp.content else None
+
+    def upsert(self, entity_set: str, key: Mapping[str, str], data: Mapping[str, Any]) -> UpsertResult:
+        """Upsert through an alternate key (``PATCH /set(key='v')`` with neither If-Match nor
+        If-None-Match). The key columns must not be in the body."""
+        clash = set(key) & set(data)
+        if clash:
+            raise ValueError(f"{entity_set}: alternate key column(s) {sorted(clash)} must not be in the body")
+        pk = primary_key(entity_set)
+        url = with_query(self._url(self.alternate_key(entity_set, **key)), {"$select": pk})
+        resp = self.api.request("PATCH", url, json=dict(data), headers={"Prefer": "return=representation"})
+        row = dict(resp.json()) if resp.content else {}
+        row_id = row.get(pk) or entity_id_from_url(resp.headers.get("OData-EntityId"))
+        return UpsertResult(created=resp.status_code == 201, id=str(row_id), etag=row.get("@odata.etag"))
+
+    def delete(self, entity_set: str, row_id: str) -> None:
+        self.api.request("DELETE", self._url(self.row(entity_set, row_id)))
+
+    def batch(
+        self,
+        items: Sequence[BatchRequest | ChangeSet],
+        *,
+        continue_on_error: bool = True,
+    ) -> list[BatchResponse]:
+        """One ``$batch`` call (at most 1,000 requests); returns one response per request.
+
+        With ``continue_on_error`` every request is attempted and a failed one is reported
+        in its own response; without it, Dataverse stops at the first failure. A change set
+        is atomic and answers with a single error when any of its requests fails.
+        """
+        content_type, body = build_batch(items, API_PATH)
+        headers = {"Content-Type": content_type}
+        if continue_on_error:
+            headers["Prefer"] = "odata.continue-on-error"
+        idempotent = all(
+            r.method.upper() in ("GET", "PATCH", "PUT", "DELETE")
+            for item in items
+            for r in (item.requests if isinstance(item, ChangeSet) else [item])
+        )
+        resp = self.api.request("POST", self._url("$batch"), data=body, headers=headers, idempotent=idempotent)
+        return parse_batch(resp.headers.get("Content-Type", ""), resp.content)
+
+    def _multiple(
+        self, entity_set: str, action: str, logical_name: str, targets: Sequence[Mapping[str, Any]]
+    ) -> requests.Response:
+        if not targets:
+            raise ValueError(f"{action} needs at least one target")
+        typed = [{**t, "@odata.type": f"Microsoft.Dynamics.CRM.{logical_name}"} for t in targets]
+        return self.api.request(
+            "POST",
+            self._url(f"{entity_set}/Microsoft.Dynamics.CRM.{action}"),
+            json={"Targets": typed},
+            idempotent=action != "CreateMultiple",
+        )
+
+    def create_multiple(self, entity_set: str, logical_name: str, targets: Sequence[Mapping[str, Any]]) -> list[str]:
+        """``CreateMultiple``: all rows or none (standard tables roll back on any error)."""
+        return [str(i) for i in self._multiple(entity_set, "CreateMultiple", logical_name, targets).json()["Ids"]]
+
+    def update_multiple(self, entity_set: str, logical_name: str, targets: Sequence[Mapping[str, Any]]) -> None:
+        self._multiple(entity_set, "UpdateMultiple", logical_name, targets)
+
+    def upsert_multiple(
+        self, entity_set: str, logical_name: str, targets: Sequence[Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """``UpsertMultiple``: each target names its row by primary or alternate key."""
+        resp = self._multiple(entity_set, "UpsertMultiple", logical_name, targets)
+        return list(resp.json().get("value") or []) if resp.content else []
+
+    def _close_opportunity(self, action: str, opportunity_id: str, status: int, close: Mapping[str, Any]) -> None:
+        body = {
+            "OpportunityClose": {"opportunityid@odata.bind": self.bind("opportunities", opportunity_id), **close},
+            "Status": status,
+        }
+        target_state = WON if action == "WinOpportunity" else LOST
+
+        def landed() -> requests.Response | None:
+            resp = self.api.request("GET", self._url(self.row("opportunities", opportunity_id)) + "?$select=statecode")
+            return resp if resp.json().get("statecode") == target_state else None
+
+        self.api.request("POST", self._url(action), json=body, idempotent=False, before_retry=landed)
+
+    def win_opportunity(self, opportunity_id: str, subject: str, *, status: int = 3, **close: Any) -> None:
+        """Close as won through the ``WinOpportunity`` action (``statecode`` cannot be patched)."""
+        self._close_opportunity("WinOpportunity", opportunity_id, status, {"subject": subject, **close})
+
+    def lose_opportunity(self, opportunity_id: str, subject: str, *, status: int = 4, **close: Any) -> None:
+        """Close as lost (4 Canceled, 5 Out-Sold) through the ``LoseOpportunity`` action."""
+        self._close_opportunity("LoseOpportunity", opportunity_id, status, {"subject": subject, **close})
+
+    # -- lookups ----------------------------------------------------------------------------
+    def currency_id(self, iso_code: str) -> str:
+        """The ``transactioncurrencyid`` for an ISO 4217 code; the table is read once per process."""
+        cache_key = self.settings.url
+        with _currency_lock:
+            table = _currencies.get(cache_key)
+        if table is None:
+            rows = self.query("transactioncurrencies", select=["transactioncurrencyid", "isocurrencycode"])
+            table = {str(r["isocurrencycode"]).upper(): str(r["transactioncurrencyid"]) for r in rows}
+            with _currency_lock:
+                _currencies[cache_key] = table
+        try:
+            return table[iso_code.strip().upper()]
+        except KeyError:
+            raise LookupError(
+                f"Dataverse has no transactioncurrency with isocurrencycode {iso_code!r} "
+                f"(known: {', '.join(sorted(table)) or 'none'})"
+            ) from None
+
     def whoami(self) -> dict[str, Any]:
-        return dict(self.api.request("GET", f"{self.settings.api_url}/WhoAmI").json())
+        return dict(self.api.request("GET", self._url("WhoAmI")).json())
 
     def test_connection(self) -> tuple[bool, str]:
         try:

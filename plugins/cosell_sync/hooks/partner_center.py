@@ -26,13 +26,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote as urlquote
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
 from airflow.sdk import BaseHook
 
-from cosell_sync.errors import ApiError, ConfigurationError, NotFoundError
-from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession
+from cosell_sync.errors import ConfigurationError, NotFoundError
+from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
 from cosell_sync.hooks._msal import (
     RefreshTokenStore,
     authority_url,
@@ -40,7 +40,7 @@ from cosell_sync.hooks._msal import (
     confidential_app,
     mask,
 )
-from cosell_sync.hooks._odata import quote
+from cosell_sync.hooks._odata import quote, with_query
 from cosell_sync.models import Referral, ReferralParseError, parse_referral, parse_referrals
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
@@ -225,25 +225,10 @@ class PartnerCenterHook(BaseHook):
     def _url(self, *parts: str) -> str:
         return "/".join([self.settings.referrals_url, *(urlquote(p, safe="") for p in parts)])
 
-    @staticmethod
-    def _with_query(url: str, params: Mapping[str, str]) -> str:
-        query = "&".join(f"{k}={urlquote(v, safe=chr(39) + ',/:()')}" for k, v in params.items())
-        return f"{url}?{query}" if query else url
-
     def _next_link(self, link: str) -> str:
-        """Follow ``@odata.nextLink`` as given: its path and query verbatim.
-
-        The documented link has an ``http://`` scheme (and ``/v1.0/referrals`` without
-        ``/engagements``). A bearer token never goes over plain HTTP, so the scheme is
-        upgraded to https for the API's own host; a link to any other host is refused.
-        """
-        base = urlsplit(self.settings.referrals_url)
-        parts = urlsplit(urljoin(self.settings.referrals_url + "/", link))
-        same_host = (parts.hostname or "").lower() == (base.hostname or "").lower()
-        same_port = parts.port is None or parts.port == (base.port or 443)
-        if not same_host or not same_port:
-            raise ApiError("Partner Center", f"refusing to follow a nextLink to another host ({parts.netloc})")
-        return urlunsplit(("https", parts.netloc, parts.path, parts.query, parts.fragment))
+        """The documented link is ``http://.../v1.0/referrals?$skiptoken=...``: followed
+        verbatim, except that the scheme is upgraded (see :func:`follow_link`)."""
+        return follow_link(self.settings.referrals_url, link, "Partner Center")
 
     def iter_referral_pages(
         self,
@@ -262,7 +247,7 @@ class PartnerCenterHook(BaseHook):
             params["$orderby"] = orderby
         if select:
             params["$select"] = ",".join(select)
-        url: str | None = self._with_query(self.settings.referrals_url, params)
+        url: str | None = with_query(self.settings.referrals_url, params)
         while url:
             body = self.referrals.request("GET", url).json()
             yield list(body.get("value") or [])

@@ -115,6 +115,104 @@ def odata_error(response: requests.Response) -> tuple[str | None, str]:
     return None, str(body)[:500]
 
 
+def default_transient(response: requests.Response) -> bool:
+    """Worth another attempt: throttling, unavailability, other 5xx."""
+    return response.status_code in RETRY_AFTER_STATUSES or response.status_code >= 500
+
+
+def default_not_processed(response: requests.Response) -> bool:
+    """The service certainly did nothing, so even a create may be sent again."""
+    return response.status_code == 429
+
+
+class Retrier:
+    """The retry loop of every hook, independent of how a request is sent.
+
+    ``run`` returns the final response, successful or not (the caller turns an error
+    status into its own exception), and raises :class:`TransportError` only when the
+    connection kept failing or could not be retried safely.
+    """
+
+    def __init__(
+        self,
+        system: str,
+        policy: RetryPolicy | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        seed: int | None = None,
+    ) -> None:
+        self.system = system
+        self.policy = policy or RetryPolicy()
+        self._sleep = sleep
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self.calls: Counter[str] = Counter()  # "GET", "POST", ... every attempt on the wire
+        self.retries: Counter[str] = Counter()  # reason -> count
+        self.waited = 0.0  # seconds spent waiting between attempts
+
+    def run(
+        self,
+        method: str,
+        url: str,
+        send: Callable[[], requests.Response],
+        *,
+        idempotent: bool,
+        before_retry: Callable[[], requests.Response | None] | None = None,
+        refresh_auth: Callable[[], None] | None = None,
+        transient: Callable[[requests.Response], bool] = default_transient,
+        not_processed: Callable[[requests.Response], bool] = default_not_processed,
+    ) -> requests.Response:
+        """``before_retry`` runs before any retry of a non-idempotent request; when it returns
+        a response, that is the result (the first attempt had landed after all)."""
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            with self._lock:
+                self.calls[method.upper()] += 1
+            try:
+                response = send()
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                reason = type(exc).__name__
+                if attempt >= self.policy.max_attempts or (not idempotent and before_retry is None):
+                    raise TransportError(self.system, f"connection failed: {reason}", method=method, url=url) from None
+                self._wait(method, url, reason, self.policy.backoff(attempt, self._rng), attempt)
+                if not idempotent and before_retry is not None and (landed := before_retry()) is not None:
+                    return landed
+                continue
+
+            status = response.status_code
+            if status < 400:
+                return response
+            if status == 401 and refresh_auth is not None and not refreshed:
+                refreshed = True
+                refresh_auth()
+                attempt -= 1  # a token refresh is not a retry of the service's failure
+                continue
+            untouched = not_processed(response)
+            safe = idempotent or untouched or before_retry is not None
+            if not (transient(response) and safe and attempt < self.policy.max_attempts):
+                return response
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if retry_after is not None and retry_after > self.policy.max_retry_after:
+                return response
+            delay = retry_after if retry_after is not None else self.policy.backoff(attempt, self._rng)
+            kind = "Retry-After" if retry_after is not None else "backoff"
+            self._wait(method, url, f"HTTP {status}", delay, attempt, kind)
+            if not idempotent and not untouched and before_retry is not None and (landed := before_retry()) is not None:
+                return landed
+
+    def _wait(self, method: str, url: str, reason: str, delay: float, attempt: int, kind: str = "backoff") -> None:
+        with self._lock:
+            self.retries[reason] += 1
+            self.waited += delay
+        log.warning(
+            "%s %s %s: %s; waiting %.2fs (%s) before attempt %d/%d",
+            self.system, method, url.split("?", 1)[0], reason, delay, kind, attempt + 1, self.policy.max_attempts,
+        )  # fmt: skip
+        self._sleep(delay)
+
+
 class RestClient:
     """Sends requests with a bearer token, retries by :class:`RetryPolicy`, raises typed errors."""
 
@@ -133,15 +231,21 @@ class RestClient:
         self.system = system
         self.session = session
         self._token = token
-        self.policy = policy or RetryPolicy()
         self._parse_error = error_parser
         self._headers = dict(default_headers or {})
-        self._sleep = sleep
-        self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-        self.calls: Counter[str] = Counter()  # "GET", "POST", ... every attempt on the wire
-        self.retries: Counter[str] = Counter()  # reason -> count
-        self.waited = 0.0  # seconds spent waiting between attempts
+        self.retrier = Retrier(system, policy, sleep=sleep, seed=seed)
+
+    @property
+    def calls(self) -> Counter[str]:
+        return self.retrier.calls
+
+    @property
+    def retries(self) -> Counter[str]:
+        return self.retrier.retries
+
+    @property
+    def waited(self) -> float:
+        return self.retrier.waited
 
     def request(
         self,
@@ -155,85 +259,23 @@ class RestClient:
         idempotent: bool | None = None,
         before_retry: Callable[[], requests.Response | None] | None = None,
     ) -> requests.Response:
-        """Send with retries; return a 2xx/3xx response or raise a typed :class:`ApiError`.
-
-        ``before_retry`` runs before any retry of a non-idempotent request; when it
-        returns a response, that response is the result (the first attempt had landed).
-        """
+        """Send with retries; return a 2xx/3xx response or raise a typed :class:`ApiError`."""
         if idempotent is None:
             idempotent = method.upper() in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
         client_request_id = str(uuid.uuid4())
-        refreshed = False
-        attempt = 0
-        while True:
-            attempt += 1
+
+        def send() -> requests.Response:
             hdrs = {**self._headers, **(headers or {})}
             hdrs["Authorization"] = f"Bearer {self._token(False)}"
             hdrs["client-request-id"] = client_request_id
-            with self._lock:
-                self.calls[method.upper()] += 1
-            try:
-                response = self.session.request(method, url, json=json, data=data, params=params, headers=hdrs)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                reason = type(exc).__name__
-                if attempt >= self.policy.max_attempts or (not idempotent and before_retry is None):
-                    raise TransportError(self.system, f"connection failed: {reason}", method=method, url=url) from None
-                delay = self.policy.backoff(attempt, self._rng)
-                self._wait(method, url, reason, delay, attempt)
-                if not idempotent and before_retry is not None:
-                    landed = before_retry()
-                    if landed is not None:
-                        return landed
-                continue
+            return self.session.request(method, url, json=json, data=data, params=params, headers=hdrs)
 
-            status = response.status_code
-            if status < 400:
-                return response
-            if status == 401 and not refreshed:
-                refreshed = True
-                self._token(True)
-                attempt -= 1  # a token refresh is not a retry of the service's failure
-                continue
-            retryable = status in RETRY_AFTER_STATUSES or status >= 500
-            safe = idempotent or status == 429 or before_retry is not None
-            if retryable and safe and attempt < self.policy.max_attempts:
-                retry_after = (
-                    parse_retry_after(response.headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES else None
-                )
-                if retry_after is not None and retry_after > self.policy.max_retry_after:
-                    raise self._error(response, method, url)
-                delay = retry_after if retry_after is not None else self.policy.backoff(attempt, self._rng)
-                self._wait(
-                    method,
-                    url,
-                    f"HTTP {status}",
-                    delay,
-                    attempt,
-                    "Retry-After" if retry_after is not None else "backoff",
-                )
-                if not idempotent and status != 429 and before_retry is not None:
-                    landed = before_retry()
-                    if landed is not None:
-                        return landed
-                continue
-            raise self._error(response, method, url)
-
-    def _wait(self, method: str, url: str, reason: str, delay: float, attempt: int, kind: str = "backoff") -> None:
-        with self._lock:
-            self.retries[reason] += 1
-            self.waited += delay
-        log.warning(
-            "%s %s %s: %s; waiting %.2fs (%s) before attempt %d/%d",
-            self.system,
-            method,
-            url.split("?", 1)[0],
-            reason,
-            delay,
-            kind,
-            attempt + 1,
-            self.policy.max_attempts,
+        response = self.retrier.run(
+            method, url, send, idempotent=idempotent, before_retry=before_retry, refresh_auth=lambda: self._token(True)
         )
-        self._sleep(delay)
+        if response.status_code >= 400:
+            raise self._error(response, method, url)
+        return response
 
     def _error(self, response: requests.Response, method: str, url: str) -> ApiError:
         code, message = self._parse_error(response)

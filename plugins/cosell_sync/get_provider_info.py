@@ -43,6 +43,11 @@ def get_provider_info() -> dict[str, Any]:
                 "external-doc-url": "https://learn.microsoft.com/power-apps/developer/data-platform/webapi/overview",
                 "tags": ["service"],
             },
+            {
+                "integration-name": "Salesforce (cosell-sync)",
+                "external-doc-url": "https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/",
+                "tags": ["service"],
+            },
         ],
         "hooks": [
             {"integration-name": "Microsoft Partner Center", "python-modules": ["cosell_sync.hooks.partner_center"]},
@@ -50,6 +55,8 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": "Microsoft Dynamics 365 (Dataverse)",
                 "python-modules": ["cosell_sync.hooks.dynamics"],
             },
+            # Extends the Salesforce provider's hook; the "salesforce" connection type stays the provider's.
+            {"integration-name": "Salesforce (cosell-sync)", "python-modules": ["cosell_sync.hooks.salesforce"]},
         ],
         "connection-types": [
             {

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import msal
 import requests
 
+from cosell_sync._masking import mask
 from cosell_sync.errors import AuthenticationError, ConfigurationError
 
 # Hosts msal knows; for any other authority (sovereign proxies, the sandbox) instance
@@ -45,17 +46,6 @@ EXPIRY_SKEW = 300  # seconds: refresh this long before expiry
 _apps: dict[tuple[str, str], msal.ConfidentialClientApplication] = {}
 _tokens: dict[tuple[str, ...], tuple[str, float]] = {}
 _lock = threading.Lock()
-
-
-def _secret_masker() -> Callable[[str], None]:
-    try:
-        from airflow.sdk.log import mask_secret
-    except ImportError:  # pragma: no cover - the engine is importable without Airflow
-        return lambda _value: None
-    return lambda value: mask_secret(value)
-
-
-mask = _secret_masker()
 
 
 def authority_url(base: str, tenant_id: str) -> str:

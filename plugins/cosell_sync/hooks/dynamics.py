@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import requests
 from airflow.sdk import BaseHook
 
+from cosell_sync._masking import mask
 from cosell_sync.errors import ApiError, ConfigurationError, NotFoundError
 from cosell_sync.hooks._batch import (
     BatchRequest,
@@ -43,7 +44,7 @@ from cosell_sync.hooks._batch import (
     parse_batch,
 )
 from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
-from cosell_sync.hooks._msal import authority_url, cached_token, confidential_app, mask
+from cosell_sync.hooks._msal import authority_url, cached_token, confidential_app
 from cosell_sync.hooks._odata import datetime_literal, quote, with_query
 
 API_PATH = "/api/data/v9.2"

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import requests
 from airflow.sdk import BaseHook
 
+from cosell_sync._masking import mask
 from cosell_sync.errors import ConfigurationError, NotFoundError
 from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
 from cosell_sync.hooks._msal import (
@@ -38,7 +39,6 @@ from cosell_sync.hooks._msal import (
     authority_url,
     cached_token,
     confidential_app,
-    mask,
 )
 from cosell_sync.hooks._odata import quote, with_query
 from cosell_sync.models import Referral, ReferralParseError, parse_referral, parse_referrals

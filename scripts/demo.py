@@ -24,6 +24,8 @@ from cryptography import x509  # noqa: E402
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from cosell_sandbox.server import FaultConfig  # noqa: E402
+from cosell_sync.hooks._batch import BatchRequest  # noqa: E402
+from cosell_sync.hooks.dynamics import DynamicsHook  # noqa: E402
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS, PartnerCenterHook  # noqa: E402
 from cosell_sync.webhooks.signature import (  # noqa: E402
     SignatureError,
@@ -88,10 +90,10 @@ def main() -> int:
             print(f"  {name:<15} {origin}")
         for key, value in sandbox.env().items():
             os.environ[key] = value
+        print("  connections: AIRFLOW_CONN_PARTNER_CENTER_DEFAULT, AIRFLOW_CONN_DYNAMICS_DEFAULT (secrets not shown)")
         conn = json.loads(os.environ["AIRFLOW_CONN_PARTNER_CENTER_DEFAULT"])
         conn["extra"]["token_store_path"] = str(Path(tokens) / "tokens.json")
         os.environ["AIRFLOW_CONN_PARTNER_CENTER_DEFAULT"] = json.dumps(conn)
-        print("  connection: AIRFLOW_CONN_PARTNER_CENTER_DEFAULT (secrets not shown)")
 
         pc.seed(240, seed=2026)
         hook = PartnerCenterHook()
@@ -185,13 +187,38 @@ def main() -> int:
         )
         pc.faults.clear()
 
+        step("Dynamics 365: the Dataverse sandbox through DynamicsHook (client credentials)")
+        dv = sandbox.dataverse
+        assert dv is not None
+        dv.seed(opportunities=120, accounts=40, flagged=30, seed=2026)
+        dyn = DynamicsHook()
+        print(f"  connected as application user {dyn.whoami()['UserId']}")
+        flagged = list(dyn.query("opportunities", select=["name", "estimatedvalue", "cosell_referralid"],
+                                 filter="cosell_syncwithpartnercenter eq true and statecode eq 0", page_size=25))
+        print(f"  {len(flagged)} open opportunities flagged 'Sync with Partner Center' "
+              f"({dyn.api.calls['GET']} GETs at 25 rows a page)")
+        tracked = dyn.track_changes("opportunities", select=["name", "estimatedvalue"])
+        print(f"  change tracking: initial load {len(tracked.rows)} rows, delta link kept")
+        referral_id = everything[0]["id"]
+        upserted = dyn.upsert("opportunities", {"cosell_referralid": referral_id},
+                              {"name": everything[0]["name"][:300], "estimatedvalue": everything[0]["details"]["dealValue"],
+                               "transactioncurrencyid@odata.bind": DynamicsHook.bind(
+                                   "transactioncurrencies", dyn.currency_id(everything[0]["details"]["currency"]))})
+        print(f"  upsert by alternate key cosell_referralid: created={upserted.created} id={upserted.id}")
+        batch = dyn.batch([BatchRequest("PATCH", DynamicsHook.row("opportunities", row["opportunityid"]),
+                                        {"cosell_syncstatus": 100000000}, {"If-Match": "*"}) for row in flagged])
+        print(f"  $batch of {len(batch)} updates: {sum(r.ok for r in batch)} ok")
+        dyn.win_opportunity(upserted.id, "Won in Partner Center")
+        delta = dyn.track_changes("opportunities", delta_link=tracked.delta_link)
+        print(f"  WinOpportunity done; change tracking now reports {len(delta.rows)} changed rows")
+
         step("Summary")
         state = requests.get(
             f"{sandbox.origin('partner_center')}/_sandbox/state", verify=str(sandbox.pki.ca_cert), timeout=10
         ).json()
         print(f"  referrals: {state['referrals']}  deliveries: {state['deliveries']}")
         print(f"  token grants: {sandbox.entra.grants}")
-    print("\ndemo finished: the Partner Center side works through PartnerCenterHook.")
+    print("\ndemo finished: Partner Center and Dynamics 365 sandboxes reached through their hooks.")
     return 0
 
 

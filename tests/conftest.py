@@ -56,3 +56,24 @@ def hook(pc_conn: dict):
     from cosell_sync.hooks.partner_center import PartnerCenterHook
 
     return PartnerCenterHook()
+
+
+@pytest.fixture
+def dyn_conn(pc: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    """AIRFLOW_CONN_DYNAMICS_DEFAULT pointing at the Dataverse emulator."""
+    from cosell_sync.hooks import dynamics
+    from cosell_sync.hooks._msal import forget_tokens
+
+    forget_tokens()
+    dynamics._currencies.clear()
+    conn = pc.connections()["dynamics_default"]
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(conn))
+    yield conn
+    forget_tokens()
+
+
+@pytest.fixture
+def dyn_hook(dyn_conn: dict):
+    from cosell_sync.hooks.dynamics import DynamicsHook
+
+    return DynamicsHook()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .dataverse import DataverseEmulator
 from .entra import EntraConfig, EntraEmulator
 from .partner_center import CERT_PATH, REFERRALS_PATH, WEBHOOKS_PATH, PartnerCenterEmulator
 from .server import EmulatorServer
@@ -50,7 +51,7 @@ class Credentials:
 class Sandbox:
     """All emulators in one process, each on its own HTTPS port on 127.0.0.1."""
 
-    EMULATORS = ("entra", "partner_center")  # port order from base_port
+    EMULATORS = ("entra", "partner_center", "dataverse")  # port order from base_port
 
     def __init__(
         self,
@@ -69,6 +70,7 @@ class Sandbox:
         self._servers: list[EmulatorServer] = []
         self.dispatcher: WebhookDispatcher | None = None
         self.partner_center: PartnerCenterEmulator | None = None
+        self.dataverse: DataverseEmulator | None = None
 
     def _port(self, name: str) -> int:
         if name in self.ports:
@@ -90,12 +92,17 @@ class Sandbox:
         self.partner_center = PartnerCenterEmulator(self.entra, self.dispatcher)
         self.partner_center.signer_der = self.pki.signer_der()
         self._servers.append(EmulatorServer(self.partner_center, ctx, self._port("partner_center")).start())
+        self.dataverse = DataverseEmulator(self.entra)
+        self._servers.append(EmulatorServer(self.dataverse, ctx, self._port("dataverse")).start())
+        # Dataverse tokens are for the environment URL itself (scope "<host>/.default").
+        self.entra.register_resource(self.origin("dataverse"))
         return self
 
     def reset(self) -> None:
         """Back to a fresh sandbox: no data, no registration, no faults, default token settings."""
-        assert self.partner_center is not None
+        assert self.partner_center is not None and self.dataverse is not None
         self.partner_center.reset()
+        self.dataverse.reset()
         self.entra.reset()
         creds = self.credentials
         self.entra.issue_refresh_token(creds.client_id, creds.username, token=creds.refresh_token)
@@ -134,6 +141,17 @@ class Sandbox:
                     "referrals_url": pc + REFERRALS_PATH,
                     "webhooks_url": pc + WEBHOOKS_PATH,
                     "refresh_token": creds.refresh_token,
+                    "ca_bundle": str(self.pki.ca_cert),
+                },
+            },
+            "dynamics_default": {
+                "conn_type": "dynamics365",
+                "host": self.origin("dataverse"),
+                "login": creds.client_id,
+                "password": creds.client_secret,
+                "extra": {
+                    "tenant_id": creds.tenant_id,
+                    "authority": self.origin("entra"),
                     "ca_bundle": str(self.pki.ca_cert),
                 },
             },

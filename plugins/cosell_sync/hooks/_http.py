@@ -258,8 +258,10 @@ class RestClient:
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
         before_retry: Callable[[], requests.Response | None] | None = None,
+        accept: Callable[[requests.Response], bool] | None = None,
     ) -> requests.Response:
-        """Send with retries; return a 2xx/3xx response or raise a typed :class:`ApiError`."""
+        """Send with retries; return a 2xx/3xx response (or one ``accept`` takes) or raise a
+        typed :class:`ApiError`."""
         if idempotent is None:
             idempotent = method.upper() in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
         client_request_id = str(uuid.uuid4())
@@ -273,7 +275,7 @@ class RestClient:
         response = self.retrier.run(
             method, url, send, idempotent=idempotent, before_retry=before_retry, refresh_auth=lambda: self._token(True)
         )
-        if response.status_code >= 400:
+        if response.status_code >= 400 and not (accept and accept(response)):
             raise self._error(response, method, url)
         return response
 

@@ -385,7 +385,16 @@ class DynamicsHook(BaseHook):
             for item in items
             for r in (item.requests if isinstance(item, ChangeSet) else [item])
         )
-        resp = self.api.request("POST", self._url("$batch"), data=body, headers=headers, idempotent=idempotent)
+        resp = self.api.request(
+            "POST",
+            self._url("$batch"),
+            data=body,
+            headers=headers,
+            idempotent=idempotent,
+            # Without continue-on-error, a failing request makes the whole answer a 400 that
+            # still carries the parts processed so far, the last one being the error.
+            accept=lambda r: r.status_code == 400 and r.headers.get("Content-Type", "").startswith("multipart/"),
+        )
         return parse_batch(resp.headers.get("Content-Type", ""), resp.content)
 
     def _multiple(
@@ -409,11 +418,20 @@ class DynamicsHook(BaseHook):
         self._multiple(entity_set, "UpdateMultiple", logical_name, targets)
 
     def upsert_multiple(
-        self, entity_set: str, logical_name: str, targets: Sequence[Mapping[str, Any]]
-    ) -> list[dict[str, Any]]:
-        """``UpsertMultiple``: each target names its row by primary or alternate key."""
-        resp = self._multiple(entity_set, "UpsertMultiple", logical_name, targets)
-        return list(resp.json().get("value") or []) if resp.content else []
+        self,
+        entity_set: str,
+        logical_name: str,
+        targets: Sequence[Mapping[str, Any]],
+        *,
+        key: str | None = None,
+    ) -> None:
+        """``UpsertMultiple`` (all or nothing). A target names its row by primary key, or, with
+        ``key``, by that alternate key column, sent as ``@odata.id`` as Dataverse requires."""
+        if key is not None:
+            if any(not t.get(key) for t in targets):
+                raise ValueError(f"upsert_multiple: every target needs {key}")
+            targets = [{**t, "@odata.id": self.alternate_key(entity_set, **{key: str(t[key])})} for t in targets]
+        self._multiple(entity_set, "UpsertMultiple", logical_name, targets)
 
     def _close_opportunity(self, action: str, opportunity_id: str, status: int, close: Mapping[str, Any]) -> None:
         body = {

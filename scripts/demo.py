@@ -193,20 +193,44 @@ def main() -> int:
         dv.seed(opportunities=120, accounts=40, flagged=30, seed=2026)
         dyn = DynamicsHook()
         print(f"  connected as application user {dyn.whoami()['UserId']}")
-        flagged = list(dyn.query("opportunities", select=["name", "estimatedvalue", "cosell_referralid"],
-                                 filter="cosell_syncwithpartnercenter eq true and statecode eq 0", page_size=25))
-        print(f"  {len(flagged)} open opportunities flagged 'Sync with Partner Center' "
-              f"({dyn.api.calls['GET']} GETs at 25 rows a page)")
+        flagged = list(
+            dyn.query(
+                "opportunities",
+                select=["name", "estimatedvalue", "cosell_referralid"],
+                filter="cosell_syncwithpartnercenter eq true and statecode eq 0",
+                page_size=25,
+            )
+        )
+        print(
+            f"  {len(flagged)} open opportunities flagged 'Sync with Partner Center' "
+            f"({dyn.api.calls['GET']} GETs at 25 rows a page)"
+        )
         tracked = dyn.track_changes("opportunities", select=["name", "estimatedvalue"])
         print(f"  change tracking: initial load {len(tracked.rows)} rows, delta link kept")
         referral_id = everything[0]["id"]
-        upserted = dyn.upsert("opportunities", {"cosell_referralid": referral_id},
-                              {"name": everything[0]["name"][:300], "estimatedvalue": everything[0]["details"]["dealValue"],
-                               "transactioncurrencyid@odata.bind": DynamicsHook.bind(
-                                   "transactioncurrencies", dyn.currency_id(everything[0]["details"]["currency"]))})
+        upserted = dyn.upsert(
+            "opportunities",
+            {"cosell_referralid": referral_id},
+            {
+                "name": everything[0]["name"][:300],
+                "estimatedvalue": everything[0]["details"]["dealValue"],
+                "transactioncurrencyid@odata.bind": DynamicsHook.bind(
+                    "transactioncurrencies", dyn.currency_id(everything[0]["details"]["currency"])
+                ),
+            },
+        )
         print(f"  upsert by alternate key cosell_referralid: created={upserted.created} id={upserted.id}")
-        batch = dyn.batch([BatchRequest("PATCH", DynamicsHook.row("opportunities", row["opportunityid"]),
-                                        {"cosell_syncstatus": 100000000}, {"If-Match": "*"}) for row in flagged])
+        batch = dyn.batch(
+            [
+                BatchRequest(
+                    "PATCH",
+                    DynamicsHook.row("opportunities", row["opportunityid"]),
+                    {"cosell_syncstatus": 100000000},
+                    {"If-Match": "*"},
+                )
+                for row in flagged
+            ]
+        )
         print(f"  $batch of {len(batch)} updates: {sum(r.ok for r in batch)} ok")
         dyn.win_opportunity(upserted.id, "Won in Partner Center")
         delta = dyn.track_changes("opportunities", delta_link=tracked.delta_link)

@@ -246,3 +246,17 @@ def test_throttling_beyond_the_budget_is_a_typed_error(dv, dyn_hook, dyn_conn):
     with pytest.raises(ThrottledError) as err:
         hook.whoami()
     assert err.value.code == "0x80072322" and err.value.retry_after and err.value.retry_after > 5
+
+
+def test_5xx_and_dropped_connections_are_retried(dv, dyn_hook, dyn_conn):
+    from cosell_sandbox.server import FaultConfig
+
+    make_accounts(dyn_hook, 60)
+    dv.faults.configure(
+        FaultConfig(seed=3, rate_5xx=0.3, status_5xx=502, drop_rate=0.1, path_prefix="/api/data/v9.2/accounts")
+    )
+    hook = DynamicsHook(retry_policy=RetryPolicy(max_attempts=8, backoff_base=0.01, backoff_max=0.05))
+    assert len(list(hook.query("accounts", select=["name"], page_size=10))) == 60
+    injected = dv.faults.injected
+    assert injected["5xx"] + injected["drop"] >= 1
+    assert hook.api.retries["HTTP 502"] == injected["5xx"]

@@ -77,3 +77,18 @@ def dyn_hook(dyn_conn: dict):
     from cosell_sync.hooks.dynamics import DynamicsHook
 
     return DynamicsHook()
+
+
+@pytest.fixture
+def sf_conn(pc: Sandbox, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """AIRFLOW_CONN_SALESFORCE_DEFAULT pointing at the Salesforce emulator (direct token)."""
+    conn = pc.connections()["salesforce_default"]
+    monkeypatch.setenv("AIRFLOW_CONN_SALESFORCE_DEFAULT", json.dumps(conn))
+    return conn
+
+
+@pytest.fixture
+def sf_hook(sf_conn: dict):
+    from cosell_sync.hooks.salesforce import SalesforceSyncHook
+
+    return SalesforceSyncHook()

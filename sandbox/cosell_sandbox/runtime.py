@@ -9,13 +9,14 @@ import secrets
 import shlex
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .dataverse import DataverseEmulator
 from .entra import EntraConfig, EntraEmulator
 from .partner_center import CERT_PATH, REFERRALS_PATH, WEBHOOKS_PATH, PartnerCenterEmulator
+from .salesforce import SalesforceEmulator
 from .server import EmulatorServer
 from .tls import SandboxPKI
 from .webhooks import WebhookDispatcher
@@ -35,6 +36,7 @@ class Credentials:
     username: str
     password: str
     refresh_token: str
+    salesforce_token: str = field(default_factory=lambda: "00D5g000004SbXc!AQ0AQ" + secrets.token_urlsafe(72))
 
     @classmethod
     def generate(cls) -> Credentials:
@@ -51,7 +53,7 @@ class Credentials:
 class Sandbox:
     """All emulators in one process, each on its own HTTPS port on 127.0.0.1."""
 
-    EMULATORS = ("entra", "partner_center", "dataverse")  # port order from base_port
+    EMULATORS = ("entra", "partner_center", "dataverse", "salesforce")  # port order from base_port
 
     def __init__(
         self,
@@ -71,6 +73,7 @@ class Sandbox:
         self.dispatcher: WebhookDispatcher | None = None
         self.partner_center: PartnerCenterEmulator | None = None
         self.dataverse: DataverseEmulator | None = None
+        self.salesforce: SalesforceEmulator | None = None
 
     def _port(self, name: str) -> int:
         if name in self.ports:
@@ -96,13 +99,16 @@ class Sandbox:
         self._servers.append(EmulatorServer(self.dataverse, ctx, self._port("dataverse")).start())
         # Dataverse tokens are for the environment URL itself (scope "<host>/.default").
         self.entra.register_resource(self.origin("dataverse"))
+        self.salesforce = SalesforceEmulator(access_token=creds.salesforce_token)
+        self._servers.append(EmulatorServer(self.salesforce, ctx, self._port("salesforce")).start())
         return self
 
     def reset(self) -> None:
         """Back to a fresh sandbox: no data, no registration, no faults, default token settings."""
-        assert self.partner_center is not None and self.dataverse is not None
+        assert self.partner_center is not None and self.dataverse is not None and self.salesforce is not None
         self.partner_center.reset()
         self.dataverse.reset()
+        self.salesforce.reset()
         self.entra.reset()
         creds = self.credentials
         self.entra.issue_refresh_token(creds.client_id, creds.username, token=creds.refresh_token)
@@ -152,6 +158,14 @@ class Sandbox:
                 "extra": {
                     "tenant_id": creds.tenant_id,
                     "authority": self.origin("entra"),
+                    "ca_bundle": str(self.pki.ca_cert),
+                },
+            },
+            "salesforce_default": {
+                "conn_type": "salesforce",
+                "extra": {
+                    "instance_url": self.origin("salesforce"),
+                    "access_token": creds.salesforce_token,
                     "ca_bundle": str(self.pki.ca_cert),
                 },
             },

@@ -53,21 +53,27 @@ def served(tmp_path: Path):
 def test_serve_prints_connection_lines_the_hook_uses_unchanged(served, tmp_path):
     home, output = served
     env = _exports(output)
-    assert set(env) == {"AIRFLOW_CONN_PARTNER_CENTER_DEFAULT", "AIRFLOW_CONN_DYNAMICS_DEFAULT"}
+    assert set(env) == {
+        "AIRFLOW_CONN_PARTNER_CENTER_DEFAULT",
+        "AIRFLOW_CONN_DYNAMICS_DEFAULT",
+        "AIRFLOW_CONN_SALESFORCE_DEFAULT",
+    }
 
     script = textwrap.dedent(
         """
         from cosell_sync.hooks.dynamics import DynamicsHook
         from cosell_sync.hooks.partner_center import PartnerCenterHook
+        from cosell_sync.hooks.salesforce import SalesforceSyncHook
         hook = PartnerCenterHook()
         print(len(list(hook.list_referrals())), "referral-updated" in hook.list_webhook_events(),
-              bool(DynamicsHook().whoami()["UserId"]))
+              bool(DynamicsHook().whoami()["UserId"]),
+              SalesforceSyncHook().conn.query("SELECT COUNT() FROM Opportunity")["totalSize"] == 0)
         """
     )
     child_env = {**os.environ, **env, "AIRFLOW_HOME": str(tmp_path / "airflow")}
     result = subprocess.run([sys.executable, "-c", script], env=child_env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1].split() == ["120", "True", "True"], result.stdout
+    assert result.stdout.strip().splitlines()[-1].split() == ["120", "True", "True", "True"], result.stdout
 
     again = subprocess.run(
         [sys.executable, "-m", "cosell_sandbox.cli", "env", "--home", str(home)],

@@ -21,6 +21,7 @@ from cosell_sync.hooks._soql import Condition, like_pattern, literal, name, sele
         (True, "TRUE"),
         (12.5, "12.5"),
         (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "2026-01-02T03:04:05Z"),
+        (datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC), "2026-01-02T03:04:05.123Z"),
         (date(2026, 1, 2), "2026-01-02"),
     ],
 )

@@ -44,7 +44,10 @@ def literal(value: object) -> str:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("SOQL datetime literals need an aware datetime")
-        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        utc = value.astimezone(UTC)
+        # Millisecond precision, as SystemModstamp has: a watermark must not round down to the second.
+        millis = f".{utc.microsecond // 1000:03d}" if utc.microsecond else ""
+        return utc.strftime("%Y-%m-%dT%H:%M:%S") + millis + "Z"
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, str):

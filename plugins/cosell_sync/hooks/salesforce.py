@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import re
 import threading
 import time
@@ -43,6 +44,7 @@ from cosell_sync.hooks._http import Retrier, RetryPolicy, TrustedSession, defaul
 from cosell_sync.hooks._soql import Condition, select
 
 SYSTEM = "Salesforce"
+log = logging.getLogger(__name__)
 COLLECTION_LIMIT = 200
 _USAGE = re.compile(r"api-usage=(\d+)/(\d+)")
 
@@ -73,7 +75,7 @@ class ApiUsage:
     def ratio(self) -> float | None:
         return self.used / self.limit if self.used is not None and self.limit else None
 
-    def observe(self, header: str | None, log: Any) -> None:
+    def observe(self, header: str | None) -> None:
         match = _USAGE.search(header or "")
         if not match:
             return
@@ -82,8 +84,12 @@ class ApiUsage:
         if step != self._logged_step:
             self._logged_step = step
             level = log.warning if (self.ratio or 0) >= self.slow_down_at else log.info
-            level("Salesforce API usage %d/%d (%.0f%% of the org's daily limit)", self.used, self.limit,
-                  100 * (self.ratio or 0))  # fmt: skip
+            level(
+                "Salesforce API usage %d/%d (%.0f%% of the org's daily limit)",
+                self.used,
+                self.limit,
+                100 * (self.ratio or 0),
+            )
 
     def delay(self) -> float:
         ratio = self.ratio
@@ -95,12 +101,12 @@ class ApiUsage:
 class SalesforceSession(TrustedSession):
     """The session simple-salesforce sends everything through: retries, usage, pacing."""
 
-    def __init__(self, ca_bundle: str | None, retrier: Retrier, usage: ApiUsage, log: Any,
-                 sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
+    def __init__(
+        self, ca_bundle: str | None, retrier: Retrier, usage: ApiUsage, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         super().__init__(ca_bundle)
         self.retrier = retrier
         self.usage = usage
-        self._log = log
         self._sleep = sleep
         self.paced = 0.0
 
@@ -123,7 +129,7 @@ class SalesforceSession(TrustedSession):
             transient=_transient,
             not_processed=_not_processed,
         )
-        self.usage.observe(response.headers.get("Sforce-Limit-Info"), self._log)
+        self.usage.observe(response.headers.get("Sforce-Limit-Info"))
         return response
 
 
@@ -199,7 +205,7 @@ class SalesforceSyncHook(SalesforceHook):
         if ca_bundle and not Path(ca_bundle).is_file():
             raise ConfigurationError(f"Connection '{self.conn_id}' (salesforce): ca_bundle '{ca_bundle}' not found.")
         if self.session is None:
-            self.session = SalesforceSession(ca_bundle, self.retrier, self.usage, self.log, self._sleep)
+            self.session = SalesforceSession(ca_bundle, self.retrier, self.usage, self._sleep)
         with salesforce_errors("login"):
             return super().conn
 
@@ -323,8 +329,13 @@ class SalesforceSyncHook(SalesforceHook):
             for row in csv.DictReader(io.StringIO(failed)):
                 index = position[row[key]]
                 code, _, message = (row.get("sf__Error") or "").partition(":")
-                results[index] = RecordResult(index, False, row.get("sf__Id") or None, None,
-                                              [{"statusCode": code.strip(), "message": message.strip()}])  # fmt: skip
+                results[index] = RecordResult(
+                    index,
+                    False,
+                    row.get("sf__Id") or None,
+                    None,
+                    [{"statusCode": code.strip(), "message": message.strip()}],
+                )
         missing = [i for i in range(len(records)) if i not in results]
         for index in missing:
             results[index] = RecordResult(

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,8 +26,10 @@ from cryptography import x509  # noqa: E402
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from cosell_sandbox.server import FaultConfig  # noqa: E402
 from cosell_sync.hooks._batch import BatchRequest  # noqa: E402
+from cosell_sync.hooks._soql import Condition, select  # noqa: E402
 from cosell_sync.hooks.dynamics import DynamicsHook  # noqa: E402
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS, PartnerCenterHook  # noqa: E402
+from cosell_sync.hooks.salesforce import SalesforceSyncHook  # noqa: E402
 from cosell_sync.webhooks.signature import (  # noqa: E402
     SignatureError,
     load_certificate,
@@ -90,7 +93,7 @@ def main() -> int:
             print(f"  {name:<15} {origin}")
         for key, value in sandbox.env().items():
             os.environ[key] = value
-        print("  connections: AIRFLOW_CONN_PARTNER_CENTER_DEFAULT, AIRFLOW_CONN_DYNAMICS_DEFAULT (secrets not shown)")
+        print("  connections: AIRFLOW_CONN_{PARTNER_CENTER,DYNAMICS,SALESFORCE}_DEFAULT (secrets not shown)")
         conn = json.loads(os.environ["AIRFLOW_CONN_PARTNER_CENTER_DEFAULT"])
         conn["extra"]["token_store_path"] = str(Path(tokens) / "tokens.json")
         os.environ["AIRFLOW_CONN_PARTNER_CENTER_DEFAULT"] = json.dumps(conn)
@@ -236,13 +239,44 @@ def main() -> int:
         delta = dyn.track_changes("opportunities", delta_link=tracked.delta_link)
         print(f"  WinOpportunity done; change tracking now reports {len(delta.rows)} changed rows")
 
+        step("Salesforce: the Salesforce sandbox through SalesforceSyncHook (the provider's hook, extended)")
+        sfe = sandbox.salesforce
+        assert sfe is not None
+        sfe.seed(opportunities=80, accounts=30, flagged=20, seed=2026)
+        sfh = SalesforceSyncHook()
+        flagged_sf = list(sfh.query_records(select(
+            "Opportunity", ["Id", "Name", "Amount", "PC_Referral_Id__c"],
+            [Condition("PC_Sync_With_Partner_Center__c", "=", True), Condition("IsClosed", "=", False)],
+        )))  # fmt: skip
+        print(
+            f"  {len(flagged_sf)} open opportunities flagged for Partner Center; "
+            f"{len(sfh.get_available_fields('Opportunity'))} Opportunity fields from describe"
+        )
+        upserts = sfh.upsert_records("Opportunity", "PC_Referral_Id__c", [
+            {"PC_Referral_Id__c": r["id"], "Name": r["name"][:120], "StageName": "Prospecting",
+             "CloseDate": r["details"]["closingDateTime"][:10], "Amount": r["details"]["dealValue"],
+             "CurrencyIsoCode": r["details"]["currency"]}
+            for r in everything[:250]
+        ])  # fmt: skip
+        created = sum(1 for u in upserts if u.success and u.created)
+        print(
+            f"  upsert of 250 referrals by PC_Referral_Id__c through sObject Collections: {created} created, "
+            f"{sum(1 for u in upserts if not u.success)} rejected ({sfh.retrier.calls['PATCH']} calls)"
+        )
+        since = datetime.now(UTC) - timedelta(minutes=5)
+        recent = list(sfh.query_modified_since("Opportunity", ["Name"], since))
+        print(
+            f"  incremental read by SystemModstamp: {len(recent)} changed in the last 5 minutes; "
+            f"API usage {sfh.usage.used}/{sfh.usage.limit}"
+        )
+
         step("Summary")
         state = requests.get(
             f"{sandbox.origin('partner_center')}/_sandbox/state", verify=str(sandbox.pki.ca_cert), timeout=10
         ).json()
         print(f"  referrals: {state['referrals']}  deliveries: {state['deliveries']}")
         print(f"  token grants: {sandbox.entra.grants}")
-    print("\ndemo finished: Partner Center and Dynamics 365 sandboxes reached through their hooks.")
+    print("\ndemo finished: Partner Center, Dynamics 365 and Salesforce sandboxes reached through their hooks.")
     return 0
 
 

@@ -1,0 +1,231 @@
+"""The declarative mapping between a referral, a CRM opportunity and the canonical deal.
+
+A mapping file (YAML) is loaded and checked once, when the DAG file is parsed: any
+mistake raises :class:`MappingError` naming the file and the key, so a broken mapping
+never reaches a run. The default files ship in ``cosell_sync/engine/mappings/``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULTS = Path(__file__).with_name("mappings")
+CRMS = ("dynamics365", "salesforce")
+DIRECTIONS = ("both", "pc_to_crm", "crm_to_pc")
+AUTHORITIES = ("partner_center", "crm", "newest")
+TYPES = ("string", "decimal", "date", "currency", "country", "email", "enum", "id_list")
+KEEP = "*"  # a value map's "no opinion": the field keeps its last synced value
+RECORD_KEYS = (
+    "opportunity",
+    "account",
+    "contact",
+    "link_field",
+    "link_url_field",
+    "sync_flag_field",
+    "audit_field",
+    "sync_status_field",
+    "modified_field",
+    "closed_field",
+)
+
+Direction = Literal["both", "pc_to_crm", "crm_to_pc"]
+Authority = Literal["partner_center", "crm", "newest"]
+
+
+class MappingError(ValueError):
+    """A mapping file is invalid; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ValueMap:
+    read: dict[str, str]  # side value -> canonical value (or KEEP)
+    write: dict[str, str]  # canonical value -> side value
+
+
+@dataclass(frozen=True)
+class FieldMapping:
+    name: str  # canonical field
+    referral: str  # path in the referral, e.g. details.dealValue, status/substatus, solutions[].id
+    crm: str  # path in the CRM record, e.g. Amount, Account.Name
+    type: str
+    direction: Direction = "both"
+    authority: Authority = "newest"
+    sync: Literal["always", "create"] = "always"
+    referral_values: ValueMap | None = None
+    crm_values: ValueMap | None = None
+
+    @property
+    def synced(self) -> bool:
+        """Kept in step after the link exists (``sync: create`` fields only seed a new record)."""
+        return self.sync == "always"
+
+
+@dataclass(frozen=True)
+class SyncMapping:
+    crm: str
+    records: dict[str, str]
+    fields: dict[str, FieldMapping]
+    source: str = "<default>"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def synced_fields(self) -> list[FieldMapping]:
+        return [f for f in self.fields.values() if f.synced]
+
+    @property
+    def canonical_columns(self) -> list[str]:
+        return list(self.fields)
+
+
+def _fail(source: str, key: str, message: str) -> MappingError:
+    return MappingError(f"mapping {source}: {key}: {message}")
+
+
+def _str_map(source: str, key: str, raw: Any) -> dict[str, str]:
+    if not isinstance(raw, MappingABC) or not raw:
+        raise _fail(source, key, "must be a non-empty mapping of values")
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        if v is None or isinstance(v, list | dict):
+            raise _fail(source, f"{key}.{k}", "must be a single value")
+        out[str(k)] = str(v)
+    return out
+
+
+def _value_map(source: str, key: str, raw: Any) -> ValueMap:
+    if not isinstance(raw, MappingABC):
+        raise _fail(source, key, "must have 'read' and 'write'")
+    unknown = set(raw) - {"read", "write"}
+    if unknown:
+        raise _fail(source, f"{key}.{sorted(unknown)[0]}", "unknown key (expected 'read' and 'write')")
+    for part in ("read", "write"):
+        if part not in raw:
+            raise _fail(source, f"{key}.{part}", "is required")
+    return ValueMap(_str_map(source, f"{key}.read", raw["read"]), _str_map(source, f"{key}.write", raw["write"]))
+
+
+def _field(source: str, name: str, raw: Any) -> FieldMapping:
+    key = f"fields.{name}"
+    if not isinstance(raw, MappingABC):
+        raise _fail(source, key, "must be a mapping")
+    allowed = {"referral", "crm", "type", "direction", "authority", "sync", "values"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise _fail(source, f"{key}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    for required in ("referral", "crm", "type"):
+        if not isinstance(raw.get(required), str) or not raw[required].strip():
+            raise _fail(source, f"{key}.{required}", "is required and must be a non-empty string")
+    ftype = raw["type"]
+    if ftype not in TYPES:
+        raise _fail(source, f"{key}.type", f"'{ftype}' is not one of {', '.join(TYPES)}")
+    direction = raw.get("direction", "both")
+    if direction not in DIRECTIONS:
+        raise _fail(source, f"{key}.direction", f"'{direction}' is not one of {', '.join(DIRECTIONS)}")
+    authority = raw.get("authority", "newest")
+    if authority not in AUTHORITIES:
+        raise _fail(source, f"{key}.authority", f"'{authority}' is not one of {', '.join(AUTHORITIES)}")
+    sync = raw.get("sync", "always")
+    if sync not in ("always", "create"):
+        raise _fail(source, f"{key}.sync", f"'{sync}' is not one of always, create")
+    referral_values = crm_values = None
+    if ftype == "enum":
+        values = raw.get("values")
+        if not isinstance(values, MappingABC) or set(values) != {"referral", "crm"}:
+            raise _fail(source, f"{key}.values", "an enum needs value maps for both 'referral' and 'crm'")
+        referral_values = _value_map(source, f"{key}.values.referral", values["referral"])
+        crm_values = _value_map(source, f"{key}.values.crm", values["crm"])
+        canonical = {v for v in referral_values.read.values() if v != KEEP}
+        canonical |= {v for v in crm_values.read.values() if v != KEEP}
+        for side, vmap in (("referral", referral_values), ("crm", crm_values)):
+            missing = sorted(canonical - set(vmap.write))
+            if missing:
+                raise _fail(source, f"{key}.values.{side}.write", f"no value to write for canonical '{missing[0]}'")
+            extra = sorted(set(vmap.write) - canonical)
+            if extra:
+                raise _fail(source, f"{key}.values.{side}.write.{extra[0]}", "is not a canonical value any side reads")
+    elif "values" in raw:
+        raise _fail(source, f"{key}.values", "value maps are only for type enum")
+    if "/" in raw["referral"] and ftype != "enum":
+        raise _fail(source, f"{key}.referral", "a composite path (a/b) is only allowed for enums")
+    return FieldMapping(
+        name=name,
+        referral=raw["referral"].strip(),
+        crm=raw["crm"].strip(),
+        type=ftype,
+        direction=direction,
+        authority=authority,
+        sync=sync,
+        referral_values=referral_values,
+        crm_values=crm_values,
+    )
+
+
+def parse_mapping(doc: Any, source: str = "<mapping>") -> SyncMapping:
+    if not isinstance(doc, MappingABC):
+        raise _fail(source, "<root>", "must be a mapping")
+    unknown = set(doc) - {"version", "crm", "records", "fields"}
+    if unknown:
+        raise _fail(source, sorted(unknown)[0], "unknown top-level key")
+    if doc.get("version") != 1:
+        raise _fail(source, "version", "must be 1")
+    crm = doc.get("crm")
+    if crm not in CRMS:
+        raise _fail(source, "crm", f"must be one of {', '.join(CRMS)}")
+    records = doc.get("records")
+    if not isinstance(records, MappingABC):
+        raise _fail(source, "records", "must be a mapping")
+    for key in RECORD_KEYS:
+        if not isinstance(records.get(key), str) or not records[key]:
+            raise _fail(source, f"records.{key}", "is required")
+    extra_records = set(records) - set(RECORD_KEYS)
+    if extra_records:
+        raise _fail(source, f"records.{sorted(extra_records)[0]}", "unknown key")
+    raw_fields = doc.get("fields")
+    if not isinstance(raw_fields, MappingABC) or not raw_fields:
+        raise _fail(source, "fields", "must be a non-empty mapping")
+    fields = {str(name): _field(source, str(name), raw) for name, raw in raw_fields.items()}
+    for required in ("name", "stage"):
+        if required not in fields:
+            raise _fail(source, f"fields.{required}", "is required (the deal needs a name and a stage)")
+    return SyncMapping(crm=crm, records={k: str(v) for k, v in records.items()}, fields=fields, source=source)
+
+
+def load_mapping_file(path: str | os.PathLike[str]) -> SyncMapping:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MappingError(f"mapping {source}: cannot be read: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise MappingError(f"mapping {source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_mapping(doc, Path(path).name)
+
+
+@cache
+def _load_cached(path: str, mtime: float) -> SyncMapping:
+    return load_mapping_file(path)
+
+
+def load_mapping(crm: str, path: str | os.PathLike[str] | None = None) -> SyncMapping:
+    """The mapping for ``crm``: ``path``, else ``$COSELL_MAPPING_<CRM>``, else the shipped default."""
+    if crm not in CRMS:
+        raise MappingError(f"unknown CRM '{crm}' (expected one of {', '.join(CRMS)})")
+    chosen = Path(path or os.environ.get(f"COSELL_MAPPING_{crm.upper()}") or DEFAULTS / f"{crm}.yaml")
+    try:
+        mtime = chosen.stat().st_mtime
+    except OSError as exc:
+        raise MappingError(f"mapping {chosen}: cannot be read: {exc.strerror}") from None
+    mapping = _load_cached(str(chosen), mtime)
+    if mapping.crm != crm:
+        raise MappingError(f"mapping {chosen.name}: crm: is '{mapping.crm}', expected '{crm}'")
+    return mapping

@@ -18,9 +18,11 @@ record already linked elsewhere never creates a duplicate.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
@@ -42,7 +44,7 @@ class Plan:
     changes: pd.DataFrame  # long form: one row per field to write (CHANGE_COLUMNS)
     conflicts: pd.DataFrame  # CONFLICT_COLUMNS
     skips: pd.DataFrame  # SKIP_COLUMNS
-    new_base: pd.DataFrame  # referral_id, crm_id, base (dict) for every linked pair examined
+    new_base: pd.DataFrame  # referral_id, crm_id, base (dict) for each link whose synced values moved
     accounts: pd.DataFrame  # accounts the CRM creates need: match_key + customer fields
     contacts: pd.DataFrame  # contacts they need: email + contact fields + account match_key
     recovered_links: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["referral_id", "crm_id"]))
@@ -98,6 +100,48 @@ def _match_key(name: pd.Series, postal: pd.Series) -> pd.Series:
     return norm(name) + "|" + norm(postal)
 
 
+def _take(frame: pd.DataFrame, column: str, pos: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``frame[column]`` aligned to the pairs (``pos`` from get_indexer); None where absent."""
+    out = np.full(len(pos), None, dtype=object)
+    if column in frame and len(frame):
+        out[present] = frame[column].to_numpy(dtype=object)[pos[present]]
+    return out
+
+
+def _take_time(frame: pd.DataFrame, column: str, pos: np.ndarray, present: np.ndarray) -> np.ndarray:
+    out = np.full(len(pos), np.datetime64("NaT"), dtype="datetime64[us]")
+    if column in frame and len(frame):
+        stamps = pd.to_datetime(frame[column], utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
+        out[present] = stamps[pos[present]]
+    return out
+
+
+def _marked(size: int, positions: np.ndarray) -> np.ndarray:
+    """A boolean mask of ``size`` with True at the (non-negative) ``positions``."""
+    mask = np.zeros(size, dtype=bool)
+    mask[positions[positions >= 0]] = True
+    return mask
+
+
+def _base_columns(bases: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """The last synced values, one object array per field, from the links' base dicts."""
+    empty = (None,) * len(names)
+    pick = operator.itemgetter(*names) if len(names) > 1 else (lambda d: (d[names[0]],))
+
+    def row(b: object) -> tuple[object, ...]:
+        if not isinstance(b, dict):
+            return empty
+        try:
+            return pick(b)
+        except KeyError:  # a base written before a field was added to the mapping
+            return tuple(b.get(k) for k in names)
+
+    table = np.empty((len(bases), len(names)), dtype=object)
+    if len(bases):
+        table[:] = [row(b) for b in bases]
+    return {name: table[:, i] for i, name in enumerate(names)}
+
+
 def plan(
     pc: pd.DataFrame,
     crm: pd.DataFrame,
@@ -119,179 +163,208 @@ def plan(
         raise ValueError(f"unknown direction(s): {sorted(unknown)}")
     fields = list(mapping.fields)
     synced = mapping.synced_fields()
-    skips: list[pd.DataFrame] = []
-
-    # -- pairs: known links, plus links recovered from the records themselves ---------------
-    links = (
-        links[["referral_id", "crm_id", "base", "synced_at"]]
-        if len(links)
-        else _frame(["referral_id", "crm_id", "base", "synced_at"])
-    )
-    linked_refs = set(links["referral_id"])
-    linked_crm = set(links["crm_id"])
-    pc_ids, crm_ids = set(pc["referral_id"]), set(crm["crm_id"])
-    from_pc = pc[pc["crm_ref"].notna() & ~pc["referral_id"].isin(linked_refs) & pc["crm_ref"].isin(crm_ids)]
-    from_crm = crm[crm["referral_ref"].notna() & ~crm["crm_id"].isin(linked_crm) & crm["referral_ref"].isin(pc_ids)]
-    recovered = pd.concat(
-        [
-            pd.DataFrame({"referral_id": from_pc["referral_id"], "crm_id": from_pc["crm_ref"]}),
-            pd.DataFrame({"referral_id": from_crm["referral_ref"], "crm_id": from_crm["crm_id"]}),
-        ],
-        ignore_index=True,
-    ).drop_duplicates()
-    recovered = recovered[~recovered["referral_id"].isin(linked_refs) & ~recovered["crm_id"].isin(linked_crm)]
-    recovered = recovered.drop_duplicates("referral_id").drop_duplicates("crm_id")
-    all_links = pd.concat([links, recovered.assign(base=None, synced_at=pd.NaT)], ignore_index=True)
-
-    pairs = all_links.merge(_prefixed(pc, "p_", fields, "referral_id"), on="referral_id", how="left")
-    pairs = pairs.merge(_prefixed(crm, "c_", fields, "crm_id"), on="crm_id", how="left")
-    pairs = pairs[pairs["referral_id"].isin(pc_ids) | pairs["crm_id"].isin(crm_ids)].reset_index(drop=True)
-    has_pc = pairs["referral_id"].isin(pc_ids)
-    has_crm = pairs["crm_id"].isin(crm_ids)
-    has_base = pairs["base"].map(lambda b: isinstance(b, dict))
-    base = pd.DataFrame.from_records([b if isinstance(b, dict) else {} for b in pairs["base"]], index=pairs.index)
-
-    # -- merge, field by field ----------------------------------------------------------------
-    changes: list[pd.DataFrame] = []
-    conflicts: list[pd.DataFrame] = []
-    new_base = pd.DataFrame(index=pairs.index)
-    pc_newer = (pairs["p_updated_at"] > pairs["c_modified_at"]).fillna(False) if len(pairs) else pd.Series(dtype=bool)
-    pc_closed = (pairs["p_status"] == "Closed").fillna(False)
-    stage_now = pairs["p_stage"].where(has_pc, base.get("stage", pd.Series(None, index=pairs.index)))
     allow_to_crm = "pc_to_crm" in directions
     allow_to_pc = "crm_to_pc" in directions
+    skips: list[pd.DataFrame] = []
+    if not len(links):
+        links = _frame(["referral_id", "crm_id", "base", "synced_at"])
 
+    # -- pairs: known links, plus links recovered from the records themselves ---------------
+    # Rows are aligned by position (Index.get_indexer), never by merging whole frames.
+    pc_index = pd.Index(pc["referral_id"].to_numpy(dtype=object), dtype=object)
+    crm_index = pd.Index(crm["crm_id"].to_numpy(dtype=object), dtype=object)
+    link_refs = pd.Index(links["referral_id"].to_numpy(dtype=object), dtype=object)
+    link_crm = pd.Index(links["crm_id"].to_numpy(dtype=object), dtype=object)
+    pc_ref = pc["crm_ref"].to_numpy(dtype=object)
+    crm_ref = crm["referral_ref"].to_numpy(dtype=object)
+    pc_linked = _marked(len(pc), pc_index.get_indexer(link_refs))
+    crm_linked = _marked(len(crm), crm_index.get_indexer(link_crm))
+    # Only unlinked records that name the other side can recover a link: look up just those.
+    cand_pc = np.flatnonzero(pd.notna(pc_ref) & ~pc_linked)
+    cand_pc = cand_pc[crm_index.get_indexer(pc_ref[cand_pc]) >= 0]
+    cand_crm = np.flatnonzero(pd.notna(crm_ref) & ~crm_linked)
+    cand_crm = cand_crm[pc_index.get_indexer(crm_ref[cand_crm]) >= 0]
+    recovered = pd.DataFrame(
+        {
+            "referral_id": np.concatenate([pc_index.to_numpy()[cand_pc], crm_ref[cand_crm]]),
+            "crm_id": np.concatenate([pc_ref[cand_pc], crm_index.to_numpy()[cand_crm]]),
+        },
+        dtype=object,
+    ).drop_duplicates()
+    recovered = recovered[~recovered["referral_id"].isin(link_refs) & ~recovered["crm_id"].isin(link_crm)]
+    recovered = recovered.drop_duplicates("referral_id").drop_duplicates("crm_id").reset_index(drop=True)
+
+    ref_all = np.concatenate([link_refs.to_numpy(), recovered["referral_id"].to_numpy(dtype=object)])
+    cid_all = np.concatenate([link_crm.to_numpy(), recovered["crm_id"].to_numpy(dtype=object)])
+    base_all = np.concatenate([links["base"].to_numpy(dtype=object), np.full(len(recovered), None, dtype=object)])
+    synced_all = np.concatenate(
+        [
+            pd.to_datetime(links["synced_at"], utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[us]"),
+            np.full(len(recovered), np.datetime64("NaT"), dtype="datetime64[us]"),
+        ]
+    )
+    pc_pos_all = pc_index.get_indexer(ref_all)
+    crm_pos_all = crm_index.get_indexer(cid_all)
+    in_run = (pc_pos_all >= 0) | (crm_pos_all >= 0)
+    rid_a, cid_a, base_list = ref_all[in_run], cid_all[in_run], base_all[in_run]
+    pc_pos, crm_pos, synced_at = pc_pos_all[in_run], crm_pos_all[in_run], synced_all[in_run]
+    n = len(rid_a)
+    has_pc_a, has_crm_a = pc_pos >= 0, crm_pos >= 0
+    has_base_a = np.fromiter((isinstance(b, dict) for b in base_list), dtype=bool, count=n)
+    p_updated = _take_time(pc, "updated_at", pc_pos, has_pc_a)
+    c_modified = _take_time(crm, "modified_at", crm_pos, has_crm_a)
+    pc_newer = p_updated > c_modified
+    pc_closed = _take(pc, "status", pc_pos, has_pc_a) == "Closed"
+
+    # -- merge, field by field, on integer codes ---------------------------------------------
+    # Each field's three versions (base, Partner Center, CRM) are factorized together once;
+    # the merge is then numpy arithmetic on codes (-1 = missing), not object comparisons.
+    changes: list[pd.DataFrame] = []
+    conflicts: list[pd.DataFrame] = []
+    moved = ~has_base_a
+    touched = np.zeros(n, dtype=bool)
+    new_base_cols: dict[str, np.ndarray] = {}
+
+    base_cols = _base_columns(base_list, [fm.name for fm in synced])
     for fm in synced:
-        b = base[fm.name] if fm.name in base else pd.Series(None, index=pairs.index, dtype=object)
-        p = pairs[f"p_{fm.name}"].where(has_pc, b)
-        c = pairs[f"c_{fm.name}"].where(has_crm, b)
-        p = p.where(p != KEEP, b.where(has_base, c))
-        c = c.where(c != KEEP, b.where(has_base, p))
-        agree = _same(p, c)
-        pc_changed = ~_same(p, b) | ~has_base
-        crm_changed = ~_same(c, b) | ~has_base
+        b_raw = base_cols[fm.name]
+        codes, uniques = pd.factorize(
+            np.concatenate([b_raw, _take(pc, fm.name, pc_pos, has_pc_a), _take(crm, fm.name, crm_pos, has_crm_a)])
+        )
+        uniques = np.asarray(uniques, dtype=object)
+        values = np.append(uniques, None)  # code -1 -> None
+        b, p, c = codes[:n], codes[n : 2 * n], codes[2 * n :]
+        p = np.where(has_pc_a, p, b)
+        c = np.where(has_crm_a, c, b)
+        keep = np.flatnonzero(uniques == KEEP)
+        if keep.size:
+            p = np.where(p == keep[0], np.where(has_base_a, b, c), p)
+            c = np.where(c == keep[0], np.where(has_base_a, b, p), c)
+        agree = p == c
+        pc_changed = (p != b) | ~has_base_a
+        crm_changed = (c != b) | ~has_base_a
         if fm.direction == "pc_to_crm":
-            crm_changed &= False
+            crm_changed = np.zeros(n, dtype=bool)
         elif fm.direction == "crm_to_pc":
-            pc_changed &= False
+            pc_changed = np.zeros(n, dtype=bool)
         conflict = pc_changed & crm_changed & ~agree
         pc_wins = _authority(fm, pc_newer)
         to_crm = (pc_changed & ~crm_changed & ~agree) | (conflict & pc_wins)
         to_pc = (crm_changed & ~pc_changed & ~agree) | (conflict & ~pc_wins)
         if fm.direction == "crm_to_pc":
-            to_crm &= False
+            to_crm = np.zeros(n, dtype=bool)
         if fm.direction == "pc_to_crm":
-            to_pc &= False
+            to_pc = np.zeros(n, dtype=bool)
 
         blocked_terminal = to_pc & pc_closed
-        blocked_transition = pd.Series(False, index=pairs.index)
+        blocked_transition = np.zeros(n, dtype=bool)
         if fm.name == "stage":
-            allowed = pd.Series(
-                [
-                    new in STAGE_TRANSITIONS.get(str(now), set()) if isinstance(new, str) else False
-                    for now, new in zip(stage_now, c, strict=True)
-                ],
-                index=pairs.index,
-                dtype=bool,
-            )
-            blocked_transition = to_pc & ~pc_closed & ~allowed
-        blocked = blocked_terminal | blocked_transition
-        if not allow_to_crm:
-            to_crm &= False
-        if not allow_to_pc:
-            to_pc &= False
-        to_pc &= ~blocked
-
-        for mask, reason in ((blocked_terminal, "terminal_referral"), (blocked_transition, "invalid_transition")):
-            if allow_to_pc and mask.any():
-                skips.append(
-                    pd.DataFrame(
-                        {
-                            "side": CRM,
-                            "referral_id": pairs.loc[mask, "referral_id"],
-                            "crm_id": pairs.loc[mask, "crm_id"],
-                            "reason": reason,
-                            "field": fm.name,
-                            "detail": "stage " + stage_now[mask].astype(str) + " -> " + c[mask].astype(str)
-                            if fm.name == "stage"
-                            else "the referral is Closed",
-                        }
+            labels = values.astype(str)
+            allowed = np.array([[new in STAGE_TRANSITIONS.get(now, set()) for new in labels] for now in labels])
+            blocked_transition = to_pc & ~pc_closed & ~allowed[p, c]
+        if allow_to_pc:
+            for mask, reason in ((blocked_terminal, "terminal_referral"), (blocked_transition, "invalid_transition")):
+                if mask.any():
+                    detail = (
+                        "stage "
+                        + values[p[mask]].astype(str).astype(object)
+                        + " -> "
+                        + values[c[mask]].astype(str).astype(object)
+                        if fm.name == "stage"
+                        else "the referral is Closed"
                     )
-                )
+                    skips.append(
+                        pd.DataFrame(
+                            {
+                                "side": CRM,
+                                "referral_id": rid_a[mask],
+                                "crm_id": cid_a[mask],
+                                "reason": reason,
+                                "field": fm.name,
+                                "detail": detail,
+                            }
+                        )
+                    )
+        to_crm &= allow_to_crm
+        to_pc &= allow_to_pc & ~(blocked_terminal | blocked_transition)
+        touched |= to_crm | to_pc
+
         for mask, target, old, new in ((to_crm, CRM, c, p), (to_pc, PC, p, c)):
             if mask.any():
-                reason = pd.Series(PC if target == CRM else CRM, index=pairs.index).where(~conflict, "conflict")
+                reason = np.where(conflict[mask], "conflict", PC if target == CRM else CRM)
                 changes.append(
                     pd.DataFrame(
-                        {
-                            "referral_id": pairs.loc[mask, "referral_id"],
-                            "crm_id": pairs.loc[mask, "crm_id"],
+                        dtype=object,
+                        data={
+                            "referral_id": rid_a[mask],
+                            "crm_id": cid_a[mask],
                             "target": target,
                             "field": fm.name,
-                            "old": old[mask],
-                            "new": new[mask],
-                            "reason": reason[mask],
-                        }
+                            "old": values[old[mask]],
+                            "new": values[new[mask]],
+                            "reason": reason,
+                        },
                     )
                 )
         if conflict.any():
-            chosen = p.where(pc_wins, c)
+            chosen = np.where(pc_wins, p, c)[conflict]
             conflicts.append(
                 pd.DataFrame(
-                    {
-                        "referral_id": pairs.loc[conflict, "referral_id"],
-                        "crm_id": pairs.loc[conflict, "crm_id"],
+                    dtype=object,
+                    data={
+                        "referral_id": rid_a[conflict],
+                        "crm_id": cid_a[conflict],
                         "field": fm.name,
-                        "base": b[conflict],
-                        "pc_value": p[conflict],
-                        "crm_value": c[conflict],
-                        "winner": pd.Series(PC, index=pairs.index).where(pc_wins, CRM)[conflict],
-                        "chosen": chosen[conflict],
-                    }
+                        "base": values[b[conflict]],
+                        "pc_value": values[p[conflict]],
+                        "crm_value": values[c[conflict]],
+                        "winner": np.where(pc_wins[conflict], PC, CRM),
+                        "chosen": values[chosen],
+                    },
                 )
             )
         # The new base is what both sides hold after this run's writes; a blocked or
         # disallowed write leaves the old base, so the difference is seen again next run.
-        settled = b.copy().astype(object)
-        settled = settled.where(~(agree & (pc_changed | crm_changed)), p)
-        settled = settled.where(~to_crm, p)
-        settled = settled.where(~to_pc, c)
-        new_base[fm.name] = settled.where(has_base | to_crm | to_pc | agree, b)
+        settled = np.where(agree & (pc_changed | crm_changed), p, b)
+        settled = np.where(to_crm, p, settled)
+        settled = np.where(to_pc, c, settled)
+        moved |= settled != b
+        new_base_cols[fm.name] = values[settled]
 
     change_frame = pd.concat(changes, ignore_index=True) if changes else _frame(CHANGE_COLUMNS)
     conflict_frame = pd.concat(conflicts, ignore_index=True) if conflicts else _frame(CONFLICT_COLUMNS)
 
     # -- pairs with nothing to write: echo of our own write, or no change ---------------------
-    touched = set(zip(change_frame["referral_id"], change_frame["crm_id"], strict=True))
-    idle = ~pd.Series(
-        [(r, c) in touched for r, c in zip(pairs["referral_id"], pairs["crm_id"], strict=True)],
-        index=pairs.index,
-        dtype=bool,
-    )
-    synced_at = pd.to_datetime(pairs["synced_at"], utc=True)
-    ours = ((pairs["c_modified_at"] <= synced_at + ECHO_TOLERANCE).fillna(False) | ~has_crm) & (
-        (pairs["p_updated_at"] <= synced_at + ECHO_TOLERANCE).fillna(False) | ~has_pc
-    )
+    idle = ~touched
     if idle.any():
+        tolerance = np.timedelta64(int(ECHO_TOLERANCE.total_seconds() * 1_000_000), "us")
+        ours = ((c_modified <= synced_at + tolerance) | ~has_crm_a) & ((p_updated <= synced_at + tolerance) | ~has_pc_a)
+        reason = np.where(ours & has_base_a, "echo", "no_change")
         skips.append(
             pd.DataFrame(
                 {
                     "side": "pair",
-                    "referral_id": pairs.loc[idle, "referral_id"],
-                    "crm_id": pairs.loc[idle, "crm_id"],
-                    "reason": pd.Series("no_change", index=pairs.index).where(~(ours & has_base), "echo")[idle],
+                    "referral_id": rid_a[idle],
+                    "crm_id": cid_a[idle],
+                    "reason": reason[idle],
                     "field": None,
                     "detail": None,
                 }
             )
         )
-    base_records = new_base.astype(object).where(new_base.notna(), None).to_dict("records")
-    base_frame = pd.DataFrame({"referral_id": pairs["referral_id"], "crm_id": pairs["crm_id"], "base": base_records})
+    # Links to (re)write: where the agreed values moved, and links found on the records.
+    rows = np.flatnonzero(moved)
+    names = list(new_base_cols)
+    base_records = []
+    for i, agreed in zip(rows, zip(*(new_base_cols[name][rows] for name in names), strict=True), strict=True):
+        record = dict(base_list[i]) if isinstance(base_list[i], dict) else {}
+        record.update(zip(names, agreed, strict=True))
+        base_records.append(record)
+    base_frame = pd.DataFrame({"referral_id": rid_a[rows], "crm_id": cid_a[rows], "base": base_records})
 
     # -- records with no link: creates, or skips with their reason -----------------------------
-    all_refs, all_crm = set(all_links["referral_id"]), set(all_links["crm_id"])
-    lone_pc = pc[~pc["referral_id"].isin(all_refs)]
-    lone_crm = crm[~crm["crm_id"].isin(all_crm)]
+    lone_pc = pc[~_marked(len(pc), pc_pos_all)]
+    lone_crm = crm[~_marked(len(crm), crm_pos_all)]
     pc_elsewhere = lone_pc["crm_ref"].notna()
     pc_open = lone_pc["status"].isin(OPEN_REFERRAL)
     crm_create_mask = ~pc_elsewhere & pc_open & allow_to_crm
@@ -349,13 +422,13 @@ def plan(
     )
 
 
-def _authority(fm: FieldMapping, pc_newer: pd.Series) -> pd.Series:
+def _authority(fm: FieldMapping, pc_newer: np.ndarray) -> np.ndarray:
     """True where Partner Center's value wins a conflict on this field."""
     if fm.direction == "pc_to_crm" or fm.authority == "partner_center":
-        return pd.Series(True, index=pc_newer.index, dtype=bool)
+        return np.ones(len(pc_newer), bool)
     if fm.direction == "crm_to_pc" or fm.authority == "crm":
-        return pd.Series(False, index=pc_newer.index, dtype=bool)
-    return pc_newer.astype(bool)
+        return np.zeros(len(pc_newer), bool)
+    return pc_newer
 
 
 def _accounts_and_contacts(creates: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -1,0 +1,29 @@
+"""The sync's state database: links, watermarks, audit log, dead letter, runs (no Airflow imports)."""
+
+from cosell_sync.state.store import (
+    ACTIONS,
+    CRMS,
+    DIRECTIONS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SIDES,
+    LinkConflictError,
+    Migration,
+    StateStore,
+    default_state_url,
+    sqlalchemy_url_from_connection,
+)
+
+__all__ = [
+    "ACTIONS",
+    "CRMS",
+    "DIRECTIONS",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "SIDES",
+    "LinkConflictError",
+    "Migration",
+    "StateStore",
+    "default_state_url",
+    "sqlalchemy_url_from_connection",
+]

@@ -1,0 +1,1020 @@
+"""The state database: links, watermarks, the audit log, the dead letter and the runs registry.
+
+Everything goes through SQLAlchemy Core and runs unchanged on SQLite (the default, a file
+under ``$AIRFLOW_HOME``) and PostgreSQL (production). Nothing here imports Airflow at import
+time; only :meth:`StateStore.from_airflow` does, lazily.
+
+Integrity under concurrent runs:
+
+* **SQLite.** WAL journal, ``busy_timeout`` of 30 s, foreign keys on. pysqlite's own
+  transaction handling is switched off (``isolation_level = None``) and every write
+  transaction is opened with ``BEGIN IMMEDIATE``, so a writer takes the write lock before it
+  reads anything: two writers queue instead of deadlocking, and read-modify-write sequences
+  (the link conflict check, the watermark) never lose updates. Reads open a plain deferred
+  ``BEGIN`` and run concurrently with the writer (WAL).
+* **PostgreSQL.** Upserts are ``INSERT ... ON CONFLICT DO UPDATE``; the dead letter's
+  attempts counter is incremented in SQL (``attempts = attempts + 1``); the watermark only
+  moves forward through a conditional ``DO UPDATE ... WHERE``; link writes of one CRM and
+  the schema migration are serialised with transaction-scoped advisory locks.
+* **Both.** A write transaction that fails with "database is locked" (SQLite) or a
+  serialisation failure / deadlock (PostgreSQL) is retried a few times as a whole.
+
+Timestamps are stored in UTC and always come back timezone-aware (SQLite hands back naive
+values; they are UTC by construction). JSON is stored as text, so dicts round-trip on any
+backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+from cosell_sync.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ACTIONS",
+    "CRMS",
+    "DIRECTIONS",
+    "SCHEMA_VERSION",
+    "SIDES",
+    "LinkConflictError",
+    "StateStore",
+    "default_state_url",
+    "sqlalchemy_url_from_connection",
+]
+
+T = TypeVar("T")
+
+CRMS = frozenset({"dynamics365", "salesforce"})
+SIDES = frozenset({"partner_center", "crm"})
+DIRECTIONS = frozenset({"pc_to_crm", "crm_to_pc"})
+ACTIONS = frozenset({"create", "update", "conflict", "skip", "fail", "win", "lose"})
+
+DEFAULT_CONN_ID = "cosell_state"
+DEFAULT_SQLITE_FILE = "cosell_state.db"
+IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's bound-parameter limit
+MAX_ERROR_CHARS = 4000
+SQLITE_BUSY_TIMEOUT_S = 30
+WRITE_ATTEMPTS = 6  # a locked / serialisation-failed transaction is run at most this often
+
+LINK_COLUMNS = ["referral_id", "crm_id", "base", "base_hash", "synced_at", "run_id"]
+AUDIT_COLUMNS = [
+    "id",
+    "at",
+    "dag_id",
+    "run_id",
+    "crm",
+    "direction",
+    "referral_id",
+    "crm_id",
+    "action",
+    "field",
+    "old_value",
+    "new_value",
+    "detail",
+]
+FAILURE_COLUMNS = ["record_key", "attempts", "first_seen", "exhausted"]
+RETRYABLE_COLUMNS = ["record_key", "payload", "attempts", "first_seen", "last_seen", "last_error", "error_code"]
+DEAD_LETTER_COLUMNS = [
+    "crm",
+    "direction",
+    "record_key",
+    "payload",
+    "attempts",
+    "first_seen",
+    "last_seen",
+    "last_error",
+    "error_code",
+    "last_run_id",
+    "exhausted",
+]
+
+
+class LinkConflictError(ValueError):
+    """One CRM record would be linked to two referrals."""
+
+    def __init__(self, crm: str, crm_id: str, existing_referral_id: str, referral_id: str) -> None:
+        self.crm = crm
+        self.crm_id = crm_id
+        self.existing_referral_id = existing_referral_id
+        self.referral_id = referral_id
+        super().__init__(
+            f"{crm} record {crm_id!r} is already linked to referral {existing_referral_id!r}; "
+            f"it cannot also be linked to referral {referral_id!r}"
+        )
+
+
+# --------------------------------------------------------------------------- column types
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """A timestamp stored in UTC; always returned timezone-aware (UTC).
+
+    PostgreSQL keeps ``timestamptz``; SQLite stores the naive UTC wall time (its text
+    format sorts chronologically, so comparisons in SQL work).
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = _as_utc(value, "timestamp")
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # pragma: no cover - defensive: a value written by hand
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class JSONText(sa.types.TypeDecorator):
+    """Any JSON value stored as canonical JSON text (portable); ``None`` is SQL NULL."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> str | None:
+        return None if value is None else _canonical_json(value)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        return None if value is None else json.loads(value)
+
+
+# --------------------------------------------------------------------------- schema
+
+metadata = sa.MetaData()
+_ID = 255
+_RUN_ID = 250  # Airflow's own limit for dag_id and run_id
+
+schema_version_t = sa.Table(
+    "cosell_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.String(_ID), nullable=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
+
+# The Table objects below describe the newest schema. Migration steps are frozen: version 1
+# creates exactly these tables today; a later version that changes a table must add a step
+# (ALTER TABLE / new table) and give step 1 its own frozen copy of the v1 definitions.
+links_t = sa.Table(
+    "cosell_links",
+    metadata,
+    sa.Column("crm", sa.String(32), primary_key=True),
+    sa.Column("referral_id", sa.String(_ID), primary_key=True),
+    sa.Column("crm_id", sa.String(_ID), nullable=False),
+    sa.Column("base", JSONText, nullable=False),
+    sa.Column("base_hash", sa.String(64), nullable=False),
+    sa.Column("synced_at", UTCDateTime, nullable=False),
+    sa.Column("run_id", sa.String(_RUN_ID), nullable=True),
+    sa.Index("ux_cosell_links_crm_crm_id", "crm", "crm_id", unique=True),
+)
+
+watermarks_t = sa.Table(
+    "cosell_watermarks",
+    metadata,
+    sa.Column("dag_id", sa.String(_RUN_ID), primary_key=True),
+    sa.Column("side", sa.String(32), primary_key=True),
+    sa.Column("value", UTCDateTime, nullable=False),
+    sa.Column("run_id", sa.String(_RUN_ID), nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+audit_t = sa.Table(
+    "cosell_audit",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("dag_id", sa.String(_RUN_ID), nullable=False),
+    sa.Column("run_id", sa.String(_RUN_ID), nullable=False),
+    sa.Column("crm", sa.String(32), nullable=False),
+    sa.Column("direction", sa.String(16), nullable=False),
+    sa.Column("referral_id", sa.String(_ID), nullable=True),
+    sa.Column("crm_id", sa.String(_ID), nullable=True),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("field", sa.String(_ID), nullable=True),
+    sa.Column("old_value", sa.Text, nullable=True),  # JSON text, encoded/decoded here
+    sa.Column("new_value", sa.Text, nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Index("ix_cosell_audit_crm_referral", "crm", "referral_id"),
+    sa.Index("ix_cosell_audit_run_id", "run_id"),
+    sa.Index("ix_cosell_audit_at", "at"),
+)
+
+dead_letter_t = sa.Table(
+    "cosell_dead_letter",
+    metadata,
+    sa.Column("crm", sa.String(32), primary_key=True),
+    sa.Column("direction", sa.String(16), primary_key=True),
+    sa.Column("record_key", sa.String(_ID), primary_key=True),
+    sa.Column("payload", JSONText, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("first_seen", UTCDateTime, nullable=False),
+    sa.Column("last_seen", UTCDateTime, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=False),
+    sa.Column("error_code", sa.String(_ID), nullable=True),
+    sa.Column("last_run_id", sa.String(_RUN_ID), nullable=True),
+)
+
+runs_t = sa.Table(
+    "cosell_runs",
+    metadata,
+    sa.Column("dag_id", sa.String(_RUN_ID), primary_key=True),
+    sa.Column("run_id", sa.String(_RUN_ID), primary_key=True),
+    sa.Column("crm", sa.String(32), nullable=True),
+    sa.Column("summary", JSONText, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=False),
+    sa.Index("ix_cosell_runs_dag_finished", "dag_id", "finished_at"),
+)
+
+
+def _migration_v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[links_t, watermarks_t, audit_t, dead_letter_t, runs_t], checkfirst=True)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema: links, watermarks, audit, dead letter, runs", _migration_v1),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+_MIGRATION_LOCK_KEY = "cosell_state:migrate"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(value: Any, what: str) -> datetime:
+    """An aware datetime in UTC; naive values are rejected."""
+    if isinstance(value, pd.Timestamp):
+        if value is pd.NaT:
+            raise ValueError(f"{what} is missing (NaT)")
+        value = value.to_pydatetime()
+    if not isinstance(value, datetime):
+        raise TypeError(f"{what} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be timezone-aware (UTC), got the naive datetime {value.isoformat()}")
+    return value.astimezone(UTC)
+
+
+def _missing(value: Any) -> bool:
+    """None, NaN, NaT or pd.NA (never true for containers)."""
+    if value is None or value is pd.NaT or value is pd.NA:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if _missing(value) else str(value)
+
+
+def _req_str(value: Any, what: str) -> str:
+    if _missing(value) or str(value) == "":
+        raise ValueError(f"{what} is required")
+    return str(value)
+
+
+def _check(value: str, allowed: frozenset[str], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {sorted(allowed)}, got {value!r}")
+    return value
+
+
+def _ids(values: Iterable[Any]) -> list[str]:
+    """The ids as strings, without duplicates, in their first order."""
+    return list(dict.fromkeys(str(v) for v in values if not _missing(v)))
+
+
+def _chunks(values: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _records(data: pd.DataFrame | Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    if data is None:
+        return []
+    if isinstance(data, pd.DataFrame):
+        return data.to_dict("records") if len(data) else []
+    return [dict(row) for row in data]
+
+
+def _utc_column(values: Sequence[Any]) -> pd.Series:
+    return pd.Series(pd.to_datetime(list(values), utc=True), dtype="datetime64[us, UTC]")
+
+
+def _frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, times: Sequence[str] = ()) -> pd.DataFrame:
+    """A frame with exactly ``columns``; text and JSON columns stay ``object`` (None kept as None)."""
+    frame = pd.DataFrame([[row[c] for c in columns] for row in rows], columns=list(columns), dtype=object)
+    for column in times:
+        frame[column] = _utc_column(frame[column].tolist())
+    return frame
+
+
+def _json_text(value: Any) -> str | None:
+    return None if _missing(value) else _canonical_json(value)
+
+
+def _json_value(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _advisory_key(name: str) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_xact_lock``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def default_state_url() -> str:
+    """``sqlite:///$AIRFLOW_HOME/cosell_state.db`` (Airflow's own default home when unset)."""
+    home = os.path.expanduser(os.path.expandvars(os.environ.get("AIRFLOW_HOME") or "~/airflow"))
+    return f"sqlite:///{Path(home).resolve() / DEFAULT_SQLITE_FILE}"
+
+
+def _normalise_scheme(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if scheme == "postgres" or scheme.startswith("postgres+"):
+        scheme = "postgresql" + scheme[len("postgres") :]
+    return f"{scheme}{sep}{rest}"
+
+
+def sqlalchemy_url_from_connection(conn: Any) -> str:
+    """The SQLAlchemy URL an Airflow connection describes.
+
+    Either ``host`` holds a whole SQLAlchemy URL (``{"conn_type": "generic", "host":
+    "sqlite:////path/state.db"}``), or the connection was itself given as a URL
+    (``AIRFLOW_CONN_COSELL_STATE='postgresql://...'``, which Airflow parses into fields with
+    ``conn_type`` ``postgres``): the URL is rebuilt from the fields, with the extras as its
+    query string.
+    """
+    host = (getattr(conn, "host", None) or "").strip()
+    if "://" in host:
+        return _normalise_scheme(host)
+    conn_type = (getattr(conn, "conn_type", None) or "").strip()
+    drivername = _normalise_scheme(f"{conn_type}://").removesuffix("://")
+    if not conn_type or drivername in {"generic", "http", "https"}:
+        raise ConfigurationError(
+            f"connection {getattr(conn, 'conn_id', DEFAULT_CONN_ID)!r} must hold a SQLAlchemy URL in its host "
+            "(e.g. sqlite:////path/state.db or postgresql+psycopg2://user:pass@host/db), "
+            f"or be a database URL itself; got conn_type {conn_type!r} and host {host!r}"
+        )
+    try:
+        extras = dict(getattr(conn, "extra_dejson", None) or {})
+    except Exception:  # pragma: no cover - malformed extra: Airflow already logged it
+        extras = {}
+    query = {k: str(v) for k, v in extras.items() if isinstance(v, str | int | float) and not isinstance(v, bool)}
+    if drivername.split("+")[0] == "sqlite":
+        database = getattr(conn, "schema", None) or host or None
+        return URL.create(drivername, database=database, query=query).render_as_string(hide_password=False)
+    return URL.create(
+        drivername,
+        username=getattr(conn, "login", None) or None,
+        password=getattr(conn, "password", None) or None,
+        host=host or None,
+        port=getattr(conn, "port", None) or None,
+        database=getattr(conn, "schema", None) or None,
+        query=query,
+    ).render_as_string(hide_password=False)
+
+
+def _not_found_exceptions() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = []
+    for module in ("airflow.sdk.exceptions", "airflow.exceptions"):
+        try:
+            mod = __import__(module, fromlist=["AirflowNotFoundException"])
+            found.append(mod.AirflowNotFoundException)
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the Airflow build
+            continue
+    return tuple(found)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class StateStore:
+    """The sync's state database (see the module docstring)."""
+
+    def __init__(self, url: str, *, echo: bool = False, max_attempts: int = 5) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.max_attempts = int(max_attempts)
+        parsed = make_url(_normalise_scheme(str(url)))
+        self._url = parsed
+        backend = parsed.get_backend_name()
+        if backend not in {"sqlite", "postgresql"}:
+            raise ConfigurationError(f"the state store runs on SQLite or PostgreSQL, not {backend!r}")
+        kwargs: dict[str, Any] = {"echo": echo}
+        if backend == "sqlite":
+            database = parsed.database or ""
+            in_memory = database in {"", ":memory:"} or database.startswith("file::memory:")
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
+            if in_memory:
+                kwargs["poolclass"] = StaticPool
+            else:
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self._engine = sa.create_engine(parsed, **kwargs)
+            _configure_sqlite(self._engine, wal=not in_memory)
+        else:
+            kwargs["pool_pre_ping"] = True
+            self._engine = sa.create_engine(parsed, **kwargs)
+        self._dialect = self._engine.dialect.name
+
+    @classmethod
+    def from_airflow(cls, conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -> StateStore:
+        """The store behind the Airflow connection ``conn_id``; SQLite under ``$AIRFLOW_HOME`` when it is absent."""
+        from airflow.sdk import BaseHook
+
+        try:
+            conn = BaseHook.get_connection(conn_id)
+        except _not_found_exceptions():
+            url = default_state_url()
+            log.info("Connection %r is not defined; using the state database %s", conn_id, url)
+            return cls(url, **kwargs)
+        return cls(sqlalchemy_url_from_connection(conn), **kwargs)
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password masked."""
+        return self._url.render_as_string(hide_password=True)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self._dialect
+
+    def close(self) -> None:
+        """Release the engine's pooled connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"StateStore({self.url!r})"
+
+    # ------------------------------------------------------------------ transactions
+
+    def _retryable(self, exc: sa.exc.DBAPIError) -> bool:
+        if self._dialect == "sqlite":
+            text = str(getattr(exc, "orig", exc)).lower()
+            return "database is locked" in text or "database table is locked" in text or "busy" in text
+        code = getattr(getattr(exc, "orig", None), "pgcode", None) or getattr(
+            getattr(exc, "orig", None), "sqlstate", None
+        )
+        return code in {"40001", "40P01"}  # serialization_failure, deadlock_detected
+
+    def _run(self, work: Callable[[Connection], T], *, write: bool = True) -> T:
+        """Run ``work`` in one transaction (``BEGIN IMMEDIATE`` on SQLite when writing), retrying on lock errors."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                with self._engine.connect() as conn:
+                    if not write:
+                        conn.execution_options(cosell_read_only=True)
+                    with conn.begin():
+                        return work(conn)
+            except sa.exc.DBAPIError as exc:
+                if attempt == WRITE_ATTEMPTS or not self._retryable(exc):
+                    raise
+                delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+                log.warning("State DB busy (%s); retrying the transaction in %.2fs", exc.orig, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        return self._run(work, write=False)
+
+    def _lock(self, conn: Connection, name: str) -> None:
+        """Serialise with other writers of ``name`` (PostgreSQL; SQLite already holds the write lock)."""
+        if self._dialect == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(name)})
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self._dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
+    # ------------------------------------------------------------------ schema
+
+    def schema_version(self) -> int:
+        """The schema version of the database (0 when it has never been migrated)."""
+
+        def work(conn: Connection) -> int:
+            if not sa.inspect(conn).has_table(schema_version_t.name):
+                return 0
+            return int(conn.execute(sa.select(sa.func.max(schema_version_t.c.version))).scalar() or 0)
+
+        return self._read(work)
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema; idempotent and safe to call from several processes at once."""
+        current = self.schema_version()
+        if current >= SCHEMA_VERSION:
+            if current > SCHEMA_VERSION:
+                log.warning("State DB schema version %s is newer than this code's (%s)", current, SCHEMA_VERSION)
+            return current
+
+        def work(conn: Connection) -> int:
+            self._lock(conn, _MIGRATION_LOCK_KEY)
+            metadata.create_all(conn, tables=[schema_version_t], checkfirst=True)
+            version = int(conn.execute(sa.select(sa.func.max(schema_version_t.c.version))).scalar() or 0)
+            for step in MIGRATIONS:
+                if step.version <= version:
+                    continue
+                log.info("Migrating the state DB to version %s: %s", step.version, step.description)
+                step.apply(conn)
+                conn.execute(
+                    schema_version_t.insert().values(
+                        version=step.version, description=step.description, applied_at=_now()
+                    )
+                )
+                version = step.version
+            return version
+
+        return self._run(work)
+
+    # ------------------------------------------------------------------ links
+
+    @staticmethod
+    def hash_values(values: Mapping[str, Any]) -> str:
+        """sha256 of the canonical JSON of ``values`` (sorted keys, compact separators, ``default=str``)."""
+        return hashlib.sha256(_canonical_json(dict(values)).encode()).hexdigest()
+
+    def get_links(
+        self,
+        crm: str,
+        referral_ids: Iterable[str] | None = None,
+        crm_ids: Iterable[str] | None = None,
+    ) -> pd.DataFrame:
+        """The links of ``crm``: all of them, or those matching ``referral_ids`` OR ``crm_ids``.
+
+        Columns: referral_id, crm_id, base (dict), base_hash, synced_at (UTC), run_id.
+        """
+        _check(crm, CRMS, "crm")
+        refs = None if referral_ids is None else _ids(referral_ids)
+        cids = None if crm_ids is None else _ids(crm_ids)
+        cols = [links_t.c[name] for name in LINK_COLUMNS]
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            base = sa.select(*cols).where(links_t.c.crm == crm)
+            if refs is None and cids is None:
+                return [dict(r._mapping) for r in conn.execute(base.order_by(links_t.c.referral_id))]
+            found: dict[str, dict[str, Any]] = {}
+            for column, ids in ((links_t.c.referral_id, refs), (links_t.c.crm_id, cids)):
+                for chunk in _chunks(ids or []):
+                    for r in conn.execute(base.where(column.in_(chunk))):
+                        found[r.referral_id] = dict(r._mapping)
+            return [found[k] for k in sorted(found)]
+
+        return _frame(self._read(work), LINK_COLUMNS, times=["synced_at"])
+
+    def _prepare_links(self, crm: str, links: pd.DataFrame, run_id: str) -> list[dict[str, Any]]:
+        _check(crm, CRMS, "crm")
+        missing = {"referral_id", "crm_id", "base"} - set(links.columns)
+        if missing:
+            raise ValueError(f"links lack the column(s) {sorted(missing)}")
+        now = _now()
+        by_ref: dict[str, dict[str, Any]] = {}
+        for row in _records(links):
+            referral_id = _req_str(row["referral_id"], "referral_id")
+            crm_id = _req_str(row["crm_id"], f"crm_id of referral {referral_id!r}")
+            base = row["base"]
+            if not isinstance(base, Mapping):
+                raise ValueError(f"base of referral {referral_id!r} must be a dict, not {type(base).__name__}")
+            base = dict(base)
+            given_hash = row.get("base_hash")
+            base_hash = self.hash_values(base) if _missing(given_hash) or given_hash == "" else str(given_hash)
+            by_ref[referral_id] = {  # the last row of a referral wins, as successive upserts would
+                "crm": crm,
+                "referral_id": referral_id,
+                "crm_id": crm_id,
+                "base": base,
+                "base_hash": base_hash,
+                "synced_at": now,
+                "run_id": run_id,
+            }
+        owner: dict[str, str] = {}
+        for row in by_ref.values():
+            other = owner.setdefault(row["crm_id"], row["referral_id"])
+            if other != row["referral_id"]:
+                raise LinkConflictError(crm, row["crm_id"], other, row["referral_id"])
+        return list(by_ref.values())
+
+    def _write_links(self, conn: Connection, crm: str, rows: list[dict[str, Any]]) -> int:
+        if not rows:
+            return 0
+        self._lock(conn, f"cosell_state:links:{crm}")
+        new_crm_id = {r["referral_id"]: r["crm_id"] for r in rows}
+        new_owner = {r["crm_id"]: r["referral_id"] for r in rows}
+        key = sa.select(links_t.c.referral_id, links_t.c.crm_id).where(links_t.c.crm == crm)
+        # A CRM record already linked to another referral conflicts, unless that referral
+        # is re-linked elsewhere by this same batch (a swap).
+        for chunk in _chunks(list(new_owner)):
+            for existing_ref, crm_id in conn.execute(key.where(links_t.c.crm_id.in_(chunk))):
+                wanted_ref = new_owner[crm_id]
+                released = existing_ref in new_crm_id and new_crm_id[existing_ref] != crm_id
+                if existing_ref != wanted_ref and not released:
+                    raise LinkConflictError(crm, crm_id, existing_ref, wanted_ref)
+        # Links whose CRM record changes are removed first, so the unique index on
+        # (crm, crm_id) never sees a transient duplicate.
+        moving: list[str] = []
+        for chunk in _chunks(list(new_crm_id)):
+            for ref, crm_id in conn.execute(key.where(links_t.c.referral_id.in_(chunk))):
+                if new_crm_id[ref] != crm_id:
+                    moving.append(ref)
+        for chunk in _chunks(moving):
+            conn.execute(links_t.delete().where(links_t.c.crm == crm, links_t.c.referral_id.in_(chunk)))
+        stmt = self._insert(links_t)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[links_t.c.crm, links_t.c.referral_id],
+            set_={
+                "crm_id": stmt.excluded.crm_id,
+                "base": stmt.excluded.base,
+                "base_hash": stmt.excluded.base_hash,
+                "synced_at": stmt.excluded.synced_at,
+                "run_id": stmt.excluded.run_id,
+            },
+        )
+        conn.execute(stmt, rows)
+        return len(rows)
+
+    def upsert_links(self, crm: str, links: pd.DataFrame, run_id: str) -> int:
+        """Insert or update links on (crm, referral_id); returns the rows written.
+
+        Raises :class:`LinkConflictError` (a ``ValueError``) when a CRM record would be
+        linked to a second referral; nothing is written then.
+        """
+        rows = self._prepare_links(crm, links, run_id)
+        if not rows:
+            return 0
+        return self._run(lambda conn: self._write_links(conn, crm, rows))
+
+    def delete_links(self, crm: str, referral_ids: Iterable[str]) -> int:
+        _check(crm, CRMS, "crm")
+        refs = _ids(referral_ids)
+
+        def work(conn: Connection) -> int:
+            deleted = 0
+            for chunk in _chunks(refs):
+                result = conn.execute(links_t.delete().where(links_t.c.crm == crm, links_t.c.referral_id.in_(chunk)))
+                deleted += result.rowcount
+            return deleted
+
+        return self._run(work) if refs else 0
+
+    # ------------------------------------------------------------------ watermarks
+
+    def get_watermark(self, dag_id: str, side: str) -> datetime | None:
+        _check(side, SIDES, "side")
+        query = sa.select(watermarks_t.c.value).where(watermarks_t.c.dag_id == dag_id, watermarks_t.c.side == side)
+        return self._read(lambda conn: conn.execute(query).scalar())
+
+    def _write_watermark(
+        self, conn: Connection, dag_id: str, side: str, value: datetime, run_id: str, allow_backwards: bool
+    ) -> datetime:
+        now = _now()
+        stmt = self._insert(watermarks_t).values(dag_id=dag_id, side=side, value=value, run_id=run_id, updated_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[watermarks_t.c.dag_id, watermarks_t.c.side],
+            set_={"value": stmt.excluded.value, "run_id": stmt.excluded.run_id, "updated_at": stmt.excluded.updated_at},
+            where=None if allow_backwards else watermarks_t.c.value < stmt.excluded.value,
+        )
+        conn.execute(stmt)
+        query = sa.select(watermarks_t.c.value).where(watermarks_t.c.dag_id == dag_id, watermarks_t.c.side == side)
+        return conn.execute(query).scalar_one()
+
+    def set_watermark(
+        self, dag_id: str, side: str, value: datetime, run_id: str, *, allow_backwards: bool = False
+    ) -> datetime:
+        """Store the watermark; it never moves backwards unless ``allow_backwards``. Returns the stored value."""
+        _check(side, SIDES, "side")
+        value = _as_utc(value, f"watermark {dag_id}/{side}")
+        return self._run(lambda conn: self._write_watermark(conn, dag_id, side, value, run_id, allow_backwards))
+
+    # ------------------------------------------------------------------ audit
+
+    def _prepare_audit(
+        self, entries: pd.DataFrame | Sequence[Mapping[str, Any]] | None, defaults: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        now = _now()
+        rows: list[dict[str, Any]] = []
+        for i, entry in enumerate(_records(entries)):
+            if defaults:
+                entry = {**defaults, **{k: v for k, v in entry.items() if not _missing(v)}}
+            at = entry.get("at")
+            detail = entry.get("detail")
+            if not _missing(detail) and not isinstance(detail, str):
+                detail = _canonical_json(detail) if isinstance(detail, Mapping | list | tuple) else str(detail)
+            rows.append(
+                {
+                    "at": now if _missing(at) else _as_utc(at, f"audit entry {i} 'at'"),
+                    "dag_id": _req_str(entry.get("dag_id"), f"audit entry {i} dag_id"),
+                    "run_id": _req_str(entry.get("run_id"), f"audit entry {i} run_id"),
+                    "crm": _check(_req_str(entry.get("crm"), f"audit entry {i} crm"), CRMS, f"audit entry {i} crm"),
+                    "direction": _check(
+                        _req_str(entry.get("direction"), f"audit entry {i} direction"),
+                        DIRECTIONS,
+                        f"audit entry {i} direction",
+                    ),
+                    "referral_id": _opt_str(entry.get("referral_id")),
+                    "crm_id": _opt_str(entry.get("crm_id")),
+                    "action": _check(
+                        _req_str(entry.get("action"), f"audit entry {i} action"), ACTIONS, f"audit entry {i} action"
+                    ),
+                    "field": _opt_str(entry.get("field")),
+                    "old_value": _json_text(entry.get("old_value")),
+                    "new_value": _json_text(entry.get("new_value")),
+                    "detail": _opt_str(detail),
+                }
+            )
+        return rows
+
+    @staticmethod
+    def _write_audit(conn: Connection, rows: list[dict[str, Any]]) -> int:
+        if rows:
+            conn.execute(audit_t.insert(), rows)  # one executemany
+        return len(rows)
+
+    def append_audit(self, entries: pd.DataFrame | Sequence[Mapping[str, Any]]) -> int:
+        """Append audit entries in one bulk insert; returns the number of rows."""
+        rows = self._prepare_audit(entries)
+        return self._run(lambda conn: self._write_audit(conn, rows)) if rows else 0
+
+    def audit(
+        self,
+        *,
+        crm: str | None = None,
+        referral_id: str | None = None,
+        run_id: str | None = None,
+        action: str | None = None,
+        limit: int | None = 1000,
+    ) -> pd.DataFrame:
+        """Audit entries, newest first, with old/new values decoded from JSON."""
+        query = sa.select(*[audit_t.c[name] for name in AUDIT_COLUMNS])
+        for column, value in (("crm", crm), ("referral_id", referral_id), ("run_id", run_id), ("action", action)):
+            if value is not None:
+                query = query.where(audit_t.c[column] == value)
+        query = query.order_by(audit_t.c.at.desc(), audit_t.c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            rows = []
+            for r in conn.execute(query):
+                row = dict(r._mapping)
+                row["old_value"] = _json_value(row["old_value"])
+                row["new_value"] = _json_value(row["new_value"])
+                rows.append(row)
+            return rows
+
+        frame = _frame(self._read(work), AUDIT_COLUMNS, times=["at"])
+        frame["id"] = frame["id"].astype("int64")
+        return frame
+
+    # ------------------------------------------------------------------ dead letter
+
+    def record_failures(
+        self, crm: str, direction: str, failures: Sequence[Mapping[str, Any]], run_id: str
+    ) -> pd.DataFrame:
+        """Record rejected rows; a row seen before gets one more attempt (first_seen kept).
+
+        Returns record_key, attempts, first_seen and exhausted (attempts >= max_attempts).
+        A key listed twice in one call counts as one attempt (the last error wins).
+        """
+        _check(crm, CRMS, "crm")
+        _check(direction, DIRECTIONS, "direction")
+        now = _now()
+        by_key: dict[str, dict[str, Any]] = {}
+        for i, failure in enumerate(_records(failures)):
+            key = _req_str(failure.get("record_key"), f"failure {i} record_key")
+            payload = failure.get("payload")
+            payload = {} if _missing(payload) else payload
+            if not isinstance(payload, Mapping):
+                raise ValueError(f"payload of failure {key!r} must be a dict, not {type(payload).__name__}")
+            error = "" if _missing(failure.get("error")) else str(failure.get("error"))
+            by_key[key] = {
+                "crm": crm,
+                "direction": direction,
+                "record_key": key,
+                "payload": dict(payload),
+                "attempts": 1,
+                "first_seen": now,
+                "last_seen": now,
+                "last_error": error[:MAX_ERROR_CHARS],
+                "error_code": _opt_str(failure.get("error_code")),
+                "last_run_id": run_id,
+            }
+        rows = list(by_key.values())
+        if not rows:
+            return _frame([], FAILURE_COLUMNS, times=["first_seen"]).astype({"attempts": "int64", "exhausted": bool})
+        t = dead_letter_t
+        stmt = self._insert(t)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.crm, t.c.direction, t.c.record_key],
+            set_={
+                "attempts": t.c.attempts + 1,
+                "payload": stmt.excluded.payload,
+                "last_seen": stmt.excluded.last_seen,
+                "last_error": stmt.excluded.last_error,
+                "error_code": stmt.excluded.error_code,
+                "last_run_id": stmt.excluded.last_run_id,
+            },
+        )
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            conn.execute(stmt, rows)
+            found: dict[str, dict[str, Any]] = {}
+            query = sa.select(t.c.record_key, t.c.attempts, t.c.first_seen).where(
+                t.c.crm == crm, t.c.direction == direction
+            )
+            for chunk in _chunks(list(by_key)):
+                for r in conn.execute(query.where(t.c.record_key.in_(chunk))):
+                    found[r.record_key] = dict(r._mapping)
+            return [found[k] for k in by_key]
+
+        result = self._run(work)
+        for row in result:
+            row["exhausted"] = row["attempts"] >= self.max_attempts
+        return _frame(result, FAILURE_COLUMNS, times=["first_seen"]).astype({"attempts": "int64", "exhausted": bool})
+
+    @staticmethod
+    def _delete_failures(conn: Connection, crm: str, direction: str, keys: list[str]) -> int:
+        deleted = 0
+        t = dead_letter_t
+        for chunk in _chunks(keys):
+            result = conn.execute(
+                t.delete().where(t.c.crm == crm, t.c.direction == direction, t.c.record_key.in_(chunk))
+            )
+            deleted += result.rowcount
+        return deleted
+
+    def clear_failures(self, crm: str, direction: str, record_keys: Iterable[str]) -> int:
+        """Forget failures whose record has since succeeded; returns the rows removed."""
+        _check(crm, CRMS, "crm")
+        _check(direction, DIRECTIONS, "direction")
+        keys = _ids(record_keys)
+        return self._run(lambda conn: self._delete_failures(conn, crm, direction, keys)) if keys else 0
+
+    def _failures(self, query: sa.Select) -> list[dict[str, Any]]:
+        rows = [dict(r._mapping) for r in self._read(lambda conn: list(conn.execute(query)))]
+        for row in rows:
+            row["exhausted"] = row["attempts"] >= self.max_attempts
+        return rows
+
+    def retryable_failures(self, crm: str, direction: str) -> pd.DataFrame:
+        """Failures still worth retrying (attempts < max_attempts), oldest first."""
+        _check(crm, CRMS, "crm")
+        _check(direction, DIRECTIONS, "direction")
+        t = dead_letter_t
+        query = (
+            sa.select(*[t.c[name] for name in RETRYABLE_COLUMNS])
+            .where(t.c.crm == crm, t.c.direction == direction, t.c.attempts < self.max_attempts)
+            .order_by(t.c.first_seen, t.c.record_key)
+        )
+        frame = _frame(self._failures(query), RETRYABLE_COLUMNS, times=["first_seen", "last_seen"])
+        return frame.astype({"attempts": "int64"})
+
+    def dead_letter(self, crm: str | None = None, *, include_retryable: bool = True) -> pd.DataFrame:
+        """Every failure, exhausted ones included (they stay visible until cleared)."""
+        t = dead_letter_t
+        query = sa.select(*[t.c[name] for name in DEAD_LETTER_COLUMNS if name != "exhausted"])
+        if crm is not None:
+            query = query.where(t.c.crm == _check(crm, CRMS, "crm"))
+        if not include_retryable:
+            query = query.where(t.c.attempts >= self.max_attempts)
+        query = query.order_by(t.c.crm, t.c.direction, t.c.first_seen, t.c.record_key)
+        frame = _frame(self._failures(query), DEAD_LETTER_COLUMNS, times=["first_seen", "last_seen"])
+        return frame.astype({"attempts": "int64", "exhausted": bool})
+
+    # ------------------------------------------------------------------ a run's commit
+
+    def commit_run(
+        self,
+        *,
+        dag_id: str,
+        run_id: str,
+        crm: str,
+        links: pd.DataFrame | None = None,
+        audit: pd.DataFrame | Sequence[Mapping[str, Any]] | None = None,
+        watermarks: Mapping[str, datetime] | None = None,
+        cleared_failures: Mapping[str, Iterable[str]] | None = None,
+        move_watermarks: bool = True,
+    ) -> None:
+        """Commit a run's state in ONE transaction: everything lands, or nothing does.
+
+        ``links`` are upserted, ``audit`` appended (dag_id, run_id and crm default to this
+        run's), ``cleared_failures`` (direction -> record keys) removed from the dead letter,
+        and, when ``move_watermarks``, ``watermarks`` (side -> value) moved forward (never back).
+        """
+        _check(crm, CRMS, "crm")
+        link_rows = self._prepare_links(crm, links, run_id) if links is not None and len(links) else []
+        audit_rows = self._prepare_audit(audit, {"dag_id": dag_id, "run_id": run_id, "crm": crm})
+        marks = {
+            _check(side, SIDES, "side"): _as_utc(value, f"watermark {dag_id}/{side}")
+            for side, value in (watermarks or {}).items()
+        }
+        cleared = {
+            _check(direction, DIRECTIONS, "direction"): _ids(keys)
+            for direction, keys in (cleared_failures or {}).items()
+        }
+
+        def work(conn: Connection) -> None:
+            self._write_links(conn, crm, link_rows)
+            self._write_audit(conn, audit_rows)
+            for direction, keys in cleared.items():
+                self._delete_failures(conn, crm, direction, keys)
+            if move_watermarks:
+                for side, value in marks.items():
+                    self._write_watermark(conn, dag_id, side, value, run_id, False)
+
+        self._run(work)
+
+    # ------------------------------------------------------------------ runs registry
+
+    def record_run(self, *, dag_id: str, run_id: str, crm: str, summary: Mapping[str, Any]) -> None:
+        """Record (or replace) a run's summary, stamped with its finish time."""
+        _check(crm, CRMS, "crm")
+        stmt = self._insert(runs_t).values(
+            dag_id=dag_id, run_id=run_id, crm=crm, summary=dict(summary), finished_at=_now()
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[runs_t.c.dag_id, runs_t.c.run_id],
+            set_={"crm": stmt.excluded.crm, "summary": stmt.excluded.summary, "finished_at": stmt.excluded.finished_at},
+        )
+        self._run(lambda conn: conn.execute(stmt))
+
+    def last_run(self, dag_id: str) -> dict | None:
+        """The most recently finished run of ``dag_id``: dag_id, run_id, crm, summary (dict), finished_at."""
+        query = (
+            sa.select(runs_t)
+            .where(runs_t.c.dag_id == dag_id)
+            .order_by(runs_t.c.finished_at.desc(), runs_t.c.run_id.desc())
+            .limit(1)
+        )
+        row = self._read(lambda conn: conn.execute(query).first())
+        return None if row is None else dict(row._mapping)
+
+
+def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
+    """pysqlite: our own BEGIN (IMMEDIATE for writers), WAL, busy timeout, foreign keys."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite must not emit BEGIN/COMMIT itself
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
+            if wal:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        read_only = conn.get_execution_options().get("cosell_read_only", False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

@@ -50,16 +50,17 @@ class Plan:
     recovered_links: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["referral_id", "crm_id"]))
 
     def updates(self, target: str) -> pd.DataFrame:
-        """Per record: the fields to write to ``target`` (``partner_center`` or ``crm``)."""
+        """Per record: ``fields`` to write to ``target`` (``partner_center`` or ``crm``) and the
+        ``expected`` values the target held when planned (for a re-merge after a 412)."""
         rows = self.changes[self.changes["target"] == target]
         if rows.empty:
-            return pd.DataFrame(columns=["referral_id", "crm_id", "fields"])
-        grouped = rows.groupby(["referral_id", "crm_id"], sort=False)
-        return (
-            grouped.apply(lambda g: dict(zip(g["field"], g["new"], strict=True)), include_groups=False)
-            .rename("fields")
-            .reset_index()
-        )
+            return pd.DataFrame(columns=["referral_id", "crm_id", "fields", "expected"])
+        out = []
+        for (referral_id, crm_id), group in rows.groupby(["referral_id", "crm_id"], sort=False):
+            fields = dict(zip(group["field"], group["new"], strict=True))
+            expected = dict(zip(group["field"], group["old"], strict=True))
+            out.append({"referral_id": referral_id, "crm_id": crm_id, "fields": fields, "expected": expected})
+        return pd.DataFrame(out, columns=["referral_id", "crm_id", "fields", "expected"], dtype=object)
 
     def summary(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

@@ -1,0 +1,1 @@
+"""Sync stages wired to each system: extract and load (see base.py)."""

@@ -1,0 +1,111 @@
+"""The contract between the sync stages and each system (Partner Center, a CRM).
+
+Stages, as in dlt: **extract** (raw records from a system, through its hook) ->
+**normalize** (:mod:`cosell_sync.engine.normalize`) -> **plan**
+(:mod:`cosell_sync.engine.plan`) -> **load** (batched writes back through the hooks) ->
+**commit** (:class:`cosell_sync.state.StateStore`). A system is a small class with clear
+override points, in the manner of the Singer SDK's streams and sinks.
+
+Every write reports one :class:`WriteResult` per record, so a rejected record never
+hides the others: it goes to the dead letter with the system's own error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+import pandas as pd
+
+from cosell_sync.engine.mapping import SyncMapping
+
+Action = Literal["create", "update", "win", "lose"]
+AUDIT_MAX_CHARS = 4000  # the CRM audit field keeps the newest entries within this budget
+
+
+@dataclass
+class WriteResult:
+    """The outcome of writing one record."""
+
+    key: str  # the record the write is about: the referral id (writes to the CRM are keyed by it too) or CRM id
+    action: Action
+    ok: bool
+    referral_id: str | None = None
+    crm_id: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # canonical field -> value written
+    error: str | None = None
+    error_code: str | None = None
+    etag: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def results_frame(results: list[WriteResult]) -> pd.DataFrame:
+    columns = ["key", "action", "ok", "referral_id", "crm_id", "fields", "error", "error_code", "etag"]
+    return pd.DataFrame([r.as_dict() for r in results], columns=columns)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a load needs to know about the run it belongs to."""
+
+    dag_id: str
+    run_id: str
+    dry_run: bool = False
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    referral_url_template: str = "https://partner.microsoft.com/dashboard/referrals/v2/leads/{referral_id}"
+
+    def referral_link(self, referral_id: str) -> str:
+        return self.referral_url_template.format(referral_id=referral_id)
+
+
+def audit_line(ctx: RunContext, direction: str, fields: dict[str, Any]) -> str:
+    """One line of the CRM audit field: when, which run, which way, what changed."""
+    changed = json.dumps(fields, default=str, separators=(",", ":"), ensure_ascii=False)
+    return f"{ctx.now:%Y-%m-%dT%H:%M:%SZ} {ctx.run_id} {direction} {changed}"
+
+
+def prepend_audit(existing: str | None, line: str, limit: int = AUDIT_MAX_CHARS) -> str:
+    """Newest first, bounded: older lines fall off the end."""
+    text = line if not existing else f"{line}\n{existing}"
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    return cut[: cut.rfind("\n")] if "\n" in cut else cut
+
+
+class CrmSide(Protocol):
+    """What a CRM implementation provides to the sync stages."""
+
+    crm: str
+    mapping: SyncMapping
+
+    def extract(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        crm_ids: list[str] | None = None,
+        referral_ids: list[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Opportunities as nested records whose paths match the mapping's ``crm`` paths
+        (the account and primary contact nested under the names the mapping uses)."""
+
+    def create(self, creates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """New opportunities from ``creates`` (``referral_id`` + canonical values), with the
+        account matched by name + postal code or created, the contact matched by email or
+        created, and the link written (referral id, referral link), sync status and audit."""
+
+    def update(self, updates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """``updates``: ``crm_id``, ``referral_id``, ``fields`` (canonical field -> value).
+        Only those fields are written, plus the audit and sync-status fields."""
+
+    def mark(self, crm_ids: list[str], status: str, ctx: RunContext, *, error: str | None = None) -> None:
+        """Set the sync-status field (``Synced``/``Error``), and on error the audit field."""
+
+    def write_links(self, links: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """``links``: ``crm_id``, ``referral_id``: store the referral id and link on opportunities
+        that Partner Center referrals were just created for."""

@@ -1,0 +1,241 @@
+"""The Partner Center side of a sync: extract referrals, create referrals from CRM
+opportunities, and update referrals with JSON Patch.
+
+Partner Center has no batch API, so writes run on a small thread pool (bounded
+concurrency). Every update carries ``If-Match`` with the ETag the referral was read
+with; on 412 the referral is read again, the planned change is re-merged against what
+it holds now (a field someone else changed meanwhile is left for the next run), and
+the write is retried once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+
+from cosell_sync.engine.mapping import FieldMapping, SyncMapping
+from cosell_sync.engine.normalize import referrals_frame, side_value
+from cosell_sync.errors import ApiError, NotFoundError, PreconditionFailedError
+from cosell_sync.hooks._odata import datetime_literal
+from cosell_sync.hooks.partner_center import PartnerCenterHook
+from cosell_sync.sync.base import RunContext, WriteResult
+
+MAX_WORKERS = 8
+
+
+def _pointer(path: str) -> list[str]:
+    """``customerProfile.team[0].email`` -> ["customerProfile", "team", "email"] (indexes dropped)."""
+    return [part.split("[")[0] for part in path.split(".")]
+
+
+def _value_for_referral(fm: FieldMapping, canonical: Any) -> Any:
+    value = side_value(fm, "referral", canonical)
+    if value is None:
+        return None
+    if fm.type == "date":
+        return f"{value}T00:00:00Z"
+    if fm.type == "decimal":
+        return float(value)
+    if fm.type == "id_list":
+        return [{"id": item} for item in str(value).split(";") if item]
+    return value
+
+
+def referral_assignments(fm: FieldMapping, canonical: Any) -> list[tuple[list[str], Any]]:
+    """(JSON path parts, value) pairs that set one canonical field on a referral."""
+    value = _value_for_referral(fm, canonical)
+    if "/" in fm.referral:  # a composite such as status/substatus
+        parts = fm.referral.split("/")
+        values = str(value).split("/") if value is not None else [None] * len(parts)
+        return [(_pointer(p), v) for p, v in zip(parts, values, strict=True)]
+    if fm.type == "id_list":  # details.requirements.solutions[].id: the whole list is replaced
+        return [(_pointer(fm.referral)[:-1] if fm.referral.endswith("[].id") else _pointer(fm.referral), value or [])]
+    return [(_pointer(fm.referral), value)]
+
+
+def _set(doc: dict[str, Any], path: list[str], value: Any) -> None:
+    cur = doc
+    for key in path[:-1]:
+        nxt = cur.get(key)
+        if not isinstance(nxt, dict):
+            nxt = cur[key] = {}
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def patch_operations(current: Mapping[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """One JSON Patch operation setting ``path`` to ``value`` on ``current``: ``replace`` when the
+    member exists, otherwise ``add`` at the first missing level (with the rest nested in)."""
+    cur: Any = current
+    for depth, key in enumerate(path):
+        if not isinstance(cur, Mapping) or key not in cur or (cur.get(key) is None and depth < len(path) - 1):
+            nested: Any = value
+            for inner in reversed(path[depth + 1 :]):
+                nested = {inner: nested}
+            return {"op": "add", "path": "/" + "/".join(path[: depth + 1]), "value": nested}
+        cur = cur[key]
+    return {"op": "replace", "path": "/" + "/".join(path), "value": value}
+
+
+class PartnerCenterSide:
+    """Extract and load for Partner Center, through :class:`PartnerCenterHook`."""
+
+    def __init__(self, hook: PartnerCenterHook, mapping: SyncMapping, *, max_workers: int = MAX_WORKERS) -> None:
+        self.hook = hook
+        self.mapping = mapping
+        self.max_workers = max_workers
+
+    def _parallel(self, items: Sequence[Any], work: Callable[[Any], WriteResult]) -> list[WriteResult]:
+        if not items:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(items))) as pool:
+            return list(pool.map(work, items))
+
+    # -- extract ------------------------------------------------------------------------------
+    def extract(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        referral_ids: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Referrals updated in (since, until], or the named ones, or all (the initial load)."""
+        if referral_ids is not None:
+            ids = list(dict.fromkeys(referral_ids))
+            with ThreadPoolExecutor(max_workers=max(1, min(self.max_workers, len(ids) or 1))) as pool:
+                found = list(pool.map(self._get_or_none, ids))
+            return [doc for doc in found if doc is not None]
+        clauses = []
+        if since is not None:
+            clauses.append(f"updatedDateTime gt {datetime_literal(since)}")
+        if until is not None:
+            clauses.append(f"updatedDateTime le {datetime_literal(until)}")
+        return list(self.hook.list_referrals(filter=" and ".join(clauses) or None, orderby="updatedDateTime asc"))
+
+    def _get_or_none(self, referral_id: str) -> dict[str, Any] | None:
+        try:
+            return self.hook.get_referral(referral_id)
+        except NotFoundError:
+            return None
+
+    # -- create -----------------------------------------------------------------------------------
+    def referral_document(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """A new outgoing referral for a CRM opportunity (canonical row with ``crm_id``)."""
+        doc: dict[str, Any] = {"externalReferenceId": str(row["crm_id"]), "qualification": "SalesQualified"}
+        for fm in self.mapping.fields.values():
+            if row.get(fm.name) is None:
+                continue
+            for path, value in referral_assignments(fm, row[fm.name]):
+                if value is None:
+                    continue
+                if "team" in path and path[-1] != "team":  # customerProfile.team[0].x -> the first member
+                    team = doc.setdefault("customerProfile", {}).setdefault("team", [{}])
+                    team[0][path[-1]] = value
+                else:
+                    _set(doc, path, value)
+        if not doc.get("status"):
+            doc["status"], doc["substatus"] = "New", "Pending"
+        help_code = row.get("help_code")
+        solutions = [s for s in str(row.get("solutions") or "").split(";") if s]
+        # Co-sell with Microsoft is asked for by setting "How can Microsoft help?".
+        if help_code and solutions:
+            doc["type"] = "Shared"
+            doc["target"] = [{"type": "SolutionProfile", "id": solutions[0]}]
+        else:
+            doc["type"] = "Independent"
+        return doc
+
+    def create(self, creates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        rows = creates.astype(object).where(creates.notna(), None).to_dict("records")
+
+        def work(row: dict[str, Any]) -> WriteResult:
+            doc = self.referral_document(row)
+            fields = {k: v for k, v in row.items() if k in self.mapping.fields and v is not None}
+            if ctx.dry_run:
+                return WriteResult(str(row["crm_id"]), "create", True, crm_id=str(row["crm_id"]), fields=fields)
+            try:
+                created = self.hook.create_referral(doc)
+            except ApiError as exc:
+                return WriteResult(
+                    str(row["crm_id"]),
+                    "create",
+                    False,
+                    crm_id=str(row["crm_id"]),
+                    fields=fields,
+                    error=str(exc),
+                    error_code=exc.code,
+                )
+            return WriteResult(
+                str(row["crm_id"]),
+                "create",
+                True,
+                referral_id=created["id"],
+                crm_id=str(row["crm_id"]),
+                fields=fields,
+                etag=created.get("eTag"),
+            )
+
+        return self._parallel(rows, work)
+
+    # -- update -------------------------------------------------------------------------------------
+    def operations(self, current: Mapping[str, Any], fields: Mapping[str, Any]) -> list[dict[str, Any]]:
+        ops = []
+        for name, canonical in fields.items():
+            fm = self.mapping.fields[name]
+            for path, value in referral_assignments(fm, canonical):
+                ops.append(patch_operations(current, path, value))
+        return ops
+
+    def update(
+        self, updates: pd.DataFrame, ctx: RunContext, current: Mapping[str, Mapping[str, Any]]
+    ) -> list[WriteResult]:
+        """``updates``: ``referral_id``, ``crm_id``, ``fields``, ``expected`` (Plan.updates).
+        ``current``: the referral documents as extracted (for their ETags and shape)."""
+        rows = updates.to_dict("records")
+
+        def work(row: dict[str, Any]) -> WriteResult:
+            rid, fields = str(row["referral_id"]), dict(row["fields"])
+            result = WriteResult(rid, "update", True, referral_id=rid, crm_id=row.get("crm_id"), fields=fields)
+            doc = current.get(rid) or self._get_or_none(rid)
+            if doc is None:
+                result.ok, result.error = False, f"referral {rid} no longer exists"
+                return result
+            if ctx.dry_run:
+                return result
+            for attempt in (1, 2):
+                try:
+                    answer = self.hook.patch_referral(rid, self.operations(doc, fields), etag=doc.get("eTag"))
+                    result.etag = (answer or {}).get("eTag")
+                    result.fields = fields
+                    return result
+                except PreconditionFailedError as exc:
+                    if attempt == 2:
+                        result.ok, result.error, result.error_code = False, str(exc), exc.code
+                        return result
+                    # Re-read and re-merge: keep only fields Partner Center still holds as planned.
+                    doc = self.hook.get_referral(rid)
+                    fields = self._remerge(doc, fields, dict(row.get("expected") or {}))
+                    if not fields:
+                        result.fields = {}
+                        return result
+                except ApiError as exc:
+                    result.ok, result.error, result.error_code = False, str(exc), exc.code
+                    return result
+            return result  # pragma: no cover - the loop always returns
+
+        return self._parallel(rows, work)
+
+    def _remerge(self, doc: Mapping[str, Any], fields: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
+        """Drop fields whose Partner Center value moved since planning (the next run merges them)."""
+        now = referrals_frame([doc], self.mapping).frame
+        if now.empty:
+            return fields
+        held = now.iloc[0]
+        return {k: v for k, v in fields.items() if k not in expected or held.get(k) == expected[k]}
+
+    def current_by_id(self, docs: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+        return {str(d["id"]): d for d in docs if d.get("id")}

@@ -40,7 +40,7 @@ def reference_plan(
         p_row, c_row = pc_by.get(rid), crm_by.get(cid)
         if p_row is None and c_row is None:
             continue
-        pc_closed = p_row is not None and p_row["status"] == "Closed"
+        pc_closed = p_row["status"] == "Closed" if p_row is not None else base.get("stage") in ("won", "lost")
         stage_now = p_row["stage"] if p_row is not None else base.get("stage")
         pc_newer = (
             p_row is not None

@@ -335,3 +335,12 @@ def test_missing_side_is_taken_as_unchanged():
     base_pc, _ = frames([referral("r1")], [])
     result = plan(pc, crm_frame([], SF, "Id").frame, links_frame([link(base_pc.iloc[0], "o1")]), SF)
     assert result.updates("crm").iloc[0]["fields"] == {"deal_value": 99.0}
+
+
+def test_a_referral_not_read_this_run_is_terminal_if_its_last_synced_stage_closed_it():
+    closed = link(frames([referral("r1", status="Closed", substatus="Lost")], [])[0].iloc[0], "o1")
+    _, crm = frames([], [linked_opp("o1", "r1", Description="late CRM edit", StageName="Closed Lost", IsClosed=True)])
+    empty_pc = referrals_frame([], SF).frame
+    result = plan(empty_pc, crm, links_frame([closed]), SF)
+    assert result.updates("partner_center").empty
+    assert result.skips["reason"].tolist() == ["terminal_referral"]

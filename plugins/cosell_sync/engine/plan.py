@@ -215,7 +215,11 @@ def plan(
     p_updated = _take_time(pc, "updated_at", pc_pos, has_pc_a)
     c_modified = _take_time(crm, "modified_at", crm_pos, has_crm_a)
     pc_newer = p_updated > c_modified
-    pc_closed = _take(pc, "status", pc_pos, has_pc_a) == "Closed"
+    # A referral not read this run is judged by the stage last synced: won/lost means Closed.
+    base_stage = _base_columns(base_list, ["stage"])["stage"]
+    pc_closed = np.where(
+        has_pc_a, _take(pc, "status", pc_pos, has_pc_a) == "Closed", np.isin(base_stage, ["won", "lost"])
+    )
 
     # -- merge, field by field, on integer codes ---------------------------------------------
     # Each field's three versions (base, Partner Center, CRM) are factorized together once;

@@ -343,4 +343,5 @@ def test_a_referral_not_read_this_run_is_terminal_if_its_last_synced_stage_close
     empty_pc = referrals_frame([], SF).frame
     result = plan(empty_pc, crm, links_frame([closed]), SF)
     assert result.updates("partner_center").empty
-    assert result.skips["reason"].tolist() == ["terminal_referral"]
+    terminal = result.skips[result.skips["reason"] == "terminal_referral"]
+    assert terminal["field"].tolist() == ["notes"] and terminal["crm_id"].tolist() == ["o1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import unicodedata
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -90,7 +91,8 @@ def iso(ts: datetime) -> str:
 
 def person(rng: random.Random, domain: str) -> dict[str, Any]:
     first, last = rng.choice(FIRST), rng.choice(LAST)
-    local = f"{first}.{last}".lower().replace("'", "").replace("é", "e").replace("ë", "e")
+    # Mailbox names are ASCII (Salesforce rejects others): Müller -> muller, Zoë -> zoe.
+    local = unicodedata.normalize("NFKD", f"{first}.{last}").encode("ascii", "ignore").decode().lower().replace("'", "")
     return {
         "firstName": first,
         "lastName": last,

@@ -1,0 +1,437 @@
+"""One sync run, step by step: extract -> plan -> load -> commit -> report.
+
+Each step reads and writes its frames as Parquet under the run's staging folder, so the
+steps can run as separate Airflow tasks (on separate workers) and nothing large goes
+through XCom. ``staging`` is any path-like object with ``/`` and ``open`` — an Airflow
+``ObjectStoragePath`` (local folder by default, ``s3://`` etc. in production) or a
+``pathlib.Path`` in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cosell_sync.engine.mapping import SyncMapping
+from cosell_sync.engine.normalize import ERROR_COLUMNS, concat_errors, crm_frame, referrals_frame
+from cosell_sync.engine.plan import Plan, plan
+from cosell_sync.state import StateStore
+from cosell_sync.sync.base import CrmSide, RunContext, WriteResult, results_frame
+from cosell_sync.sync.partner_center import PartnerCenterSide
+
+OVERLAP = timedelta(minutes=5)
+CRM_ID_FIELD = {"salesforce": "Id", "dynamics365": "opportunityid"}
+JSON_COLUMNS = {"base", "fields", "expected", "old", "new", "pc_value", "crm_value", "chosen", "value"}
+AUDITED_SKIPS = {"terminal_referral", "invalid_transition", "linked_elsewhere"}
+
+
+@dataclass
+class SyncJob:
+    """Everything a step needs to know about the run."""
+
+    crm: str
+    dag_id: str
+    run_id: str
+    mapping: SyncMapping
+    staging: Any
+    since_pc: datetime | None = None  # None: everything (the initial load or a full resync)
+    since_crm: datetime | None = None
+    until: datetime | None = None
+    referral_ids: list[str] | None = None
+    directions: tuple[str, ...] = ("pc_to_crm", "crm_to_pc")
+    dry_run: bool = False
+    backfill: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Any:
+        return self.staging / self.dag_id / re.sub(r"[^A-Za-z0-9_.-]", "_", self.run_id)
+
+    @property
+    def ctx(self) -> RunContext:
+        return RunContext(dag_id=self.dag_id, run_id=self.run_id, dry_run=self.dry_run)
+
+
+# -- staging ------------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    return None if value is None or (isinstance(value, float) and value != value) else value
+
+
+def write_frame(job: SyncJob, name: str, frame: pd.DataFrame) -> None:
+    out = frame.copy()
+    for column in out.columns:
+        # Text and mixed columns travel as JSON text, so values keep their types (and None).
+        if column in JSON_COLUMNS or out[column].dtype == object or pd.api.types.is_string_dtype(out[column]):
+            out[column] = [json.dumps(_jsonable(v), default=str) for v in out[column]]
+    folder = job.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"{name}.parquet").open("wb") as fh:
+        out.to_parquet(fh, index=False)
+
+
+def read_frame(job: SyncJob, name: str) -> pd.DataFrame:
+    with (job.folder / f"{name}.parquet").open("rb") as fh:
+        frame = pd.read_parquet(fh)
+    for column in frame.columns:
+        if pd.api.types.is_string_dtype(frame[column]) or frame[column].dtype == object:
+            frame[column] = pd.Series(
+                [json.loads(v) if isinstance(v, str) else None for v in frame[column]], index=frame.index, dtype=object
+            )
+    return frame
+
+
+def write_json(job: SyncJob, name: str, payload: Any) -> None:
+    job.folder.mkdir(parents=True, exist_ok=True)
+    with (job.folder / f"{name}.json").open("w") as fh:
+        json.dump(payload, fh, default=str)
+
+
+def read_json(job: SyncJob, name: str) -> Any:
+    with (job.folder / f"{name}.json").open("r") as fh:
+        return json.load(fh)
+
+
+# -- extract ------------------------------------------------------------------------------------
+def window(store: StateStore, dag_id: str, *, full_resync: bool = False) -> tuple[datetime | None, datetime | None]:
+    """Where each side's incremental read starts: its committed watermark minus an overlap
+    (clocks drift; a write in flight at the watermark is read again, and the merge makes
+    that harmless). No watermark yet, or a full resync: everything."""
+    if full_resync:
+        return None, None
+    marks = [store.get_watermark(dag_id, side) for side in ("partner_center", "crm")]
+    pc_mark, crm_mark = (m - OVERLAP if m else None for m in marks)
+    return pc_mark, crm_mark
+
+
+def _retry_keys(store: StateStore, job: SyncJob, direction: str) -> list[str]:
+    failures = store.retryable_failures(job.crm, direction)
+    return [str(k) for k in failures["record_key"]] if len(failures) else []
+
+
+def extract_partner_center(job: SyncJob, side: PartnerCenterSide, store: StateStore) -> dict[str, int]:
+    """Referrals changed in the window (or named), plus those left in the dead letter to retry."""
+    if job.referral_ids is not None:
+        docs = side.extract(referral_ids=job.referral_ids)
+    else:
+        docs = side.extract(since=job.since_pc, until=job.until)
+        retry = [k for k in _retry_keys(store, job, "pc_to_crm") if k not in {d.get("id") for d in docs}]
+        docs += side.extract(referral_ids=retry) if retry else []
+    result = referrals_frame(docs, job.mapping)
+    write_frame(job, "pc", result.frame)
+    write_frame(job, "pc_errors", result.errors)
+    write_json(job, "pc_docs", {str(d.get("id")): d for d in docs if d.get("id")})
+    return {"referrals": len(docs), "bad": len(result.errors["key"].unique()) if len(result.errors) else 0}
+
+
+def extract_crm(job: SyncJob, side: CrmSide, store: StateStore) -> dict[str, int]:
+    if job.referral_ids is not None:
+        records = side.extract(referral_ids=job.referral_ids)
+    else:
+        records = side.extract(since=job.since_crm, until=job.until)
+        seen = {str(r.get(CRM_ID_FIELD[job.crm])) for r in records}
+        retry = [k for k in _retry_keys(store, job, "crm_to_pc") if k not in seen]
+        records += (
+            [r for r in side.extract(crm_ids=retry) if str(r.get(CRM_ID_FIELD[job.crm])) not in seen] if retry else []
+        )
+    result = crm_frame(records, job.mapping, CRM_ID_FIELD[job.crm])
+    write_frame(job, "crm", result.frame)
+    write_frame(job, "crm_errors", result.errors)
+    return {"opportunities": len(records), "bad": len(result.errors["key"].unique()) if len(result.errors) else 0}
+
+
+# -- plan -----------------------------------------------------------------------------------------
+PLAN_PARTS = (
+    "crm_creates",
+    "pc_creates",
+    "changes",
+    "conflicts",
+    "skips",
+    "new_base",
+    "accounts",
+    "contacts",
+    "recovered_links",
+)
+
+
+def plan_run(job: SyncJob, store: StateStore) -> dict[str, Any]:
+    pc, crm = read_frame(job, "pc"), read_frame(job, "crm")
+    for frame, column in ((pc, "updated_at"), (crm, "modified_at")):
+        frame[column] = pd.to_datetime(frame[column], utc=True)
+    ids = list(pc["referral_id"]) + [r for r in crm["referral_ref"] if r]
+    links = store.get_links(job.crm, referral_ids=ids, crm_ids=list(crm["crm_id"]))
+    result = plan(pc, crm, links, job.mapping, directions=job.directions)
+    for part in PLAN_PARTS:
+        write_frame(job, f"plan_{part}", getattr(result, part))
+    summary = result.summary()
+    write_json(job, "plan_summary", summary)
+    return summary
+
+
+def load_plan(job: SyncJob) -> Plan:
+    parts = {part: read_frame(job, f"plan_{part}") for part in PLAN_PARTS}
+    return Plan(**parts)
+
+
+# -- load -------------------------------------------------------------------------------------------
+def load_crm(job: SyncJob, side: CrmSide) -> dict[str, int]:
+    """Creates and updates in the CRM; one result per record, staged for the commit."""
+    the_plan = load_plan(job)
+    results: list[WriteResult] = []
+    if len(the_plan.crm_creates):
+        results += side.create(the_plan.crm_creates, job.ctx)
+    updates = the_plan.updates("crm")
+    if len(updates):
+        results += side.update(updates, job.ctx)
+    write_frame(job, "crm_results", results_frame(results))
+    return {"ok": sum(r.ok for r in results), "failed": sum(not r.ok for r in results)}
+
+
+def load_partner_center(job: SyncJob, side: PartnerCenterSide, crm_side: CrmSide) -> dict[str, int]:
+    """Creates and updates in Partner Center; new referral ids are written back to the CRM."""
+    the_plan = load_plan(job)
+    docs = read_json(job, "pc_docs")
+    results: list[WriteResult] = []
+    created: list[WriteResult] = []
+    if len(the_plan.pc_creates):
+        created = side.create(the_plan.pc_creates, job.ctx)
+        results += created
+    updates = the_plan.updates("partner_center")
+    if len(updates):
+        results += side.update(updates, job.ctx, docs)
+    new_links = pd.DataFrame(
+        [{"crm_id": r.crm_id, "referral_id": r.referral_id} for r in created if r.ok and r.referral_id]
+    )
+    link_results = crm_side.write_links(new_links, job.ctx) if len(new_links) else []
+    write_frame(job, "pc_results", results_frame(results))
+    write_frame(job, "link_results", results_frame(link_results))
+    return {"ok": sum(r.ok for r in results), "failed": sum(not r.ok for r in results)}
+
+
+# -- commit -------------------------------------------------------------------------------------------
+def _optional(job: SyncJob, name: str, columns: list[str]) -> pd.DataFrame:
+    try:
+        return read_frame(job, name)
+    except FileNotFoundError:
+        return pd.DataFrame(columns=columns)
+
+
+def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
+    """Links, audit, dead letter and watermarks, in one transaction; returns the report."""
+    the_plan = load_plan(job)
+    result_cols = list(results_frame([]).columns)
+    crm_results = _optional(job, "crm_results", result_cols)
+    pc_results = _optional(job, "pc_results", result_cols)
+    link_results = _optional(job, "link_results", result_cols)
+    pc, crm = read_frame(job, "pc"), read_frame(job, "crm")
+    errors = concat_errors([_optional(job, "pc_errors", ERROR_COLUMNS), _optional(job, "crm_errors", ERROR_COLUMNS)])
+
+    # Links: created pairs, plus linked pairs whose agreed values moved and all of whose writes landed.
+    failed_pairs = {(r.referral_id, r.crm_id) for r in pd.concat([crm_results, pc_results]).itertuples() if not r.ok}
+    base = the_plan.new_base
+    landed = np.array(
+        [(r, c) not in failed_pairs for r, c in zip(base["referral_id"], base["crm_id"], strict=True)], dtype=bool
+    )
+    ok_base = base.loc[landed] if len(base) else pd.DataFrame(columns=["referral_id", "crm_id", "base"])
+    fields = list(job.mapping.fields)
+    pc_rows = pc.set_index("referral_id") if len(pc) else pd.DataFrame(columns=fields)
+    crm_rows = crm.set_index("crm_id") if len(crm) else pd.DataFrame(columns=fields)
+    created_links = []
+    for r in crm_results.itertuples():
+        if r.action == "create" and r.ok and r.crm_id and r.referral_id in pc_rows.index:
+            created_links.append(
+                {"referral_id": r.referral_id, "crm_id": r.crm_id, "base": _values(pc_rows.loc[r.referral_id], fields)}
+            )
+    for r in pc_results.itertuples():
+        if r.action == "create" and r.ok and r.referral_id and r.crm_id in crm_rows.index:
+            created_links.append(
+                {"referral_id": r.referral_id, "crm_id": r.crm_id, "base": _values(crm_rows.loc[r.crm_id], fields)}
+            )
+    links = pd.concat([ok_base[["referral_id", "crm_id", "base"]], pd.DataFrame(created_links)], ignore_index=True)
+
+    audit = _audit_rows(job, the_plan, crm_results, pc_results)
+    failures = {
+        "pc_to_crm": _failures(crm_results) + _error_failures(errors, "referral"),
+        "crm_to_pc": _failures(pc_results) + _failures(link_results) + _error_failures(errors, "crm"),
+    }
+    cleared = {
+        "pc_to_crm": [str(r.key) for r in crm_results.itertuples() if r.ok],
+        "crm_to_pc": [str(r.key) for r in pc_results.itertuples() if r.ok],
+    }
+    watermarks = {}
+    if len(pc) and pc["updated_at"].notna().any():
+        watermarks["partner_center"] = pd.to_datetime(pc["updated_at"], utc=True).max().to_pydatetime()
+    if len(crm) and crm["modified_at"].notna().any():
+        watermarks["crm"] = pd.to_datetime(crm["modified_at"], utc=True).max().to_pydatetime()
+    report = build_report(the_plan, crm_results, pc_results, errors)
+    if job.dry_run:
+        return report | {"dry_run": True}
+    store.commit_run(
+        dag_id=job.dag_id,
+        run_id=job.run_id,
+        crm=job.crm,
+        links=links if len(links) else None,
+        audit=audit,
+        watermarks=watermarks,
+        cleared_failures=cleared,
+        move_watermarks=not job.backfill and job.referral_ids is None,
+    )
+    for direction, items in failures.items():
+        if items:
+            store.record_failures(job.crm, direction, items, job.run_id)
+    store.record_run(dag_id=job.dag_id, run_id=job.run_id, crm=job.crm, summary=report)
+    return report
+
+
+def _values(row: pd.Series, fields: list[str]) -> dict[str, Any]:
+    return {f: _jsonable(row.get(f)) for f in fields}
+
+
+def _failures(results: pd.DataFrame) -> list[dict[str, Any]]:
+    return [
+        {
+            "record_key": str(r.key),
+            "payload": {"action": r.action, "fields": r.fields, "referral_id": r.referral_id, "crm_id": r.crm_id},
+            "error": r.error or "failed",
+            "error_code": r.error_code,
+        }
+        for r in results.itertuples()
+        if not r.ok
+    ]
+
+
+def _error_failures(errors: pd.DataFrame, side: str) -> list[dict[str, Any]]:
+    rows = errors[errors["side"] == side]
+    return [
+        {
+            "record_key": str(key),
+            "payload": {"side": side},
+            "error": "; ".join(f"{r.field}: {r.message} (got {r.value})" for r in group.itertuples()),
+            "error_code": "invalidInput",
+        }
+        for key, group in rows.groupby("key")
+    ]
+
+
+def _audit_rows(job: SyncJob, the_plan: Plan, crm_results: pd.DataFrame, pc_results: pd.DataFrame) -> list[dict]:
+    rows: list[dict[str, Any]] = []
+    ok = {(r.key, r.action) for r in pd.concat([crm_results, pc_results]).itertuples() if r.ok}
+    for c in the_plan.changes.itertuples():
+        direction = "pc_to_crm" if c.target == "crm" else "crm_to_pc"
+        key = c.referral_id
+        if (key, "update") in ok:
+            rows.append(
+                {
+                    "direction": direction,
+                    "referral_id": c.referral_id,
+                    "crm_id": c.crm_id,
+                    "action": "update",
+                    "field": c.field,
+                    "old_value": c.old,
+                    "new_value": c.new,
+                    "detail": c.reason,
+                }
+            )
+    for c in the_plan.conflicts.itertuples():
+        rows.append(
+            {
+                "direction": "pc_to_crm" if c.winner == "partner_center" else "crm_to_pc",
+                "referral_id": c.referral_id,
+                "crm_id": c.crm_id,
+                "action": "conflict",
+                "field": c.field,
+                "old_value": c.base,
+                "new_value": c.chosen,
+                "detail": f"partner_center={c.pc_value!r} crm={c.crm_value!r}; {c.winner} wins",
+            }
+        )
+    for s in the_plan.skips.itertuples():
+        if s.reason in AUDITED_SKIPS:
+            rows.append(
+                {
+                    "direction": "crm_to_pc" if s.side == "crm" else "pc_to_crm",
+                    "referral_id": s.referral_id,
+                    "crm_id": s.crm_id,
+                    "action": "skip",
+                    "field": s.field,
+                    "old_value": None,
+                    "new_value": None,
+                    "detail": f"{s.reason}: {s.detail or ''}".strip(": "),
+                }
+            )
+    for results, direction in ((crm_results, "pc_to_crm"), (pc_results, "crm_to_pc")):
+        for r in results.itertuples():
+            if r.action == "create" and r.ok:
+                rows.append(
+                    {
+                        "direction": direction,
+                        "referral_id": r.referral_id,
+                        "crm_id": r.crm_id,
+                        "action": "create",
+                        "field": None,
+                        "old_value": None,
+                        "new_value": r.fields,
+                        "detail": None,
+                    }
+                )
+            if not r.ok:
+                rows.append(
+                    {
+                        "direction": direction,
+                        "referral_id": r.referral_id,
+                        "crm_id": r.crm_id,
+                        "action": "fail",
+                        "field": None,
+                        "old_value": None,
+                        "new_value": r.fields,
+                        "detail": r.error,
+                    }
+                )
+    return rows
+
+
+def build_report(the_plan: Plan, crm_results: pd.DataFrame, pc_results: pd.DataFrame, errors: pd.DataFrame) -> dict:
+    """created, updated, unchanged, conflicts and failed, per direction."""
+
+    def counts(results: pd.DataFrame, winner: str) -> dict[str, int]:
+        ok = results[results["ok"].astype(bool)] if len(results) else results
+        return {
+            "created": int((ok["action"] == "create").sum()) if len(ok) else 0,
+            "updated": int(ok["action"].isin(["update", "win", "lose"]).sum()) if len(ok) else 0,
+            "conflicts": int((the_plan.conflicts["winner"] == winner).sum()),
+            "failed": int((~results["ok"].astype(bool)).sum()) if len(results) else 0,
+        }
+
+    bad_pc = errors[errors["side"] == "referral"]["key"].nunique() if len(errors) else 0
+    bad_crm = errors[errors["side"] == "crm"]["key"].nunique() if len(errors) else 0
+    pc_to_crm = counts(crm_results, "partner_center")
+    crm_to_pc = counts(pc_results, "crm")
+    pc_to_crm["failed"] += int(bad_pc)
+    crm_to_pc["failed"] += int(bad_crm)
+    unchanged = int(the_plan.skips["reason"].isin(["no_change", "echo"]).sum())
+    skipped = the_plan.skips[~the_plan.skips["reason"].isin(["no_change", "echo"])]
+    return {
+        "pc_to_crm": pc_to_crm,
+        "crm_to_pc": crm_to_pc,
+        "unchanged": unchanged,
+        "skipped": {k: int(v) for k, v in skipped["reason"].value_counts().items()},
+    }
+
+
+def format_report(dag_id: str, report: dict[str, Any]) -> str:
+    """The run's note (shown in the grid view) and its log line."""
+    lines = [f"{dag_id}{' (dry run)' if report.get('dry_run') else ''}"]
+    for direction, label in (("pc_to_crm", "Partner Center -> CRM"), ("crm_to_pc", "CRM -> Partner Center")):
+        c = report[direction]
+        lines.append(
+            f"{label}: created {c['created']}, updated {c['updated']}, conflicts {c['conflicts']}, failed {c['failed']}"
+        )
+    lines.append(f"unchanged: {report['unchanged']}")
+    if report.get("skipped"):
+        lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items())))
+    return "\n".join(lines)

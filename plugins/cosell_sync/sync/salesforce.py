@@ -1,0 +1,826 @@
+"""The Salesforce side of a sync: extract opportunities (with their account and primary
+contact), create opportunities from referrals, update them, and store links.
+
+Reads are SOQL built with :mod:`cosell_sync.hooks._soql` (every value escaped). Writes go
+through sObject Collections (200 records a call; Bulk API 2.0 above the hook's
+``bulk_threshold`` for updates and upserts), and every record reports its own outcome:
+
+* **Extract.** Every Opportunity-level field the mapping's ``crm`` paths and ``records:``
+  names need, the account through the ``Account`` parent relationship, and the primary
+  contact through the ``OpportunityContactRoles`` child subquery (``IsPrimary = TRUE``),
+  flattened into ``record["Contact"]`` so that ``Contact.Email`` paths resolve.
+* **Create.** Accounts are matched by name + postal code (case- and space-insensitive) and
+  created when missing; contacts are matched by email (case-insensitive) and created when
+  missing; opportunities are *upserted* by the link field (the referral id), so a retry or a
+  rerun updates what an earlier attempt created instead of duplicating it; the contact
+  becomes the opportunity's primary ``OpportunityContactRole``.
+* **Update.** Only the Opportunity-level fields asked for (accounts and contacts are shared
+  between deals, so they are never updated from one referral), plus the sync status and a
+  new audit line (newest first, bounded).
+* **Failures.** A record Salesforce rejects fails alone, with Salesforce's ``statusCode`` and
+  message. An exception for one call fails that call's records only. Authentication and
+  configuration errors are not about records: they raise, so the task fails and retries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping
+from cosell_sync.engine.normalize import side_value
+from cosell_sync.errors import ApiError, AuthenticationError, ConfigurationError, CosellError
+from cosell_sync.hooks._soql import Condition, literal, name, select
+from cosell_sync.hooks.salesforce import COLLECTION_LIMIT, RecordResult, SalesforceSyncHook
+from cosell_sync.sync.base import RunContext, WriteResult, audit_line, prepend_audit
+
+log = logging.getLogger(__name__)
+
+IN_LIMIT = 200  # values per IN (...) list
+IN_CHARS = 8000  # and at most this many characters of literals, so the GET query URL stays short
+DEFAULT_CLOSE_DAYS = 90  # CloseDate is required: a referral without one closes 90 days after the run
+DEFAULT_STAGE = "new"  # StageName is required: a referral without a stage starts at the mapping's "new"
+FALLBACK_STAGE = "Prospecting"  # ... or this, when the mapping does not map StageName at all
+SYNCED, ERROR = "Synced", "Error"
+AUDIT_VALUE_CHARS = 200  # long values (notes) are shortened in the audit line, so history is kept
+ERROR_CHARS = 2000  # Salesforce quotes the rejected value in some messages (a 1 MB description ...)
+CONTACT_ROLES = "OpportunityContactRoles"  # the child relationship from Opportunity
+ROLE_OBJECT = "OpportunityContactRole"
+_SF_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
+
+
+@dataclass
+class _Outcome:
+    """One record's outcome of a write call."""
+
+    ok: bool
+    id: str | None = None
+    created: bool | None = None
+    error: str | None = None
+    code: str | None = None
+
+
+def _clip(text: str, limit: int = ERROR_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _missing(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _plain(value: Any) -> Any:
+    """A frame cell as a plain JSON-able Python value (NaN/NA -> None, numpy scalars unwrapped)."""
+    if _missing(value):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+        if _missing(value):
+            return None
+    if isinstance(value, Decimal):
+        return float(value)
+    return value
+
+
+def _norm_key(text: Any) -> str:
+    """Case- and space-insensitive form of a name or postal code."""
+    return "" if _missing(text) else re.sub(r"\s+", "", str(text)).lower()
+
+
+def _match_key(name_value: Any, postal: Any) -> str:
+    return f"{_norm_key(name_value)}|{_norm_key(postal)}"
+
+
+def _valid_id(value: Any) -> str | None:
+    text = None if _missing(value) else str(value).strip()
+    return text if text and _SF_ID.fullmatch(text) else None
+
+
+def _chunks(values: Sequence[Any], limit: int = IN_LIMIT, chars: int = IN_CHARS) -> Iterator[list[Any]]:
+    """``values`` in IN-list sized pieces: at most ``limit`` values and about ``chars`` characters."""
+    chunk: list[Any] = []
+    size = 0
+    for value in values:
+        width = len(literal(value)) + 2
+        if chunk and (len(chunk) >= limit or size + width > chars):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(value)
+        size += width
+    if chunk:
+        yield chunk
+
+
+def _strip_attributes(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_attributes(v) for k, v in value.items() if k != "attributes"}
+    if isinstance(value, list):
+        return [_strip_attributes(v) for v in value]
+    return value
+
+
+def _describe(exc: Exception) -> tuple[str, str]:
+    """(message, code) of an exception that failed a call; never a credential (our errors
+    carry the service's message and a URL path only)."""
+    if isinstance(exc, ApiError):
+        return _clip(str(exc)), exc.code or type(exc).__name__
+    if isinstance(exc, CosellError):
+        return _clip(str(exc)), type(exc).__name__
+    return _clip(f"{type(exc).__name__}: {exc}"), type(exc).__name__
+
+
+def _first_code(result: RecordResult) -> str | None:
+    for err in result.errors:
+        code = err.get("statusCode") or err.get("errorCode")
+        if code:
+            return str(code)
+    return None
+
+
+def _audit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields as the audit line shows them: long text shortened (its length kept)."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, str) and len(value) > AUDIT_VALUE_CHARS:
+            value = f"{value[:AUDIT_VALUE_CHARS]}... ({len(value)} chars)"
+        out[key] = value
+    return out
+
+
+def _as_aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+class SalesforceSide:
+    """:class:`cosell_sync.sync.base.CrmSide` for Salesforce (Opportunity, Account, Contact)."""
+
+    crm = "salesforce"
+
+    def __init__(self, hook: SalesforceSyncHook, mapping: SyncMapping) -> None:
+        if mapping.crm != self.crm:
+            raise MappingError(f"mapping {mapping.source}: crm: is '{mapping.crm}', expected '{self.crm}'")
+        self.hook = hook
+        self.mapping = mapping
+        r = mapping.records
+        self.opportunity = r["opportunity"]
+        self.account = r["account"]
+        self.contact = r["contact"]
+        self.link_field = r["link_field"]
+        self.link_url_field = r["link_url_field"]
+        self.audit_field = r["audit_field"]
+        self.status_field = r["sync_status_field"]
+        for key, value in r.items():
+            self._check_name(f"records.{key}", value, dotted=False)
+
+        account_prefix, contact_prefix = f"{self.account}.", f"{self.contact}."
+        self.opp_fields: list[FieldMapping] = []  # written to the Opportunity itself
+        self.account_fields: list[tuple[FieldMapping, str]] = []  # (mapping, Account field)
+        self.contact_fields: list[tuple[FieldMapping, str]] = []  # (mapping, Contact field)
+        self.parent_paths: list[str] = []  # other parent relationship paths, read only
+        for fm in mapping.fields.values():
+            self._check_name(f"fields.{fm.name}.crm", fm.crm, dotted=True)
+            if fm.crm.startswith(account_prefix) and fm.crm.count(".") == 1:
+                self.account_fields.append((fm, fm.crm[len(account_prefix) :]))
+            elif fm.crm.startswith(contact_prefix) and fm.crm.count(".") == 1:
+                self.contact_fields.append((fm, fm.crm[len(contact_prefix) :]))
+            elif "." in fm.crm:
+                self.parent_paths.append(fm.crm)
+            else:
+                self.opp_fields.append(fm)
+        self.by_crm = {fm.crm.lower(): fm for fm in mapping.fields.values()}
+
+    def _check_name(self, key: str, value: str, *, dotted: bool) -> None:
+        try:
+            name(value)
+        except ValueError:
+            raise MappingError(
+                f"mapping {self.mapping.source}: {key}: '{value}' is not a Salesforce field path"
+            ) from None
+        if not dotted and "." in value:
+            raise MappingError(f"mapping {self.mapping.source}: {key}: '{value}' must be a field of the object")
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _field_for(self, crm_path: str) -> FieldMapping | None:
+        return self.by_crm.get(crm_path.lower())
+
+    def _write_value(self, fm: FieldMapping, canonical: Any) -> Any:
+        """A canonical value as Salesforce stores it; raises ValueError when an enum has no value."""
+        value = side_value(fm, "crm", canonical)
+        if value is None:
+            if fm.type == "enum":
+                raise ValueError(f"{fm.crm}: no Salesforce value for canonical {fm.name} '{canonical}'")
+            return None
+        if fm.type == "decimal":
+            return float(value)
+        if fm.type == "date":
+            if isinstance(value, datetime):
+                return _as_aware(value).astimezone(UTC).date().isoformat()
+            if isinstance(value, date):
+                return value.isoformat()
+            return str(value)[:10]
+        return value
+
+    def _query(self, soql: str) -> list[dict[str, Any]]:
+        return [_strip_attributes(r) for r in self.hook.query_records(soql)]
+
+    def _query_in(
+        self,
+        sobject: str,
+        fields: Sequence[str],
+        field: str,
+        values: Iterable[Any],
+        *,
+        order_by: Sequence[str] = (),
+        extra: Sequence[Condition] = (),
+    ) -> list[dict[str, Any]]:
+        """Every record whose ``field`` is one of ``values`` (IN lists chunked), de-duplicated by Id."""
+        distinct = list(dict.fromkeys(v for v in values if v is not None and v != ""))
+        out: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(distinct):
+            soql = select(sobject, fields, [*extra, Condition(field, "IN", chunk)], order_by=order_by)
+            for record in self._query(soql):
+                out.setdefault(record["Id"], record)
+        return list(out.values())
+
+    def _write(
+        self, op: str, sobject: str, records: Sequence[Mapping[str, Any]], *, external_id: str | None = None
+    ) -> list[_Outcome]:
+        """One outcome per record, in order. Each collections call (200 records), or the one bulk
+        job above the hook's ``bulk_threshold``, fails alone when it raises."""
+        if not records:
+            return []
+        bulk = op != "create" and len(records) > self.hook.bulk_threshold
+        size = len(records) if bulk else COLLECTION_LIMIT
+        outcomes: list[_Outcome] = []
+        for start in range(0, len(records), size):
+            chunk = list(records[start : start + size])
+            try:
+                if op == "create":
+                    results = self.hook.create_records(sobject, chunk)
+                elif op == "update":
+                    results = self.hook.update_records(sobject, chunk)
+                else:
+                    assert external_id is not None
+                    results = self.hook.upsert_records(sobject, external_id, chunk)
+            except (AuthenticationError, ConfigurationError):
+                raise  # not about these records: the task fails and is retried
+            except Exception as exc:
+                message, code = _describe(exc)
+                log.warning("Salesforce %s of %d %s record(s) failed: %s", op, len(chunk), sobject, message)
+                outcomes.extend(_Outcome(False, error=message, code=code) for _ in chunk)
+                continue
+            for result in results:
+                if result.success:
+                    outcomes.append(_Outcome(True, result.id, result.created))
+                else:
+                    outcomes.append(_Outcome(False, result.id, None, _clip(result.error_message), _first_code(result)))
+        return outcomes
+
+    def _read_audit(
+        self, values: Sequence[str], *, by: str = "Id"
+    ) -> tuple[dict[str, str | None], dict[str, tuple[str, str]]]:
+        """The audit field of the opportunities whose ``by`` field is one of ``values``:
+        (key -> text, key -> (error, code) for values whose read failed). Keys: an Id's
+        15-character (case-sensitive) form, or the case-folded value of another field."""
+        key: Callable[[Any], str] = (lambda v: str(v)[:15]) if by == "Id" else (lambda v: str(v).casefold())
+        audit: dict[str, str | None] = {}
+        failed: dict[str, tuple[str, str]] = {}
+        fields = list(dict.fromkeys(["Id", by, self.audit_field]))
+        for chunk in _chunks(list(dict.fromkeys(values))):
+            soql = select(self.opportunity, fields, [Condition(by, "IN", chunk)])
+            try:
+                for record in self._query(soql):
+                    audit[key(record[by])] = record.get(self.audit_field)
+            except (AuthenticationError, ConfigurationError):
+                raise
+            except Exception as exc:
+                error = _describe(exc)
+                failed.update({key(v): error for v in chunk})
+        return audit, failed
+
+    # -- extract --------------------------------------------------------------------------------
+    def extract_fields(self) -> list[str]:
+        """The Opportunity fields (and parent relationship paths) read by :meth:`extract`."""
+        r = self.mapping.records
+        wanted = [
+            "Id",
+            "AccountId",
+            "SystemModstamp",
+            "IsClosed",
+            *[fm.crm for fm in self.opp_fields],
+            r["link_field"],
+            r["link_url_field"],
+            r["sync_flag_field"],
+            r["audit_field"],
+            r["sync_status_field"],
+            r["modified_field"],
+            r["closed_field"],
+            *[f"{self.account}.{f}" for _, f in self.account_fields],
+            *self.parent_paths,
+        ]
+        seen: set[str] = set()
+        out = []
+        for item in wanted:
+            if item.lower() not in seen:  # SOQL refuses a field selected twice
+                seen.add(item.lower())
+                out.append(item)
+        return out
+
+    def _contact_subquery(self) -> str:
+        fields = {"contactid": "ContactId"}
+        for _, f in self.contact_fields:
+            if f.lower() != "id":
+                fields.setdefault(f"contact.{f.lower()}", f"Contact.{f}")
+        return select(CONTACT_ROLES, list(fields.values()), [Condition("IsPrimary", "=", True)])
+
+    def _extract_soql(self, where: Sequence[Condition]) -> str:
+        outer = select(self.opportunity, self.extract_fields(), where, order_by=["SystemModstamp", "Id"])
+        # The child subquery is itself built by select() (names checked, values escaped); it goes
+        # into the field list, which select() only accepts as plain names.
+        head = f" FROM {self.opportunity}"
+        return outer.replace(head, f", ({self._contact_subquery()}){head}", 1)
+
+    def _flatten(self, record: dict[str, Any]) -> dict[str, Any]:
+        roles = record.pop(CONTACT_ROLES, None)
+        rows = roles.get("records") if isinstance(roles, dict) else None
+        contact = None
+        if rows:
+            role = rows[0]
+            nested = role.get("Contact") or {}
+            contact = {"Id": role.get("ContactId"), **{k: v for k, v in nested.items() if k != "Id"}}
+        record[self.contact] = contact
+        return record
+
+    def extract(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        crm_ids: list[str] | None = None,
+        referral_ids: list[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Opportunities as nested records (``Account``: the account's mapped fields, ``Contact``:
+        the primary contact or None), ordered by ``SystemModstamp, Id``.
+
+        ``since``/``until``: ``SystemModstamp > since`` and ``<= until`` (naive datetimes are UTC).
+        ``crm_ids``/``referral_ids``: only these (the union when both are given); an empty list
+        selects nothing, and ids that cannot be Salesforce ids are skipped (they match nothing,
+        and Salesforce would refuse the whole query). No arguments: every opportunity.
+        """
+        window: list[Condition] = []
+        if since is not None:
+            window.append(Condition("SystemModstamp", ">", _as_aware(since)))
+        if until is not None:
+            window.append(Condition("SystemModstamp", "<=", _as_aware(until)))
+        if crm_ids is None and referral_ids is None:
+            return [self._flatten(r) for r in self._query(self._extract_soql(window))]
+        filters: list[tuple[str, list[Any]]] = []
+        if crm_ids is not None:
+            valid = [v for v in (_valid_id(i) for i in crm_ids) if v]
+            skipped = len([i for i in crm_ids if not _missing(i)]) - len(valid)
+            if skipped:
+                log.warning("Skipped %d value(s) that are not Salesforce ids", skipped)
+            filters.append(("Id", list(dict.fromkeys(valid))))
+        if referral_ids is not None:
+            refs = [str(i) for i in referral_ids if not _missing(i) and str(i) != ""]
+            filters.append((self.link_field, list(dict.fromkeys(refs))))
+        found: dict[str, dict[str, Any]] = {}
+        for field, values in filters:
+            for chunk in _chunks(values):
+                for record in self._query(self._extract_soql([*window, Condition(field, "IN", chunk)])):
+                    found.setdefault(record["Id"], record)
+        records = sorted(found.values(), key=lambda r: (r.get("SystemModstamp") or "", r["Id"]))
+        return [self._flatten(r) for r in records]
+
+    # -- create ---------------------------------------------------------------------------------
+    def _opportunity_values(self, fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(Opportunity field -> value, canonical field -> value) for the Opportunity-level fields
+        in ``fields`` (KEEP values skipped); raises ValueError for an enum with no Salesforce value."""
+        values: dict[str, Any] = {}
+        written: dict[str, Any] = {}
+        for fm in self.opp_fields:
+            if fm.name not in fields:
+                continue
+            canonical = _plain(fields[fm.name])
+            if canonical == KEEP:
+                continue
+            values[fm.crm] = None if canonical is None else self._write_value(fm, canonical)
+            written[fm.name] = canonical
+        return values, written
+
+    def _defaults(self, values: dict[str, Any], written: dict[str, Any], ctx: RunContext) -> None:
+        """Salesforce requires StageName and CloseDate: a referral without a stage starts at the
+        mapping's value for "new", one without a close date closes 90 days after the run."""
+        if values.get("StageName") is None:
+            stage_fm = self._field_for("StageName")
+            stage = side_value(stage_fm, "crm", DEFAULT_STAGE) if stage_fm is not None else None
+            values["StageName"] = stage or FALLBACK_STAGE
+            if stage_fm is not None and stage:
+                written[stage_fm.name] = DEFAULT_STAGE
+        if values.get("CloseDate") is None:
+            close = (ctx.now.date() + timedelta(days=DEFAULT_CLOSE_DAYS)).isoformat()
+            values["CloseDate"] = close
+            close_fm = self._field_for("CloseDate")
+            if close_fm is not None:
+                written[close_fm.name] = close
+        for key in [k for k, v in values.items() if v is None]:
+            del values[key]  # nothing to clear on a new record; a rerun keeps what a seller added
+        for key in [k for k, v in written.items() if v is None]:
+            del written[key]
+
+    def _side_fields(self, row: Mapping[str, Any], pairs: list[tuple[FieldMapping, str]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for fm, field in pairs:
+            canonical = _plain(row.get(fm.name))
+            if canonical is None or canonical == KEEP:
+                continue
+            value = self._write_value(fm, canonical)
+            if value is not None:
+                out[field] = value
+        return out
+
+    def create(self, creates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """New opportunities from ``creates`` (``referral_id`` + canonical values), with their account
+        and primary contact; one result per row, keyed by referral id. ``fields`` of a result: the
+        canonical values written (the defaults for a missing stage or close date included)."""
+        rows = [dict(r) for r in creates.to_dict("records")] if len(creates) else []
+        n = len(rows)
+        refs = [_text(r.get("referral_id")) for r in rows]
+        errors: list[tuple[str, str] | None] = [None] * n
+        opp_values: list[dict[str, Any]] = [{} for _ in range(n)]
+        written: list[dict[str, Any]] = [{} for _ in range(n)]
+        side_names = [fm.name for fm, _ in (*self.account_fields, *self.contact_fields)]
+
+        for i, row in enumerate(rows):
+            if refs[i] is None:
+                errors[i] = ("the row has no referral id", "MISSING_REFERRAL_ID")
+                continue
+            try:
+                values, fields = self._opportunity_values(row)
+                self._defaults(values, fields, ctx)
+                self._side_fields(row, self.account_fields)  # checked here, written by _ensure_*
+                self._side_fields(row, self.contact_fields)
+            except ValueError as exc:
+                errors[i] = (f"referral {refs[i]}: {exc}", "INVALID_VALUE")
+                continue
+            for side_name in side_names:
+                value = _plain(row.get(side_name))
+                if value is not None and value != KEEP:
+                    fields[side_name] = value
+            opp_values[i], written[i] = values, fields
+
+        def result(i: int, ok: bool, crm_id: str | None = None) -> WriteResult:
+            err = errors[i]
+            return WriteResult(
+                key=refs[i] or "",
+                action="create",
+                ok=ok,
+                referral_id=refs[i],
+                crm_id=crm_id,
+                fields=written[i] if ok or crm_id else {},
+                error=None if ok else (err[0] if err else None),
+                error_code=None if ok else (err[1] if err else None),
+            )
+
+        if ctx.dry_run:
+            return [result(i, errors[i] is None) for i in range(n)]
+
+        account_ids = self._ensure_accounts(rows, errors)
+        contact_ids = self._ensure_contacts(rows, errors, account_ids)
+
+        # A retry or rerun upserts onto the opportunity made before: its audit trail is kept.
+        audits, unread = self._read_audit([str(refs[i]) for i in range(n) if errors[i] is None], by=self.link_field)
+        for i in range(n):
+            if errors[i] is None and str(refs[i]).casefold() in unread:
+                message, code = unread[str(refs[i]).casefold()]
+                errors[i] = (f"reading {self.audit_field}: {message}", code)
+        todo = [i for i in range(n) if errors[i] is None]
+        payloads = []
+        for i in todo:
+            payload = {self.link_field: refs[i], **opp_values[i]}
+            if account_ids[i]:
+                payload["AccountId"] = account_ids[i]
+            payload[self.link_url_field] = ctx.referral_link(str(refs[i]))
+            payload[self.status_field] = SYNCED
+            line = audit_line(ctx, "pc_to_crm", _audit_fields(written[i]))
+            payload[self.audit_field] = prepend_audit(audits.get(str(refs[i]).casefold()), line)
+            payloads.append(payload)
+        outcomes = self._write("upsert", self.opportunity, payloads, external_id=self.link_field)
+        crm_ids: list[str | None] = [None] * n
+        created: list[bool | None] = [None] * n
+        for i, outcome in zip(todo, outcomes, strict=True):
+            if outcome.ok:
+                crm_ids[i], created[i] = outcome.id, outcome.created
+            else:
+                errors[i] = (outcome.error or "rejected", outcome.code or "UNKNOWN")
+
+        self._ensure_roles([(i, crm_ids[i], contact_ids[i], created[i]) for i in todo if crm_ids[i]], errors)
+        return [result(i, errors[i] is None, crm_ids[i]) for i in range(n)]
+
+    def _ensure_accounts(self, rows: list[dict[str, Any]], errors: list[tuple[str, str] | None]) -> list[str | None]:
+        """Per row: the Id of the account matched (or created) by name + postal code; rows whose
+        account cannot be found or created get that account's error."""
+        n = len(rows)
+        account_ids: list[str | None] = [None] * n
+        name_fm = self._field_for(f"{self.account}.Name")
+        if name_fm is None:
+            return account_ids
+        postal_fm = self._field_for(f"{self.account}.BillingPostalCode")
+        keys: list[str | None] = [None] * n
+        first_row: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            account_name = _plain(row.get(name_fm.name))
+            if errors[i] is not None or account_name is None or not str(account_name).strip():
+                continue
+            postal = _plain(row.get(postal_fm.name)) if postal_fm else None
+            keys[i] = _match_key(account_name, postal)
+            first_row.setdefault(keys[i], i)
+        if not first_row:
+            return account_ids
+
+        # Existing accounts: by name (as given, and with its spaces collapsed) and by postal code
+        # (as given, and without spaces), matched here on the normalized key.
+        names: list[str] = []
+        postals: list[str] = []
+        for i in first_row.values():
+            account_name = str(_plain(rows[i].get(name_fm.name))).strip()
+            names += [account_name, " ".join(account_name.split())]
+            postal = _plain(rows[i].get(postal_fm.name)) if postal_fm else None
+            if postal is not None and str(postal).strip():
+                postals += [str(postal).strip(), re.sub(r"\s+", "", str(postal))]
+        fields = ["Id", "Name", "BillingPostalCode", "CreatedDate"]
+        order = ["CreatedDate", "Id"]
+        try:
+            found = self._query_in(self.account, fields, "Name", names, order_by=order)
+            found += self._query_in(self.account, fields, "BillingPostalCode", postals, order_by=order)
+        except (AuthenticationError, ConfigurationError):
+            raise
+        except Exception as exc:
+            message, code = _describe(exc)
+            for i, key in enumerate(keys):
+                if key is not None:
+                    errors[i] = (f"account lookup: {message}", code)
+            return account_ids
+        by_key: dict[str, str] = {}
+        for record in sorted(found, key=lambda r: (r.get("CreatedDate") or "", r["Id"])):
+            by_key.setdefault(_match_key(record.get("Name"), record.get("BillingPostalCode")), record["Id"])
+
+        missing = [key for key in first_row if key not in by_key]
+        failed: dict[str, tuple[str, str]] = {}
+        payloads = [self._side_fields(rows[first_row[key]], self.account_fields) for key in missing]
+        for key, outcome in zip(missing, self._write("create", self.account, payloads), strict=True):
+            if outcome.ok and outcome.id:
+                by_key[key] = outcome.id
+            else:
+                account_name = _plain(rows[first_row[key]].get(name_fm.name))
+                failed[key] = (f"account '{account_name}': {outcome.error or 'not created'}", outcome.code or "UNKNOWN")
+        for i, key in enumerate(keys):
+            if key is None:
+                continue
+            if key in failed:
+                errors[i] = failed[key]
+            else:
+                account_ids[i] = by_key[key]
+        return account_ids
+
+    def _ensure_contacts(
+        self, rows: list[dict[str, Any]], errors: list[tuple[str, str] | None], account_ids: list[str | None]
+    ) -> list[str | None]:
+        """Per row: the Id of the contact matched (or created) by email; a contact that cannot be
+        created fails its rows (the deal is retried with its contact, never silently without)."""
+        n = len(rows)
+        contact_ids: list[str | None] = [None] * n
+        email_fm = self._field_for(f"{self.contact}.Email")
+        if email_fm is None:
+            return contact_ids
+        emails: list[str | None] = [None] * n
+        first_row: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            email = _plain(row.get(email_fm.name))
+            if errors[i] is not None or email is None or not str(email).strip():
+                continue
+            emails[i] = str(email).strip().lower()
+            first_row.setdefault(emails[i], i)
+        if not first_row:
+            return contact_ids
+        try:
+            found = self._query_in(
+                self.contact,
+                ["Id", "Email", "AccountId", "CreatedDate"],
+                "Email",
+                list(first_row),
+                order_by=["CreatedDate", "Id"],
+            )
+        except (AuthenticationError, ConfigurationError):
+            raise
+        except Exception as exc:
+            message, code = _describe(exc)
+            for i, email in enumerate(emails):
+                if email is not None:
+                    errors[i] = (f"contact lookup: {message}", code)
+            return contact_ids
+        existing: dict[str, list[dict[str, Any]]] = {}
+        for record in sorted(found, key=lambda r: (r.get("CreatedDate") or "", r["Id"])):
+            if record.get("Email"):
+                existing.setdefault(str(record["Email"]).strip().lower(), []).append(record)
+
+        missing = [email for email in first_row if email not in existing]
+        payloads = []
+        for email in missing:
+            i = first_row[email]
+            values = self._side_fields(rows[i], self.contact_fields)
+            if not values.get("LastName"):
+                values["LastName"] = email.split("@", 1)[0]  # LastName is required by Salesforce
+            if account_ids[i]:
+                values["AccountId"] = account_ids[i]
+            payloads.append(values)
+        created: dict[str, str] = {}
+        failed: dict[str, tuple[str, str]] = {}
+        for email, outcome in zip(missing, self._write("create", self.contact, payloads), strict=True):
+            if outcome.ok and outcome.id:
+                created[email] = outcome.id
+            else:
+                failed[email] = (f"contact '{email}': {outcome.error or 'not created'}", outcome.code or "UNKNOWN")
+        for i, email in enumerate(emails):
+            if email is None:
+                continue
+            if email in failed:
+                errors[i] = failed[email]
+            elif email in created:
+                contact_ids[i] = created[email]
+            else:
+                candidates = existing[email]
+                same_account = [c for c in candidates if account_ids[i] and c.get("AccountId") == account_ids[i]]
+                contact_ids[i] = (same_account or candidates)[0]["Id"]
+        return contact_ids
+
+    def _ensure_roles(
+        self,
+        items: list[tuple[int, str | None, str | None, bool | None]],
+        errors: list[tuple[str, str] | None],
+    ) -> None:
+        """The contact as the primary contact role of each opportunity (row, opp id, contact id,
+        created). An opportunity that existed already (a rerun) gets one only if it has no primary
+        contact yet, so a rerun never adds a second role and never overrides a seller's choice."""
+        wanted = [(i, opp, contact) for i, opp, contact, _ in items if opp and contact]
+        if not wanted:
+            return
+        rerun = [opp for i, opp, contact, created in items if opp and contact and not created]
+        has_primary: set[str] = set()
+        if rerun:
+            try:
+                roles = self._query_in(
+                    ROLE_OBJECT,
+                    ["Id", "OpportunityId"],
+                    "OpportunityId",
+                    rerun,
+                    extra=[Condition("IsPrimary", "=", True)],
+                )
+                has_primary = {str(r["OpportunityId"])[:15] for r in roles}
+            except (AuthenticationError, ConfigurationError):
+                raise
+            except Exception as exc:
+                message, code = _describe(exc)
+                for i, opp, _contact, created in items:
+                    if opp in rerun and not created:
+                        errors[i] = (f"contact role lookup: {message}", code)
+                rerun_failed = set(rerun)
+                wanted = [w for w in wanted if w[1] not in rerun_failed]
+        todo = [(i, opp, contact) for i, opp, contact in wanted if str(opp)[:15] not in has_primary]
+        payloads = [{"OpportunityId": opp, "ContactId": contact, "IsPrimary": True} for _, opp, contact in todo]
+        for (i, _opp, _contact), outcome in zip(todo, self._write("create", ROLE_OBJECT, payloads), strict=True):
+            if not outcome.ok:
+                errors[i] = (f"primary contact role: {outcome.error or 'not created'}", outcome.code or "UNKNOWN")
+
+    # -- update ---------------------------------------------------------------------------------
+    def update(self, updates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """``updates``: ``crm_id``, ``referral_id``, ``fields`` (canonical field -> value). Only the
+        Opportunity-level fields among them are written (accounts and contacts are shared between
+        deals), plus the sync status and a new audit line; one result per row, keyed by referral id."""
+        rows = [dict(r) for r in updates.to_dict("records")] if len(updates) else []
+        results: list[WriteResult] = []
+        pending: list[tuple[WriteResult, dict[str, Any]]] = []  # (result to fill, Opportunity values)
+        for row in rows:
+            rid, crm_id = _text(row.get("referral_id")), _text(row.get("crm_id"))
+            result = WriteResult(key=rid or crm_id or "", action="update", ok=False, referral_id=rid, crm_id=crm_id)
+            results.append(result)
+            fields = row.get("fields")
+            if isinstance(fields, str):
+                fields = json.loads(fields)
+            if crm_id is None:
+                _fail(result, "the row has no CRM id", "MISSING_ARGUMENT")
+                continue
+            try:
+                values, written = self._opportunity_values(fields if isinstance(fields, Mapping) else {})
+            except ValueError as exc:
+                _fail(result, f"opportunity {crm_id}: {exc}", "INVALID_VALUE")
+                continue
+            result.ok = True
+            if values:  # otherwise nothing is on the Opportunity itself: no write
+                result.fields = written
+                pending.append((result, values))
+        if ctx.dry_run or not pending:
+            return results
+
+        audits, unread = self._read_audit([v for v in (_valid_id(r.crm_id) for r, _ in pending) if v])
+        records: list[dict[str, Any]] = []
+        sent: list[WriteResult] = []
+        for result, values in pending:
+            crm_id = str(result.crm_id)
+            if crm_id[:15] in unread:  # never overwrite an audit trail we could not read
+                message, code = unread[crm_id[:15]]
+                _fail(result, f"reading {self.audit_field}: {message}", code)
+                continue
+            line = audit_line(ctx, "pc_to_crm", _audit_fields(result.fields))
+            records.append(
+                {
+                    "Id": crm_id,
+                    **values,
+                    self.status_field: SYNCED,
+                    self.audit_field: prepend_audit(audits.get(crm_id[:15]), line),
+                }
+            )
+            sent.append(result)
+        for result, outcome in zip(sent, self._write("update", self.opportunity, records), strict=True):
+            if not outcome.ok:
+                _fail(result, outcome.error or "rejected", outcome.code or "UNKNOWN")
+        return results
+
+    # -- mark, links ----------------------------------------------------------------------------
+    def mark(self, crm_ids: list[str], status: str, ctx: RunContext, *, error: str | None = None) -> None:
+        """Set the sync status (``Synced``/``Error``) of ``crm_ids`` in one collections update; with
+        ``error``, also prepend an audit line carrying it. A record Salesforce rejects is logged
+        (this runs on error paths: it must not hide the error being reported)."""
+        ids = list(dict.fromkeys(v for v in (_valid_id(i) for i in crm_ids) if v))
+        if not ids or ctx.dry_run:
+            return
+        records: list[dict[str, Any]] = [{"Id": i, self.status_field: status} for i in ids]
+        if error:
+            audits, unread = self._read_audit(ids)
+            line = audit_line(ctx, "error", {"sync_status": status, "error": _clip(str(error), 1000)})
+            for record in records:
+                if record["Id"][:15] not in unread:  # never overwrite an audit trail we could not read
+                    record[self.audit_field] = prepend_audit(audits.get(record["Id"][:15]), line)
+        for record, outcome in zip(records, self._write("update", self.opportunity, records), strict=True):
+            if not outcome.ok:
+                log.warning("Could not mark opportunity %s as %s: %s", record["Id"], status, outcome.error)
+
+    def write_links(self, links: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """``links``: ``crm_id``, ``referral_id``: store the referral id and its link (with sync
+        status Synced and an audit line) on opportunities that referrals were just created for.
+        One result per row, keyed by the CRM id."""
+        rows = [dict(r) for r in links.to_dict("records")] if len(links) else []
+        results: list[WriteResult] = []
+        pending: list[WriteResult] = []
+        for row in rows:
+            rid, crm_id = _text(row.get("referral_id")), _text(row.get("crm_id"))
+            result = WriteResult(key=crm_id or "", action="update", ok=True, referral_id=rid, crm_id=crm_id)
+            results.append(result)
+            if crm_id is None or rid is None:
+                _fail(result, "a link needs both a CRM id and a referral id", "MISSING_ARGUMENT")
+            else:
+                pending.append(result)
+        if ctx.dry_run or not pending:
+            return results
+        audits, unread = self._read_audit([v for v in (_valid_id(r.crm_id) for r in pending) if v])
+        records = []
+        for result in pending:
+            crm_id, rid = str(result.crm_id), str(result.referral_id)
+            record = {
+                "Id": crm_id,
+                self.link_field: rid,
+                self.link_url_field: ctx.referral_link(rid),
+                self.status_field: SYNCED,
+            }
+            if crm_id[:15] not in unread:
+                line = audit_line(ctx, "crm_to_pc", {"referral_id": rid})
+                record[self.audit_field] = prepend_audit(audits.get(crm_id[:15]), line)
+            records.append(record)
+        for result, outcome in zip(pending, self._write("update", self.opportunity, records), strict=True):
+            if not outcome.ok:
+                _fail(result, outcome.error or "rejected", outcome.code or "UNKNOWN")
+        return results
+
+
+def _text(value: Any) -> str | None:
+    """A frame cell as stripped text, None when missing or empty."""
+    return None if _missing(value) else (str(value).strip() or None)
+
+
+def _fail(result: WriteResult, message: str, code: str) -> None:
+    result.ok, result.fields = False, {}
+    result.error, result.error_code = message, code
+
+
+__all__ = ["SalesforceSide"]

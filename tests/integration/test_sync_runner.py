@@ -1,0 +1,89 @@
+"""A whole sync, step by step (the steps the DAG's tasks run), against the sandbox, for both CRMs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from cosell_sync.engine.mapping import load_mapping
+from cosell_sync.hooks.dynamics import DynamicsHook
+from cosell_sync.hooks.partner_center import PartnerCenterHook
+from cosell_sync.hooks.salesforce import SalesforceSyncHook
+from cosell_sync.state import StateStore
+from cosell_sync.sync.partner_center import PartnerCenterSide
+from cosell_sync.sync.runner import (
+    SyncJob,
+    commit,
+    extract_crm,
+    extract_partner_center,
+    load_crm,
+    load_partner_center,
+    plan_run,
+    window,
+)
+
+_runs = itertools.count(1)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    s.migrate()
+    return s
+
+
+def crm_side(crm: str, mapping):
+    if crm == "salesforce":
+        from cosell_sync.sync.salesforce import SalesforceSide
+
+        return SalesforceSide(SalesforceSyncHook(), mapping)
+    from cosell_sync.sync.dynamics365 import DynamicsSide
+
+    return DynamicsSide(DynamicsHook(), mapping)
+
+
+def run_sync(crm: str, store: StateStore, staging, **job_kwargs) -> dict:
+    mapping = load_mapping(crm)
+    dag_id = f"cosell_sync_{crm}"
+    since_pc, since_crm = window(store, dag_id)
+    job = SyncJob(crm=crm, dag_id=dag_id, run_id=f"manual__{next(_runs)}", mapping=mapping, staging=staging,
+                  since_pc=since_pc, since_crm=since_crm, **job_kwargs)  # fmt: skip
+    pcs = PartnerCenterSide(PartnerCenterHook(), mapping)
+    side = crm_side(crm, mapping)
+    extract_partner_center(job, pcs, store)
+    extract_crm(job, side, store)
+    plan_run(job, store)
+    load_crm(job, side)
+    load_partner_center(job, pcs, side)
+    return commit(job, store)
+
+
+@pytest.fixture
+def conns(pc_conn, dyn_conn, sf_conn):
+    return pc_conn
+
+
+def seed(pc, crm: str) -> None:
+    pc.partner_center.seed(40, seed=21)
+    if crm == "salesforce":
+        pc.salesforce.seed(opportunities=20, accounts=8, flagged=8, seed=21)
+    else:
+        pc.dataverse.seed(opportunities=20, accounts=8, flagged=8, seed=21)
+
+
+@pytest.mark.parametrize("crm", ["salesforce"])
+def test_first_sync_then_idempotent_then_edits_both_ways(pc, conns, store, tmp_path, crm):
+    seed(pc, crm)
+    open_refs = [d for d in pc.partner_center.referrals.values() if d["status"] in ("New", "Active")]
+    first = run_sync(crm, store, tmp_path / "staging")
+    assert first["pc_to_crm"]["failed"] == 0, first
+    assert first["pc_to_crm"]["created"] == len(open_refs), first
+    assert first["crm_to_pc"]["created"] >= 1 and first["crm_to_pc"]["failed"] == 0
+    links = store.get_links(crm)
+    assert len(links) == first["pc_to_crm"]["created"] + first["crm_to_pc"]["created"]
+    assert links["crm_id"].is_unique and links["referral_id"].is_unique
+
+    second = run_sync(crm, store, tmp_path / "staging")
+    writes = sum(second[d][k] for d in ("pc_to_crm", "crm_to_pc") for k in ("created", "updated", "failed"))
+    assert writes == 0, second

@@ -47,8 +47,16 @@ def run_sync(crm: str, store: StateStore, staging, **job_kwargs) -> dict:
     mapping = load_mapping(crm)
     dag_id = f"cosell_sync_{crm}"
     since_pc, since_crm = window(store, dag_id)
-    job = SyncJob(crm=crm, dag_id=dag_id, run_id=f"manual__{next(_runs)}", mapping=mapping, staging=staging,
-                  since_pc=since_pc, since_crm=since_crm, **job_kwargs)  # fmt: skip
+    job = SyncJob(
+        crm=crm,
+        dag_id=dag_id,
+        run_id=f"manual__{next(_runs)}",
+        mapping=mapping,
+        staging=staging,
+        since_pc=since_pc,
+        since_crm=since_crm,
+        **job_kwargs,
+    )
     pcs = PartnerCenterSide(PartnerCenterHook(), mapping)
     side = crm_side(crm, mapping)
     extract_partner_center(job, pcs, store)
@@ -87,3 +95,28 @@ def test_first_sync_then_idempotent_then_edits_both_ways(pc, conns, store, tmp_p
     second = run_sync(crm, store, tmp_path / "staging")
     writes = sum(second[d][k] for d in ("pc_to_crm", "crm_to_pc") for k in ("created", "updated", "failed"))
     assert writes == 0, second
+
+    # A Microsoft seller changes a deal value; a CRM user edits another opportunity's notes.
+    link = links.iloc[0]
+    ms_ref = pc.partner_center.referrals[link["referral_id"]]
+    pc.partner_center._commit_update(
+        ms_ref, {**ms_ref, "details": {**ms_ref["details"], "dealValue": 31337.0}}, "Microsoft"
+    )
+    other = links.iloc[1]
+    if crm == "salesforce":
+        pc.salesforce.user_edit("Opportunity", other["crm_id"], {"Description": "edited in Salesforce"})
+    else:
+        pc.dataverse.edit("opportunities", other["crm_id"], {"description": "edited in Dynamics"})
+    third = run_sync(crm, store, tmp_path / "staging")
+    assert third["pc_to_crm"]["updated"] == 1 and third["crm_to_pc"]["updated"] == 1, third
+    assert pc.partner_center.referrals[other["referral_id"]]["details"]["notes"].startswith("edited in")
+    if crm == "salesforce":
+        assert pc.salesforce.get_record("Opportunity", link["crm_id"])["Amount"] == 31337.0
+    else:
+        assert pc.dataverse.row("opportunities", link["crm_id"])["estimatedvalue"] == 31337.0
+    audit = store.audit(crm=crm, action="update")
+    assert {(a.field, a.direction) for a in audit.itertuples()} >= {("deal_value", "pc_to_crm"), ("notes", "crm_to_pc")}
+
+    fourth = run_sync(crm, store, tmp_path / "staging")
+    writes = sum(fourth[d][k] for d in ("pc_to_crm", "crm_to_pc") for k in ("created", "updated", "failed"))
+    assert writes == 0, fourth

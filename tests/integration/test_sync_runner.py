@@ -80,7 +80,7 @@ def seed(pc, crm: str) -> None:
         pc.dataverse.seed(opportunities=20, accounts=8, flagged=8, seed=21)
 
 
-@pytest.mark.parametrize("crm", ["salesforce"])
+@pytest.mark.parametrize("crm", ["salesforce", "dynamics365"])
 def test_first_sync_then_idempotent_then_edits_both_ways(pc, conns, store, tmp_path, crm):
     seed(pc, crm)
     open_refs = [d for d in pc.partner_center.referrals.values() if d["status"] in ("New", "Active")]

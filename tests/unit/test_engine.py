@@ -100,8 +100,15 @@ def links_frame(rows):
 
 def test_default_mappings_load_and_define_the_synced_fields():
     assert {f.name for f in SF.synced_fields()} == {
-        "name", "deal_value", "currency", "close_date", "notes", "stage", "help_code", "solutions"
-    }  # fmt: skip
+        "name",
+        "deal_value",
+        "currency",
+        "close_date",
+        "notes",
+        "stage",
+        "help_code",
+        "solutions",
+    }
     assert "sales_stage" in DV.fields and DV.fields["stage"].crm_values.read["0"] == "*"
     assert SF.fields["customer_name"].sync == "create"
 
@@ -190,12 +197,19 @@ def test_crm_records_normalize_and_enum_write_back():
 
 def test_first_sync_creates_both_ways_and_skips_with_reasons():
     pc, crm = frames(
-        [referral("new"), referral("active", status="Active", substatus="Accepted"),
-         referral("closed", status="Closed", substatus="Won"), referral("elsewhere", externalReferenceId="006XX")],
-        [sf_opp("flagged", PC_Sync_With_Partner_Center__c=True), sf_opp("plain"),
-         sf_opp("flaggedclosed", PC_Sync_With_Partner_Center__c=True, StageName="Closed Won", IsClosed=True),
-         sf_opp("hasref", PC_Sync_With_Partner_Center__c=True, PC_Referral_Id__c="zzz")],
-    )  # fmt: skip
+        [
+            referral("new"),
+            referral("active", status="Active", substatus="Accepted"),
+            referral("closed", status="Closed", substatus="Won"),
+            referral("elsewhere", externalReferenceId="006XX"),
+        ],
+        [
+            sf_opp("flagged", PC_Sync_With_Partner_Center__c=True),
+            sf_opp("plain"),
+            sf_opp("flaggedclosed", PC_Sync_With_Partner_Center__c=True, StageName="Closed Won", IsClosed=True),
+            sf_opp("hasref", PC_Sync_With_Partner_Center__c=True, PC_Referral_Id__c="zzz"),
+        ],
+    )
     result = plan(pc, crm, links_frame([]), SF)
     assert sorted(result.crm_creates["referral_id"]) == ["active", "new"]
     assert list(result.pc_creates["crm_id"]) == ["flagged"]
@@ -295,8 +309,10 @@ def test_invalid_status_transition_is_not_planned():
 
 
 def test_directions_limit_what_is_planned():
-    pc, crm = frames([referral("r1", details__dealValue=5), referral("n1")],
-                     [sf_opp("o1", Name="x"), sf_opp("f1", PC_Sync_With_Partner_Center__c=True)])  # fmt: skip
+    pc, crm = frames(
+        [referral("r1", details__dealValue=5), referral("n1")],
+        [sf_opp("o1", Name="x"), sf_opp("f1", PC_Sync_With_Partner_Center__c=True)],
+    )
     base_pc, _ = frames([referral("r1")], [])
     result = plan(pc, crm, links_frame([link(base_pc.iloc[0], "o1")]), SF, directions=["pc_to_crm"])
     assert result.pc_creates.empty and result.updates("partner_center").empty
@@ -315,18 +331,32 @@ def test_links_are_recovered_from_the_records_instead_of_duplicating():
 
 def test_keep_means_no_opinion_for_dynamics_open_opportunities():
     pc = referrals_frame([referral("r1", status="Active", substatus="Accepted", salesStage="Develop")], DV).frame
-    opp = {"opportunityid": "o1", "name": "Deal r1", "estimatedvalue": 1000, "statecode": 0, "salesstage": 1,
-           "estimatedclosedate": "2027-01-31", "description": "hello", "cosell_referralid": "r1",
-           "cosell_howcanmicrosofthelp": 100000003, "cosell_solutions": "SOL-1;SOL-2",
-           "transactioncurrency": {"isocurrencycode": "USD"}, "modifiedon": T0.isoformat()}  # fmt: skip
+    opp = {
+        "opportunityid": "o1",
+        "name": "Deal r1",
+        "estimatedvalue": 1000,
+        "statecode": 0,
+        "salesstage": 1,
+        "estimatedclosedate": "2027-01-31",
+        "description": "hello",
+        "cosell_referralid": "r1",
+        "cosell_howcanmicrosofthelp": 100000003,
+        "cosell_solutions": "SOL-1;SOL-2",
+        "transactioncurrency": {"isocurrencycode": "USD"},
+        "modifiedon": T0.isoformat(),
+    }
     crm = crm_frame([opp], DV, "opportunityid").frame
     assert crm.iloc[0]["stage"] == "*"
     base = {f: pc.iloc[0][f] for f in DV.fields}
     result = plan(pc, crm, links_frame([{"referral_id": "r1", "crm_id": "o1", "base": base, "synced_at": T0}]), DV)
     assert result.changes.empty  # statecode 0 says nothing against "active"
     won = copy.deepcopy(opp) | {"statecode": 1}
-    result = plan(pc, crm_frame([won], DV, "opportunityid").frame,
-                  links_frame([{"referral_id": "r1", "crm_id": "o1", "base": base, "synced_at": T0}]), DV)  # fmt: skip
+    result = plan(
+        pc,
+        crm_frame([won], DV, "opportunityid").frame,
+        links_frame([{"referral_id": "r1", "crm_id": "o1", "base": base, "synced_at": T0}]),
+        DV,
+    )
     assert result.updates("partner_center").iloc[0]["fields"] == {"stage": "won"}
 
 
@@ -345,3 +375,25 @@ def test_a_referral_not_read_this_run_is_terminal_if_its_last_synced_stage_close
     assert result.updates("partner_center").empty
     terminal = result.skips[result.skips["reason"] == "terminal_referral"]
     assert terminal["field"].tolist() == ["notes"] and terminal["crm_id"].tolist() == ["o1"]
+
+
+def test_a_no_opinion_marker_in_a_stored_base_counts_as_nothing():
+    pc = referrals_frame([referral("r1", salesStage="Develop")], DV).frame
+    base = {f: pc.iloc[0][f] for f in DV.fields} | {"stage": "*"}
+    opp = {
+        "opportunityid": "o1",
+        "name": "Deal r1",
+        "estimatedvalue": 1000,
+        "statecode": 0,
+        "salesstage": 1,
+        "estimatedclosedate": "2027-01-31",
+        "description": "hello",
+        "cosell_referralid": "r1",
+        "cosell_howcanmicrosofthelp": 100000003,
+        "cosell_solutions": "SOL-1;SOL-2",
+        "transactioncurrency": {"isocurrencycode": "USD"},
+        "modifiedon": T0.isoformat(),
+    }
+    links = links_frame([{"referral_id": "r1", "crm_id": "o1", "base": base, "synced_at": T0}])
+    result = plan(pc, crm_frame([opp], DV, "opportunityid").frame, links, DV)
+    assert result.new_base.iloc[0]["base"]["stage"] == "new"  # settled to the real value, never "*"

@@ -233,6 +233,7 @@ def plan(
     base_cols = _base_columns(base_list, [fm.name for fm in synced])
     for fm in synced:
         b_raw = base_cols[fm.name]
+        b_raw = np.where(b_raw == KEEP, None, b_raw)  # "no opinion" is never a synced value
         codes, uniques = pd.factorize(
             np.concatenate([b_raw, _take(pc, fm.name, pc_pos, has_pc_a), _take(crm, fm.name, crm_pos, has_crm_a)])
         )

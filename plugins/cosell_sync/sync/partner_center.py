@@ -154,7 +154,13 @@ class PartnerCenterSide:
 
         def work(row: dict[str, Any]) -> WriteResult:
             doc = self.referral_document(row)
-            fields = {k: v for k, v in row.items() if k in self.mapping.fields and v is not None}
+            # What Partner Center will hold, read back through the mapping: the link's first base.
+            written = referrals_frame([{**doc, "id": "(new)"}], self.mapping).frame  # ids come from the service
+            fields = (
+                {k: v for k, v in written.iloc[0].items() if k in self.mapping.fields}
+                if len(written)
+                else {k: v for k, v in row.items() if k in self.mapping.fields and v is not None}
+            )
             if ctx.dry_run:
                 return WriteResult(str(row["crm_id"]), "create", True, crm_id=str(row["crm_id"]), fields=fields)
             try:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cosell_sync.engine.mapping import SyncMapping
+from cosell_sync.engine.mapping import KEEP, SyncMapping
 from cosell_sync.engine.normalize import ERROR_COLUMNS, concat_errors, crm_frame, referrals_frame
 from cosell_sync.engine.plan import Plan, plan
 from cosell_sync.state import StateStore
@@ -249,9 +249,10 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
             )
     for r in pc_results.itertuples():
         if r.action == "create" and r.ok and r.referral_id and r.crm_id in crm_rows.index:
-            created_links.append(
-                {"referral_id": r.referral_id, "crm_id": r.crm_id, "base": _values(crm_rows.loc[r.crm_id], fields)}
-            )
+            # The base is what the new referral holds (r.fields), over the CRM row's values.
+            written = {k: v for k, v in (r.fields or {}).items() if k in fields}
+            base_values = _values(crm_rows.loc[r.crm_id], fields) | {k: _jsonable(v) for k, v in written.items()}
+            created_links.append({"referral_id": r.referral_id, "crm_id": r.crm_id, "base": base_values})
     links = pd.concat([ok_base[["referral_id", "crm_id", "base"]], pd.DataFrame(created_links)], ignore_index=True)
 
     audit = _audit_rows(job, the_plan, crm_results, pc_results)
@@ -289,7 +290,8 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
 
 
 def _values(row: pd.Series, fields: list[str]) -> dict[str, Any]:
-    return {f: _jsonable(row.get(f)) for f in fields}
+    """Canonical values for a link's base; "no opinion" (KEEP) is stored as nothing."""
+    return {f: None if row.get(f) == KEEP else _jsonable(row.get(f)) for f in fields}
 
 
 def _failures(results: pd.DataFrame) -> list[dict[str, Any]]:

@@ -1,0 +1,920 @@
+"""The Dynamics 365 (Dataverse) side of the sync: extract opportunities, and load creates,
+updates, sync-status marks and links back through :class:`~cosell_sync.hooks.dynamics.DynamicsHook`.
+
+What goes where is read from the mapping (``engine/mappings/dynamics365.yaml``): a ``crm``
+path without a dot is an opportunity column; ``account.<column>`` and ``contact.<column>``
+are columns of the opportunity's ``parentaccountid`` and ``parentcontactid`` rows;
+``transactioncurrency.isocurrencycode`` is the opportunity's currency (bound through
+``transactioncurrencyid``). The field mapped to ``records.closed_field`` (``statecode``) is
+the stage: it is never written, won and lost are carried out with the ``WinOpportunity`` /
+``LoseOpportunity`` actions, as Dataverse requires.
+
+Writes go through ``$batch`` (at most 1,000 requests per call, ``continue-on-error``), so
+every record gets its own outcome: a record Dataverse rejects becomes a failed
+:class:`~cosell_sync.sync.base.WriteResult` carrying Dataverse's hex error code and message,
+and never stops the others. New opportunities are alternate-key upserts on the referral id
+(``PATCH opportunities(cosell_referralid='...')``), so a retry or a rerun updates the
+opportunity it created before instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import pandas as pd
+
+from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
+from cosell_sync.engine.normalize import side_value
+from cosell_sync.errors import ConfigurationError
+from cosell_sync.hooks._batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResponse
+from cosell_sync.hooks._odata import eq, quote, with_query
+from cosell_sync.hooks.dynamics import GUID, LOST, WON, DynamicsHook, primary_key
+from cosell_sync.sync.base import Action, RunContext, WriteResult, audit_line, prepend_audit
+
+log = logging.getLogger(__name__)
+
+ID_CHUNK = 50  # values per "$filter=x eq a or x eq b ..." read (keeps the URL short)
+# cosell_syncstatus choice values (Synced, Pending, Error)
+SYNC_STATUS = {"Synced": 100000000, "Pending": 100000001, "Error": 100000002}
+ACCOUNT, CONTACT, CURRENCY = "account", "contact", "transactioncurrency"  # nested prefixes of crm paths
+ACCOUNT_LOOKUP, CONTACT_LOOKUP, CURRENCY_LOOKUP = "parentaccountid", "parentcontactid", "transactioncurrencyid"
+CONTACT_ACCOUNT_LOOKUP = "parentcustomerid_account"
+ACCOUNT_NAME, ACCOUNT_POSTAL_CODE, CONTACT_EMAIL, CONTACT_LAST_NAME = (
+    "name",
+    "address1_postalcode",
+    "emailaddress1",
+    "lastname",
+)
+CURRENCY_CODE = "isocurrencycode"
+LAST_NAME_MAX = 50  # contact.lastname length; the e-mail's local part is cut to fit
+CLOSE_SUBJECT_MAX = 200  # opportunityclose.subject length
+_WHITESPACE = re.compile(r"\s+")
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_INTEGER = re.compile(r"-?\d+")
+
+
+class _RowError(ValueError):
+    """A record cannot be written as it is (the message names the field)."""
+
+
+def _missing(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _plain(value: Any) -> Any:
+    """A value as plain Python (numpy scalars unwrapped, missing as None), for results and audit."""
+    if _missing(value):
+        return None
+    if isinstance(value, pd.Timestamp | datetime):
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def match_key(name: Any, postal_code: Any) -> str:
+    """The account match key: name + postal code, lowercase, whitespace removed (as the planner's)."""
+
+    def norm(value: Any) -> str:
+        return "" if _missing(value) else _WHITESPACE.sub("", str(value)).lower()
+
+    return f"{norm(name)}|{norm(postal_code)}"
+
+
+def _email_key(value: Any) -> str | None:
+    if _missing(value) or not str(value).strip():
+        return None
+    return str(value).strip().lower()
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _is_guid(value: Any) -> bool:
+    return isinstance(value, str) and bool(GUID.fullmatch(value))
+
+
+def _text(value: Any) -> str | None:
+    return None if _missing(value) or value == "" else str(value)
+
+
+def _error_of(resp: BatchResponse) -> tuple[str, str | None]:
+    message = resp.error_message or (resp.body if isinstance(resp.body, str) and resp.body else None)
+    return str(message or f"HTTP {resp.status}"), resp.error_code
+
+
+def _exception_error(exc: BaseException) -> tuple[str, str | None]:
+    code = getattr(exc, "code", None)
+    return str(exc) or type(exc).__name__, str(code) if code else None
+
+
+@dataclass
+class _Row:
+    """One record being written, and what is known about it so far."""
+
+    pos: int
+    key: str
+    referral_id: str | None
+    values: dict[str, Any]  # canonical field -> value (create: present values only)
+    crm_id: str | None = None
+    account_id: str | None = None
+    contact_id: str | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    close: int | None = None  # WON / LOST: carried out after the write
+    etag: str | None = None
+    action: Action = "create"
+
+    def result(self, *, ok: bool, error: str | None = None, error_code: str | None = None) -> WriteResult:
+        return WriteResult(
+            key=self.key,
+            action=self.action,
+            ok=ok,
+            referral_id=self.referral_id,
+            crm_id=self.crm_id,
+            fields=dict(self.values),
+            error=error,
+            error_code=error_code,
+            etag=self.etag if ok else None,
+        )
+
+
+class _Outcomes:
+    """One result per record: the first failure sticks; the rest end ok."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, WriteResult] = {}
+
+    def fail(self, row: _Row, message: str, code: str | None = None) -> None:
+        if row.pos not in self.results:
+            self.results[row.pos] = row.result(ok=False, error=message, error_code=code)
+
+    def failed(self, row: _Row) -> bool:
+        return row.pos in self.results
+
+    def finish(self, rows: Iterable[_Row]) -> list[WriteResult]:
+        for row in rows:
+            self.results.setdefault(row.pos, row.result(ok=True))
+        return [self.results[i] for i in sorted(self.results)]
+
+
+class DynamicsSide:
+    """:class:`~cosell_sync.sync.base.CrmSide` for Dynamics 365 (Dataverse Web API)."""
+
+    crm = "dynamics365"
+    sync_status_values: Mapping[str, int] = SYNC_STATUS
+    id_chunk = ID_CHUNK
+    batch_size = MAX_BATCH_REQUESTS
+
+    def __init__(self, hook: DynamicsHook, mapping: SyncMapping) -> None:
+        if mapping.crm != self.crm:
+            raise ConfigurationError(f"mapping {mapping.source}: crm is '{mapping.crm}', expected '{self.crm}'")
+        self.hook = hook
+        self.mapping = mapping
+        r = mapping.records
+        self.opportunity_set, self.account_set, self.contact_set = r["opportunity"], r["account"], r["contact"]
+        self.opportunity_pk = primary_key(self.opportunity_set)
+        self.account_pk = primary_key(self.account_set)
+        self.contact_pk = primary_key(self.contact_set)
+        self.link_field = r["link_field"]
+        self.link_url_field = r["link_url_field"]
+        self.sync_flag_field = r["sync_flag_field"]
+        self.audit_field = r["audit_field"]
+        self.sync_status_field = r["sync_status_field"]
+        self.modified_field = r["modified_field"]
+        self.closed_field = r["closed_field"]
+
+        self.opportunity_fields: dict[str, FieldMapping] = {}  # canonical -> field, crm path = a column
+        self.account_fields: dict[str, str] = {}  # canonical -> account column
+        self.contact_fields: dict[str, str] = {}  # canonical -> contact column
+        self.stage_field: FieldMapping | None = None
+        self.currency_field: FieldMapping | None = None
+        for fm in mapping.fields.values():
+            prefix, dot, column = fm.crm.partition(".")
+            if not dot:
+                if fm.crm == self.closed_field:
+                    self.stage_field = fm
+                else:
+                    self.opportunity_fields[fm.name] = fm
+                continue
+            if "." in column or not column:
+                raise self._unsupported(fm)
+            if prefix == ACCOUNT:
+                self.account_fields[fm.name] = column
+            elif prefix == CONTACT:
+                self.contact_fields[fm.name] = column
+            elif prefix == CURRENCY and column == CURRENCY_CODE:
+                self.currency_field = fm
+            else:
+                raise self._unsupported(fm)
+        self._account_name = next((n for n, c in self.account_fields.items() if c == ACCOUNT_NAME), None)
+        self._account_postal = next((n for n, c in self.account_fields.items() if c == ACCOUNT_POSTAL_CODE), None)
+        self._contact_email = next((n for n, c in self.contact_fields.items() if c == CONTACT_EMAIL), None)
+        self._currencies: dict[str, dict[str, Any]] | None = None  # transactioncurrencyid -> row
+
+    def _unsupported(self, fm: FieldMapping) -> ConfigurationError:
+        return ConfigurationError(
+            f"mapping {self.mapping.source}: fields.{fm.name}.crm: '{fm.crm}' is not supported for Dynamics 365 "
+            "(use an opportunity column, account.<column>, contact.<column> or transactioncurrency.isocurrencycode)"
+        )
+
+    # -- extract ------------------------------------------------------------------------------------
+    def opportunity_select(self) -> list[str]:
+        """The opportunity columns an extract reads."""
+        columns = [
+            self.opportunity_pk,
+            *(fm.crm for fm in self.opportunity_fields.values()),
+            self.closed_field,
+            "statecode",
+            "statuscode",
+            self.modified_field,
+            "modifiedon",
+            f"_{ACCOUNT_LOOKUP}_value",
+            f"_{CONTACT_LOOKUP}_value",
+            f"_{CURRENCY_LOOKUP}_value",
+            self.link_field,
+            self.link_url_field,
+            self.sync_flag_field,
+            self.sync_status_field,
+            self.audit_field,
+        ]
+        return list(dict.fromkeys(columns))
+
+    def extract(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        crm_ids: list[str] | None = None,
+        referral_ids: list[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Opportunities modified in ``(since, until]`` (every one when neither is given), or,
+        with ``crm_ids`` and/or ``referral_ids``, those opportunities (an empty list names none),
+        each with its ``account``, ``contact`` and ``transactioncurrency`` nested."""
+        filters: list[str | None]
+        if crm_ids is None and referral_ids is None:
+            filters = [None]
+        else:
+            clauses: list[str] = []
+            for crm_id in dict.fromkeys(str(i).strip() for i in crm_ids or [] if not _missing(i)):
+                if _is_guid(crm_id):
+                    clauses.append(eq(self.opportunity_pk, uuid.UUID(crm_id)))
+                else:
+                    log.warning("dynamics365 extract: %r is not an opportunity id (GUID); skipped", crm_id)
+            for referral_id in dict.fromkeys(str(i) for i in referral_ids or [] if not _missing(i) and str(i)):
+                clauses.append(eq(self.link_field, referral_id))
+            filters = [" or ".join(chunk) for chunk in _chunks(clauses, self.id_chunk)]
+        rows: dict[str, dict[str, Any]] = {}
+        select = self.opportunity_select()
+        for flt in filters:
+            for row in self.hook.read_modified_since(
+                self.opportunity_set, since, select=select, extra_filter=flt, until=until
+            ):
+                rows.setdefault(str(row[self.opportunity_pk]).lower(), row)
+        records = sorted(rows.values(), key=lambda r: (str(r.get("modifiedon") or ""), str(r[self.opportunity_pk])))
+        self._nest(records)
+        log.info("dynamics365 extract: %d opportunities", len(records))
+        return records
+
+    def _nest(self, records: list[dict[str, Any]]) -> None:
+        account_ref, contact_ref, currency_ref = (
+            f"_{ACCOUNT_LOOKUP}_value",
+            f"_{CONTACT_LOOKUP}_value",
+            f"_{CURRENCY_LOOKUP}_value",
+        )
+        accounts = self._read_by_ids(
+            self.account_set,
+            self.account_pk,
+            [r[account_ref] for r in records if r.get(account_ref)],
+            [self.account_pk, *dict.fromkeys(self.account_fields.values())],
+        )
+        contacts = self._read_by_ids(
+            self.contact_set,
+            self.contact_pk,
+            [r[contact_ref] for r in records if r.get(contact_ref)],
+            [self.contact_pk, *dict.fromkeys(self.contact_fields.values())],
+        )
+        currencies = self._currency_rows([r[currency_ref] for r in records if r.get(currency_ref)])
+        for record in records:
+            account_id, contact_id, currency_id = (record.get(k) for k in (account_ref, contact_ref, currency_ref))
+            record[ACCOUNT] = accounts.get(str(account_id).lower()) if account_id else None
+            record[CONTACT] = contacts.get(str(contact_id).lower()) if contact_id else None
+            currency = currencies.get(str(currency_id).lower()) if currency_id else None
+            record[CURRENCY] = {CURRENCY_CODE: currency.get(CURRENCY_CODE)} if currency else None
+
+    def _read_by_ids(
+        self, entity_set: str, pk: str, ids: Iterable[str], select: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Rows by primary key, ``id eq a or id eq b ...`` in chunks; keyed by the lowercase id."""
+        wanted = list(dict.fromkeys(str(i).lower() for i in ids if _is_guid(str(i))))
+        out: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(wanted, self.id_chunk):
+            flt = " or ".join(eq(pk, uuid.UUID(i)) for i in chunk)
+            for row in self.hook.query(entity_set, select=list(select), filter=flt):
+                out[str(row[pk]).lower()] = row
+        return out
+
+    def _currency_rows(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The currency table, read once (again only if an opportunity names an unknown currency)."""
+        wanted = {str(i).lower() for i in ids}
+        if not wanted:
+            return self._currencies or {}
+        if self._currencies is None or not wanted <= set(self._currencies):
+            select = ["transactioncurrencyid", CURRENCY_CODE]
+            self._currencies = {
+                str(row["transactioncurrencyid"]).lower(): row
+                for row in self.hook.query("transactioncurrencies", select=select)
+            }
+        return self._currencies
+
+    # -- value conversion ---------------------------------------------------------------------------
+    def column_value(self, fm: FieldMapping, canonical: Any) -> Any:
+        """A canonical value as Dataverse takes it (choices as ints, dates as ``YYYY-MM-DD``);
+        None for a missing value. Raises :class:`ValueError` naming the field."""
+        if _missing(canonical) or canonical == KEEP:
+            return None
+        canonical = _plain(canonical)
+        if fm.type == "enum":
+            raw = side_value(fm, "crm", canonical)
+            if raw is None:
+                known = ", ".join(sorted(fm.crm_values.write)) if fm.crm_values else ""
+                raise _RowError(f"{fm.name}: {canonical!r} has no Dynamics 365 value for {fm.crm} (known: {known})")
+            return int(raw) if _INTEGER.fullmatch(raw) else raw
+        if fm.type == "decimal":
+            if isinstance(canonical, bool):
+                raise _RowError(f"{fm.name}: {canonical!r} is not a number")
+            try:
+                number = float(canonical)
+            except (TypeError, ValueError):
+                raise _RowError(f"{fm.name}: {canonical!r} is not a number") from None
+            if not math.isfinite(number):
+                raise _RowError(f"{fm.name}: {canonical!r} is not a finite number")
+            return int(number) if isinstance(canonical, int) else number
+        if fm.type == "date":
+            if isinstance(canonical, str) and _ISO_DATE.fullmatch(canonical.strip()):
+                return canonical.strip()
+            try:
+                return pd.to_datetime(canonical, utc=True, format="ISO8601").strftime("%Y-%m-%d")
+            except (TypeError, ValueError):
+                raise _RowError(f"{fm.name}: {canonical!r} is not an ISO 8601 date") from None
+        if fm.type == "id_list" and isinstance(canonical, list | tuple | set):
+            return ";".join(sorted({str(i).strip() for i in canonical if str(i).strip()})) or None
+        return str(canonical)
+
+    def _stage_action(self, canonical: Any) -> int | None:
+        """WON or LOST when ``canonical`` (the stage) closes the opportunity, else None."""
+        if self.stage_field is None or _missing(canonical) or canonical == KEEP:
+            return None
+        raw = side_value(self.stage_field, "crm", _plain(canonical))
+        if raw is None:
+            known = ", ".join(sorted(self.stage_field.crm_values.write)) if self.stage_field.crm_values else ""
+            raise _RowError(f"{self.stage_field.name}: {canonical!r} has no Dynamics 365 value (known: {known})")
+        state = int(raw) if _INTEGER.fullmatch(raw) else None
+        return state if state in (WON, LOST) else None
+
+    def _currency_bind(self, code: Any) -> str:
+        try:
+            currency_id = self.hook.currency_id(str(code))
+        except LookupError as exc:
+            name = self.currency_field.name if self.currency_field else "currency"
+            raise _RowError(f"{name}: {exc.args[0] if exc.args else exc}") from None
+        return DynamicsHook.bind("transactioncurrencies", currency_id)
+
+    def _opportunity_columns(self, values: Mapping[str, Any], *, clear_missing: bool) -> dict[str, Any]:
+        """The opportunity columns (and the currency lookup) for canonical ``values``; a missing
+        value clears its column with ``clear_missing``, else it is left out. The currency is
+        never cleared (Dataverse needs one)."""
+        body: dict[str, Any] = {}
+        for name, value in values.items():
+            if isinstance(value, str) and value == KEEP:
+                continue  # no opinion
+            fm = self.opportunity_fields.get(name)
+            if fm is not None:
+                converted = self.column_value(fm, value)
+                if converted is not None or clear_missing:
+                    body[fm.crm] = converted
+            elif self.currency_field is not None and name == self.currency_field.name and not _missing(value):
+                body[f"{CURRENCY_LOOKUP}@odata.bind"] = self._currency_bind(value)
+        return body
+
+    # -- batches and reads, chunk by chunk ------------------------------------------------------------
+    def _run_batch(
+        self,
+        items: Sequence[tuple[_Row, BatchRequest]],
+        on_response: Callable[[_Row, BatchResponse], None],
+        on_error: Callable[[_Row, str, str | None], None],
+    ) -> None:
+        """``$batch`` calls of at most ``batch_size`` requests with continue-on-error; a chunk
+        that fails as a whole fails each of its records with the exception's message."""
+        for chunk in _chunks(items, self.batch_size):
+            try:
+                responses = self.hook.batch([request for _, request in chunk], continue_on_error=True)
+            except Exception as exc:  # the whole call failed: every record of the chunk fails
+                log.warning("dynamics365: a $batch of %d requests failed: %s", len(chunk), exc)
+                message, code = _exception_error(exc)
+                for row, _ in chunk:
+                    on_error(row, message, code)
+                continue
+            for n, (row, _) in enumerate(chunk):
+                if n < len(responses):
+                    on_response(row, responses[n])
+                else:
+                    on_error(row, "Dataverse returned no response for this request in the $batch", None)
+
+    def _read_chunked(
+        self,
+        rows: Sequence[_Row],
+        value: Callable[[_Row], str],
+        clause: Callable[[str], str],
+        select: Sequence[str],
+        on_error: Callable[[_Row, str, str | None], None],
+    ) -> list[dict[str, Any]]:
+        """Opportunities matching ``clause(value(row))`` for the rows, in chunks; a chunk whose
+        read fails fails its records."""
+        found: list[dict[str, Any]] = []
+        by_value: dict[str, list[_Row]] = {}
+        for row in rows:
+            by_value.setdefault(value(row), []).append(row)
+        for chunk in _chunks(list(by_value), self.id_chunk):
+            flt = " or ".join(clause(v) for v in chunk)
+            try:
+                found += list(self.hook.query(self.opportunity_set, select=list(select), filter=flt))
+            except Exception as exc:
+                message, code = _exception_error(exc)
+                for v in chunk:
+                    for row in by_value[v]:
+                        on_error(row, message, code)
+        return found
+
+    # -- create -------------------------------------------------------------------------------------
+    def create(self, creates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """New opportunities, one per row of ``creates`` (``referral_id`` + canonical values):
+        account matched or created, contact matched or created, then one alternate-key upsert
+        per row carrying the link, the sync status and the audit; won/lost closed afterwards."""
+        outcomes = _Outcomes()
+        rows: list[_Row] = []
+        names = [n for n in self.mapping.fields if n in creates.columns]
+        for pos, item in enumerate(creates.to_dict("records")):
+            referral_id = _text(item.get("referral_id"))
+            values = {n: _plain(item[n]) for n in names if not _missing(item[n])}
+            row = _Row(pos, referral_id or "", referral_id, values, action="create")
+            if referral_id is None:
+                outcomes.fail(row, "referral_id: missing")
+                continue
+            try:
+                row.close = self._stage_action(values.get(self.stage_field.name)) if self.stage_field else None
+            except ValueError as exc:
+                outcomes.fail(row, str(exc))
+                continue
+            rows.append(row)
+        if ctx.dry_run:
+            return outcomes.finish(rows)
+
+        for step in (self._ensure_accounts, self._ensure_contacts, self._upsert_opportunities):
+            current = [r for r in rows if not outcomes.failed(r)]
+            if not current:
+                break
+            try:
+                step(current, ctx, outcomes)
+            except Exception as exc:  # unexpected: fails the records still pending, never the run
+                log.warning("dynamics365 create: %s failed: %s", step.__name__, exc)
+                for row in current:
+                    outcomes.fail(row, *_exception_error(exc))
+        out = outcomes.finish(rows)
+        log.info("dynamics365 create: %d ok, %d failed", sum(r.ok for r in out), sum(not r.ok for r in out))
+        return out
+
+    def _ensure_accounts(self, rows: list[_Row], ctx: RunContext, outcomes: _Outcomes) -> None:
+        """Match each row's account by name + postal code (case- and space-insensitive), or create it."""
+        if self._account_name is None:
+            return
+        need: dict[str, list[_Row]] = {}
+        for row in rows:
+            name = row.values.get(self._account_name)
+            if _missing(name) or not str(name).strip():
+                continue
+            postal = row.values.get(self._account_postal) if self._account_postal else None
+            need.setdefault(match_key(name, postal), []).append(row)
+        if not need:
+            return
+        found = self._find_accounts({key: str(group[0].values[self._account_name]) for key, group in need.items()})
+        label = {key: f"account '{group[0].values[self._account_name]}'" for key, group in need.items()}
+        creating: list[tuple[_Row, BatchRequest]] = []
+        key_of: dict[int, str] = {}  # position of the group's first row -> match key
+        for key, group in need.items():
+            if key in found:
+                continue
+            try:
+                body = self._nested_body(group[0].values, self.account_fields)
+            except ValueError as exc:
+                for row in group:
+                    outcomes.fail(row, f"{label[key]}: {exc}")
+                continue
+            body[self.account_pk] = str(uuid.uuid4())  # known up front: a retry cannot duplicate it
+            creating.append((group[0], BatchRequest("POST", self.account_set, body)))
+            key_of[group[0].pos] = key
+
+        def answered(first: _Row, resp: BatchResponse) -> None:
+            key = key_of[first.pos]
+            if resp.ok:
+                request = next(req for r, req in creating if r is first)
+                found[key] = resp.entity_id or str((request.body or {})[self.account_pk])
+            else:
+                failed(first, *_error_of(resp))
+
+        def failed(first: _Row, message: str, code: str | None = None) -> None:
+            key = key_of[first.pos]
+            for row in need[key]:
+                outcomes.fail(row, f"{label[key]}: {message}", code)
+
+        self._run_batch(creating, answered, failed)
+        log.info("dynamics365 create: %d accounts matched, %d to create", len(need) - len(creating), len(creating))
+        for key, group in need.items():
+            for row in group:
+                row.account_id = found.get(key)
+
+    def _nested_body(self, values: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+        """An account or contact row from canonical values (missing values left out)."""
+        body: dict[str, Any] = {}
+        for name, column in columns.items():
+            value = self.column_value(self.mapping.fields[name], values.get(name))
+            if value is not None:
+                body[column] = value
+        return body
+
+    def _find_accounts(self, wanted: Mapping[str, str]) -> dict[str, str]:
+        """Existing accounts for match keys. Candidates are the accounts whose name starts with
+        the name's first word (so a different spacing or case still finds them); they are
+        compared on the match key. Active accounts win, then the oldest."""
+        prefixes = sorted({name.split()[0] for name in wanted.values() if name.split()})
+        select = [self.account_pk, ACCOUNT_NAME, "statecode", "createdon"]
+        if self._account_postal:
+            select.append(ACCOUNT_POSTAL_CODE)
+        candidates: dict[str, list[dict[str, Any]]] = {}
+        for chunk in _chunks(prefixes, self.id_chunk):
+            flt = " or ".join(f"startswith({ACCOUNT_NAME},{quote(prefix)})" for prefix in chunk)
+            for row in self.hook.query(self.account_set, select=select, filter=flt):
+                postal = row.get(ACCOUNT_POSTAL_CODE) if self._account_postal else None
+                key = match_key(row.get(ACCOUNT_NAME), postal)
+                if key in wanted:
+                    candidates.setdefault(key, []).append(row)
+        return {key: str(_preferred(rows)[self.account_pk]).lower() for key, rows in candidates.items()}
+
+    def _ensure_contacts(self, rows: list[_Row], ctx: RunContext, outcomes: _Outcomes) -> None:
+        """Match each row's contact by e-mail (case-insensitive), or create it under the row's account."""
+        if self._contact_email is None:
+            return
+        need: dict[str, list[_Row]] = {}
+        for row in rows:
+            email = _email_key(row.values.get(self._contact_email))
+            if email:
+                need.setdefault(email, []).append(row)
+        if not need:
+            return
+        select = [self.contact_pk, CONTACT_EMAIL, "statecode", "createdon"]
+        candidates: dict[str, list[dict[str, Any]]] = {}
+        for chunk in _chunks(list(need), self.id_chunk):
+            flt = " or ".join(eq(CONTACT_EMAIL, email) for email in chunk)
+            for row in self.hook.query(self.contact_set, select=select, filter=flt):
+                email = _email_key(row.get(CONTACT_EMAIL))
+                if email in need:
+                    candidates.setdefault(email, []).append(row)
+        found = {email: str(_preferred(rows)[self.contact_pk]).lower() for email, rows in candidates.items()}
+        creating: list[tuple[_Row, BatchRequest]] = []
+        email_of: dict[int, str] = {}
+        for email, group in need.items():
+            if email in found:
+                continue
+            first = group[0]
+            try:
+                body = self._nested_body(first.values, self.contact_fields)
+            except ValueError as exc:
+                for row in group:
+                    outcomes.fail(row, f"contact '{email}': {exc}")
+                continue
+            body.setdefault(CONTACT_EMAIL, email)
+            if not body.get(CONTACT_LAST_NAME):  # required: fall back to the e-mail's local part
+                body[CONTACT_LAST_NAME] = (email.partition("@")[0] or email)[:LAST_NAME_MAX]
+            if first.account_id:
+                body[f"{CONTACT_ACCOUNT_LOOKUP}@odata.bind"] = DynamicsHook.bind(self.account_set, first.account_id)
+            body[self.contact_pk] = str(uuid.uuid4())
+            creating.append((first, BatchRequest("POST", self.contact_set, body)))
+            email_of[first.pos] = email
+
+        def answered(first: _Row, resp: BatchResponse) -> None:
+            if resp.ok:
+                request = next(req for r, req in creating if r is first)
+                found[email_of[first.pos]] = resp.entity_id or str((request.body or {})[self.contact_pk])
+            else:
+                failed(first, *_error_of(resp))
+
+        def failed(first: _Row, message: str, code: str | None = None) -> None:
+            email = email_of[first.pos]
+            for row in need[email]:
+                outcomes.fail(row, f"contact '{email}': {message}", code)
+
+        self._run_batch(creating, answered, failed)
+        for email, group in need.items():
+            for row in group:
+                row.contact_id = found.get(email)
+
+    def _by_referral(self, rows: Sequence[_Row], on_error: Callable[..., None]) -> dict[str, dict[str, Any]]:
+        """Opportunities holding the rows' referral ids, keyed by the folded id (the key is
+        case-insensitive in Dataverse)."""
+        found = self._read_chunked(
+            rows,
+            lambda r: str(r.referral_id),
+            lambda v: eq(self.link_field, v),
+            [self.opportunity_pk, self.link_field, self.audit_field, "statecode"],
+            on_error,
+        )
+        return {str(r[self.link_field]).casefold(): r for r in found if r.get(self.link_field)}
+
+    def _upsert_opportunities(self, rows: list[_Row], ctx: RunContext, outcomes: _Outcomes) -> None:
+        existing = self._by_referral(rows, outcomes.fail)
+        synced = self.sync_status_values["Synced"]
+        requests: list[tuple[_Row, BatchRequest]] = []
+        for row in rows:
+            if outcomes.failed(row):
+                continue
+            referral_id = str(row.referral_id)
+            try:
+                body = self._opportunity_columns(row.values, clear_missing=False)
+            except ValueError as exc:
+                outcomes.fail(row, str(exc))
+                continue
+            except Exception as exc:  # e.g. the currency table could not be read
+                outcomes.fail(row, *_exception_error(exc))
+                continue
+            if row.account_id:
+                body[f"{ACCOUNT_LOOKUP}@odata.bind"] = DynamicsHook.bind(self.account_set, row.account_id)
+            if row.contact_id:
+                body[f"{CONTACT_LOOKUP}@odata.bind"] = DynamicsHook.bind(self.contact_set, row.contact_id)
+            before = existing.get(referral_id.casefold())
+            body[self.link_url_field] = ctx.referral_link(referral_id)
+            body[self.sync_status_field] = synced
+            body[self.audit_field] = prepend_audit(
+                before.get(self.audit_field) if before else None, audit_line(ctx, "pc_to_crm", row.values)
+            )
+            if before:
+                row.crm_id = str(before[self.opportunity_pk]).lower()
+            url = with_query(
+                DynamicsHook.alternate_key(self.opportunity_set, **{self.link_field: referral_id}),
+                {"$select": self.opportunity_pk},
+            )
+            requests.append((row, BatchRequest("PATCH", url, body, headers={"Prefer": "return=representation"})))
+
+        read_back: list[_Row] = []
+
+        def answered(row: _Row, resp: BatchResponse) -> None:
+            if not resp.ok:
+                outcomes.fail(row, *_error_of(resp))
+                return
+            body = resp.body if isinstance(resp.body, dict) else {}
+            crm_id = body.get(self.opportunity_pk) or resp.entity_id or row.crm_id
+            row.crm_id = str(crm_id).lower() if crm_id else None
+            row.etag = body.get("@odata.etag")
+            if row.crm_id is None:
+                read_back.append(row)
+
+        self._run_batch(requests, answered, outcomes.fail)
+        if read_back:  # a 204 without a row id in OData-EntityId: read the id back by the alternate key
+            again = self._by_referral(read_back, outcomes.fail)
+            for row in read_back:
+                found = again.get(str(row.referral_id).casefold())
+                if found:
+                    row.crm_id = str(found[self.opportunity_pk]).lower()
+                else:
+                    outcomes.fail(row, "the opportunity was written but could not be read back by its referral id")
+        for row in rows:
+            if outcomes.failed(row) or row.close is None:
+                continue
+            before = existing.get(str(row.referral_id).casefold())
+            if before and before.get("statecode") == row.close:
+                continue  # already closed that way (a rerun)
+            self._close(row, ctx, outcomes)
+
+    def _close(self, row: _Row, ctx: RunContext, outcomes: _Outcomes) -> None:
+        """WinOpportunity (Status 3, Won) or LoseOpportunity (Status 4, Canceled) after the write."""
+        won = row.close == WON
+        action = "WinOpportunity" if won else "LoseOpportunity"
+        about = f"referral {row.referral_id}, " if row.referral_id else ""
+        subject = f"{'Won' if won else 'Lost'} in Partner Center ({about}run {ctx.run_id})"[:CLOSE_SUBJECT_MAX]
+        try:
+            if won:
+                self.hook.win_opportunity(str(row.crm_id), subject, status=3)
+            else:
+                self.hook.lose_opportunity(str(row.crm_id), subject, status=4)
+        except Exception as exc:
+            message, code = _exception_error(exc)
+            outcomes.fail(row, f"the opportunity was saved, but {action} failed: {message}", code)
+            return
+        row.etag = None  # the action changed the row's version
+
+    # -- update -------------------------------------------------------------------------------------
+    def update(self, updates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """Write only ``fields`` (canonical -> value) on each linked opportunity, plus the audit
+        and the sync status, in ``$batch`` PATCHes with ``If-Match: *``. Account and contact
+        fields are not written (accounts are shared). A stage of won/lost is carried out with
+        Win/LoseOpportunity after the PATCH (action ``win``/``lose``); new/active writes nothing."""
+        outcomes = _Outcomes()
+        rows: list[_Row] = []
+        for pos, item in enumerate(updates.to_dict("records")):
+            referral_id, crm_id = _text(item.get("referral_id")), _text(item.get("crm_id"))
+            raw_fields = item.get("fields")
+            fields = dict(raw_fields) if isinstance(raw_fields, Mapping) else {}
+            values = {
+                name: _plain(value)
+                for name, value in fields.items()
+                if name not in self.account_fields and name not in self.contact_fields
+            }
+            row = _Row(pos, referral_id or crm_id or "", referral_id, values, crm_id=crm_id.lower() if crm_id else None)
+            row.action = "update"
+            try:
+                unknown = sorted(set(fields) - set(self.mapping.fields))
+                if unknown:
+                    raise _RowError(f"{unknown[0]}: not a field of the mapping {self.mapping.source}")
+                if not _is_guid(crm_id):
+                    raise _RowError(f"crm_id: {crm_id!r} is not a Dataverse row id (GUID)")
+                row.close = self._stage_action(values.get(self.stage_field.name)) if self.stage_field else None
+            except ValueError as exc:
+                outcomes.fail(row, str(exc))
+                continue
+            row.action = "win" if row.close == WON else "lose" if row.close == LOST else "update"
+            rows.append(row)
+        if ctx.dry_run or not rows:
+            return outcomes.finish(rows)
+
+        try:
+            current = self._read_chunked(
+                rows,
+                lambda r: str(r.crm_id),
+                lambda v: eq(self.opportunity_pk, uuid.UUID(v)),
+                [self.opportunity_pk, self.audit_field, "statecode"],
+                outcomes.fail,
+            )
+            before = {str(r[self.opportunity_pk]).lower(): r for r in current}
+            synced = self.sync_status_values["Synced"]
+            requests: list[tuple[_Row, BatchRequest]] = []
+            for row in rows:
+                if outcomes.failed(row):
+                    continue
+                try:
+                    body = self._opportunity_columns(row.values, clear_missing=True)
+                except ValueError as exc:
+                    outcomes.fail(row, str(exc))
+                    continue
+                except Exception as exc:
+                    outcomes.fail(row, *_exception_error(exc))
+                    continue
+                old = before.get(str(row.crm_id))
+                body[self.sync_status_field] = synced
+                body[self.audit_field] = prepend_audit(
+                    old.get(self.audit_field) if old else None, audit_line(ctx, "pc_to_crm", row.values)
+                )
+                requests.append((row, self._patch(row, body)))
+
+            def answered(row: _Row, resp: BatchResponse) -> None:
+                if resp.ok:
+                    row.etag = resp.body.get("@odata.etag") if isinstance(resp.body, dict) else None
+                else:
+                    outcomes.fail(row, *_error_of(resp))
+
+            self._run_batch(requests, answered, outcomes.fail)
+            for row in rows:
+                if outcomes.failed(row) or row.close is None:
+                    continue
+                old = before.get(str(row.crm_id))
+                if old and old.get("statecode") == row.close:
+                    continue  # already won/lost
+                self._close(row, ctx, outcomes)
+        except Exception as exc:  # unexpected: fails the records still pending, never the run
+            log.warning("dynamics365 update failed: %s", exc)
+            for row in rows:
+                outcomes.fail(row, *_exception_error(exc))
+        out = outcomes.finish(rows)
+        log.info("dynamics365 update: %d ok, %d failed", sum(r.ok for r in out), sum(not r.ok for r in out))
+        return out
+
+    def _patch(self, row: _Row, body: dict[str, Any]) -> BatchRequest:
+        """An update-only PATCH (``If-Match: *``: 404 rather than a new row) answering the new ETag."""
+        url = with_query(DynamicsHook.row(self.opportunity_set, str(row.crm_id)), {"$select": self.opportunity_pk})
+        return BatchRequest("PATCH", url, body, headers={"If-Match": "*", "Prefer": "return=representation"})
+
+    def _audits(self, rows: Sequence[_Row], on_error: Callable[..., None]) -> dict[str, Any]:
+        current = self._read_chunked(
+            rows,
+            lambda r: str(r.crm_id),
+            lambda v: eq(self.opportunity_pk, uuid.UUID(v)),
+            [self.opportunity_pk, self.audit_field],
+            on_error,
+        )
+        return {str(r[self.opportunity_pk]).lower(): r.get(self.audit_field) for r in current}
+
+    # -- mark and links ---------------------------------------------------------------------------
+    def mark(self, crm_ids: list[str], status: str, ctx: RunContext, *, error: str | None = None) -> None:
+        """Set the sync status (``Synced``/``Pending``/``Error``) and, with ``error``, prepend an
+        audit line holding it, in one ``$batch``. Failures are logged, never raised."""
+        if status not in self.sync_status_values:
+            raise ValueError(f"sync status must be one of {', '.join(self.sync_status_values)}, not {status!r}")
+        ids = list(dict.fromkeys(str(i).strip().lower() for i in crm_ids if not _missing(i)))
+        bad = [i for i in ids if not _is_guid(i)]
+        if bad:
+            log.warning("dynamics365 mark: not opportunity ids (GUIDs), skipped: %s", bad[:10])
+        rows = [_Row(n, i, None, {}, crm_id=i, action="update") for n, i in enumerate(ids) if _is_guid(i)]
+        if ctx.dry_run or not rows:
+            return
+        outcomes = _Outcomes()
+        try:
+            audits = self._audits(rows, outcomes.fail) if error else {}
+            requests = []
+            for row in rows:
+                if outcomes.failed(row):
+                    continue
+                body: dict[str, Any] = {self.sync_status_field: self.sync_status_values[status]}
+                if error:
+                    line = audit_line(ctx, "error", {"sync_status": status, "error": error})
+                    body[self.audit_field] = prepend_audit(audits.get(str(row.crm_id)), line)
+                url = DynamicsHook.row(self.opportunity_set, str(row.crm_id))
+                requests.append((row, BatchRequest("PATCH", url, body, headers={"If-Match": "*"})))
+
+            def answered(row: _Row, resp: BatchResponse) -> None:
+                if not resp.ok:
+                    outcomes.fail(row, *_error_of(resp))
+
+            self._run_batch(requests, answered, outcomes.fail)
+        except Exception as exc:
+            for row in rows:
+                outcomes.fail(row, *_exception_error(exc))
+        problems = [f"{r.key}: {r.error_code or ''} {r.error}" for r in outcomes.finish(rows) if not r.ok]
+        if problems:
+            log.warning("dynamics365 mark %s: %d of %d failed: %s", status, len(problems), len(rows), problems[:10])
+
+    def write_links(self, links: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """Store the referral id and link, sync status Synced and an audit line on the
+        opportunities that referrals were just created for (key = crm_id, action ``update``)."""
+        outcomes = _Outcomes()
+        rows: list[_Row] = []
+        for pos, item in enumerate(links.to_dict("records")):
+            crm_id, referral_id = _text(item.get("crm_id")), _text(item.get("referral_id"))
+            values = {self.link_field: referral_id}
+            if referral_id:
+                values[self.link_url_field] = ctx.referral_link(referral_id)
+            row = _Row(pos, crm_id or "", referral_id, values, crm_id=crm_id.lower() if crm_id else None)
+            row.action = "update"
+            if not _is_guid(crm_id):
+                outcomes.fail(row, f"crm_id: {crm_id!r} is not a Dataverse row id (GUID)")
+            elif not referral_id:
+                outcomes.fail(row, "referral_id: missing")
+            else:
+                rows.append(row)
+        if ctx.dry_run or not rows:
+            return outcomes.finish(rows)
+        try:
+            audits = self._audits(rows, outcomes.fail)
+            requests: list[tuple[_Row, BatchRequest]] = []
+            for row in rows:
+                if outcomes.failed(row):
+                    continue
+                line = audit_line(ctx, "crm_to_pc", {"referral_id": row.referral_id})
+                body = {
+                    **row.values,
+                    self.sync_status_field: self.sync_status_values["Synced"],
+                    self.audit_field: prepend_audit(audits.get(str(row.crm_id)), line),
+                }
+                requests.append((row, self._patch(row, body)))
+
+            def answered(row: _Row, resp: BatchResponse) -> None:
+                if resp.ok:
+                    row.etag = resp.body.get("@odata.etag") if isinstance(resp.body, dict) else None
+                else:
+                    outcomes.fail(row, *_error_of(resp))
+
+            self._run_batch(requests, answered, outcomes.fail)
+        except Exception as exc:
+            for row in rows:
+                outcomes.fail(row, *_exception_error(exc))
+        return outcomes.finish(rows)
+
+
+def _preferred(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """Of several matching accounts or contacts: active ones first, then the oldest."""
+    return min(rows, key=lambda r: (r.get("statecode") or 0, str(r.get("createdon") or "")))

@@ -17,6 +17,9 @@ import pytest
 _HOME = Path(tempfile.mkdtemp(prefix="cosell-test-"))
 os.environ["AIRFLOW_HOME"] = str(_HOME / "airflow")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+_REPO = Path(__file__).resolve().parents[1]
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(_REPO / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(_REPO / "plugins")
 os.environ["COSELL_SANDBOX_HOME"] = str(_HOME / "sandbox")
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
@@ -92,3 +95,12 @@ def sf_hook(sf_conn: dict):
     from cosell_sync.hooks.salesforce import SalesforceSyncHook
 
     return SalesforceSyncHook()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """A migrated Airflow metadata DB (SQLite) under the test AIRFLOW_HOME, for dag.test()."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, timeout=600)

@@ -123,7 +123,8 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
             context = get_current_context()
             params = context["params"]
             dag_run = context["dag_run"]
-            backfill = str(getattr(dag_run, "run_type", "")).lower().endswith("backfill")
+            run_type = getattr(dag_run, "run_type", None)
+            backfill = getattr(run_type, "value", run_type) == "backfill"
             if backfill:
                 since_pc = since_crm = context["data_interval_start"]
                 until = context["data_interval_end"]

@@ -13,8 +13,11 @@ hides the others: it goes to the dead letter with the system's own error.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any, Literal, Protocol
 
 import pandas as pd
@@ -23,6 +26,41 @@ from cosell_sync.engine.mapping import SyncMapping
 
 Action = Literal["create", "update", "win", "lose"]
 AUDIT_MAX_CHARS = 4000  # the CRM audit field keeps the newest entries within this budget
+
+
+def missing(value: Any) -> bool:
+    """None, NaN, pd.NA or NaT: a frame cell with nothing in it."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def plain(value: Any) -> Any:
+    """A frame cell as plain JSON-able Python: missing -> None, numpy scalars unwrapped,
+    dates as ISO text, Decimal as float."""
+    if missing(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            return value
+        if missing(value):
+            return None
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    return value
+
+
+def match_key(name: Any, postal_code: Any) -> str:
+    """How an account is matched: name + postal code, case- and space-insensitive."""
+
+    def norm(text: Any) -> str:
+        return "" if missing(text) else re.sub(r"\s+", "", str(text)).lower()
+
+    return f"{norm(name)}|{norm(postal_code)}"
 
 
 @dataclass

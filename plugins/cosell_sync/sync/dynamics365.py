@@ -25,8 +25,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from decimal import Decimal
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
@@ -37,7 +36,16 @@ from cosell_sync.errors import ConfigurationError
 from cosell_sync.hooks._batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResponse
 from cosell_sync.hooks._odata import eq, quote, with_query
 from cosell_sync.hooks.dynamics import GUID, LOST, WON, DynamicsHook, primary_key
-from cosell_sync.sync.base import Action, RunContext, WriteResult, audit_line, prepend_audit
+from cosell_sync.sync.base import (
+    Action,
+    RunContext,
+    WriteResult,
+    audit_line,
+    match_key,
+    missing,
+    plain,
+    prepend_audit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +64,6 @@ ACCOUNT_NAME, ACCOUNT_POSTAL_CODE, CONTACT_EMAIL, CONTACT_LAST_NAME = (
 CURRENCY_CODE = "isocurrencycode"
 LAST_NAME_MAX = 50  # contact.lastname length; the e-mail's local part is cut to fit
 CLOSE_SUBJECT_MAX = 200  # opportunityclose.subject length
-_WHITESPACE = re.compile(r"\s+")
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _INTEGER = re.compile(r"-?\d+")
 
@@ -65,41 +72,8 @@ class _RowError(ValueError):
     """A record cannot be written as it is (the message names the field)."""
 
 
-def _missing(value: Any) -> bool:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return True
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _plain(value: Any) -> Any:
-    """A value as plain Python (numpy scalars unwrapped, missing as None), for results and audit."""
-    if _missing(value):
-        return None
-    if isinstance(value, pd.Timestamp | datetime):
-        return value.isoformat()
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return float(value)
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        try:
-            return value.item()
-        except (TypeError, ValueError):
-            return value
-    return value
-
-
-def match_key(name: Any, postal_code: Any) -> str:
-    """The account match key: name + postal code, lowercase, whitespace removed (as the planner's)."""
-
-    def norm(value: Any) -> str:
-        return "" if _missing(value) else _WHITESPACE.sub("", str(value)).lower()
-
-    return f"{norm(name)}|{norm(postal_code)}"
-
-
 def _email_key(value: Any) -> str | None:
-    if _missing(value) or not str(value).strip():
+    if missing(value) or not str(value).strip():
         return None
     return str(value).strip().lower()
 
@@ -114,7 +88,7 @@ def _is_guid(value: Any) -> bool:
 
 
 def _text(value: Any) -> str | None:
-    return None if _missing(value) or value == "" else str(value)
+    return None if missing(value) or value == "" else str(value)
 
 
 def _error_of(resp: BatchResponse) -> tuple[str, str | None]:
@@ -274,12 +248,12 @@ class DynamicsSide:
             filters = [None]
         else:
             clauses: list[str] = []
-            for crm_id in dict.fromkeys(str(i).strip() for i in crm_ids or [] if not _missing(i)):
+            for crm_id in dict.fromkeys(str(i).strip() for i in crm_ids or [] if not missing(i)):
                 if _is_guid(crm_id):
                     clauses.append(eq(self.opportunity_pk, uuid.UUID(crm_id)))
                 else:
                     log.warning("dynamics365 extract: %r is not an opportunity id (GUID); skipped", crm_id)
-            for referral_id in dict.fromkeys(str(i) for i in referral_ids or [] if not _missing(i) and str(i)):
+            for referral_id in dict.fromkeys(str(i) for i in referral_ids or [] if not missing(i) and str(i)):
                 clauses.append(eq(self.link_field, referral_id))
             filters = [" or ".join(chunk) for chunk in _chunks(clauses, self.id_chunk)]
         rows: dict[str, dict[str, Any]] = {}
@@ -349,9 +323,9 @@ class DynamicsSide:
     def column_value(self, fm: FieldMapping, canonical: Any) -> Any:
         """A canonical value as Dataverse takes it (choices as ints, dates as ``YYYY-MM-DD``);
         None for a missing value. Raises :class:`ValueError` naming the field."""
-        if _missing(canonical) or canonical == KEEP:
+        if missing(canonical) or canonical == KEEP:
             return None
-        canonical = _plain(canonical)
+        canonical = plain(canonical)
         if fm.type == "enum":
             raw = side_value(fm, "crm", canonical)
             if raw is None:
@@ -381,9 +355,9 @@ class DynamicsSide:
 
     def _stage_action(self, canonical: Any) -> int | None:
         """WON or LOST when ``canonical`` (the stage) closes the opportunity, else None."""
-        if self.stage_field is None or _missing(canonical) or canonical == KEEP:
+        if self.stage_field is None or missing(canonical) or canonical == KEEP:
             return None
-        raw = side_value(self.stage_field, "crm", _plain(canonical))
+        raw = side_value(self.stage_field, "crm", plain(canonical))
         if raw is None:
             known = ", ".join(sorted(self.stage_field.crm_values.write)) if self.stage_field.crm_values else ""
             raise _RowError(f"{self.stage_field.name}: {canonical!r} has no Dynamics 365 value (known: {known})")
@@ -411,7 +385,7 @@ class DynamicsSide:
                 converted = self.column_value(fm, value)
                 if converted is not None or clear_missing:
                     body[fm.crm] = converted
-            elif self.currency_field is not None and name == self.currency_field.name and not _missing(value):
+            elif self.currency_field is not None and name == self.currency_field.name and not missing(value):
                 body[f"{CURRENCY_LOOKUP}@odata.bind"] = self._currency_bind(value)
         return body
 
@@ -474,7 +448,7 @@ class DynamicsSide:
         names = [n for n in self.mapping.fields if n in creates.columns]
         for pos, item in enumerate(creates.to_dict("records")):
             referral_id = _text(item.get("referral_id"))
-            values = {n: _plain(item[n]) for n in names if not _missing(item[n])}
+            values = {n: plain(item[n]) for n in names if not missing(item[n])}
             row = _Row(pos, referral_id or "", referral_id, values, action="create")
             if referral_id is None:
                 outcomes.fail(row, "referral_id: missing")
@@ -509,7 +483,7 @@ class DynamicsSide:
         need: dict[str, list[_Row]] = {}
         for row in rows:
             name = row.values.get(self._account_name)
-            if _missing(name) or not str(name).strip():
+            if missing(name) or not str(name).strip():
                 continue
             postal = row.values.get(self._account_postal) if self._account_postal else None
             need.setdefault(match_key(name, postal), []).append(row)
@@ -742,7 +716,7 @@ class DynamicsSide:
             raw_fields = item.get("fields")
             fields = dict(raw_fields) if isinstance(raw_fields, Mapping) else {}
             values = {
-                name: _plain(value)
+                name: plain(value)
                 for name, value in fields.items()
                 if name not in self.account_fields and name not in self.contact_fields
             }
@@ -835,7 +809,7 @@ class DynamicsSide:
         audit line holding it, in one ``$batch``. Failures are logged, never raised."""
         if status not in self.sync_status_values:
             raise ValueError(f"sync status must be one of {', '.join(self.sync_status_values)}, not {status!r}")
-        ids = list(dict.fromkeys(str(i).strip().lower() for i in crm_ids if not _missing(i)))
+        ids = list(dict.fromkeys(str(i).strip().lower() for i in crm_ids if not missing(i)))
         bad = [i for i in ids if not _is_guid(i)]
         if bad:
             log.warning("dynamics365 mark: not opportunity ids (GUIDs), skipped: %s", bad[:10])

@@ -22,7 +22,7 @@ from cosell_sync.engine.mapping import KEEP, SyncMapping
 from cosell_sync.engine.normalize import ERROR_COLUMNS, concat_errors, crm_frame, referrals_frame
 from cosell_sync.engine.plan import Plan, plan
 from cosell_sync.state import StateStore
-from cosell_sync.sync.base import CrmSide, RunContext, WriteResult, results_frame
+from cosell_sync.sync.base import CrmSide, RunContext, WriteResult, plain, results_frame
 from cosell_sync.sync.partner_center import PartnerCenterSide
 
 OVERLAP = timedelta(minutes=5)
@@ -59,16 +59,12 @@ class SyncJob:
 
 
 # -- staging ------------------------------------------------------------------------------------
-def _jsonable(value: Any) -> Any:
-    return None if value is None or (isinstance(value, float) and value != value) else value
-
-
 def write_frame(job: SyncJob, name: str, frame: pd.DataFrame) -> None:
     out = frame.copy()
     for column in out.columns:
         # Text and mixed columns travel as JSON text, so values keep their types (and None).
         if column in JSON_COLUMNS or out[column].dtype == object or pd.api.types.is_string_dtype(out[column]):
-            out[column] = [json.dumps(_jsonable(v), default=str) for v in out[column]]
+            out[column] = [json.dumps(plain(v), default=str) for v in out[column]]
     folder = job.folder
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / f"{name}.parquet").open("wb") as fh:
@@ -251,7 +247,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
         if r.action == "create" and r.ok and r.referral_id and r.crm_id in crm_rows.index:
             # The base is what the new referral holds (r.fields), over the CRM row's values.
             written = {k: v for k, v in (r.fields or {}).items() if k in fields}
-            base_values = _values(crm_rows.loc[r.crm_id], fields) | {k: _jsonable(v) for k, v in written.items()}
+            base_values = _values(crm_rows.loc[r.crm_id], fields) | {k: plain(v) for k, v in written.items()}
             created_links.append({"referral_id": r.referral_id, "crm_id": r.crm_id, "base": base_values})
     links = pd.concat([ok_base[["referral_id", "crm_id", "base"]], pd.DataFrame(created_links)], ignore_index=True)
 
@@ -291,7 +287,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
 
 def _values(row: pd.Series, fields: list[str]) -> dict[str, Any]:
     """Canonical values for a link's base; "no opinion" (KEEP) is stored as nothing."""
-    return {f: None if row.get(f) == KEEP else _jsonable(row.get(f)) for f in fields}
+    return {f: None if row.get(f) == KEEP else plain(row.get(f)) for f in fields}
 
 
 def _failures(results: pd.DataFrame) -> list[dict[str, Any]]:

@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping
@@ -42,7 +39,7 @@ from cosell_sync.engine.normalize import side_value
 from cosell_sync.errors import ApiError, AuthenticationError, ConfigurationError, CosellError
 from cosell_sync.hooks._soql import Condition, literal, name, select
 from cosell_sync.hooks.salesforce import COLLECTION_LIMIT, RecordResult, SalesforceSyncHook
-from cosell_sync.sync.base import RunContext, WriteResult, audit_line, prepend_audit
+from cosell_sync.sync.base import RunContext, WriteResult, audit_line, match_key, missing, plain, prepend_audit
 
 log = logging.getLogger(__name__)
 
@@ -74,36 +71,8 @@ def _clip(text: str, limit: int = ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _missing(value: Any) -> bool:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return True
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _plain(value: Any) -> Any:
-    """A frame cell as a plain JSON-able Python value (NaN/NA -> None, numpy scalars unwrapped)."""
-    if _missing(value):
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-        if _missing(value):
-            return None
-    if isinstance(value, Decimal):
-        return float(value)
-    return value
-
-
-def _norm_key(text: Any) -> str:
-    """Case- and space-insensitive form of a name or postal code."""
-    return "" if _missing(text) else re.sub(r"\s+", "", str(text)).lower()
-
-
-def _match_key(name_value: Any, postal: Any) -> str:
-    return f"{_norm_key(name_value)}|{_norm_key(postal)}"
-
-
 def _valid_id(value: Any) -> str | None:
-    text = None if _missing(value) else str(value).strip()
+    text = None if missing(value) else str(value).strip()
     return text if text and _SF_ID.fullmatch(text) else None
 
 
@@ -388,12 +357,12 @@ class SalesforceSide:
         filters: list[tuple[str, list[Any]]] = []
         if crm_ids is not None:
             valid = [v for v in (_valid_id(i) for i in crm_ids) if v]
-            skipped = len([i for i in crm_ids if not _missing(i)]) - len(valid)
+            skipped = len([i for i in crm_ids if not missing(i)]) - len(valid)
             if skipped:
                 log.warning("Skipped %d value(s) that are not Salesforce ids", skipped)
             filters.append(("Id", list(dict.fromkeys(valid))))
         if referral_ids is not None:
-            refs = [str(i) for i in referral_ids if not _missing(i) and str(i) != ""]
+            refs = [str(i) for i in referral_ids if not missing(i) and str(i) != ""]
             filters.append((self.link_field, list(dict.fromkeys(refs))))
         found: dict[str, dict[str, Any]] = {}
         for field, values in filters:
@@ -412,7 +381,7 @@ class SalesforceSide:
         for fm in self.opp_fields:
             if fm.name not in fields:
                 continue
-            canonical = _plain(fields[fm.name])
+            canonical = plain(fields[fm.name])
             if canonical == KEEP:
                 continue
             values[fm.crm] = None if canonical is None else self._write_value(fm, canonical)
@@ -442,7 +411,7 @@ class SalesforceSide:
     def _side_fields(self, row: Mapping[str, Any], pairs: list[tuple[FieldMapping, str]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for fm, field in pairs:
-            canonical = _plain(row.get(fm.name))
+            canonical = plain(row.get(fm.name))
             if canonical is None or canonical == KEEP:
                 continue
             value = self._write_value(fm, canonical)
@@ -475,7 +444,7 @@ class SalesforceSide:
                 errors[i] = (f"referral {refs[i]}: {exc}", "INVALID_VALUE")
                 continue
             for side_name in side_names:
-                value = _plain(row.get(side_name))
+                value = plain(row.get(side_name))
                 if value is not None and value != KEEP:
                     fields[side_name] = value
             opp_values[i], written[i] = values, fields
@@ -540,11 +509,11 @@ class SalesforceSide:
         keys: list[str | None] = [None] * n
         first_row: dict[str, int] = {}
         for i, row in enumerate(rows):
-            account_name = _plain(row.get(name_fm.name))
+            account_name = plain(row.get(name_fm.name))
             if errors[i] is not None or account_name is None or not str(account_name).strip():
                 continue
-            postal = _plain(row.get(postal_fm.name)) if postal_fm else None
-            keys[i] = _match_key(account_name, postal)
+            postal = plain(row.get(postal_fm.name)) if postal_fm else None
+            keys[i] = match_key(account_name, postal)
             first_row.setdefault(keys[i], i)
         if not first_row:
             return account_ids
@@ -554,9 +523,9 @@ class SalesforceSide:
         names: list[str] = []
         postals: list[str] = []
         for i in first_row.values():
-            account_name = str(_plain(rows[i].get(name_fm.name))).strip()
+            account_name = str(plain(rows[i].get(name_fm.name))).strip()
             names += [account_name, " ".join(account_name.split())]
-            postal = _plain(rows[i].get(postal_fm.name)) if postal_fm else None
+            postal = plain(rows[i].get(postal_fm.name)) if postal_fm else None
             if postal is not None and str(postal).strip():
                 postals += [str(postal).strip(), re.sub(r"\s+", "", str(postal))]
         fields = ["Id", "Name", "BillingPostalCode", "CreatedDate"]
@@ -574,7 +543,7 @@ class SalesforceSide:
             return account_ids
         by_key: dict[str, str] = {}
         for record in sorted(found, key=lambda r: (r.get("CreatedDate") or "", r["Id"])):
-            by_key.setdefault(_match_key(record.get("Name"), record.get("BillingPostalCode")), record["Id"])
+            by_key.setdefault(match_key(record.get("Name"), record.get("BillingPostalCode")), record["Id"])
 
         missing = [key for key in first_row if key not in by_key]
         failed: dict[str, tuple[str, str]] = {}
@@ -583,7 +552,7 @@ class SalesforceSide:
             if outcome.ok and outcome.id:
                 by_key[key] = outcome.id
             else:
-                account_name = _plain(rows[first_row[key]].get(name_fm.name))
+                account_name = plain(rows[first_row[key]].get(name_fm.name))
                 failed[key] = (f"account '{account_name}': {outcome.error or 'not created'}", outcome.code or "UNKNOWN")
         for i, key in enumerate(keys):
             if key is None:
@@ -607,7 +576,7 @@ class SalesforceSide:
         emails: list[str | None] = [None] * n
         first_row: dict[str, int] = {}
         for i, row in enumerate(rows):
-            email = _plain(row.get(email_fm.name))
+            email = plain(row.get(email_fm.name))
             if errors[i] is not None or email is None or not str(email).strip():
                 continue
             emails[i] = str(email).strip().lower()
@@ -815,7 +784,7 @@ class SalesforceSide:
 
 def _text(value: Any) -> str | None:
     """A frame cell as stripped text, None when missing or empty."""
-    return None if _missing(value) else (str(value).strip() or None)
+    return None if missing(value) else (str(value).strip() or None)
 
 
 def _fail(result: WriteResult, message: str, code: str) -> None:

@@ -260,7 +260,7 @@ def main() -> int:
         ])  # fmt: skip
         created = sum(1 for u in upserts if u.success and u.created)
         print(
-            f"  upsert of 250 referrals by PC_Referral_Id__c through sObject Collections: {created} created, "
+            f"  upsert of {len(upserts)} referrals by PC_Referral_Id__c (sObject Collections): {created} created, "
             f"{sum(1 for u in upserts if not u.success)} rejected ({sfh.retrier.calls['PATCH']} calls)"
         )
         since = datetime.now(UTC) - timedelta(minutes=5)

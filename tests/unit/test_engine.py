@@ -73,6 +73,25 @@ def sf_opp(oid: str, **over):
     return rec
 
 
+def dv_opp(**over):
+    """A Dataverse opportunity linked to referral r1, holding the same values as ``referral("r1")``."""
+    return {
+        "opportunityid": "o1",
+        "name": "Deal r1",
+        "estimatedvalue": 1000,
+        "statecode": 0,
+        "salesstage": 1,
+        "estimatedclosedate": "2027-01-31",
+        "description": "hello",
+        "cosell_referralid": "r1",
+        "cosell_howcanmicrosofthelp": 100000003,
+        "cosell_solutions": "SOL-1;SOL-2",
+        "transactioncurrency": {"isocurrencycode": "USD"},
+        "modifiedon": T0.isoformat(),
+        **over,
+    }
+
+
 def linked_opp(oid: str, rid: str, **over):
     """The CRM side of a linked pair, holding the same values as ``referral(rid)``."""
     return sf_opp(oid, Name=f"Deal {rid}", PC_Referral_Id__c=rid, **over)
@@ -331,20 +350,7 @@ def test_links_are_recovered_from_the_records_instead_of_duplicating():
 
 def test_keep_means_no_opinion_for_dynamics_open_opportunities():
     pc = referrals_frame([referral("r1", status="Active", substatus="Accepted", salesStage="Develop")], DV).frame
-    opp = {
-        "opportunityid": "o1",
-        "name": "Deal r1",
-        "estimatedvalue": 1000,
-        "statecode": 0,
-        "salesstage": 1,
-        "estimatedclosedate": "2027-01-31",
-        "description": "hello",
-        "cosell_referralid": "r1",
-        "cosell_howcanmicrosofthelp": 100000003,
-        "cosell_solutions": "SOL-1;SOL-2",
-        "transactioncurrency": {"isocurrencycode": "USD"},
-        "modifiedon": T0.isoformat(),
-    }
+    opp = dv_opp()
     crm = crm_frame([opp], DV, "opportunityid").frame
     assert crm.iloc[0]["stage"] == "*"
     base = {f: pc.iloc[0][f] for f in DV.fields}
@@ -380,20 +386,7 @@ def test_a_referral_not_read_this_run_is_terminal_if_its_last_synced_stage_close
 def test_a_no_opinion_marker_in_a_stored_base_counts_as_nothing():
     pc = referrals_frame([referral("r1", salesStage="Develop")], DV).frame
     base = {f: pc.iloc[0][f] for f in DV.fields} | {"stage": "*"}
-    opp = {
-        "opportunityid": "o1",
-        "name": "Deal r1",
-        "estimatedvalue": 1000,
-        "statecode": 0,
-        "salesstage": 1,
-        "estimatedclosedate": "2027-01-31",
-        "description": "hello",
-        "cosell_referralid": "r1",
-        "cosell_howcanmicrosofthelp": 100000003,
-        "cosell_solutions": "SOL-1;SOL-2",
-        "transactioncurrency": {"isocurrencycode": "USD"},
-        "modifiedon": T0.isoformat(),
-    }
+    opp = dv_opp()
     links = links_frame([{"referral_id": "r1", "crm_id": "o1", "base": base, "synced_at": T0}])
     result = plan(pc, crm_frame([opp], DV, "opportunityid").frame, links, DV)
     assert result.new_base.iloc[0]["base"]["stage"] == "new"  # settled to the real value, never "*"

@@ -96,6 +96,18 @@ def _error_of(resp: BatchResponse) -> tuple[str, str | None]:
     return str(message or f"HTTP {resp.status}"), resp.error_code
 
 
+def _etag_or_failure(outcomes: Any) -> Callable[[_Row, BatchResponse], None]:
+    """The batch callback of a PATCH: keep the new ETag, or record the part's error."""
+
+    def answered(row: _Row, resp: BatchResponse) -> None:
+        if resp.ok:
+            row.etag = resp.body.get("@odata.etag") if isinstance(resp.body, dict) else None
+        else:
+            outcomes.fail(row, *_error_of(resp))
+
+    return answered
+
+
 def _exception_error(exc: BaseException) -> tuple[str, str | None]:
     code = getattr(exc, "code", None)
     return str(exc) or type(exc).__name__, str(code) if code else None
@@ -766,13 +778,7 @@ class DynamicsSide:
                 )
                 requests.append((row, self._patch(row, body)))
 
-            def answered(row: _Row, resp: BatchResponse) -> None:
-                if resp.ok:
-                    row.etag = resp.body.get("@odata.etag") if isinstance(resp.body, dict) else None
-                else:
-                    outcomes.fail(row, *_error_of(resp))
-
-            self._run_batch(requests, answered, outcomes.fail)
+            self._run_batch(requests, _etag_or_failure(outcomes), outcomes.fail)
             for row in rows:
                 if outcomes.failed(row) or row.close is None:
                     continue
@@ -876,13 +882,7 @@ class DynamicsSide:
                 }
                 requests.append((row, self._patch(row, body)))
 
-            def answered(row: _Row, resp: BatchResponse) -> None:
-                if resp.ok:
-                    row.etag = resp.body.get("@odata.etag") if isinstance(resp.body, dict) else None
-                else:
-                    outcomes.fail(row, *_error_of(resp))
-
-            self._run_batch(requests, answered, outcomes.fail)
+            self._run_batch(requests, _etag_or_failure(outcomes), outcomes.fail)
         except Exception as exc:
             for row in rows:
                 outcomes.fail(row, *_exception_error(exc))

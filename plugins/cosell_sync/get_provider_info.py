@@ -58,6 +58,12 @@ def get_provider_info() -> dict[str, Any]:
             # Extends the Salesforce provider's hook; the "salesforce" connection type stays the provider's.
             {"integration-name": "Salesforce (cosell-sync)", "python-modules": ["cosell_sync.hooks.salesforce"]},
         ],
+        "operators": [
+            {
+                "integration-name": "Microsoft Partner Center",
+                "python-modules": ["cosell_sync.operators.webhook_registration"],
+            },
+        ],
         "connection-types": [
             {
                 "connection-type": "partner_center",

@@ -1,5 +1,9 @@
 """``cosell-sandbox``: run the emulators and print the Airflow connections for them.
 
+Besides the ``AIRFLOW_CONN_*`` lines it prints the ``AIRFLOW__COSELL__WEBHOOK_*`` settings
+that make the webhook receiver trust the sandbox's signed deliveries (certificate host,
+trust root, issuer organisation, CA bundle).
+
 cosell-sandbox serve [--home DIR] [--base-port N] [--seed-referrals N]
 cosell-sandbox env   [--home DIR] [--format shell|json]
 """
@@ -54,13 +58,13 @@ def _env(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cosell-sandbox", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="start every emulator and print AIRFLOW_CONN_* lines")
+    serve = sub.add_parser("serve", help="start every emulator and print AIRFLOW_CONN_* and AIRFLOW__COSELL__* lines")
     serve.add_argument("--home", help="state directory (default: $COSELL_SANDBOX_HOME or ./.sandbox)")
     serve.add_argument("--base-port", type=int, default=0, help="first port (default 0: pick free ports)")
     serve.add_argument("--seed-referrals", type=int, default=0, help="seed this many realistic referrals")
     serve.add_argument("--seed", type=int, default=0, help="random seed for seeding")
     serve.set_defaults(func=_serve)
-    env = sub.add_parser("env", help="print the AIRFLOW_CONN_* lines of the running sandbox again")
+    env = sub.add_parser("env", help="print the environment lines of the running sandbox again")
     env.add_argument("--home")
     env.add_argument("--format", choices=["shell", "json"], default="shell")
     env.set_defaults(func=_env)

@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .dataverse import DataverseEmulator
 from .entra import EntraConfig, EntraEmulator
 from .partner_center import CERT_PATH, REFERRALS_PATH, WEBHOOKS_PATH, PartnerCenterEmulator
 from .salesforce import SalesforceEmulator
 from .server import EmulatorServer
-from .tls import SandboxPKI
+from .tls import CA_ORGANIZATION, SandboxPKI
 from .webhooks import WebhookDispatcher
 
 DEFAULT_HOME = ".sandbox"
@@ -171,8 +172,23 @@ class Sandbox:
             },
         }
 
+    def webhook_settings(self) -> dict[str, str]:
+        """The receiver's ``[cosell] webhook_*`` settings that make it trust sandbox deliveries.
+
+        Only values differ from production: the host that serves the signing certificate,
+        the CA it chains to (and that the certificate is fetched over), the issuer's O=.
+        """
+        return {
+            "webhook_certificate_hosts": urlsplit(self.origin("partner_center")).hostname or "127.0.0.1",
+            "webhook_trust_roots": str(self.pki.ca_cert),
+            "webhook_issuer_organization": CA_ORGANIZATION,
+            "webhook_ca_bundle": str(self.pki.ca_cert),
+        }
+
     def env(self) -> dict[str, str]:
-        return {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(conn) for conn_id, conn in self.connections().items()}
+        env = {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(conn) for conn_id, conn in self.connections().items()}
+        env.update({f"AIRFLOW__COSELL__{key.upper()}": value for key, value in self.webhook_settings().items()})
+        return env
 
     def state(self) -> dict[str, Any]:
         return {

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_NAME = "cosell-sync sandbox root CA"
+CA_ORGANIZATION = "cosell-sync sandbox"  # the O= of every sandbox certificate, the CA's included
 SIGNER_CN = "pcnotifications-dispatch.microsoft.com"
 
 
@@ -106,7 +107,7 @@ class SandboxPKI:
             return pki
         pki.directory.mkdir(parents=True, exist_ok=True)
         ca_key = _key()
-        ca_name = _name(CA_NAME, "cosell-sync sandbox")
+        ca_name = _name(CA_NAME, CA_ORGANIZATION)
         ca_usage = x509.KeyUsage(
             digital_signature=True,
             content_commitment=False,
@@ -125,7 +126,7 @@ class SandboxPKI:
             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         )
         server = _issue(
-            _name("localhost", "cosell-sync sandbox"),
+            _name("localhost", CA_ORGANIZATION),
             server_key,
             ca_name,
             ca_key,
@@ -136,7 +137,7 @@ class SandboxPKI:
 
         signer_key = _key()
         signer = _issue(
-            _name(SIGNER_CN, "cosell-sync sandbox"),
+            _name(SIGNER_CN, CA_ORGANIZATION),
             signer_key,
             ca_name,
             ca_key,

@@ -153,7 +153,7 @@ def test_a_non_lock_error_is_not_retried(sqlite_store: StateStore, monkeypatch: 
 def test_migrate_twice_is_a_noop(db_url: str):
     with StateStore(db_url) as st:
         assert st.schema_version() == 0
-        assert st.migrate() == SCHEMA_VERSION == 1
+        assert st.migrate() == SCHEMA_VERSION == 2
         st.upsert_links(CRM, _links(("R1", "C1")), "run-1")
         tables = set(sa.inspect(st.engine).get_table_names())
         assert st.migrate() == SCHEMA_VERSION
@@ -165,22 +165,24 @@ def test_migrate_twice_is_a_noop(db_url: str):
             "cosell_audit",
             "cosell_dead_letter",
             "cosell_runs",
+            "cosell_inbox",
         } <= tables
-        assert _count(st, store_module.schema_version_t) == 1
+        assert _count(st, store_module.schema_version_t) == 2
         assert st.get_links(CRM)["referral_id"].tolist() == ["R1"]
 
 
 def test_migrate_applies_only_the_missing_steps(db_url: str, monkeypatch: pytest.MonkeyPatch):
     applied = []
-    step2 = store_module.Migration(2, "test step", lambda conn: applied.append(2))
+    nxt = SCHEMA_VERSION + 1
+    step = store_module.Migration(nxt, "test step", lambda conn: applied.append(nxt))
     with StateStore(db_url) as st:
-        assert st.migrate() == 1
-        monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, step2))
-        monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-        assert st.migrate() == 2
-        assert st.migrate() == 2
-        assert applied == [2]
-        assert st.schema_version() == 2
+        assert st.migrate() == SCHEMA_VERSION
+        monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, step))
+        monkeypatch.setattr(store_module, "SCHEMA_VERSION", nxt)
+        assert st.migrate() == nxt
+        assert st.migrate() == nxt
+        assert applied == [nxt]
+        assert st.schema_version() == nxt
 
 
 def test_indexes(store: StateStore):

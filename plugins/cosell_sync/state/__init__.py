@@ -1,9 +1,10 @@
-"""The sync's state database: links, watermarks, audit log, dead letter, runs (no Airflow imports)."""
+"""The sync's state database: links, watermarks, audit log, dead letter, runs, webhook inbox (no Airflow imports)."""
 
 from cosell_sync.state.store import (
     ACTIONS,
     CRMS,
     DIRECTIONS,
+    INBOX_STATUSES,
     MIGRATIONS,
     SCHEMA_VERSION,
     SIDES,
@@ -18,6 +19,7 @@ __all__ = [
     "ACTIONS",
     "CRMS",
     "DIRECTIONS",
+    "INBOX_STATUSES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SIDES",

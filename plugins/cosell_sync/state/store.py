@@ -1,4 +1,4 @@
-"""The state database: links, watermarks, the audit log, the dead letter and the runs registry.
+"""The state database: links, watermarks, the audit log, the dead letter, the runs registry and the webhook inbox.
 
 Everything goes through SQLAlchemy Core and runs unchanged on SQLite (the default, a file
 under ``$AIRFLOW_HOME``) and PostgreSQL (production). Nothing here imports Airflow at import
@@ -19,6 +19,15 @@ Integrity under concurrent runs:
 * **Both.** A write transaction that fails with "database is locked" (SQLite) or a
   serialisation failure / deadlock (PostgreSQL) is retried a few times as a whole.
 
+The webhook inbox (schema version 2) holds the Partner Center events the receiver accepted:
+one row per distinct event (``dedup_key`` is unique, so a redelivery is not stored twice),
+``pending`` until a run claims it, ``claimed`` by that run, ``done`` once the run's sync
+committed. A claim is one write transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an
+advisory lock), so two runs never claim the same row; a run that died is recognised by the
+age of its claim, and its rows are claimed again. On SQLite (WAL, ``synchronous=NORMAL``) a
+committed row survives a crash of any process but not necessarily a power loss of the host;
+production deployments that need that use PostgreSQL.
+
 Timestamps are stored in UTC and always come back timezone-aware (SQLite hands back naive
 values; they are UTC by construction). JSON is stored as text, so dicts round-trip on any
 backend.
@@ -35,7 +44,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +62,7 @@ __all__ = [
     "ACTIONS",
     "CRMS",
     "DIRECTIONS",
+    "INBOX_STATUSES",
     "SCHEMA_VERSION",
     "SIDES",
     "LinkConflictError",
@@ -67,6 +77,7 @@ CRMS = frozenset({"dynamics365", "salesforce"})
 SIDES = frozenset({"partner_center", "crm"})
 DIRECTIONS = frozenset({"pc_to_crm", "crm_to_pc"})
 ACTIONS = frozenset({"create", "update", "conflict", "skip", "fail", "win", "lose"})
+INBOX_STATUSES = ("pending", "claimed", "done")
 
 DEFAULT_CONN_ID = "cosell_state"
 DEFAULT_SQLITE_FILE = "cosell_state.db"
@@ -93,6 +104,21 @@ AUDIT_COLUMNS = [
 ]
 FAILURE_COLUMNS = ["record_key", "attempts", "first_seen", "exhausted"]
 RETRYABLE_COLUMNS = ["record_key", "payload", "attempts", "first_seen", "last_seen", "last_error", "error_code"]
+INBOX_COLUMNS = [
+    "id",
+    "dedup_key",
+    "event_name",
+    "referral_id",
+    "resource_uri",
+    "change_date",
+    "received_at",
+    "status",
+    "claimed_by",
+    "claimed_at",
+    "done_at",
+    "attempts",
+]
+INBOX_STALE_CLAIM = timedelta(hours=1)  # a claim older than this belongs to a run that died
 DEAD_LETTER_COLUMNS = [
     "crm",
     "direction",
@@ -252,8 +278,33 @@ runs_t = sa.Table(
 )
 
 
+inbox_t = sa.Table(
+    "cosell_inbox",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("dedup_key", sa.String(64), nullable=False),
+    sa.Column("event_name", sa.String(64), nullable=False),
+    sa.Column("referral_id", sa.String(_ID), nullable=False),
+    sa.Column("resource_uri", sa.Text, nullable=False),
+    sa.Column("change_date", UTCDateTime, nullable=True),
+    sa.Column("received_at", UTCDateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("claimed_by", sa.String(_RUN_ID), nullable=True),
+    sa.Column("claimed_at", UTCDateTime, nullable=True),
+    sa.Column("done_at", UTCDateTime, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Index("ux_cosell_inbox_dedup_key", "dedup_key", unique=True),
+    sa.Index("ix_cosell_inbox_status_id", "status", "id"),
+    sa.Index("ix_cosell_inbox_claimed_by", "claimed_by"),
+)
+
+
 def _migration_v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[links_t, watermarks_t, audit_t, dead_letter_t, runs_t], checkfirst=True)
+
+
+def _migration_v2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[inbox_t], checkfirst=True)
 
 
 @dataclass(frozen=True)
@@ -265,10 +316,12 @@ class Migration:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: links, watermarks, audit, dead letter, runs", _migration_v1),
+    Migration(2, "webhook inbox", _migration_v2),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 _MIGRATION_LOCK_KEY = "cosell_state:migrate"
+_INBOX_LOCK_KEY = "cosell_state:inbox"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -986,6 +1039,12 @@ class StateStore:
         )
         self._run(lambda conn: conn.execute(stmt))
 
+    def get_run(self, dag_id: str, run_id: str) -> dict | None:
+        """One recorded run (dag_id, run_id, crm, summary, finished_at), or None."""
+        query = sa.select(runs_t).where(runs_t.c.dag_id == dag_id, runs_t.c.run_id == run_id)
+        row = self._read(lambda conn: conn.execute(query).first())
+        return None if row is None else dict(row._mapping)
+
     def last_run(self, dag_id: str) -> dict | None:
         """The most recently finished run of ``dag_id``: dag_id, run_id, crm, summary (dict), finished_at."""
         query = (
@@ -996,6 +1055,139 @@ class StateStore:
         )
         row = self._read(lambda conn: conn.execute(query).first())
         return None if row is None else dict(row._mapping)
+
+    # ------------------------------------------------------------------ webhook inbox
+
+    @staticmethod
+    def _prepare_inbox(event: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+        dedup_key = _req_str(event.get("dedup_key"), "inbox event dedup_key")
+        if len(dedup_key) > 64:
+            raise ValueError(f"inbox event dedup_key must be at most 64 characters, got {len(dedup_key)}")
+        referral_id = _req_str(event.get("referral_id"), "inbox event referral_id")
+        if len(referral_id) > _ID:
+            raise ValueError(f"inbox event referral_id must be at most {_ID} characters")
+        event_name = _req_str(event.get("event_name"), "inbox event event_name")
+        if len(event_name) > 64:
+            raise ValueError("inbox event event_name must be at most 64 characters")
+        change_date = event.get("change_date")
+        received_at = event.get("received_at")
+        return {
+            "dedup_key": dedup_key,
+            "event_name": event_name,
+            "referral_id": referral_id,
+            "resource_uri": _req_str(event.get("resource_uri"), "inbox event resource_uri"),
+            "change_date": None if _missing(change_date) else _as_utc(change_date, "inbox event change_date"),
+            "received_at": now if _missing(received_at) else _as_utc(received_at, "inbox event received_at"),
+            "status": "pending",
+            "attempts": 0,
+        }
+
+    def inbox_add(self, events: Iterable[Mapping[str, Any]]) -> list[bool]:
+        """Store webhook events durably, once each; one transaction for all of them.
+
+        Each event holds ``dedup_key`` (unique; at most 64 characters), ``event_name``,
+        ``referral_id``, ``resource_uri`` and optionally ``change_date`` and ``received_at``
+        (aware datetimes; ``received_at`` defaults to now). The answer says, per event, whether
+        it was newly inserted (``False``: its dedup key was already there, e.g. a redelivery).
+        """
+        now = _now()
+        rows = [self._prepare_inbox(event, now) for event in events]
+        if not rows:
+            return []
+
+        def work(conn: Connection) -> list[bool]:
+            inserted = []
+            for row in rows:
+                stmt = self._insert(inbox_t).values(**row).on_conflict_do_nothing(index_elements=[inbox_t.c.dedup_key])
+                inserted.append(conn.execute(stmt).rowcount == 1)
+            return inserted
+
+        return self._run(work)
+
+    @staticmethod
+    def _inbox_rows(conn: Connection, query: sa.Select) -> list[dict[str, Any]]:
+        return [dict(r._mapping) for r in conn.execute(query.order_by(inbox_t.c.id))]
+
+    def inbox_pending(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Pending inbox rows, oldest first (every column of :data:`INBOX_COLUMNS`)."""
+        query = sa.select(*(inbox_t.c[name] for name in INBOX_COLUMNS)).where(inbox_t.c.status == "pending")
+        if limit is not None:
+            query = query.limit(int(limit))
+        return self._read(lambda conn: self._inbox_rows(conn, query))
+
+    def inbox_claim(
+        self, run_id: str, limit: int | None = None, *, stale_after: timedelta = INBOX_STALE_CLAIM
+    ) -> list[dict[str, Any]]:
+        """Claim inbox rows for ``run_id`` atomically and return them, oldest first.
+
+        Claimed are pending rows, rows ``run_id`` already holds (a retried task gets them
+        again) and rows whose claim is older than ``stale_after`` (their run died). Each
+        claim counts one attempt. Two concurrent callers never get the same row.
+        """
+        run_id = _req_str(run_id, "run_id")
+        cutoff = _now() - stale_after
+        c = inbox_t.c
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            self._lock(conn, _INBOX_LOCK_KEY)
+            now = _now()
+            claimable = sa.or_(
+                c.status == "pending",
+                sa.and_(c.status == "claimed", sa.or_(c.claimed_by == run_id, c.claimed_at < cutoff)),
+            )
+            query = sa.select(c.id).where(claimable).order_by(c.id)
+            if limit is not None:
+                query = query.limit(int(limit))
+            ids = [row.id for row in conn.execute(query)]
+            rows: list[dict[str, Any]] = []
+            for chunk in _chunks(ids):
+                conn.execute(
+                    sa.update(inbox_t)
+                    .where(c.id.in_(chunk))
+                    .values(status="claimed", claimed_by=run_id, claimed_at=now, attempts=c.attempts + 1)
+                )
+                rows.extend(self._inbox_rows(conn, sa.select(*(c[n] for n in INBOX_COLUMNS)).where(c.id.in_(chunk))))
+            return rows
+
+        return self._run(work)
+
+    def inbox_done(self, run_id: str, ids: Iterable[int] | None = None) -> int:
+        """Mark rows claimed by ``run_id`` done (``ids``, or all it holds); the number of rows marked."""
+        run_id = _req_str(run_id, "run_id")
+        wanted = None if ids is None else list(dict.fromkeys(int(i) for i in ids))
+        c = inbox_t.c
+
+        def work(conn: Connection) -> int:
+            now = _now()
+            base = (
+                sa.update(inbox_t)
+                .where(c.status == "claimed", c.claimed_by == run_id)
+                .values(status="done", done_at=now)
+            )
+            if wanted is None:
+                return conn.execute(base).rowcount
+            return sum(conn.execute(base.where(c.id.in_(chunk))).rowcount for chunk in _chunks(wanted))
+
+        return self._run(work)
+
+    def inbox_release(self, run_id: str) -> int:
+        """Hand the rows ``run_id`` still holds back to pending (after a failed run); the number released."""
+        run_id = _req_str(run_id, "run_id")
+        c = inbox_t.c
+        stmt = (
+            sa.update(inbox_t)
+            .where(c.status == "claimed", c.claimed_by == run_id)
+            .values(status="pending", claimed_by=None, claimed_at=None)
+        )
+        return self._run(lambda conn: conn.execute(stmt).rowcount)
+
+    def inbox_counts(self) -> dict[str, int]:
+        """The number of inbox rows per status: ``{"pending": n, "claimed": n, "done": n}``."""
+        query = sa.select(inbox_t.c.status, sa.func.count()).group_by(inbox_t.c.status)
+        counts = dict.fromkeys(INBOX_STATUSES, 0)
+        for status, count in self._read(lambda conn: conn.execute(query).all()):
+            counts[status] = int(count)
+        return counts
 
 
 def _configure_sqlite(engine: Engine, *, wal: bool) -> None:

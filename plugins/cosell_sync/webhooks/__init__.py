@@ -1,1 +1,1 @@
-"""Partner Center webhook support: signature verification (receiver and registration follow)."""
+"""Partner Center webhooks: signature verification and the receiver the plugin mounts on the API server."""

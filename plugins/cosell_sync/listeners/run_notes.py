@@ -1,0 +1,94 @@
+"""Writes each sync run's report into the DAG run's note, so the grid view shows it.
+
+Tasks run through the Task SDK and cannot write a DAG run's note; the scheduler can. This
+listener runs where the DAG run's state is decided (the scheduler, or ``dag.test()``),
+reads the summary that ``commit_state`` recorded in the state DB for that run, and sets
+the note. A failed run gets a note naming the failed tasks. Errors here are logged and
+never affect the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from airflow.listeners import hookimpl
+from sqlalchemy.orm import object_session
+
+log = logging.getLogger(__name__)
+
+SYNC_DAG_PREFIXES = ("cosell_sync_", "cosell_referral_events")
+NOTE_LIMIT = 1000  # dag_run_note.content is String(1000)
+
+
+def _summary(dag_id: str, run_id: str) -> dict[str, Any] | None:
+    from cosell_sync.state import StateStore
+
+    store = StateStore.from_airflow()
+    try:
+        store.migrate()
+        row = store.get_run(dag_id, run_id)
+    finally:
+        store.close()
+    return None if row is None else row["summary"]
+
+
+def note_for(dag_id: str, run_id: str, failed_tasks: list[str]) -> str | None:
+    """The note for a finished sync run: its report, and the failed tasks if any."""
+    from cosell_sync.sync.runner import format_report
+
+    summary = _summary(dag_id, run_id)
+    parts = []
+    if failed_tasks:
+        parts.append("run failed in: " + ", ".join(sorted(failed_tasks)))
+    if summary is not None:
+        parts.append(format_report(dag_id, summary))
+    elif failed_tasks:
+        parts.append("nothing was committed; the next run retries")
+    text = "\n".join(parts)
+    return text[: NOTE_LIMIT - 1] + "…" if len(text) > NOTE_LIMIT else text or None
+
+
+def _write(dag_run: Any, text: str) -> None:
+    """Set the note in the session that holds the run (the scheduler's, committed with the
+    run's new state), or in a session of our own when the run is detached (``dag.test()``).
+    A note a person already wrote is never overwritten."""
+    session = object_session(dag_run)
+    if session is not None:
+        if dag_run.note is None:
+            dag_run.note = text
+        return
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as own:
+        row = own.get(DagRun, dag_run.id)
+        if row is not None and row.note is None:
+            row.note = text
+
+
+def _set_note(dag_run: Any, failed: bool) -> None:
+    dag_id, run_id = dag_run.dag_id, dag_run.run_id
+    if not dag_id.startswith(SYNC_DAG_PREFIXES):
+        return
+    try:
+        failed_tasks = []
+        if failed:
+            session = object_session(dag_run)
+            tis = dag_run.get_task_instances(session=session) if session else dag_run.get_task_instances()
+            failed_tasks = [ti.task_id for ti in tis if str(ti.state) in ("failed", "upstream_failed")]
+        text = note_for(dag_id, run_id, failed_tasks)
+        if text:
+            _write(dag_run, text)
+    except Exception:
+        log.exception("could not write the note of %s %s", dag_id, run_id)
+
+
+@hookimpl
+def on_dag_run_success(dag_run: Any, msg: str) -> None:
+    _set_note(dag_run, failed=False)
+
+
+@hookimpl
+def on_dag_run_failed(dag_run: Any, msg: str) -> None:
+    _set_note(dag_run, failed=True)

@@ -172,6 +172,7 @@ class FaultConfig:
     drop_rate: float = 0.0  # drop the connection before the request is processed
     drop_after_rate: float = 0.0  # process the request, then drop the connection (the answer is lost)
     max_faults: int | None = None  # stop injecting after this many faults
+    after: int = 0  # let this many matching requests through untouched before any fault
     path_prefix: str = ""  # only requests whose path starts with this are affected
     methods: tuple[str, ...] = ()  # empty: all methods
 
@@ -190,6 +191,7 @@ class FaultConfig:
             drop_rate=float(doc.get("drop_rate", 0.0)),
             drop_after_rate=float(doc.get("drop_after_rate", 0.0)),
             max_faults=None if doc.get("max_faults") is None else int(doc["max_faults"]),
+            after=int(doc.get("after", 0)),
             path_prefix=str(doc.get("path_prefix", "")),
             methods=tuple(m.upper() for m in doc.get("methods", ())),
         )
@@ -203,12 +205,14 @@ class Faults:
         self.config = FaultConfig()
         self._rng = random.Random(0)
         self.injected: dict[str, int] = {"latency": 0, "429": 0, "5xx": 0, "drop": 0, "drop_after": 0}
+        self.matched = 0  # matching requests seen since the last configure()
 
     def configure(self, config: FaultConfig) -> None:
         with self._lock:
             self.config = config
             self._rng = random.Random(config.seed)
             self.injected = dict.fromkeys(self.injected, 0)
+            self.matched = 0
 
     def clear(self) -> None:
         self.configure(FaultConfig())
@@ -218,6 +222,9 @@ class Faults:
         with self._lock:
             cfg = self.config
             if not path.startswith(cfg.path_prefix) or (cfg.methods and method not in cfg.methods):
+                return 0.0, None
+            self.matched += 1
+            if self.matched <= cfg.after:
                 return 0.0, None
             lo, hi = cfg.latency_ms
             latency = self._rng.uniform(lo, hi) / 1000 if hi > 0 else 0.0
@@ -244,6 +251,9 @@ class Faults:
             return latency, fault
 
 
+LOGGED_BODY_BYTES = 1 << 20
+
+
 @dataclass
 class LoggedRequest:
     at: float
@@ -253,6 +263,11 @@ class LoggedRequest:
     status: int
     fault: str | None
     headers: dict[str, str]
+    body: bytes = b""  # the first LOGGED_BODY_BYTES of the request body
+
+    def json(self) -> Any:
+        """The logged body decoded as JSON (for tests asserting what a client wrote)."""
+        return json.loads(self.body)
 
 
 class EmulatorApp:
@@ -410,6 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
                 response.status if response else 0,
                 fault,
                 headers.as_dict(),
+                body[:LOGGED_BODY_BYTES],
             )
         )
         if response is None:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from cosell_sync.engine.mapping import SyncMapping
 
-Action = Literal["create", "update", "win", "lose"]
+Action = Literal["create", "update", "win", "lose", "link"]
 AUDIT_MAX_CHARS = 4000  # the CRM audit field keeps the newest entries within this budget
 
 

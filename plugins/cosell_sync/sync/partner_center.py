@@ -235,6 +235,37 @@ class PartnerCenterSide:
 
         return self._parallel(rows, work)
 
+    def write_links(
+        self, links: pd.DataFrame, ctx: RunContext, current: Mapping[str, Mapping[str, Any]]
+    ) -> list[WriteResult]:
+        """``links``: ``referral_id``, ``crm_id``: store the CRM id in each referral's
+        ``externalReferenceId`` (JSON Patch with ``If-Match``; on 412 re-read and retry once).
+        One result per row, keyed by the referral id."""
+        rows = links.to_dict("records") if len(links) else []
+
+        def work(row: dict[str, Any]) -> WriteResult:
+            rid, crm_id = str(row["referral_id"]), str(row["crm_id"])
+            result = WriteResult(rid, "link", True, referral_id=rid, crm_id=crm_id)
+            if ctx.dry_run:
+                return result
+            try:
+                doc = current.get(rid) or self.hook.get_referral(rid)
+                for attempt in (1, 2):
+                    try:
+                        op = patch_operations(doc, ["externalReferenceId"], crm_id)
+                        answer = self.hook.patch_referral(rid, [op], etag=doc.get("eTag"))
+                        result.etag = (answer or {}).get("eTag")
+                        return result
+                    except PreconditionFailedError:
+                        if attempt == 2:
+                            raise
+                        doc = self.hook.get_referral(rid)  # changed since it was read: take the new ETag
+            except ApiError as exc:
+                result.ok, result.error, result.error_code = False, f"externalReferenceId: {exc}", exc.code
+            return result
+
+        return self._parallel(rows, work)
+
     def _remerge(self, doc: Mapping[str, Any], fields: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
         """Drop fields whose Partner Center value moved since planning (the next run merges them)."""
         now = referrals_frame([doc], self.mapping).frame

@@ -204,9 +204,36 @@ def load_partner_center(job: SyncJob, side: PartnerCenterSide, crm_side: CrmSide
         [{"crm_id": r.crm_id, "referral_id": r.referral_id} for r in created if r.ok and r.referral_id]
     )
     link_results = crm_side.write_links(new_links, job.ctx) if len(new_links) else []
+    stamps = referral_stamps(job, the_plan, docs)
+    stamp_results = side.write_links(stamps, job.ctx, docs) if len(stamps) else []
     write_frame(job, "pc_results", results_frame(results))
     write_frame(job, "link_results", results_frame(link_results))
-    return {"ok": sum(r.ok for r in results), "failed": sum(not r.ok for r in results)}
+    write_frame(job, "pc_link_results", results_frame(stamp_results))
+    done = results + stamp_results
+    return {"ok": sum(r.ok for r in done), "failed": sum(not r.ok for r in done)}
+
+
+def referral_stamps(job: SyncJob, the_plan: Plan, docs: dict[str, Any]) -> pd.DataFrame:
+    """Open referrals whose ``externalReferenceId`` must be set to their opportunity's id: those
+    the CRM just got an opportunity for, and linked ones read this run that do not hold it
+    (a stamp that failed or was lost in an earlier run)."""
+    wanted: dict[str, str] = {}
+    crm_results = _optional(job, "crm_results", list(results_frame([]).columns))
+    for r in crm_results.itertuples():
+        if r.action == "create" and r.ok and r.referral_id and r.crm_id:
+            wanted[str(r.referral_id)] = str(r.crm_id)
+    pc = read_frame(job, "pc")
+    if len(pc) and len(the_plan.new_base):
+        linked = dict(zip(the_plan.new_base["referral_id"], the_plan.new_base["crm_id"], strict=True))
+        for rid, held in zip(pc["referral_id"], pc["crm_ref"], strict=True):
+            if rid in linked and (held or None) != linked[rid]:
+                wanted.setdefault(str(rid), str(linked[rid]))
+    rows = [
+        {"referral_id": rid, "crm_id": crm_id}
+        for rid, crm_id in wanted.items()
+        if (docs.get(rid) or {}).get("status") in ("New", "Active")  # a Closed referral is terminal
+    ]
+    return pd.DataFrame(rows, columns=["referral_id", "crm_id"], dtype=object)
 
 
 # -- commit -------------------------------------------------------------------------------------------
@@ -224,6 +251,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     crm_results = _optional(job, "crm_results", result_cols)
     pc_results = _optional(job, "pc_results", result_cols)
     link_results = _optional(job, "link_results", result_cols)
+    stamp_results = _optional(job, "pc_link_results", result_cols)
     pc, crm = read_frame(job, "pc"), read_frame(job, "crm")
     errors = concat_errors([_optional(job, "pc_errors", ERROR_COLUMNS), _optional(job, "crm_errors", ERROR_COLUMNS)])
 
@@ -253,11 +281,11 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
 
     audit = _audit_rows(job, the_plan, crm_results, pc_results)
     failures = {
-        "pc_to_crm": _failures(crm_results) + _error_failures(errors, "referral"),
+        "pc_to_crm": _failures(crm_results) + _failures(stamp_results) + _error_failures(errors, "referral"),
         "crm_to_pc": _failures(pc_results) + _failures(link_results) + _error_failures(errors, "crm"),
     }
     cleared = {
-        "pc_to_crm": [str(r.key) for r in crm_results.itertuples() if r.ok],
+        "pc_to_crm": [str(r.key) for r in pd.concat([crm_results, stamp_results]).itertuples() if r.ok],
         "crm_to_pc": [str(r.key) for r in pc_results.itertuples() if r.ok],
     }
     watermarks = {}
@@ -266,6 +294,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     if len(crm) and crm["modified_at"].notna().any():
         watermarks["crm"] = pd.to_datetime(crm["modified_at"], utc=True).max().to_pydatetime()
     report = build_report(the_plan, crm_results, pc_results, errors)
+    report["pc_to_crm"]["failed"] += int((~stamp_results["ok"].astype(bool)).sum()) if len(stamp_results) else 0
     if job.dry_run:
         return report | {"dry_run": True}
     store.commit_run(

@@ -14,7 +14,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export COSELL_SANDBOX_HOME ?= $(CURDIR)/.sandbox
 
-.PHONY: venv test lint demo airflow bench clean
+.PHONY: venv test lint demo tour airflow bench clean
 
 $(UV):
 	$(PY) -m venv $(TOOLS)
@@ -34,6 +34,9 @@ test: venv lint
 
 demo: venv
 	$(BIN)/python scripts/demo.py
+
+tour: venv
+	$(BIN)/python scripts/hook_tour.py
 
 airflow: venv
 	bash scripts/airflow_standalone.sh

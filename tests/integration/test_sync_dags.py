@@ -67,8 +67,12 @@ class Run:
         return sum(s[d][k] for d in ("pc_to_crm", "crm_to_pc") for k in ("created", "updated", "failed"))
 
 
+PARAMS = {"dry_run": False, "referral_ids": [], "full_resync": False, "directions": "both"}
+
+
 def run_dag(dags, crm: str, store: StateStore, **params) -> Run:
-    return Run(dags[f"cosell_sync_{crm}"].test(run_conf=params or None), store)
+    # Every param is passed: dag.test() keeps a run's conf in the DAG's params for the next run.
+    return Run(dags[f"cosell_sync_{crm}"].test(run_conf=PARAMS | params), store)
 
 
 def seed(pc, crm: str, referrals: int, opportunities: int, flagged: int, seed: int) -> None:
@@ -307,3 +311,16 @@ def test_sync_ends_correct_under_throttling_and_server_errors(pc, dags, store, c
     after = opportunities(pc, crm)
     assert Counter(o["referral_id"] for o in after if o["referral_id"] in incoming) == dict.fromkeys(incoming, 1)
     assert run_dag(dags, crm, store).writes == 0
+
+
+def test_dry_run_param_plans_and_reports_but_writes_nothing(pc, dags, store):
+    seed(pc, "salesforce", referrals=30, opportunities=12, flagged=5, seed=23)
+    clear_logs(pc)
+    dry = run_dag(dags, "salesforce", store, dry_run=True)
+    assert dry.state == "success"
+    assert dry.summary["dry_run"] and dry.summary["pc_to_crm"]["created"] > 0  # the plan, reported
+    assert dry.note.startswith("cosell_sync_salesforce (dry run)\nPartner Center -> CRM: created")
+    assert crm_write_requests(pc, "salesforce") == [] and pc_write_requests(pc) == []
+    assert store.get_links("salesforce").empty and store.get_watermark("cosell_sync_salesforce", "crm") is None
+    real = run_dag(dags, "salesforce", store)
+    assert real.summary["pc_to_crm"]["created"] > 0 and real.summary["crm_to_pc"]["created"] > 0

@@ -295,8 +295,10 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
         watermarks["crm"] = pd.to_datetime(crm["modified_at"], utc=True).max().to_pydatetime()
     report = build_report(the_plan, crm_results, pc_results, errors)
     report["pc_to_crm"]["failed"] += int((~stamp_results["ok"].astype(bool)).sum()) if len(stamp_results) else 0
-    if job.dry_run:
-        return report | {"dry_run": True}
+    if job.dry_run:  # the plan is reported (and becomes the run's note); no sync state is touched
+        report = report | {"dry_run": True}
+        store.record_run(dag_id=job.dag_id, run_id=job.run_id, crm=job.crm, summary=report)
+        return report
     store.commit_run(
         dag_id=job.dag_id,
         run_id=job.run_id,

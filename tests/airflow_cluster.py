@@ -33,9 +33,20 @@ def free_port() -> int:
 
 
 class AirflowCluster:
-    def __init__(self, home: Path, env: Mapping[str, str], components: tuple[str, ...] = COMPONENTS) -> None:
+    def __init__(
+        self,
+        home: Path,
+        env: Mapping[str, str],
+        components: tuple[str, ...] = COMPONENTS,
+        *,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """``tls``: (certificate, key, CA file): the API server serves HTTPS with them, and
+        task processes trust the CA for the execution API."""
         self.home = home
         self.port = free_port()
+        self.scheme = "https" if tls else "http"
+        self.ca = str(tls[2]) if tls else None
         self.components = components
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
@@ -51,7 +62,7 @@ class AirflowCluster:
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.scheme}://127.0.0.1:{self.port}/execution/",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__WORKERS": "1",
@@ -63,10 +74,17 @@ class AirflowCluster:
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             **env,
         }
+        if tls:
+            cert, key, ca = tls
+            self.env |= {
+                "AIRFLOW__API__SSL_CERT": str(cert),
+                "AIRFLOW__API__SSL_KEY": str(key),
+                "AIRFLOW__API__SSL_CA_FILE": str(ca),
+            }
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     # -- processes ---------------------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -98,7 +116,8 @@ class AirflowCluster:
 
     def _healthy(self) -> bool:
         try:
-            return requests.get(f"{self.url}/api/v2/monitor/health", timeout=2).status_code == 200
+            resp = requests.get(f"{self.url}/api/v2/monitor/health", timeout=2, verify=self.ca or True)
+            return resp.status_code == 200
         except requests.RequestException:
             return False
 

@@ -12,16 +12,7 @@ from cosell_sync.hooks.partner_center import PartnerCenterHook
 from cosell_sync.hooks.salesforce import SalesforceSyncHook
 from cosell_sync.state import StateStore
 from cosell_sync.sync.partner_center import PartnerCenterSide
-from cosell_sync.sync.runner import (
-    SyncJob,
-    commit,
-    extract_crm,
-    extract_partner_center,
-    load_crm,
-    load_partner_center,
-    plan_run,
-    window,
-)
+from cosell_sync.sync.runner import SyncJob, sync, window
 
 _runs = itertools.count(1)
 
@@ -57,14 +48,7 @@ def run_sync(crm: str, store: StateStore, staging, **job_kwargs) -> dict:
         since_crm=since_crm,
         **job_kwargs,
     )
-    pcs = PartnerCenterSide(PartnerCenterHook(), mapping)
-    side = crm_side(crm, mapping)
-    extract_partner_center(job, pcs, store)
-    extract_crm(job, side, store)
-    plan_run(job, store)
-    load_crm(job, side)
-    load_partner_center(job, pcs, side)
-    return commit(job, store)
+    return sync(job, PartnerCenterSide(PartnerCenterHook(), mapping), crm_side(crm, mapping), store)
 
 
 @pytest.fixture

@@ -21,29 +21,35 @@ SYNC_DAG_PREFIXES = ("cosell_sync_", "cosell_referral_events")
 NOTE_LIMIT = 1000  # dag_run_note.content is String(1000)
 
 
-def _summary(dag_id: str, run_id: str) -> dict[str, Any] | None:
+EVENTS_DAG = "cosell_referral_events"
+CRMS = ("dynamics365", "salesforce")
+
+
+def _summaries(dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """The committed reports of a run, by the name they were recorded under: the DAG's own
+    id, or for the event-driven DAG one per CRM (``cosell_referral_events.<crm>``)."""
     from cosell_sync.state import StateStore
 
+    names = [f"{dag_id}.{crm}" for crm in CRMS] if dag_id == EVENTS_DAG else [dag_id]
     store = StateStore.from_airflow()
     try:
         store.migrate()
-        row = store.get_run(dag_id, run_id)
+        rows = {name: store.get_run(name, run_id) for name in names}
     finally:
         store.close()
-    return None if row is None else row["summary"]
+    return {name: row["summary"] for name, row in rows.items() if row is not None}
 
 
 def note_for(dag_id: str, run_id: str, failed_tasks: list[str]) -> str | None:
-    """The note for a finished sync run: its report, and the failed tasks if any."""
+    """The note for a finished sync run: its report(s), and the failed tasks if any."""
     from cosell_sync.sync.runner import format_report
 
-    summary = _summary(dag_id, run_id)
+    summaries = _summaries(dag_id, run_id)
     parts = []
     if failed_tasks:
         parts.append("run failed in: " + ", ".join(sorted(failed_tasks)))
-    if summary is not None:
-        parts.append(format_report(dag_id, summary))
-    elif failed_tasks:
+    parts.extend(format_report(name, summary) for name, summary in summaries.items())
+    if not summaries and failed_tasks:
         parts.append("nothing was committed; the next run retries")
     text = "\n".join(parts)
     return text[: NOTE_LIMIT - 1] + "…" if len(text) > NOTE_LIMIT else text or None

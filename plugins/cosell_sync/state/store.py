@@ -74,7 +74,7 @@ __all__ = [
 T = TypeVar("T")
 
 CRMS = frozenset({"dynamics365", "salesforce"})
-SIDES = frozenset({"partner_center", "crm"})
+SIDES = frozenset({"partner_center", "crm", "inbox"})  # "inbox": the newest webhook event signalled to a DAG
 DIRECTIONS = frozenset({"pc_to_crm", "crm_to_pc"})
 ACTIONS = frozenset({"create", "update", "conflict", "skip", "fail", "win", "lose"})
 INBOX_STATUSES = ("pending", "claimed", "done")
@@ -1180,6 +1180,13 @@ class StateStore:
             .values(status="pending", claimed_by=None, claimed_at=None)
         )
         return self._run(lambda conn: conn.execute(stmt).rowcount)
+
+    def inbox_newest_pending(self) -> tuple[int, datetime | None]:
+        """(number of pending rows, the newest pending row's ``received_at``)."""
+        c = inbox_t.c
+        query = sa.select(sa.func.count(), sa.func.max(c.received_at)).where(c.status == "pending")
+        count, newest = self._read(lambda conn: conn.execute(query).one())
+        return int(count), None if newest is None else _as_utc(newest, "received_at")
 
     def inbox_counts(self) -> dict[str, int]:
         """The number of inbox rows per status: ``{"pending": n, "claimed": n, "done": n}``."""

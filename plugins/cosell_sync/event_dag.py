@@ -1,0 +1,129 @@
+"""Builds ``cosell_referral_events``: the webhook-driven sync of just the referrals named by
+pending inbox events, in both directions, for every configured CRM.
+
+* **Trigger.** Event-driven scheduling: the DAG is scheduled on an Asset whose
+  :class:`~airflow.sdk.AssetWatcher` runs :class:`~cosell_sync.triggers.inbox.InboxTrigger`
+  in the triggerer. The trigger fires when events arrive that no run was told about yet,
+  after a burst settles; asset events queued while a run is active become one next run
+  (``max_active_runs=1``), so a burst coalesces into few runs.
+* **One task.** ``sync_events`` claims every pending event (atomically, so two runs never
+  share one), runs the same engine as the scheduled DAGs (:func:`cosell_sync.sync.runner.sync`,
+  with ``referral_ids``: no watermark moves) for each configured CRM, and marks the events
+  done only after every CRM's sync committed. If anything fails, the claim is released and
+  the task's retry (or the next event's run) takes the events again. One task rather than
+  seven keeps the latency of a webhook to a few seconds.
+* **Configured CRMs:** ``[cosell] event_crms`` (``AIRFLOW__COSELL__EVENT_CRMS``), default
+  ``dynamics365,salesforce``; a CRM whose connection does not exist is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import DAG, Asset, AssetWatcher, get_current_context, task
+
+from cosell_sync.triggers.inbox import SIGNAL_DAG, SIGNAL_SIDE, InboxTrigger
+
+DAG_ID = SIGNAL_DAG
+CRM_CONNECTIONS = {"dynamics365": "dynamics_default", "salesforce": "salesforce_default"}
+log = logging.getLogger(__name__)
+
+INBOX_ASSET = Asset(
+    name="cosell_referral_inbox",
+    uri="cosell://state/referral-inbox",
+    watchers=[AssetWatcher(name="cosell_referral_inbox_watcher", trigger=InboxTrigger())],
+)
+
+
+def configured_crms() -> list[str]:
+    """The CRMs to sync events to: ``[cosell] event_crms`` whose connection exists."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    wanted = os.environ.get("AIRFLOW__COSELL__EVENT_CRMS")
+    if wanted is None:
+        from airflow.configuration import conf
+
+        wanted = conf.get("cosell", "event_crms", fallback="dynamics365,salesforce")
+    crms = []
+    for crm in (c.strip() for c in wanted.split(",") if c.strip()):
+        if crm not in CRM_CONNECTIONS:
+            raise ValueError(f"[cosell] event_crms: unknown CRM {crm!r} (known: {', '.join(CRM_CONNECTIONS)})")
+        try:
+            BaseHook.get_connection(CRM_CONNECTIONS[crm])
+        except AirflowNotFoundException:
+            log.info("%s: no connection %s; not syncing events to it", crm, CRM_CONNECTIONS[crm])
+            continue
+        crms.append(crm)
+    return crms
+
+
+def sync_events(run_id: str) -> dict[str, Any]:
+    """Claim the pending events, sync their referrals to every configured CRM, mark them done."""
+    from cosell_sync.dag_factory import _sides, _store, staging_root
+    from cosell_sync.engine.mapping import load_mapping
+    from cosell_sync.sync import runner
+
+    store = _store()
+    claimed = store.inbox_claim(run_id)
+    if not claimed:
+        log.info("no pending webhook events (another run took them)")
+        return {"events": 0, "referrals": 0, "reports": {}}
+    referral_ids = sorted({str(r["referral_id"]) for r in claimed})
+    log.info("%d webhook event(s) for %d referral(s)", len(claimed), len(referral_ids))
+    reports: dict[str, Any] = {}
+    try:
+        for crm in configured_crms():
+            mapping = load_mapping(crm)
+            job = runner.SyncJob(
+                crm=crm,
+                dag_id=f"{DAG_ID}.{crm}",
+                run_id=run_id,
+                mapping=mapping,
+                staging=staging_root(),
+                referral_ids=referral_ids,
+            )
+            pc_side, crm_side = _sides(crm, mapping)
+            reports[crm] = runner.sync(job, pc_side, crm_side, store)
+            log.info("sync report:\n%s", runner.format_report(job.dag_id, reports[crm]))
+    except BaseException:
+        released = store.inbox_release(run_id)
+        log.warning("the sync failed: %d event(s) handed back to the inbox", released)
+        raise
+    store.inbox_done(run_id, [r["id"] for r in claimed])
+    _rearm(store)
+    return {"events": len(claimed), "referrals": len(referral_ids), "reports": reports}
+
+
+def _rearm(store: Any) -> None:
+    """Events that arrived during this run but were stamped before the trigger's last signal
+    (two receivers racing) would otherwise wait for the next event: move the signal back."""
+    pending, newest = store.inbox_newest_pending()
+    signalled = store.get_watermark(SIGNAL_DAG, SIGNAL_SIDE)
+    if pending and newest is not None and signalled is not None and newest <= signalled:
+        store.set_watermark(
+            SIGNAL_DAG, SIGNAL_SIDE, newest - timedelta(microseconds=1), run_id="rearm", allow_backwards=True
+        )
+
+
+def build_events_dag() -> DAG:
+    with DAG(
+        dag_id=DAG_ID,
+        description="Webhook-driven sync of the referrals named by Partner Center events",
+        schedule=[INBOX_ASSET],
+        max_active_runs=1,
+        catchup=False,
+        tags=["cosell", "webhooks"],
+        doc_md=__doc__,
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=10)},
+    ) as dag:
+
+        @task(task_id="sync_events")
+        def run() -> dict[str, Any]:
+            return sync_events(get_current_context()["run_id"])
+
+        run()
+    return dag

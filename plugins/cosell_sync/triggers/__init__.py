@@ -1,0 +1,1 @@
+"""Triggers shipped with the provider."""

@@ -12,6 +12,12 @@ Center"):
 4. a third sync writes nothing;
 5. a summary per DAG and run.
 
+Then the webhooks: Airflow's API server (HTTPS, with the sandbox's certificate), scheduler,
+DAG processor and triggerer start; ``partner_center_webhook_registration`` registers the
+receiver's URL (and its validation event completes); a Microsoft seller's change reaches
+Salesforce through the signed delivery, the inbox and ``cosell_referral_events``, with no
+scheduled run involved, and the demo prints how long it took.
+
 Every run is a real DAG run (``dag.test()``: Airflow's metadata DB under ``.airflow/``);
 its report is also the DAG run's note. Connections come from ``AIRFLOW_CONN_*`` variables,
 exactly as a deployment gives them; only the URLs and the CA are the sandbox's.
@@ -43,6 +49,7 @@ import requests  # noqa: E402
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 
 CRMS = {"dynamics365": "Dynamics 365", "salesforce": "Salesforce"}
+
 DIRECTIONS = (("pc_to_crm", "Partner Center -> CRM"), ("crm_to_pc", "CRM -> Partner Center"))
 
 
@@ -185,6 +192,70 @@ class Demo:
         writes = sum(third[d][k] for d, _ in DIRECTIONS for k in ("created", "updated", "failed"))
         print(f"  writes: {writes}")
 
+    def webhook_story(self) -> None:
+        """A Microsoft-side change reaching Salesforce through the webhook, with Airflow running."""
+        from cosell_sandbox.airflow_cluster import AirflowCluster
+        from cosell_sync.hooks.partner_center import PartnerCenterHook, registration_value
+        from cosell_sync.state import StateStore
+
+        step("Webhooks 1/3: Airflow's API server (HTTPS), scheduler, DAG processor and triggerer start")
+        env = {k: v for k, v in os.environ.items() if k.startswith(("AIRFLOW_CONN_", "AIRFLOW__COSELL__"))}
+        env |= {"AIRFLOW__COSELL__EVENT_CRMS": "salesforce", "COSELL_STAGING_URL": os.environ["COSELL_STAGING_URL"]}
+        pki = self.sandbox.pki
+        with AirflowCluster(self.work / "airflow", env, tls=(pki.server_cert, pki.server_key, pki.ca_cert)) as af:
+            for dag_id in ("partner_center_webhook_registration", "cosell_referral_events"):
+                af.wait_for(lambda d=dag_id: af.dag_serialized(d), 180, f"{dag_id} to be parsed")
+                af.cli("dags", "unpause", dag_id)
+            print(f"  API server {af.url}; the sync DAGs stay paused: no scheduled run is involved")
+
+            step("Webhooks 2/3: register the receiver (partner_center_webhook_registration, with a test event)")
+            url = f"{af.url}/cosell/webhooks/partner-center"
+            conf = {"webhook_url": url, "overwrite": True, "send_test_event": True}
+            af.cli("dags", "trigger", "partner_center_webhook_registration", "--conf", json.dumps(conf))
+
+            def registered() -> str | None:
+                states = {r["state"] for r in af.dag_runs("partner_center_webhook_registration")}
+                if "failed" in states:
+                    raise SystemExit(f"the registration DAG failed\n{af.tail()}")
+                return "success" if states == {"success"} else None
+
+            af.wait_for(registered, 300, "the registration DAG run")
+            doc = PartnerCenterHook().get_webhook_registration() or {}
+            print(f"  registered {registration_value(doc, 'webhookUrl')}")
+            events = ", ".join(registration_value(doc, "webhookEvents") or [])
+            print(f"  events: {events}; the validation event completed")
+            af.wait_for(
+                lambda: af.query("select count(*) from trigger where classpath like '%InboxTrigger%'")[0][0],
+                120,
+                "the inbox watcher",
+            )
+
+            step("Webhooks 3/3: a Microsoft seller changes a deal value; the webhook carries it to Salesforce")
+            store = StateStore.from_airflow()
+            links = store.get_links("salesforce")
+            rid, crm_id = next(
+                (r.referral_id, r.crm_id)
+                for r in links.itertuples()
+                if self.referral(r.referral_id)["direction"] == "Incoming"
+                and self.referral(r.referral_id)["status"] in ("New", "Active")
+            )
+            value = 123456.0
+            started = time.monotonic()
+            self.control(
+                "POST",
+                f"/_sandbox/referrals/{rid}/microsoft-edit",
+                {"action": "update", "changes": {"details": {"dealValue": value}}},
+            )
+            af.wait_for(lambda: self.crm_value("salesforce", crm_id)[0] == value, 120, "Salesforce's new value", 0.05)
+            took = time.monotonic() - started
+            print(f"  Salesforce opportunity {crm_id} amount: {value:,.0f}, {took:.1f}s after the Partner Center edit")
+            af.wait_for(lambda: store.inbox_counts()["done"] >= 1, 60, "the event to be marked done")
+            runs = af.dag_runs("cosell_referral_events")
+            scheduled = af.query("select count(*) from dag_run where dag_id like 'cosell_sync_%'")[0][0]
+            for r in runs:
+                print(f"  synced by cosell_referral_events {r['run_id']} ({r['state']})")
+            print(f"  inbox: {store.inbox_counts()}; scheduled sync runs meanwhile: {scheduled}")
+
     def summary(self) -> None:
         step("5: summary per DAG and run (created / updated / conflicts / failed, per direction)")
         header = f"  {'DAG':<24} {'run':<15} {'PC -> CRM':>17} {'CRM -> PC':>17} {'unchanged':>9} {'time':>6}"
@@ -219,7 +290,9 @@ def main() -> int:
         for crm in CRMS:
             demo.story(crm)
         demo.summary()
-    print("\ndemo finished: both sync DAGs ran through Airflow; each change reached the other side.")
+        demo.webhook_story()
+    print("\ndemo finished: both sync DAGs ran through Airflow, each change reached the other side, and a")
+    print("Microsoft-side change reached Salesforce through the webhook and cosell_referral_events.")
     return 0
 
 

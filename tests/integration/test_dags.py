@@ -18,7 +18,22 @@ def dagbag():
 
 def test_dagbag_imports_with_zero_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert {"cosell_sync_dynamics365", "cosell_sync_salesforce"} <= set(dagbag.dag_ids)
+    assert set(dagbag.dag_ids) == {
+        "cosell_sync_dynamics365",
+        "cosell_sync_salesforce",
+        "cosell_referral_events",
+        "partner_center_webhook_registration",
+    }
+
+
+def test_events_dag_is_scheduled_by_the_inbox_watcher(dagbag):
+    dag = dagbag.dags["cosell_referral_events"]
+    assert dag.max_active_runs == 1
+    assert type(dag.timetable).__name__ == "AssetTriggeredTimetable"
+    (asset,) = dag.timetable.asset_condition.objects
+    (watcher,) = asset.watchers
+    assert type(watcher.trigger).__name__ == "InboxTrigger"
+    assert [t.task_id for t in dag.tasks] == ["sync_events"]
 
 
 @pytest.mark.parametrize("dag_id", ["cosell_sync_dynamics365", "cosell_sync_salesforce"])

@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from cosell_sync.state import StateStore
-from tests.airflow_cluster import AirflowCluster
+from cosell_sandbox.airflow_cluster import AirflowCluster
 from tests.integration.test_sync_runner import run_sync
 
 EVENTS_DAG = "cosell_referral_events"

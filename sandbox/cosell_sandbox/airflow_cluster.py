@@ -1,10 +1,11 @@
-"""Real Airflow components for end-to-end tests: API server, scheduler, DAG processor and
-triggerer as child processes (LocalExecutor, SQLite), in their own AIRFLOW_HOME.
+"""Real Airflow components as child processes: API server, scheduler, DAG processor and
+triggerer (LocalExecutor, SQLite), in their own AIRFLOW_HOME, for end-to-end tests and the demo.
 
-Tests that need the scheduler itself (backfills, event-driven DAGs, the webhook route on the
-API server) use this; everything else runs DAGs with ``dag.test()``. Every process is
-started in its own process group on 127.0.0.1 with a free port, and stopped (group-wide)
-when the test is done.
+What needs the scheduler itself (backfills, the event-driven DAG, the webhook route on the
+API server) uses this; everything else runs DAGs with ``dag.test()``. Every process is
+started in its own process group, the API server on 127.0.0.1 with a free port, and all
+are stopped (group-wide) on exit. With ``tls`` the API server serves HTTPS, as Partner
+Center's webhook deliveries require.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: dags/ and plugins/ live there
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import AuthorityInformationAccessOID
 from requests.structures import CaseInsensitiveDict
 
 
@@ -48,3 +53,33 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def issue_certificate(
+    name: x509.Name,
+    key: rsa.RSAPrivateKey,
+    issuer: tuple[x509.Name, rsa.RSAPrivateKey] | None = None,
+    *,
+    ca: bool,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    aia: str | None = None,
+) -> x509.Certificate:
+    """A test certificate for ``name``/``key``, self-signed unless ``issuer`` (name, key) is
+    given; valid from a day ago for 30 days unless told otherwise; ``aia``: a CA Issuers URL."""
+    now = dt.datetime.now(dt.UTC)
+    issuer_name, issuer_key = issuer or (name, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - dt.timedelta(days=1))
+        .not_valid_after(not_after or now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if aia:
+        desc = x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(aia))
+        builder = builder.add_extension(x509.AuthorityInformationAccess([desc]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())

@@ -15,9 +15,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from cosell_sandbox.airflow_cluster import AirflowCluster
 from cosell_sandbox.seed import iso
 from cosell_sync.state import StateStore
-from cosell_sandbox.airflow_cluster import AirflowCluster
 from tests.integration.test_sync_runner import run_sync
 
 DAG_ID = "cosell_sync_salesforce"

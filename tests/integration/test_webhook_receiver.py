@@ -39,7 +39,7 @@ from cosell_sandbox.tls import CA_ORGANIZATION
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS
 from cosell_sync.state import StateStore
 from cosell_sync.webhooks.receiver import URL_PREFIX, WEBHOOK_PATH, ReceiverApp, ReceiverSettings, create_app
-from tests.helpers import Receiver
+from tests.helpers import Receiver, issue_certificate
 
 REFERRAL_ID = "3f1c2b9e-8d4a-4c55-9a57-1d2e3f4a5b6c"
 
@@ -152,19 +152,8 @@ def make_cert(
     name = x509.Name(
         [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]
     )
-    issuer_name, issuer_key = issuer or (name, key)
     now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=2))
-        .not_valid_after(not_after or now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .sign(issuer_key, hashes.SHA256())
-    )
+    cert = issue_certificate(name, key, issuer, ca=ca, not_before=now - dt.timedelta(days=2), not_after=not_after)
     return cert, key
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from cosell_sync.state import StateStore
 from cosell_sandbox.airflow_cluster import AirflowCluster
+from cosell_sync.state import StateStore
 from tests.integration.test_sync_runner import run_sync
 
 EVENTS_DAG = "cosell_referral_events"

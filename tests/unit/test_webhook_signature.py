@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from cosell_sync.webhooks.signature import (
     CertificateError,
@@ -30,6 +30,7 @@ from cosell_sync.webhooks.signature import (
     verify_chain,
     verify_issuer_organization,
 )
+from tests.helpers import issue_certificate
 
 NOW = dt.datetime.now(dt.UTC)
 AIA_URL = "http://pki.example/issuing-ca.crt"
@@ -48,21 +49,7 @@ def _cert(
     days: int = 30,
     aia: str | None = None,
 ) -> x509.Certificate:
-    issuer_name, issuer_key = issuer or (name, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if aia:
-        desc = x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(aia))
-        builder = builder.add_extension(x509.AuthorityInformationAccess([desc]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
+    return issue_certificate(name, key, issuer, ca=ca, not_after=NOW + dt.timedelta(days=days), aia=aia)
 
 
 def _key() -> rsa.RSAPrivateKey:

@@ -102,18 +102,32 @@ class AirflowCluster:
         self.home.mkdir(parents=True, exist_ok=True)
         self.cli("db", "migrate", timeout=600)
         for name in self.components:
-            self.logs[name] = self.home / f"{name}.log"
-            with open(self.logs[name], "wb") as out:
-                self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "airflow", name],
-                    env=self.env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            self.start_component(name)
         if "api-server" in self.components:
             self.wait_for(lambda: self._healthy(), 180, "the API server to answer")
         return self
+
+    def start_component(self, name: str) -> None:
+        self.logs[name] = self.home / f"{name}.log"
+        with open(self.logs[name], "ab") as out:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "airflow", name],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop_component(self, name: str, timeout: float = 30) -> None:
+        """Stop one component (its whole process group), e.g. to show what survives a scheduler outage."""
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
 
     def _healthy(self) -> bool:
         try:

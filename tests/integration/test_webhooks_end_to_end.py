@@ -10,7 +10,9 @@ actually running (LocalExecutor, SQLite), against the sandbox:
 
 The latency from the edit to the CRM write is measured over 24 events (printed, and
 written to ``$COSELL_LATENCY_OUT`` when set). Then a burst of 500 events: all synced, in
-few runs, none lost and none synced twice. No scheduled sync DAG runs meanwhile.
+few runs, none lost and none synced twice. Then an event accepted while the scheduler is
+down waits in the inbox and syncs once the scheduler is back. No scheduled sync DAG runs
+meanwhile.
 """
 
 from __future__ import annotations
@@ -125,6 +127,19 @@ def test_webhooks_drive_event_syncs_end_to_end(pc, pc_conn, sf_conn, tmp_path, m
         af.wait_for(lambda: store.inbox_counts()["done"] == total, 600, "all 500 burst events to be synced", 1)
         af.wait_for(lambda: all(r["state"] == "success" for r in live.runs()), 120, "the last run to finish", 1)
         burst_runs = len(live.runs()) - runs_before_burst
+
+        # -- the scheduler is down: an accepted event waits in the inbox, and syncs once it is back.
+        af.stop_component("scheduler")
+        rid, value = incoming[-1], 99_999.0
+        live.microsoft_edit(rid, value)
+        af.wait_for(lambda: store.inbox_counts()["pending"] == 1, 60, "the event stored with the scheduler down")
+        time.sleep(3)
+        assert live.crm_amount(links, rid) != value and store.inbox_counts()["pending"] == 1
+        af.start_component("scheduler")
+        af.wait_for(lambda: live.crm_amount(links, rid) == value, 180, "the event to sync once the scheduler is back")
+        af.wait_for(lambda: store.inbox_counts()["done"] == total + 1, 60, "the event to be marked done")
+        af.wait_for(lambda: all(r["state"] == "success" for r in live.runs()), 120, "the last run to finish", 1)
+        total += 1
 
         # The scheduler's listener wrote each run's report into its note (the grid view shows it).
         notes = af.query(

@@ -55,13 +55,18 @@ def note_for(dag_id: str, run_id: str, failed_tasks: list[str]) -> str | None:
     return text[: NOTE_LIMIT - 1] + "…" if len(text) > NOTE_LIMIT else text or None
 
 
+def _ours(note: str | None, dag_id: str) -> bool:
+    """Is the current note empty or one this listener wrote (a failed try's, before a rerun)?"""
+    return note is None or note.startswith(("run failed in:", dag_id))
+
+
 def _write(dag_run: Any, text: str) -> None:
     """Set the note in the session that holds the run (the scheduler's, committed with the
     run's new state), or in a session of our own when the run is detached (``dag.test()``).
-    A note a person already wrote is never overwritten."""
+    A note a person wrote is never overwritten."""
     session = object_session(dag_run)
     if session is not None:
-        if dag_run.note is None:
+        if _ours(dag_run.note, dag_run.dag_id):
             dag_run.note = text
         return
     from airflow.models.dagrun import DagRun
@@ -69,7 +74,7 @@ def _write(dag_run: Any, text: str) -> None:
 
     with create_session() as own:
         row = own.get(DagRun, dag_run.id)
-        if row is not None and row.note is None:
+        if row is not None and _ours(row.note, row.dag_id):
             row.note = text
 
 

@@ -250,6 +250,11 @@ class Demo:
             took = time.monotonic() - started
             print(f"  Salesforce opportunity {crm_id} amount: {value:,.0f}, {took:.1f}s after the Partner Center edit")
             af.wait_for(lambda: store.inbox_counts()["done"] >= 1, 60, "the event to be marked done")
+            af.wait_for(
+                lambda: all(r["state"] == "success" for r in af.dag_runs("cosell_referral_events")),
+                120,
+                "the cosell_referral_events run to finish",
+            )
             runs = af.dag_runs("cosell_referral_events")
             scheduled = af.query("select count(*) from dag_run where dag_id like 'cosell_sync_%'")[0][0]
             for r in runs:

@@ -518,24 +518,39 @@ class DynamicsSide:
             creating.append((group[0], BatchRequest("POST", self.account_set, body)))
             key_of[group[0].pos] = key
 
-        def answered(first: _Row, resp: BatchResponse) -> None:
-            key = key_of[first.pos]
-            if resp.ok:
-                request = next(req for r, req in creating if r is first)
-                found[key] = resp.entity_id or str((request.body or {})[self.account_pk])
-            else:
-                failed(first, *_error_of(resp))
-
-        def failed(first: _Row, message: str, code: str | None = None) -> None:
-            key = key_of[first.pos]
-            for row in need[key]:
-                outcomes.fail(row, f"{label[key]}: {message}", code)
-
-        self._run_batch(creating, answered, failed)
+        self._create_grouped(creating, key_of, need, found, self.account_pk, label.__getitem__, outcomes)
         log.info("dynamics365 create: %d accounts matched, %d to create", len(need) - len(creating), len(creating))
         for key, group in need.items():
             for row in group:
                 row.account_id = found.get(key)
+
+    def _create_grouped(
+        self,
+        creating: list[tuple[_Row, BatchRequest]],
+        key_of: Mapping[int, str],
+        need: Mapping[str, list[_Row]],
+        found: dict[str, str],
+        pk: str,
+        describe: Callable[[str], str],
+        outcomes: _Outcomes,
+    ) -> None:
+        """POST one new record per group (accounts by match key, contacts by e-mail) in
+        ``$batch``: its id goes to ``found[key]`` (the id we generated when the answer has
+        none), or every row of the group fails with the part's error."""
+        request_of = {row.pos: request for row, request in creating}
+
+        def failed(first: _Row, message: str, code: str | None = None) -> None:
+            key = key_of[first.pos]
+            for row in need[key]:
+                outcomes.fail(row, f"{describe(key)}: {message}", code)
+
+        def answered(first: _Row, resp: BatchResponse) -> None:
+            if resp.ok:
+                found[key_of[first.pos]] = resp.entity_id or str((request_of[first.pos].body or {})[pk])
+            else:
+                failed(first, *_error_of(resp))
+
+        self._run_batch(creating, answered, failed)
 
     def _nested_body(self, values: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
         """An account or contact row from canonical values (missing values left out)."""
@@ -605,19 +620,9 @@ class DynamicsSide:
             creating.append((first, BatchRequest("POST", self.contact_set, body)))
             email_of[first.pos] = email
 
-        def answered(first: _Row, resp: BatchResponse) -> None:
-            if resp.ok:
-                request = next(req for r, req in creating if r is first)
-                found[email_of[first.pos]] = resp.entity_id or str((request.body or {})[self.contact_pk])
-            else:
-                failed(first, *_error_of(resp))
-
-        def failed(first: _Row, message: str, code: str | None = None) -> None:
-            email = email_of[first.pos]
-            for row in need[email]:
-                outcomes.fail(row, f"contact '{email}': {message}", code)
-
-        self._run_batch(creating, answered, failed)
+        self._create_grouped(
+            creating, email_of, need, found, self.contact_pk, lambda email: f"contact '{email}'", outcomes
+        )
         for email, group in need.items():
             for row in group:
                 row.contact_id = found.get(email)

@@ -19,7 +19,6 @@ pending inbox events, in both directions, for every configured CRM.
 from __future__ import annotations
 
 import logging
-import os
 from datetime import timedelta
 from typing import Any
 
@@ -40,14 +39,11 @@ INBOX_ASSET = Asset(
 
 def configured_crms() -> list[str]:
     """The CRMs to sync events to: ``[cosell] event_crms`` whose connection exists."""
+    from airflow.configuration import conf
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    wanted = os.environ.get("AIRFLOW__COSELL__EVENT_CRMS")
-    if wanted is None:
-        from airflow.configuration import conf
-
-        wanted = conf.get("cosell", "event_crms", fallback="dynamics365,salesforce")
+    wanted = conf.get("cosell", "event_crms", fallback=",".join(CRM_CONNECTIONS))
     crms = []
     for crm in (c.strip() for c in wanted.split(",") if c.strip()):
         if crm not in CRM_CONNECTIONS:

@@ -15,22 +15,20 @@ from typing import Any
 from airflow.listeners import hookimpl
 from sqlalchemy.orm import object_session
 
+from cosell_sync.triggers.inbox import SIGNAL_DAG as EVENTS_DAG
+
 log = logging.getLogger(__name__)
 
-SYNC_DAG_PREFIXES = ("cosell_sync_", "cosell_referral_events")
 NOTE_LIMIT = 1000  # dag_run_note.content is String(1000)
-
-
-EVENTS_DAG = "cosell_referral_events"
-CRMS = ("dynamics365", "salesforce")
 
 
 def _summaries(dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
     """The committed reports of a run, by the name they were recorded under: the DAG's own
     id, or for the event-driven DAG one per CRM (``cosell_referral_events.<crm>``)."""
-    from cosell_sync.state import StateStore
+    from cosell_sync.state import StateStore  # imported here: every process loads plugins, few write notes
+    from cosell_sync.state.store import CRMS
 
-    names = [f"{dag_id}.{crm}" for crm in CRMS] if dag_id == EVENTS_DAG else [dag_id]
+    names = [f"{dag_id}.{crm}" for crm in sorted(CRMS)] if dag_id == EVENTS_DAG else [dag_id]
     store = StateStore.from_airflow()
     try:
         store.migrate()
@@ -80,7 +78,7 @@ def _write(dag_run: Any, text: str) -> None:
 
 def _set_note(dag_run: Any, failed: bool) -> None:
     dag_id, run_id = dag_run.dag_id, dag_run.run_id
-    if not dag_id.startswith(SYNC_DAG_PREFIXES):
+    if not dag_id.startswith(("cosell_sync_", EVENTS_DAG)):
         return
     try:
         failed_tasks = []

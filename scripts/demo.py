@@ -236,8 +236,8 @@ class Demo:
             rid, crm_id = next(
                 (r.referral_id, r.crm_id)
                 for r in links.itertuples()
-                if self.referral(r.referral_id)["direction"] == "Incoming"
-                and self.referral(r.referral_id)["status"] in ("New", "Active")
+                if (doc := self.referral(r.referral_id))["direction"] == "Incoming"
+                and doc["status"] in ("New", "Active")
             )
             value = 123456.0
             started = time.monotonic()

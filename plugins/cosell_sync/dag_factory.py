@@ -39,7 +39,8 @@ def staging_root() -> ObjectStoragePath:
     return ObjectStoragePath(url)
 
 
-def _sides(crm: str, mapping: Any) -> tuple[Any, Any]:
+def sync_sides(crm: str, mapping: Any) -> tuple[Any, Any]:
+    """(Partner Center side, CRM side) on the default connections."""
     from cosell_sync.hooks.partner_center import PartnerCenterHook
     from cosell_sync.sync.partner_center import PartnerCenterSide
 
@@ -78,7 +79,8 @@ def _job(spec: dict[str, Any]) -> Any:
     )
 
 
-def _store() -> Any:
+def state_store() -> Any:
+    """The state DB of the ``cosell_state`` connection, migrated."""
     from cosell_sync.state import StateStore
 
     store = StateStore.from_airflow()
@@ -129,7 +131,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
                 since_pc = since_crm = context["data_interval_start"]
                 until = context["data_interval_end"]
             else:
-                since_pc, since_crm = window(_store(), dag_id, full_resync=bool(params["full_resync"]))
+                since_pc, since_crm = window(state_store(), dag_id, full_resync=bool(params["full_resync"]))
                 until = None
             ids = [str(i) for i in params.get("referral_ids") or []]
             return {
@@ -152,29 +154,29 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
             from cosell_sync.sync import runner
 
             job = _job(spec)
-            pc_side, _ = _sides(crm, job.mapping)
-            return runner.extract_partner_center(job, pc_side, _store())
+            pc_side, _ = sync_sides(crm, job.mapping)
+            return runner.extract_partner_center(job, pc_side, state_store())
 
         @task
         def extract_crm(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
             job = _job(spec)
-            _, crm_side = _sides(crm, job.mapping)
-            return runner.extract_crm(job, crm_side, _store())
+            _, crm_side = sync_sides(crm, job.mapping)
+            return runner.extract_crm(job, crm_side, state_store())
 
         @task
         def plan(spec: dict[str, Any]) -> dict[str, Any]:
             from cosell_sync.sync import runner
 
-            return runner.plan_run(_job(spec), _store())
+            return runner.plan_run(_job(spec), state_store())
 
         @task
         def load_crm(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
             job = _job(spec)
-            _, crm_side = _sides(crm, job.mapping)
+            _, crm_side = sync_sides(crm, job.mapping)
             return runner.load_crm(job, crm_side)
 
         @task
@@ -182,14 +184,14 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
             from cosell_sync.sync import runner
 
             job = _job(spec)
-            pc_side, crm_side = _sides(crm, job.mapping)
+            pc_side, crm_side = sync_sides(crm, job.mapping)
             return runner.load_partner_center(job, pc_side, crm_side)
 
         @task
         def commit_state(spec: dict[str, Any]) -> dict[str, Any]:
             from cosell_sync.sync import runner
 
-            return runner.commit(_job(spec), _store())
+            return runner.commit(_job(spec), state_store())
 
         @task
         def report(spec: dict[str, Any], summary: dict[str, Any]) -> str:

@@ -59,11 +59,11 @@ def configured_crms() -> list[str]:
 
 def sync_events(run_id: str) -> dict[str, Any]:
     """Claim the pending events, sync their referrals to every configured CRM, mark them done."""
-    from cosell_sync.dag_factory import _sides, _store, staging_root
+    from cosell_sync.dag_factory import staging_root, state_store, sync_sides
     from cosell_sync.engine.mapping import load_mapping
     from cosell_sync.sync import runner
 
-    store = _store()
+    store = state_store()
     claimed = store.inbox_claim(run_id)
     if not claimed:
         log.info("no pending webhook events (another run took them)")
@@ -82,7 +82,7 @@ def sync_events(run_id: str) -> dict[str, Any]:
                 staging=staging_root(),
                 referral_ids=referral_ids,
             )
-            pc_side, crm_side = _sides(crm, mapping)
+            pc_side, crm_side = sync_sides(crm, mapping)
             reports[crm] = runner.sync(job, pc_side, crm_side, store)
             log.info("sync report:\n%s", runner.format_report(job.dag_id, reports[crm]))
     except BaseException:

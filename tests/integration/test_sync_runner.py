@@ -6,12 +6,9 @@ import itertools
 
 import pytest
 
+from cosell_sync.dag_factory import sync_sides
 from cosell_sync.engine.mapping import load_mapping
-from cosell_sync.hooks.dynamics import DynamicsHook
-from cosell_sync.hooks.partner_center import PartnerCenterHook
-from cosell_sync.hooks.salesforce import SalesforceSyncHook
 from cosell_sync.state import StateStore
-from cosell_sync.sync.partner_center import PartnerCenterSide
 from cosell_sync.sync.runner import SyncJob, sync, window
 
 _runs = itertools.count(1)
@@ -22,16 +19,6 @@ def store(tmp_path):
     s = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
     s.migrate()
     return s
-
-
-def crm_side(crm: str, mapping):
-    if crm == "salesforce":
-        from cosell_sync.sync.salesforce import SalesforceSide
-
-        return SalesforceSide(SalesforceSyncHook(), mapping)
-    from cosell_sync.sync.dynamics365 import DynamicsSide
-
-    return DynamicsSide(DynamicsHook(), mapping)
 
 
 def run_sync(crm: str, store: StateStore, staging, **job_kwargs) -> dict:
@@ -48,7 +35,7 @@ def run_sync(crm: str, store: StateStore, staging, **job_kwargs) -> dict:
         since_crm=since_crm,
         **job_kwargs,
     )
-    return sync(job, PartnerCenterSide(PartnerCenterHook(), mapping), crm_side(crm, mapping), store)
+    return sync(job, *sync_sides(crm, mapping), store)
 
 
 @pytest.fixture

@@ -51,15 +51,19 @@ class InboxTrigger(BaseEventTrigger):
             },
         )
 
-    def _state(self) -> tuple[int, datetime | None, datetime | None]:
-        """(pending rows, newest pending arrival, newest arrival already signalled); blocking."""
+    def _pending(self) -> tuple[int, datetime | None]:
+        """(pending rows, newest pending arrival); blocking."""
         if self._store is None:
             from cosell_sync.state import StateStore
 
             store = StateStore.from_airflow(self.conn_id)
             store.migrate()
             self._store = store
-        pending, newest = self._store.inbox_newest_pending()
+        return self._store.inbox_newest_pending()
+
+    def _state(self) -> tuple[int, datetime | None, datetime | None]:
+        """(pending rows, newest pending arrival, newest arrival already signalled); blocking."""
+        pending, newest = self._pending()
         return pending, newest, self._store.get_watermark(SIGNAL_DAG, SIGNAL_SIDE)
 
     def _signal(self, newest: datetime) -> None:
@@ -77,7 +81,7 @@ class InboxTrigger(BaseEventTrigger):
                 first_seen = time.monotonic()
                 while time.monotonic() - first_seen < self.max_wait:  # let a burst settle
                     await asyncio.sleep(self.settle)
-                    pending, later, _ = await asyncio.to_thread(self._state)
+                    pending, later = await asyncio.to_thread(self._pending)
                     if later is None or later <= newest:
                         break
                     newest = later

@@ -83,3 +83,15 @@ def issue_certificate(
         desc = x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(aia))
         builder = builder.add_extension(x509.AuthorityInformationAccess([desc]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
+
+
+def with_paths(doc: dict, over: dict) -> dict:
+    """``doc`` with each ``"a__b__0__c": value`` of ``over`` set (dicts made as needed,
+    digits index lists); returns ``doc``."""
+    for path, value in over.items():
+        target = doc
+        keys = path.split("__")
+        for key in keys[:-1]:
+            target = target.setdefault(key, {}) if isinstance(target, dict) else target[int(key)]
+        target[keys[-1]] = value
+    return doc

@@ -16,6 +16,7 @@ from cosell_sync.engine.normalize import crm_frame, referrals_frame
 from cosell_sync.hooks._batch import BatchRequest
 from cosell_sync.sync.base import RunContext
 from cosell_sync.sync.dynamics365 import SYNC_STATUS, DynamicsSide, match_key
+from tests.helpers import with_paths
 
 DV = load_mapping("dynamics365")
 API = "/api/data/v9.2"
@@ -54,13 +55,7 @@ def referral(rid: str, **over) -> dict:
         },
         "inviteContext": {"assistanceRequestCode": "QuotesOrLicensing"},
     }
-    for path, value in over.items():
-        target = doc
-        keys = path.split("__")
-        for key in keys[:-1]:
-            target = target.setdefault(key, {}) if isinstance(target, dict) else target[int(key)]
-        target[keys[-1]] = value
-    return doc
+    return with_paths(doc, over)
 
 
 def creates_of(docs: list[dict]) -> pd.DataFrame:

@@ -13,6 +13,7 @@ import yaml
 from cosell_sync.engine.mapping import DEFAULTS, MappingError, load_mapping, load_mapping_file, parse_mapping
 from cosell_sync.engine.normalize import crm_frame, referrals_frame, side_value
 from cosell_sync.engine.plan import plan
+from tests.helpers import with_paths
 
 SF = load_mapping("salesforce")
 DV = load_mapping("dynamics365")
@@ -42,13 +43,7 @@ def referral(rid: str, **over):
         },
         "inviteContext": {"assistanceRequestCode": "QuotesOrLicensing"},
     }
-    for path, value in over.items():
-        target = doc
-        keys = path.split("__")
-        for key in keys[:-1]:
-            target = target.setdefault(key, {})
-        target[keys[-1]] = value
-    return doc
+    return with_paths(doc, over)
 
 
 def sf_opp(oid: str, **over):

@@ -4,11 +4,19 @@ The DAG files in ``dags/`` are one line each; everything here is wiring: each ta
 rebuilds its :class:`~cosell_sync.sync.runner.SyncJob` from a small spec (passed by XCom)
 and runs one step. Frames travel as Parquet in the staging area, never through XCom.
 
-* Schedule: every 15 minutes with real data intervals (``CronDataIntervalTimetable``),
-  ``max_active_runs=1``. Scheduled and manual runs read each side since its committed
-  watermark (minus an overlap); backfill runs read exactly their data interval and never
-  move the live watermark.
+* Schedule: every 15 minutes (``[cosell] sync_schedule``, a cron expression) with real data
+  intervals (``CronDataIntervalTimetable``), ``max_active_runs=1``. Scheduled and manual
+  runs read each side since its committed watermark (minus an overlap); backfill runs read
+  exactly their data interval and never move the live watermark.
+* The schedule waits for the initial load: until a manual run (``dry_run`` off) has
+  committed once, scheduled runs skip and say so in their note. So a newcomer who
+  unpauses the DAG to preview a dry run gets no sync they did not ask for. Set
+  ``[cosell] scheduled_initial_load = True`` to let the schedule do the initial load.
 * Params (a form in the UI): ``dry_run``, ``referral_ids``, ``full_resync``, ``directions``.
+  Any other key in a run's conf fails the run at ``prepare``, naming the allowed keys.
+* Notes: the ``report`` task hands the run's report to the plugin's listener, which writes
+  it into the DAG run note; a failing task hands over its cause
+  (:mod:`cosell_sync.notes`).
 * The mapping is loaded (and validated) when the DAG file is parsed: a broken mapping is
   an import error naming the key, never a failed run.
 """
@@ -22,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ObjectStoragePath, Param, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from cosell_sync.engine.mapping import load_mapping
+from cosell_sync.notes import push_note, records_failure
 
 SCHEDULE = "*/15 * * * *"
 log = logging.getLogger(__name__)
@@ -88,8 +98,33 @@ def state_store() -> Any:
     return store
 
 
-def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str = SCHEDULE) -> DAG:
+def _setting(key: str, default: str) -> str:
+    from airflow.sdk import conf
+
+    return str(conf.get("cosell", key, fallback=default))
+
+
+def check_conf(conf: dict[str, Any] | None, allowed: list[str]) -> None:
+    """A run's conf may only hold the DAG's params: a misspelt key must not widen a run."""
+    unknown = sorted(set(conf or {}) - set(allowed))
+    if unknown:
+        raise AirflowFailException(
+            f"unknown key(s) in the run's conf: {', '.join(unknown)}. Allowed keys: {', '.join(allowed)}."
+        )
+
+
+def waiting_note(dag_id: str) -> str:
+    return (
+        f"**{dag_id}** · waiting for the initial load\n\n"
+        "Scheduled runs start syncing once a first real run has loaded both sides. "
+        "Trigger this DAG with `dry_run` on to preview what it would write, then with `dry_run` off "
+        "to do the initial load. (`[cosell] scheduled_initial_load = True` lets the schedule do it.)"
+    )
+
+
+def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str | None = None) -> DAG:
     mapping = load_mapping(crm, mapping_path)  # fails at parse time, naming the key
+    schedule = schedule or _setting("sync_schedule", SCHEDULE)
     dag_id = f"cosell_sync_{crm}"
     label = {"dynamics365": "Dynamics 365", "salesforce": "Salesforce"}[crm]
 
@@ -118,15 +153,25 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
     ) as dag:
 
         @task
+        @records_failure
         def prepare() -> dict[str, Any]:
             """The run's window and options: small, so it can travel by XCom."""
-            from cosell_sync.sync.runner import window
+            from cosell_sync.sync.runner import initial_load_done, window
 
             context = get_current_context()
             params = context["params"]
             dag_run = context["dag_run"]
+            check_conf(getattr(dag_run, "conf", None), list(dag.params))
             run_type = getattr(dag_run, "run_type", None)
-            backfill = getattr(run_type, "value", run_type) == "backfill"
+            run_type = getattr(run_type, "value", run_type)
+            backfill = run_type == "backfill"
+            if (
+                run_type == "scheduled"
+                and _setting("scheduled_initial_load", "False").lower() not in ("true", "1", "yes")
+                and not initial_load_done(state_store(), dag_id)
+            ):
+                push_note(waiting_note(dag_id))
+                raise AirflowSkipException("waiting for the initial load: a first manual run (dry_run off)")
             if backfill:
                 since_pc = since_crm = context["data_interval_start"]
                 until = context["data_interval_end"]
@@ -150,6 +195,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
             }
 
         @task
+        @records_failure
         def extract_partner_center(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
@@ -158,6 +204,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
             return runner.extract_partner_center(job, pc_side, state_store())
 
         @task
+        @records_failure
         def extract_crm(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
@@ -166,12 +213,14 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
             return runner.extract_crm(job, crm_side, state_store())
 
         @task
+        @records_failure
         def plan(spec: dict[str, Any]) -> dict[str, Any]:
             from cosell_sync.sync import runner
 
             return runner.plan_run(_job(spec), state_store())
 
         @task
+        @records_failure
         def load_crm(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
@@ -180,6 +229,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
             return runner.load_crm(job, crm_side)
 
         @task
+        @records_failure
         def load_partner_center(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
@@ -188,17 +238,20 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str =
             return runner.load_partner_center(job, pc_side, crm_side)
 
         @task
+        @records_failure
         def commit_state(spec: dict[str, Any]) -> dict[str, Any]:
             from cosell_sync.sync import runner
 
             return runner.commit(_job(spec), state_store())
 
         @task
+        @records_failure
         def report(spec: dict[str, Any], summary: dict[str, Any]) -> str:
             from cosell_sync.sync.runner import format_report
 
-            text = format_report(spec["dag_id"], summary)
+            text = format_report(spec["dag_id"], summary, spec["crm"])
             log.info("sync report:\n%s", text)
+            push_note(text)  # the run's note (the plugin's listener writes it)
             return text
 
         spec = prepare()

@@ -24,6 +24,7 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, AssetWatcher, get_current_context, task
 
+from cosell_sync.notes import push_note, records_failure, truncate
 from cosell_sync.triggers.inbox import SIGNAL_DAG, SIGNAL_SIDE, InboxTrigger
 
 DAG_ID = SIGNAL_DAG
@@ -94,6 +95,17 @@ def sync_events(run_id: str) -> dict[str, Any]:
     return {"events": len(claimed), "referrals": len(referral_ids), "reports": reports}
 
 
+def events_note(result: dict[str, Any]) -> str:
+    """The run's note: how many events for how many referrals, then each CRM's report."""
+    from cosell_sync.sync.runner import format_report
+
+    if not result["events"]:
+        return f"**{DAG_ID}** · no pending webhook events (an earlier run took them)"
+    head = f"**{DAG_ID}** · {result['events']} webhook event(s) for {result['referrals']} referral(s)"
+    reports = [format_report(f"{DAG_ID}.{crm}", report, crm) for crm, report in result["reports"].items()]
+    return truncate("\n\n".join([head, *reports]))
+
+
 def _rearm(store: Any) -> None:
     """Events that arrived during this run but were stamped before the trigger's last signal
     (two receivers racing) would otherwise wait for the next event: move the signal back."""
@@ -118,8 +130,11 @@ def build_events_dag() -> DAG:
     ) as dag:
 
         @task(task_id="sync_events")
+        @records_failure
         def run() -> dict[str, Any]:
-            return sync_events(get_current_context()["run_id"])
+            result = sync_events(get_current_context()["run_id"])
+            push_note(events_note(result))  # the run's note (the plugin's listener writes it)
+            return result
 
         run()
     return dag

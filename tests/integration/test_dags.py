@@ -99,3 +99,15 @@ def test_salesforce_sync_dag_runs_through_airflow(pc, pc_conn, sf_conn, airflow_
     again = store.last_run("cosell_sync_salesforce")["summary"]
     writes = sum(again[d][k] for d in ("pc_to_crm", "crm_to_pc") for k in ("created", "updated", "failed"))
     assert writes == 0, again
+
+
+def test_unknown_conf_keys_fail_the_run_naming_the_allowed_ones(dagbag):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from cosell_sync.dag_factory import check_conf
+
+    allowed = list(dagbag.dags["cosell_sync_salesforce"].params)
+    with pytest.raises(AirflowFailException, match=r"conf: referal_ids\. Allowed keys: dry_run, referral_ids, full"):
+        check_conf({"referal_ids": ["r1"], "dry_run": True}, allowed)
+    check_conf({"dry_run": True, "referral_ids": ["r1"]}, allowed)
+    check_conf(None, allowed)

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from cosell_sandbox.server import FaultConfig
 from cosell_sync.state import StateStore
 from cosell_sync.sync.dynamics365 import SYNC_STATUS
+from cosell_sync.sync.runner import initial_load_done
 
 ROOT = Path(__file__).resolve().parents[2]
 CRMS = ["salesforce", "dynamics365"]
@@ -55,6 +56,9 @@ class Run:
         self.run_id = dag_run.run_id
         recorded = store.get_run(dag_run.dag_id, dag_run.run_id)
         self.summary = recorded["summary"] if recorded else None
+        from cosell_sync.listeners.run_notes import wait_for_notes
+
+        assert wait_for_notes(60), "the run's note was not written in time"
         with create_session() as session:
             row = session.scalar(
                 select(DagRun).where(DagRun.dag_id == dag_run.dag_id, DagRun.run_id == dag_run.run_id)
@@ -174,7 +178,9 @@ def test_first_sync_at_scale_then_quiet_then_only_changed_fields(pc, dags, store
     assert first.summary["pc_to_crm"] == {"created": len(incoming), "updated": 0, "conflicts": 0, "failed": 0}
     assert first.summary["crm_to_pc"]["created"] == len(flagged) and first.summary["crm_to_pc"]["failed"] == 0
     # The report is the DAG run's note, so the grid view shows it.
-    assert first.note.startswith(f"cosell_sync_{crm}\nPartner Center -> CRM: created {len(incoming)}, updated 0")
+    label = {"salesforce": "Salesforce", "dynamics365": "Dynamics 365"}[crm]
+    assert first.note.startswith(f"**cosell_sync_{crm}**\n"), first.note
+    assert f"| Partner Center → {label} | {len(incoming)} | 0 | 0 | 0 |" in first.note.splitlines(), first.note
 
     after = opportunities(pc, crm)
     by_referral = Counter(o["referral_id"] for o in after if o["referral_id"])
@@ -319,8 +325,15 @@ def test_dry_run_param_plans_and_reports_but_writes_nothing(pc, dags, store):
     dry = run_dag(dags, "salesforce", store, dry_run=True)
     assert dry.state == "success"
     assert dry.summary["dry_run"] and dry.summary["pc_to_crm"]["created"] > 0  # the plan, reported
-    assert dry.note.startswith("cosell_sync_salesforce (dry run)\nPartner Center -> CRM: created")
+    assert dry.note.startswith("**cosell_sync_salesforce** · dry run: the plan only, nothing was written"), dry.note
+    created = dry.summary["pc_to_crm"]["created"]
+    assert f"| Partner Center → Salesforce | {created} | 0 | 0 | 0 |" in dry.note.splitlines(), dry.note
     assert crm_write_requests(pc, "salesforce") == [] and pc_write_requests(pc) == []
     assert store.get_links("salesforce").empty and store.get_watermark("cosell_sync_salesforce", "crm") is None
+    assert not initial_load_done(store, "cosell_sync_salesforce")  # a dry run does not open the schedule
+    one = next(iter(pc.partner_center.referrals))
+    assert run_dag(dags, "salesforce", store, referral_ids=[one]).state == "success"
+    assert not initial_load_done(store, "cosell_sync_salesforce")  # nor does a run for named referrals
     real = run_dag(dags, "salesforce", store)
+    assert initial_load_done(store, "cosell_sync_salesforce")
     assert real.summary["pc_to_crm"]["created"] > 0 and real.summary["crm_to_pc"]["created"] > 0

@@ -1,103 +1,153 @@
-"""Writes each sync run's report into the DAG run's note, so the grid view shows it.
+"""Writes each cosell run's report into its DAG run note, so the grid view shows it.
 
-Tasks run through the Task SDK and cannot write a DAG run's note; the scheduler can. This
-listener runs where the DAG run's state is decided (the scheduler, or ``dag.test()``),
-reads the summary that ``commit_state`` recorded in the state DB for that run, and sets
-the note. A failed run gets a note naming the failed tasks. Errors here are logged and
-never affect the run.
+Tasks run through the Task SDK and cannot write a note; the scheduler's listener can. It
+must never endanger the scheduler, so the hook does almost nothing where it is called:
+
+* it reads the run's primary key from the ORM object's identity (no attribute load, no
+  query, nothing touched in the scheduler's session) and hands it to a background thread;
+* the thread opens a session of its own on Airflow's engine (not the thread-scoped
+  ``settings.Session`` the scheduler uses), waits until the run's final state is committed,
+  reads what the run's tasks reported (the XComs :data:`~cosell_sync.notes.NOTE_KEY` and
+  :data:`~cosell_sync.notes.ERROR_KEY`) and its failed tasks, and writes the note;
+* it never reads the cosell state DB, and every error is logged and swallowed.
+
+A note a person wrote is kept. :func:`wait_for_notes` lets a process that ran a DAG
+in-process (``dag.test()``) wait for its notes before reading them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from airflow.listeners import hookimpl
-from sqlalchemy.orm import object_session
 
-from cosell_sync.triggers.inbox import SIGNAL_DAG as EVENTS_DAG
+from cosell_sync.notes import ERROR_KEY, NOTE_KEY, compose, is_cosell_dag, ours
 
 log = logging.getLogger(__name__)
 
-NOTE_LIMIT = 1000  # dag_run_note.content is String(1000)
+SETTLE_TIMEOUT = 60.0  # seconds to wait for the run's final state to be committed
+ATTEMPTS = 5
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_pid: int | None = None
+_pending: set[Future] = set()
 
 
-def _summaries(dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
-    """The committed reports of a run, by the name they were recorded under: the DAG's own
-    id, or for the event-driven DAG one per CRM (``cosell_referral_events.<crm>``)."""
-    from cosell_sync.state import StateStore  # imported here: every process loads plugins, few write notes
-    from cosell_sync.state.store import CRMS
+def _executor() -> ThreadPoolExecutor:
+    """One worker thread per process (made again after a fork: threads do not survive one)."""
+    global _pool, _pool_pid
+    with _lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosell-run-notes")
+            _pool_pid = os.getpid()
+            _pending.clear()
+        return _pool
 
-    names = [f"{dag_id}.{crm}" for crm in sorted(CRMS)] if dag_id == EVENTS_DAG else [dag_id]
-    store = StateStore.from_airflow()
+
+def wait_for_notes(timeout: float = 60.0) -> bool:
+    """Wait until every note asked for in this process is written (or given up on)."""
+    with _lock:
+        pending = set(_pending)
+    _done, not_done = wait_futures(pending, timeout=timeout)
+    return not not_done
+
+
+def _schedule(dag_run: Any, failed: bool) -> None:
     try:
-        store.migrate()
-        rows = {name: store.get_run(name, run_id) for name in names}
-    finally:
-        store.close()
-    return {name: row["summary"] for name, row in rows.items() if row is not None}
+        from sqlalchemy import inspect
 
-
-def note_for(dag_id: str, run_id: str, failed_tasks: list[str]) -> str | None:
-    """The note for a finished sync run: its report(s), and the failed tasks if any."""
-    from cosell_sync.sync.runner import format_report
-
-    summaries = _summaries(dag_id, run_id)
-    parts = []
-    if failed_tasks:
-        parts.append("run failed in: " + ", ".join(sorted(failed_tasks)))
-    parts.extend(format_report(name, summary) for name, summary in summaries.items())
-    if not summaries and failed_tasks:
-        parts.append("nothing was committed; the next run retries")
-    text = "\n".join(parts)
-    return text[: NOTE_LIMIT - 1] + "…" if len(text) > NOTE_LIMIT else text or None
-
-
-def _ours(note: str | None, dag_id: str) -> bool:
-    """Is the current note empty or one this listener wrote (a failed try's, before a rerun)?"""
-    return note is None or note.startswith(("run failed in:", dag_id))
-
-
-def _write(dag_run: Any, text: str) -> None:
-    """Set the note in the session that holds the run (the scheduler's, committed with the
-    run's new state), or in a session of our own when the run is detached (``dag.test()``).
-    A note a person wrote is never overwritten."""
-    session = object_session(dag_run)
-    if session is not None:
-        if _ours(dag_run.note, dag_run.dag_id):
-            dag_run.note = text
-        return
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
-
-    with create_session() as own:
-        row = own.get(DagRun, dag_run.id)
-        if row is not None and _ours(row.note, row.dag_id):
-            row.note = text
-
-
-def _set_note(dag_run: Any, failed: bool) -> None:
-    dag_id, run_id = dag_run.dag_id, dag_run.run_id
-    if not dag_id.startswith(("cosell_sync_", EVENTS_DAG)):
-        return
-    try:
-        failed_tasks = []
-        if failed:
-            session = object_session(dag_run)
-            tis = dag_run.get_task_instances(session=session) if session else dag_run.get_task_instances()
-            failed_tasks = [ti.task_id for ti in tis if str(ti.state) in ("failed", "upstream_failed")]
-        text = note_for(dag_id, run_id, failed_tasks)
-        if text:
-            _write(dag_run, text)
+        state = inspect(dag_run)
+        dag_id = state.dict.get("dag_id")  # the loaded value; never a lazy load or refresh
+        if dag_id is not None and not is_cosell_dag(dag_id):
+            return
+        identity = state.identity
+        if not identity:
+            return
+        future = _executor().submit(write_note, identity[0], failed)
+        with _lock:
+            _pending.add(future)
+        future.add_done_callback(_forget)
     except Exception:
-        log.exception("could not write the note of %s %s", dag_id, run_id)
+        log.exception("could not queue the run note")
+
+
+def _forget(future: Future) -> None:
+    with _lock:
+        _pending.discard(future)
+
+
+def write_note(dag_run_pk: int, failed: bool, *, settle_timeout: float = SETTLE_TIMEOUT) -> str | None:
+    """Compose and store the note of the finished run ``dag_run_pk``; returns what was written."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return _write_note(dag_run_pk, failed, settle_timeout)
+        except Exception:
+            if attempt == ATTEMPTS:
+                log.exception("could not write the note of DAG run %s", dag_run_pk)
+                return None
+            time.sleep(0.5 * attempt)
+    return None
+
+
+def _write_note(dag_run_pk: int, failed: bool, settle_timeout: float) -> str | None:
+    from airflow import settings
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.xcom import XComModel
+    from airflow.utils.state import DagRunState, TaskInstanceState
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    final = DagRunState.FAILED if failed else DagRunState.SUCCESS
+    with Session(bind=settings.engine, expire_on_commit=False) as session:  # ours, never the scheduler's
+        deadline = time.monotonic() + settle_timeout
+        while True:
+            run = session.get(DagRun, dag_run_pk)
+            if run is None or not is_cosell_dag(run.dag_id):
+                return None
+            if run.state == final or time.monotonic() >= deadline:
+                break
+            session.rollback()  # end the read; the next one sees what has been committed since
+            session.expire_all()
+            time.sleep(0.2)
+        rows = session.execute(
+            select(XComModel.task_id, XComModel.key, XComModel.value)
+            .where(XComModel.dag_run_id == dag_run_pk, XComModel.key.in_([NOTE_KEY, ERROR_KEY]))
+            .order_by(XComModel.timestamp)
+        ).all()
+        values = [(row.task_id, row.key, XComModel.deserialize_value(row)) for row in rows]
+        notes = [str(value) for _, key, value in values if key == NOTE_KEY and value]
+        causes = {task_id: str(value) for task_id, key, value in values if key == ERROR_KEY and value}
+        failed_tasks: dict[str, str | None] = {}
+        if failed:
+            failed_ids = session.scalars(
+                select(TaskInstance.task_id).where(
+                    TaskInstance.dag_id == run.dag_id,
+                    TaskInstance.run_id == run.run_id,
+                    TaskInstance.state == TaskInstanceState.FAILED,
+                )
+            ).all()
+            failed_tasks = {task_id: causes.get(task_id) for task_id in failed_ids}
+        text = compose(run.dag_id, notes, failed_tasks, failed=failed)
+        if not text or not ours(run.note, run.dag_id) or run.note == text:
+            return None
+        run.note = text
+        session.commit()
+        return text
 
 
 @hookimpl
 def on_dag_run_success(dag_run: Any, msg: str) -> None:
-    _set_note(dag_run, failed=False)
+    _schedule(dag_run, failed=False)
 
 
 @hookimpl
 def on_dag_run_failed(dag_run: Any, msg: str) -> None:
-    _set_note(dag_run, failed=True)
+    _schedule(dag_run, failed=True)

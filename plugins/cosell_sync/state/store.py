@@ -74,7 +74,9 @@ __all__ = [
 T = TypeVar("T")
 
 CRMS = frozenset({"dynamics365", "salesforce"})
-SIDES = frozenset({"partner_center", "crm", "inbox"})  # "inbox": the newest webhook event signalled to a DAG
+SIDES = frozenset({"partner_center", "crm", "inbox", "full_sync"})
+# "inbox": the newest webhook event signalled to a DAG; "full_sync": when a window sync (not a
+# dry run, backfill or referral_ids run) last committed: the first one is the initial load
 DIRECTIONS = frozenset({"pc_to_crm", "crm_to_pc"})
 ACTIONS = frozenset({"create", "update", "conflict", "skip", "fail", "win", "lose"})
 INBOX_STATUSES = ("pending", "claimed", "done")

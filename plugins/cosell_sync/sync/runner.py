@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -103,6 +103,11 @@ def window(store: StateStore, dag_id: str, *, full_resync: bool = False) -> tupl
     marks = [store.get_watermark(dag_id, side) for side in ("partner_center", "crm")]
     pc_mark, crm_mark = (m - OVERLAP if m else None for m in marks)
     return pc_mark, crm_mark
+
+
+def initial_load_done(store: StateStore, dag_id: str) -> bool:
+    """Has a window sync (scheduled or manual, not a dry run) of ``dag_id`` ever committed?"""
+    return any(store.get_watermark(dag_id, side) is not None for side in ("full_sync", "partner_center", "crm"))
 
 
 def _retry_keys(store: StateStore, job: SyncJob, direction: str) -> list[str]:
@@ -304,6 +309,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
         watermarks["partner_center"] = pd.to_datetime(pc["updated_at"], utc=True).max().to_pydatetime()
     if len(crm) and crm["modified_at"].notna().any():
         watermarks["crm"] = pd.to_datetime(crm["modified_at"], utc=True).max().to_pydatetime()
+    watermarks["full_sync"] = datetime.now(UTC)  # moved with the others: only by window runs
     report = build_report(the_plan, crm_results, pc_results, errors)
     report["pc_to_crm"]["failed"] += int((~stamp_results["ok"].astype(bool)).sum()) if len(stamp_results) else 0
     if job.dry_run:  # the plan is reported (and becomes the run's note); no sync state is touched
@@ -455,23 +461,56 @@ def build_report(the_plan: Plan, crm_results: pd.DataFrame, pc_results: pd.DataF
     crm_to_pc["failed"] += int(bad_crm)
     unchanged = int(the_plan.skips["reason"].isin(["no_change", "echo"]).sum())
     skipped = the_plan.skips[~the_plan.skips["reason"].isin(["no_change", "echo"])]
+    keys = skipped["side"].astype(str) + "." + skipped["reason"].astype(str)
     return {
         "pc_to_crm": pc_to_crm,
         "crm_to_pc": crm_to_pc,
         "unchanged": unchanged,
-        "skipped": {k: int(v) for k, v in skipped["reason"].value_counts().items()},
+        "skipped": {str(k): int(v) for k, v in keys.value_counts().sort_index().items()},
     }
 
 
-def format_report(dag_id: str, report: dict[str, Any]) -> str:
-    """The run's note (shown in the grid view) and its log line."""
-    lines = [f"{dag_id}{' (dry run)' if report.get('dry_run') else ''}"]
-    for direction, label in (("pc_to_crm", "Partner Center -> CRM"), ("crm_to_pc", "CRM -> Partner Center")):
+CRM_LABELS = {"dynamics365": "Dynamics 365", "salesforce": "Salesforce"}
+#: What each skip means, in words a user reads in the run's note (``side.reason`` -> phrase).
+SKIP_REASONS = {
+    "partner_center.closed_unlinked": "closed referrals that were never linked: a Closed referral is not imported",
+    "partner_center.linked_elsewhere": "referrals whose externalReferenceId names a record this sync has no link "
+    "for (another CRM, or a deleted record)",
+    "crm.not_flagged": 'opportunities not flagged "Sync with Partner Center": only flagged ones are shared',
+    "crm.closed_unlinked": "flagged opportunities already closed before they were shared: not shared",
+    "crm.linked_elsewhere": "opportunities holding a referral id this sync has no link for",
+    "pair.terminal_referral": "changes not written to a Closed referral (Closed is final in Partner Center)",
+    "pair.invalid_transition": "changes Partner Center would refuse (a status it cannot move to)",
+}
+
+
+def describe_skip(key: str) -> str:
+    """A skip key of a report (``side.reason``; older reports: ``reason``) in plain words."""
+    return SKIP_REASONS.get(key) or next(
+        (text for known, text in SKIP_REASONS.items() if known.split(".", 1)[1] == key), key.replace("_", " ")
+    )
+
+
+def format_report(dag_id: str, report: dict[str, Any], crm: str | None = None) -> str:
+    """The run's report as Markdown: a heading, a small table per direction, the skips in
+    plain words. It is the DAG run's note (the grid view renders it) and the task's log."""
+    crm_label = CRM_LABELS.get(crm or "", "CRM")
+    title = f"**{dag_id}**" + (" · dry run: the plan only, nothing was written" if report.get("dry_run") else "")
+    lines = [
+        title,
+        "",
+        "| | created | updated | conflicts | failed |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for direction, label in (
+        ("pc_to_crm", f"Partner Center → {crm_label}"),
+        ("crm_to_pc", f"{crm_label} → Partner Center"),
+    ):
         c = report[direction]
-        lines.append(
-            f"{label}: created {c['created']}, updated {c['updated']}, conflicts {c['conflicts']}, failed {c['failed']}"
-        )
-    lines.append(f"unchanged: {report['unchanged']}")
-    if report.get("skipped"):
-        lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items())))
+        lines.append(f"| {label} | {c['created']} | {c['updated']} | {c['conflicts']} | {c['failed']} |")
+    lines += ["", f"Unchanged: {report['unchanged']} linked deals."]
+    skipped = report.get("skipped") or {}
+    if skipped:
+        lines.append("Skipped:")
+        lines += [f"- {count} {describe_skip(key)}" for key, count in sorted(skipped.items())]
     return "\n".join(lines)

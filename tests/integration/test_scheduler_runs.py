@@ -1,0 +1,213 @@
+"""The sync DAGs and the event DAG, run to completion by a real scheduler, as ``make airflow``
+and production run them: separate ``scheduler``, ``dag-processor``, ``api-server`` and
+``triggerer`` processes (LocalExecutor, SQLite), the state DB at its default place under
+``$AIRFLOW_HOME`` and the Dynamics connection in Airflow's metadata DB (as one made in the UI).
+
+Runs, on both CRMs:
+
+* scheduled runs before the initial load wait for it (skipped, with a note saying so);
+* a manual dry run plans and writes nothing;
+* a run with a bad client secret fails, and its note names the failing task and the cause
+  (``AADSTS7000215``), not the upstream-failed tasks, and never the secret;
+* manual real runs (the initial load), then a scheduled run that really syncs;
+* a manual run with ``referral_ids``, and one with a misspelt conf key, which fails at
+  ``prepare`` listing the allowed keys;
+* the event DAG, on an event in the webhook inbox.
+
+Every run ends on its own, the scheduler is alive at the end and never logged a detached
+ORM object, and every finished run has its note.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+
+import pytest
+
+from cosell_sandbox.airflow_cluster import AirflowCluster
+from cosell_sync.state import StateStore
+
+SF, DYN, EVENTS = "cosell_sync_salesforce", "cosell_sync_dynamics365", "cosell_referral_events"
+BAD_SECRET = "not-the-secret-7f3a9c"
+FINISHED = ("success", "failed")
+
+
+class Cluster:
+    """Thin helpers over :class:`AirflowCluster` for this story."""
+
+    def __init__(self, af: AirflowCluster) -> None:
+        self.af = af
+        self.count = 0
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        self.count += 1
+        run_id = f"manual__test_{self.count}_{datetime.now(UTC):%H%M%S%f}"
+        args = ["dags", "trigger", dag_id, "--run-id", run_id]
+        if conf is not None:
+            args += ["--conf", json.dumps(conf)]
+        self.af.cli(*args)
+        return run_id
+
+    def run(self, dag_id: str, run_id: str) -> dict | None:
+        rows = self.af.query(
+            "select r.run_id, r.run_type, r.state, n.content, r.start_date from dag_run r"
+            " left join dag_run_note n on n.dag_run_id = r.id where r.dag_id = ? and r.run_id = ?",
+            dag_id,
+            run_id,
+        )
+        if not rows:
+            return None
+        keys = ("run_id", "run_type", "state", "note", "start_date")
+        return dict(zip(keys, rows[0], strict=True))
+
+    def finished(self, dag_id: str, run_id: str, timeout: float = 240) -> dict:
+        """Wait until the run has ended and its note is written; returns the run."""
+
+        def done() -> dict | None:
+            run = self.run(dag_id, run_id)
+            return run if run and run["state"] in FINISHED and run["note"] else None
+
+        return self.af.wait_for(done, timeout, f"{dag_id} {run_id} to finish with its note", interval=1)
+
+    def failed_tasks(self, dag_id: str, run_id: str) -> dict[str, str]:
+        rows = self.af.query("select task_id, state from task_instance where dag_id = ? and run_id = ?", dag_id, run_id)
+        return {task_id: state for task_id, state in rows if state in ("failed", "upstream_failed")}
+
+
+def crm_writes(pc) -> int:
+    return sum(
+        1
+        for emulator in (pc.salesforce, pc.dataverse)
+        for r in emulator.requests_matching()
+        if r.method in ("POST", "PATCH", "PUT", "DELETE") and not r.path.startswith("/_sandbox/")
+    )
+
+
+@pytest.mark.timeout(1200)
+def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_conn, sf_conn, tmp_path):
+    pc.partner_center.seed(24, seed=31)
+    pc.salesforce.seed(opportunities=9, accounts=3, flagged=4, seed=31)
+    pc.dataverse.seed(opportunities=9, accounts=3, flagged=4, seed=31)
+    dynamics = pc.connections()["dynamics_default"]
+    env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
+    env.pop("AIRFLOW_CONN_COSELL_STATE", None)  # the default state DB, as `make airflow` has it
+    env.pop("AIRFLOW_CONN_DYNAMICS_DEFAULT", None)  # in the metadata DB instead, as the UI makes it
+    env |= {
+        "AIRFLOW__COSELL__SYNC_SCHEDULE": "* * * * *",  # a scheduled run every minute, so the test sees some
+        "AIRFLOW__COSELL__EVENT_CRMS": "salesforce",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+    }
+    home = tmp_path / "airflow"
+    with AirflowCluster(home, env) as af:
+        c = Cluster(af)
+        for dag_id in (SF, DYN, EVENTS):
+            af.wait_for(lambda dag_id=dag_id: af.dag_serialized(dag_id), 180, f"{dag_id} to be parsed")
+        bad = dynamics | {"password": BAD_SECRET}
+        af.cli("connections", "add", "dynamics_default", "--conn-json", json.dumps(bad))
+
+        # Unpausing starts the schedule: with no initial load yet, its runs wait and say why.
+        pc.salesforce.log.clear()
+        pc.dataverse.log.clear()
+        af.cli("dags", "unpause", SF)
+        af.cli("dags", "unpause", DYN)
+        scheduled = af.wait_for(
+            lambda: [r for r in af.dag_runs(SF) if r["run_type"] == "scheduled"], 120, "a scheduled run"
+        )[0]
+        waiting = c.finished(SF, scheduled["run_id"])
+        assert waiting["state"] == "success", waiting
+        assert waiting["note"].startswith(f"**{SF}** · waiting for the initial load"), waiting["note"]
+
+        # A dry run (Salesforce) and a run with a bad client secret (Dynamics), side by side.
+        dry_id = c.trigger(SF, {"dry_run": True})
+        bad_id = c.trigger(DYN)
+        dry = c.finished(SF, dry_id)
+        assert dry["state"] == "success", dry
+        assert dry["note"].startswith(f"**{SF}** · dry run: the plan only, nothing was written"), dry["note"]
+        assert "| Partner Center → Salesforce | " in dry["note"]
+        failed = c.finished(DYN, bad_id)
+        assert failed["state"] == "failed"
+        note = failed["note"]
+        assert note.startswith(f"**{DYN}** · run failed"), note
+        assert "`extract_crm`" in note and "AADSTS7000215" in note, note
+        upstream_failed = [t for t, s in c.failed_tasks(DYN, bad_id).items() if s == "upstream_failed"]
+        assert upstream_failed and not any(f"`{t}`" in note for t in upstream_failed), note
+        assert BAD_SECRET not in note and dynamics["password"] not in note
+        assert crm_writes(pc) == 0, "a dry run, a failed run and waiting scheduled runs wrote to a CRM"
+
+        # The connection is fixed; both CRMs do their initial load through manual runs.
+        af.cli("connections", "delete", "dynamics_default")
+        af.cli("connections", "add", "dynamics_default", "--conn-json", json.dumps(dynamics))
+        loads = {SF: c.trigger(SF), DYN: c.trigger(DYN)}
+        for dag_id, run_id in loads.items():
+            run = c.finished(dag_id, run_id)
+            assert run["state"] == "success", (dag_id, run)
+            assert run["note"].startswith(f"**{dag_id}**\n"), run["note"]
+        loaded_at = max(c.run(d, r)["start_date"] for d, r in loads.items())
+        store = StateStore(f"sqlite:///{home / 'cosell_state.db'}")
+        links = store.get_links("salesforce")
+        assert len(links) and len(store.get_links("dynamics365"))
+
+        # Now the schedule syncs for real: a scheduled run started after the initial load.
+        def a_real_scheduled_run() -> dict | None:
+            for r in af.dag_runs(SF):
+                run = c.run(SF, r["run_id"])
+                if r["run_type"] == "scheduled" and run["start_date"] and run["start_date"] > loaded_at:
+                    return run
+            return None
+
+        later = af.wait_for(a_real_scheduled_run, 180, "a scheduled run after the initial load", interval=2)
+        later = c.finished(SF, later["run_id"])
+        assert later["state"] == "success" and later["note"].startswith(f"**{SF}**\n"), later
+
+        # A run for one referral, and a run with a misspelt conf key.
+        referral_id = str(links["referral_id"].iloc[0])
+        one = c.finished(SF, c.trigger(SF, {"referral_ids": [referral_id]}))
+        assert one["state"] == "success" and one["note"].startswith(f"**{SF}**\n"), one
+        typo_id = c.trigger(SF, {"referal_ids": [referral_id]})
+        typo = c.finished(SF, typo_id)
+        assert typo["state"] == "failed"
+        assert set(c.failed_tasks(SF, typo_id)) >= {"prepare"}
+        assert "`prepare`" in typo["note"] and "referal\\_ids" in typo["note"], typo["note"]
+        assert "Allowed keys: dry\\_run, referral\\_ids, full\\_resync, directions" in typo["note"], typo["note"]
+
+        # The event DAG, on an event waiting in the webhook inbox.
+        af.cli("dags", "unpause", EVENTS)
+        af.wait_for(
+            lambda: af.query("select count(*) from trigger where classpath like '%InboxTrigger%'")[0][0],
+            120,
+            "the inbox watcher's trigger",
+        )
+        store.inbox_add(
+            [
+                {
+                    "dedup_key": f"test-{referral_id}",
+                    "event_name": "referral-updated",
+                    "referral_id": referral_id,
+                    "resource_uri": f"https://api.partner.microsoft.com/v1.0/engagements/referrals/{referral_id}",
+                }
+            ]
+        )
+        event_run = af.wait_for(lambda: af.dag_runs(EVENTS), 120, "the event DAG to run")[0]
+        event = c.finished(EVENTS, event_run["run_id"])
+        assert event["state"] == "success", event
+        assert event["note"].startswith(f"**{EVENTS}** · 1 webhook event(s) for 1 referral(s)"), event["note"]
+        assert f"**{EVENTS}.salesforce**" in event["note"]
+
+        # Every finished run has its note; the scheduler is alive and never lost an ORM object.
+        rows = af.query(
+            "select r.dag_id, r.run_id, r.state, n.content from dag_run r left join dag_run_note n"
+            " on n.dag_run_id = r.id where r.state in ('success', 'failed')"
+        )
+        assert len(rows) >= 9
+        missing = [(d, r) for d, r, _, content in rows if not content]
+        if missing:  # a run that has just finished may still be getting its note
+            for dag_id, run_id in missing:
+                c.finished(dag_id, run_id, timeout=30)
+        assert all(len(content or "") <= 1000 for *_, content in rows)
+        assert af.procs["scheduler"].poll() is None, af.tail()
+        scheduler_log = af.logs["scheduler"].read_text(errors="replace")
+        assert "DetachedInstanceError" not in scheduler_log
+        assert "could not write the note" not in scheduler_log
+        store.close()

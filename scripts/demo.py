@@ -5,10 +5,12 @@ fresh sandbox: 200 referrals, 100 opportunities of which 60 are flagged "Sync wi
 Center"):
 
 1. the first sync seeds the CRM from Partner Center and Partner Center from the flagged
-   opportunities;
+   open opportunities; the demo explains how many were shared and why (Salesforce's seed
+   has closed flagged opportunities, Dataverse's has none) and what each skip category means;
 2. a Microsoft seller changes a deal value (through the sandbox's control plane) and a CRM
-   user edits an opportunity's notes (through the CRM's API);
-3. the second sync carries both across, and the demo reads each value back on the other side;
+   user edits an opportunity's notes (through the CRM's API); the demo shows, read back from
+   both records, that each edited record is linked to one on the other side;
+3. the second sync carries both across, and the demo reads each value back on the linked record;
 4. a third sync writes nothing;
 5. a summary per DAG and run.
 
@@ -34,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,10 @@ from cosell_sandbox.runtime import Sandbox  # noqa: E402
 CRMS = {"dynamics365": "Dynamics 365", "salesforce": "Salesforce"}
 
 DIRECTIONS = (("pc_to_crm", "Partner Center -> CRM"), ("crm_to_pc", "CRM -> Partner Center"))
+
+# Where the first sync writes each side's id onto the other side's record (the shipped mappings).
+REFERRAL_ID_FIELD = {"dynamics365": "cosell_referralid", "salesforce": "PC_Referral_Id__c"}
+DATAVERSE_STATES = {0: "Open", 1: "Won", 2: "Lost"}  # opportunity statecode
 
 
 def step(title: str) -> None:
@@ -98,13 +105,18 @@ class Demo:
             raise SystemExit(f"{dag.dag_id} {dag_run.run_id} ended {dag_run.state}")
         store = StateStore.from_airflow()
         summary = store.get_run(dag.dag_id, dag_run.run_id)["summary"]
+        # The plugin's listener writes the note from a background thread: wait for it before reading it back.
+        from cosell_sync.listeners import run_notes
+
+        if not run_notes.wait_for_notes(30):
+            print("  (the note was not written within 30 s)")
         with create_session() as session:
             row = session.scalar(select(DagRun).where(DagRun.dag_id == dag.dag_id, DagRun.run_id == dag_run.run_id))
             note = row.note
         self.runs.append((dag.dag_id, label, summary, took))
-        print(f"  DAG run {dag_run.run_id} ({took:.1f}s); its note, as the grid view shows it:")
+        print(f"  DAG run {dag_run.run_id} ({took:.1f}s); its note (Markdown; the grid view renders it):")
         for line in (note or "(no note)").splitlines():
-            print(f"    | {line}")
+            print(f"      {line}".rstrip())
         return summary
 
     # -- the story for one CRM -----------------------------------------------------------------
@@ -129,6 +141,38 @@ class Demo:
 
         row = DynamicsHook().get("opportunities", crm_id, select=["estimatedvalue", "description"])
         return row["estimatedvalue"], row["description"]
+
+    def flagged_opportunities(self, crm: str) -> dict[str, str]:
+        """{opportunity id: its state} of every opportunity flagged "Sync with Partner Center",
+        read through our hooks; the state is "Open" or how it was closed."""
+        if crm == "salesforce":
+            from cosell_sync.hooks.salesforce import SalesforceSyncHook
+
+            soql = "SELECT Id, StageName FROM Opportunity WHERE PC_Sync_With_Partner_Center__c = true"
+            rows = SalesforceSyncHook().query_records(soql)
+            return {r["Id"]: r["StageName"] if r["StageName"].startswith("Closed") else "Open" for r in rows}
+        from cosell_sync.hooks.dynamics import DynamicsHook
+
+        rows = DynamicsHook().query(
+            "opportunities", select=["opportunityid", "statecode"], filter="cosell_syncwithpartnercenter eq true"
+        )
+        return {r["opportunityid"]: DATAVERSE_STATES.get(r["statecode"], str(r["statecode"])) for r in rows}
+
+    def link_proof(self, crm: str, referral_id: str, crm_id: str) -> str:
+        """How the two records point at each other, read back from both sides."""
+        field = REFERRAL_ID_FIELD[crm]
+        if crm == "salesforce":
+            from cosell_sync.hooks.salesforce import SalesforceSyncHook
+
+            on_opportunity = SalesforceSyncHook().get_conn().Opportunity.get(crm_id)[field]
+        else:
+            from cosell_sync.hooks.dynamics import DynamicsHook
+
+            on_opportunity = DynamicsHook().get("opportunities", crm_id, select=[field])[field]
+        on_referral = self.referral(referral_id).get("externalReferenceId")
+        if on_opportunity != referral_id or (on_referral or "").lower() != crm_id.lower():
+            raise SystemExit(f"referral {referral_id} and opportunity {crm_id} do not point at each other")
+        return f"the opportunity's {field} is the referral id; the referral's externalReferenceId is the opportunity id"
 
     def crm_edit_notes(self, crm: str, crm_id: str, notes: str) -> None:
         """A CRM user edits an opportunity, through the CRM's own API."""
@@ -155,18 +199,22 @@ class Demo:
         os.environ["COSELL_STAGING_URL"] = f"file://{self.work / 'staging'}"
 
         step(f"{label} 1/4: first sync (200 referrals; 100 opportunities, 60 flagged)")
+        flagged = self.flagged_opportunities(crm)
         first = self.run(crm, "1 first sync")
         store = StateStore.from_airflow()
         links = store.get_links(crm)
         print(
-            f"  links: {len(links)} (referral <-> opportunity), written on both sides: "
-            f"{first['pc_to_crm']['created']} opportunities created with account and contact, "
-            f"{first['crm_to_pc']['created']} referrals created"
+            f"  links: {len(links)} linked pairs (referral <-> opportunity), each written on both sides: "
+            f"{first['pc_to_crm']['created']} opportunities created (with account and contact) from open "
+            f"referrals, {first['crm_to_pc']['created']} referrals created from flagged open opportunities"
         )
+        self.explain_flagged(crm, flagged, first)
+        self.explain_skips(first)
 
         step(f"{label} 2/4: a Microsoft seller and a CRM user each change something")
         ms = next(r for r in links.itertuples() if self.referral(r.referral_id)["direction"] == "Incoming")
-        crm_row = links.iloc[-1]
+        shared = {cid.lower() for cid, state in flagged.items() if state == "Open"}
+        crm_row = next(r for r in links.itertuples() if r.crm_id.lower() in shared)
         new_value = 987654.0
         self.control(
             "POST",
@@ -174,16 +222,27 @@ class Demo:
             {"action": "update", "changes": {"details": {"dealValue": new_value}}},
         )
         print(f"  Partner Center: Microsoft sets referral {ms.referral_id} deal value to {new_value:,.0f}")
+        print(f"    linked record: {label} opportunity {ms.crm_id}, created from this referral by the first sync")
+        print(f"    ({self.link_proof(crm, ms.referral_id, ms.crm_id)})")
         notes = f"Customer asked for a pilot in Q1 (edited in {label})"
         self.crm_edit_notes(crm, crm_row.crm_id, notes)
         print(f"  {label}: a user edits the notes of opportunity {crm_row.crm_id}")
+        rid = crm_row.referral_id
+        print(f"    linked record: referral {rid}, created from this flagged opportunity by the first sync")
+        print(f"    ({self.link_proof(crm, crm_row.referral_id, crm_row.crm_id)})")
 
-        step(f"{label} 3/4: second sync carries both across")
+        step(f"{label} 3/4: second sync carries both across; each value read back on the linked record")
         self.run(crm, "2 after edits")
         amount, _ = self.crm_value(crm, ms.crm_id)
         referral = self.referral(crm_row.referral_id)
-        print(f"  {label} opportunity {ms.crm_id} amount: {amount:,.0f}  (from Partner Center)")
-        print(f"  Partner Center referral {crm_row.referral_id} notes: {referral['details']['notes']!r}")
+        print(
+            f"  {label} opportunity {ms.crm_id} (linked to referral {ms.referral_id}) amount: {amount:,.0f}"
+            "  (Microsoft's edit)"
+        )
+        print(
+            f"  Partner Center referral {crm_row.referral_id} (linked to opportunity {crm_row.crm_id}) notes: "
+            f"{referral['details']['notes']!r}  (the {label} user's edit)"
+        )
         if amount != new_value or referral["details"]["notes"] != notes:
             raise SystemExit("a change did not reach the other side")
 
@@ -191,6 +250,47 @@ class Demo:
         third = self.run(crm, "3 quiet")
         writes = sum(third[d][k] for d, _ in DIRECTIONS for k in ("created", "updated", "failed"))
         print(f"  writes: {writes}")
+
+    def explain_flagged(self, crm: str, flagged: dict[str, str], first: dict[str, Any]) -> None:
+        """Why the flagged opportunities gave this many referrals (and why the CRMs differ)."""
+        label = CRMS[crm]
+        closed = {state: n for state, n in Counter(flagged.values()).items() if state != "Open"}
+        open_count = len(flagged) - sum(closed.values())
+        created = first["crm_to_pc"]["created"]
+        skipped_closed = (first.get("skipped") or {}).get("crm.closed_unlinked", 0)
+        print(
+            f"  flagged opportunities: {len(flagged)}; open {open_count} -> {created} referrals created"
+            + (f"; closed {sum(closed.values())} -> not shared" if closed else "")
+        )
+        if closed:
+            how = ", ".join(f"{n} {state}" for state, n in sorted(closed.items()))
+            print(
+                f"    why not {len(flagged)}: only open opportunities become referrals, and the {label} seed gives "
+                f"opportunities realistic stages, closed ones included ({how}); the Dynamics 365 seed creates "
+                "open opportunities only. Same rule, different data."
+            )
+        else:
+            print(
+                f"    all {len(flagged)}: the {label} seed creates open opportunities only, and every flagged open "
+                "opportunity becomes a referral (the Salesforce seed also has closed ones, which are not shared)"
+            )
+        if (created, skipped_closed) != (open_count, sum(closed.values())):
+            raise SystemExit(
+                f"expected {open_count} referrals and {sum(closed.values())} closed skips, "
+                f"the report says {created} and {skipped_closed}"
+            )
+
+    def explain_skips(self, report: dict[str, Any]) -> None:
+        """The report's skip categories, in plain words."""
+        from cosell_sync.sync.runner import describe_skip
+
+        skipped = report.get("skipped") or {}
+        if not skipped:
+            return
+        print("  skipped records (left alone on purpose, not errors), by category:")
+        width = max(len(key) for key in skipped)
+        for key, count in sorted(skipped.items()):
+            print(f"    {key:<{width}} {count:>4}  {describe_skip(key)}")
 
     def webhook_story(self) -> None:
         """A Microsoft-side change reaching Salesforce through the webhook, with Airflow running."""

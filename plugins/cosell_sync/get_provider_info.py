@@ -1,7 +1,8 @@
 """Provider metadata, found by Airflow through the ``apache_airflow_provider`` entry point.
 
 The connection forms are declared here, once (``conn-fields``), so the Airflow UI shows
-them without importing the hooks.
+them without importing the hooks. Each form's Description field is relabeled to name the
+connection id the DAGs read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ _SECRET = {"type": ["string", "null"], "format": "password"}
 def _field(label: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"label": label, "schema": dict(schema), "description": description}
 
+
+# The label of each form's Description field (in the "Standard Fields" section, open by default)
+# names the connection id the DAGs read. Airflow 3.3 has no connection-type level help text, and
+# a "description" placeholder does not reach the UI (ProvidersManager prefixes it as if it were an
+# extra field), so the relabeling carries it; the UI reads it through /ui/connections/hook_meta.
+PARTNER_CENTER_LABEL = "Description (the DAGs use the connection id partner_center_default)"
+DYNAMICS365_LABEL = "Description (the DAGs use the connection id dynamics_default)"
 
 _MICROSOFT_COMMON = {
     "tenant_id": _field("Tenant ID", _S, "Entra ID tenant (directory) id of the app registration."),
@@ -92,7 +100,11 @@ def get_provider_info() -> dict[str, Any]:
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["host", "schema", "port", "extra"],
-                    "relabeling": {"login": "Client ID", "password": "Client secret"},
+                    "relabeling": {
+                        "login": "Client ID",
+                        "password": "Client secret",
+                        "description": PARTNER_CENTER_LABEL,
+                    },
                     "placeholders": {"login": "00000000-0000-0000-0000-000000000000"},
                 },
             },
@@ -103,7 +115,12 @@ def get_provider_info() -> dict[str, Any]:
                 "conn-fields": dict(_MICROSOFT_COMMON),
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "port", "extra"],
-                    "relabeling": {"host": "Environment URL", "login": "Client ID", "password": "Client secret"},
+                    "relabeling": {
+                        "host": "Environment URL",
+                        "login": "Client ID",
+                        "password": "Client secret",
+                        "description": DYNAMICS365_LABEL,
+                    },
                     "placeholders": {"host": "https://contoso.crm.dynamics.com"},
                 },
             },

@@ -1,7 +1,7 @@
 """Microsoft identity (msal) for the Partner Center and Dataverse hooks.
 
-* One msal application per (authority, client id) per process; building one fetches
-  the authority's OpenID configuration, so it is done lazily and once.
+* One msal application per (authority, client id, secret) per process; building one
+  fetches the authority's OpenID configuration, so it is done lazily and once.
 * Access tokens are cached in memory until shortly before they expire.
 * Rotated refresh tokens are persisted by :class:`RefreshTokenStore`, so that the next
   task process (every Airflow task is one) starts from the newest token.
@@ -43,7 +43,7 @@ MICROSOFT_AUTHORITY_HOSTS = frozenset(
 )
 EXPIRY_SKEW = 300  # seconds: refresh this long before expiry
 
-_apps: dict[tuple[str, str], msal.ConfidentialClientApplication] = {}
+_apps: dict[tuple[str, str, str], msal.ConfidentialClientApplication] = {}
 _tokens: dict[tuple[str, ...], tuple[str, float]] = {}
 _lock = threading.Lock()
 
@@ -54,10 +54,16 @@ def authority_url(base: str, tenant_id: str) -> str:
     return f"{base.rstrip('/')}/{tenant_id}"
 
 
+def fingerprint(*secrets: str | None) -> str:
+    """A short one-way digest of credentials, for cache keys: a changed secret (a rotation, or
+    the UI's Test button trying another one in the API server) never meets a cached app or token."""
+    return hashlib.sha256("\0".join(s or "" for s in secrets).encode()).hexdigest()[:16]
+
+
 def confidential_app(
     authority: str, client_id: str, client_secret: str, session: requests.Session
 ) -> msal.ConfidentialClientApplication:
-    key = (authority, client_id)
+    key = (authority, client_id, fingerprint(client_secret))
     with _lock:
         app = _apps.get(key)
     if app is None:

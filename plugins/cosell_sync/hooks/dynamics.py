@@ -44,7 +44,7 @@ from cosell_sync.hooks._batch import (
     parse_batch,
 )
 from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
-from cosell_sync.hooks._msal import authority_url, cached_token, confidential_app
+from cosell_sync.hooks._msal import authority_url, cached_token, confidential_app, fingerprint
 from cosell_sync.hooks._odata import datetime_literal, quote, with_query
 
 API_PATH = "/api/data/v9.2"
@@ -167,7 +167,8 @@ class DynamicsHook(BaseHook):
             app = confidential_app(authority_url(s.authority, s.tenant_id), s.client_id, s.client_secret, self.session)
             return app.acquire_token_for_client(scopes=[s.scope])
 
-        return cached_token((s.authority, s.tenant_id, s.client_id, "app", s.scope), acquire, force)
+        key = (s.authority, s.tenant_id, s.client_id, "app", fingerprint(s.client_secret), s.scope)
+        return cached_token(key, acquire, force)
 
     @cached_property
     def api(self) -> RestClient:
@@ -477,8 +478,12 @@ class DynamicsHook(BaseHook):
         return dict(self.api.request("GET", self._url("WhoAmI")).json())
 
     def test_connection(self) -> tuple[bool, str]:
+        """Airflow's Test button: a client-credentials token, then ``WhoAmI``."""
         try:
             me = self.whoami()
         except Exception as exc:
-            return False, str(exc)
-        return True, f"Connected as application user {me.get('UserId')}."
+            return False, str(exc)  # typed errors carry the cause (e.g. AADSTS7000215), never a credential
+        return True, (
+            f"Connected: token acquired; WhoAmI answered as application user {me.get('UserId')} "
+            f"(organization {me.get('OrganizationId')})."
+        )

@@ -39,6 +39,7 @@ from cosell_sync.hooks._msal import (
     authority_url,
     cached_token,
     confidential_app,
+    fingerprint,
 )
 from cosell_sync.hooks._odata import quote, with_query
 from cosell_sync.models import Referral, ReferralParseError, parse_referral, parse_referrals
@@ -187,7 +188,8 @@ class PartnerCenterHook(BaseHook):
         """An app+user access token for ``scope``, cached until shortly before it expires."""
         s = self.settings
         principal = "rt" if s.refresh_token else f"user:{s.username}"
-        key = (s.authority, s.tenant_id, s.client_id, principal, scope)
+        secrets = fingerprint(s.client_secret, s.refresh_token or s.user_password)
+        key = (s.authority, s.tenant_id, s.client_id, principal, secrets, scope)
 
         def acquire() -> dict[str, Any]:
             app = confidential_app(authority_url(s.authority, s.tenant_id), s.client_id, s.client_secret, self.session)
@@ -377,8 +379,9 @@ class PartnerCenterHook(BaseHook):
 
     # -- Airflow UI ------------------------------------------------------------------------
     def test_connection(self) -> tuple[bool, str]:
+        """Airflow's Test button: an app+user token, then one page of one referral."""
         try:
             next(self.iter_referral_pages(top=1))
         except Exception as exc:
-            return False, str(exc)
+            return False, str(exc)  # typed errors carry the cause (e.g. AADSTS7000215), never a credential
         return True, "Connected: token acquired and referrals listed."

@@ -351,4 +351,5 @@ class SalesforceSyncHook(SalesforceHook):
         except Exception as exc:
             return False, str(exc)
         daily = limits.get("DailyApiRequests", {})
-        return True, f"Connected; daily API requests remaining: {daily.get('Remaining')}/{daily.get('Max')}"
+        remaining = f"{daily.get('Remaining')}/{daily.get('Max')}"
+        return True, f"Connected: access token accepted; limits read (daily API requests remaining: {remaining})."

@@ -290,7 +290,7 @@ class Demo:
         print("  skipped records (left alone on purpose, not errors), by category:")
         width = max(len(key) for key in skipped)
         for key, count in sorted(skipped.items()):
-            print(f"    {key:<{width}} {count:>4}  {describe_skip(key)}")
+            print(f"    {key:<{width}} {count:>4}  {describe_skip(key, count)}")
 
     def webhook_story(self) -> None:
         """A Microsoft-side change reaching Salesforce through the webhook, with Airflow running."""

@@ -40,6 +40,19 @@ def test_skip_keys_of_older_reports_still_read_as_words():
     assert describe_skip("something_new") == "something new"
 
 
+def test_one_record_reads_in_the_singular():
+    note = format_report("cosell_sync_salesforce", REPORT | {"unchanged": 1}, "salesforce")
+    assert "- 1 change not written to a Closed referral (Closed is final in Partner Center)" in note.splitlines()
+    assert "Unchanged: 1 linked deal." in note.splitlines()
+    assert describe_skip("crm.not_flagged", 1).startswith("opportunity not flagged")
+
+
+def test_skips_are_a_list_of_their_own_when_rendered():
+    lines = format_report("cosell_sync_salesforce", REPORT, "salesforce").splitlines()
+    at = lines.index("Skipped:")
+    assert lines[at - 1] == "" and lines[at + 1] == ""  # not run into the line before as one paragraph
+
+
 def test_a_failed_run_names_the_failing_task_and_its_cause_not_the_upstream_failed():
     note = compose(
         "cosell_sync_dynamics365",

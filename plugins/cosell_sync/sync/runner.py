@@ -471,24 +471,48 @@ def build_report(the_plan: Plan, crm_results: pd.DataFrame, pc_results: pd.DataF
 
 
 CRM_LABELS = {"dynamics365": "Dynamics 365", "salesforce": "Salesforce"}
-#: What each skip means, in words a user reads in the run's note (``side.reason`` -> phrase).
+#: What each skip means, in words a user reads in the run's note: ``side.reason`` -> (one, many).
 SKIP_REASONS = {
-    "partner_center.closed_unlinked": "closed referrals that were never linked: a Closed referral is not imported",
-    "partner_center.linked_elsewhere": "referrals whose externalReferenceId names a record this sync has no link "
-    "for (another CRM, or a deleted record)",
-    "crm.not_flagged": 'opportunities not flagged "Sync with Partner Center": only flagged ones are shared',
-    "crm.closed_unlinked": "flagged opportunities already closed before they were shared: not shared",
-    "crm.linked_elsewhere": "opportunities holding a referral id this sync has no link for",
-    "pair.terminal_referral": "changes not written to a Closed referral (Closed is final in Partner Center)",
-    "pair.invalid_transition": "changes Partner Center would refuse (a status it cannot move to)",
+    "partner_center.closed_unlinked": (
+        "closed referral that was never linked: a Closed referral is not imported",
+        "closed referrals that were never linked: a Closed referral is not imported",
+    ),
+    "partner_center.linked_elsewhere": (
+        "referral whose externalReferenceId names a record this sync has no link for (another CRM, or deleted)",
+        "referrals whose externalReferenceId names a record this sync has no link for (another CRM, or deleted)",
+    ),
+    "crm.not_flagged": (
+        'opportunity not flagged "Sync with Partner Center": only flagged ones are shared',
+        'opportunities not flagged "Sync with Partner Center": only flagged ones are shared',
+    ),
+    "crm.closed_unlinked": (
+        "flagged opportunity already closed (won or lost): only open ones are shared",
+        "flagged opportunities already closed (won or lost): only open ones are shared",
+    ),
+    "crm.linked_elsewhere": (
+        "opportunity holding a referral id this sync has no link for",
+        "opportunities holding a referral id this sync has no link for",
+    ),
+    "pair.terminal_referral": (
+        "change not written to a Closed referral (Closed is final in Partner Center)",
+        "changes not written to a Closed referral (Closed is final in Partner Center)",
+    ),
+    "pair.invalid_transition": (
+        "change Partner Center would refuse (a status it cannot move to)",
+        "changes Partner Center would refuse (a status it cannot move to)",
+    ),
 }
 
 
-def describe_skip(key: str) -> str:
-    """A skip key of a report (``side.reason``; older reports: ``reason``) in plain words."""
-    return SKIP_REASONS.get(key) or next(
-        (text for known, text in SKIP_REASONS.items() if known.split(".", 1)[1] == key), key.replace("_", " ")
+def describe_skip(key: str, count: int = 2) -> str:
+    """A skip key of a report (``side.reason``; older reports: ``reason``) in plain words,
+    for ``count`` records."""
+    forms = SKIP_REASONS.get(key) or next(
+        (text for known, text in SKIP_REASONS.items() if known.split(".", 1)[1] == key), None
     )
+    if forms is None:
+        return key.replace("_", " ")
+    return forms[0] if count == 1 else forms[1]
 
 
 def format_report(dag_id: str, report: dict[str, Any], crm: str | None = None) -> str:
@@ -508,9 +532,10 @@ def format_report(dag_id: str, report: dict[str, Any], crm: str | None = None) -
     ):
         c = report[direction]
         lines.append(f"| {label} | {c['created']} | {c['updated']} | {c['conflicts']} | {c['failed']} |")
-    lines += ["", f"Unchanged: {report['unchanged']} linked deals."]
+    unchanged = report["unchanged"]
+    lines += ["", f"Unchanged: {unchanged} linked deal{'' if unchanged == 1 else 's'}."]
     skipped = report.get("skipped") or {}
     if skipped:
-        lines.append("Skipped:")
-        lines += [f"- {count} {describe_skip(key)}" for key, count in sorted(skipped.items())]
+        lines += ["", "Skipped:", ""]
+        lines += [f"- {count} {describe_skip(key, count)}" for key, count in sorted(skipped.items())]
     return "\n".join(lines)

@@ -106,7 +106,8 @@ def compose(
     e.g. it was killed). Upstream-failed tasks are not causes, so they are not listed."""
     parts: list[str] = []
     if failed:
-        lines = [f"**{dag_id}** · run failed", ""]
+        where = f" in {', '.join(sorted(failed_tasks))}" if failed_tasks else ""
+        lines = [f"**{dag_id}** · run failed{where}", ""]  # the first line is what the run's header shows
         for task_id, cause in sorted(failed_tasks.items()):
             reason = _inline(cause) if cause else "no cause recorded (the task was stopped?); see its log"
             lines.append(f"- `{task_id}`: {reason}")

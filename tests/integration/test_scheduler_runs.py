@@ -143,7 +143,7 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         for dag_id, run_id in loads.items():
             run = c.finished(dag_id, run_id)
             assert run["state"] == "success", (dag_id, run)
-            assert run["note"].startswith(f"**{dag_id}**\n"), run["note"]
+            assert run["note"].startswith(f"**{dag_id}** · ") and " created, " in run["note"], run["note"]
         loaded_at = max(c.run(d, r)["start_date"] for d, r in loads.items())
         store = StateStore(f"sqlite:///{home / 'cosell_state.db'}")
         links = store.get_links("salesforce")
@@ -159,12 +159,13 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
 
         later = af.wait_for(a_real_scheduled_run, 180, "a scheduled run after the initial load", interval=2)
         later = c.finished(SF, later["run_id"])
-        assert later["state"] == "success" and later["note"].startswith(f"**{SF}**\n"), later
+        assert later["state"] == "success", later
+        assert later["note"].startswith(f"**{SF}** · ") and " created, " in later["note"], later
 
         # A run for one referral, and a run with a misspelt conf key.
         referral_id = str(links["referral_id"].iloc[0])
         one = c.finished(SF, c.trigger(SF, {"referral_ids": [referral_id]}))
-        assert one["state"] == "success" and one["note"].startswith(f"**{SF}**\n"), one
+        assert one["state"] == "success" and one["note"].startswith(f"**{SF}** · ") and " created, " in one["note"], one
         typo_id = c.trigger(SF, {"referal_ids": [referral_id]})
         typo = c.finished(SF, typo_id)
         assert typo["state"] == "failed"

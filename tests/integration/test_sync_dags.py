@@ -60,9 +60,7 @@ class Run:
 
         assert wait_for_notes(60), "the run's note was not written in time"
         with create_session() as session:
-            row = session.scalar(
-                select(DagRun).where(DagRun.dag_id == dag_run.dag_id, DagRun.run_id == dag_run.run_id)
-            )
+            row = session.scalar(select(DagRun).where(DagRun.dag_id == dag_run.dag_id, DagRun.run_id == dag_run.run_id))
             self.note = row.note
 
     @property
@@ -179,7 +177,8 @@ def test_first_sync_at_scale_then_quiet_then_only_changed_fields(pc, dags, store
     assert first.summary["crm_to_pc"]["created"] == len(flagged) and first.summary["crm_to_pc"]["failed"] == 0
     # The report is the DAG run's note, so the grid view shows it.
     label = {"salesforce": "Salesforce", "dynamics365": "Dynamics 365"}[crm]
-    assert first.note.startswith(f"**cosell_sync_{crm}**\n"), first.note
+    created = len(incoming) + len(flagged)
+    assert first.note.startswith(f"**cosell_sync_{crm}** · {created} created, 0 updated, 0 failed\n"), first.note
     assert f"| Partner Center → {label} | {len(incoming)} | 0 | 0 | 0 |" in first.note.splitlines(), first.note
 
     after = opportunities(pc, crm)

@@ -18,7 +18,7 @@ REPORT = {
 def test_report_is_a_markdown_table_with_skips_in_plain_words():
     note = format_report("cosell_sync_salesforce", REPORT, "salesforce")
     lines = note.splitlines()
-    assert lines[0] == "**cosell_sync_salesforce**"
+    assert lines[0] == "**cosell_sync_salesforce** · 2 created, 4 updated, 1 failed"
     assert lines[2:6] == [
         "| | created | updated | conflicts | failed |",
         "|---|--:|--:|--:|--:|",
@@ -30,7 +30,9 @@ def test_report_is_a_markdown_table_with_skips_in_plain_words():
     assert "- 12 closed referrals that were never linked: a Closed referral is not imported" in lines
     assert not any("_" in line for line in lines if line.startswith("- ")), "a skip reason left as a code word"
     dry = format_report("cosell_sync_dynamics365", REPORT | {"dry_run": True}, "dynamics365")
-    assert dry.splitlines()[0] == "**cosell_sync_dynamics365** · dry run: the plan only, nothing was written"
+    assert dry.splitlines()[0] == (
+        "**cosell_sync_dynamics365** · dry run: the plan only, nothing was written (2 to create, 4 to update)"
+    )
     assert "| Dynamics 365 → Partner Center | 0 | 3 | 1 | 1 |" in dry.splitlines()
     assert len(note) < NOTE_LIMIT
 
@@ -61,7 +63,7 @@ def test_a_failed_run_names_the_failing_task_and_its_cause_not_the_upstream_fail
         failed=True,
     )
     lines = note.splitlines()
-    assert lines[0] == "**cosell_sync_dynamics365** · run failed"
+    assert lines[0] == "**cosell_sync_dynamics365** · run failed in extract_crm"
     assert "- `extract_crm`: AuthenticationError: AADSTS7000215: Invalid client secret provided." in lines
     assert "Nothing was committed by this run: the next run does the work again." in lines
     assert "plan" not in note and "load_crm" not in note

@@ -519,7 +519,13 @@ def format_report(dag_id: str, report: dict[str, Any], crm: str | None = None) -
     """The run's report as Markdown: a heading, a small table per direction, the skips in
     plain words. It is the DAG run's note (the grid view renders it) and the task's log."""
     crm_label = CRM_LABELS.get(crm or "", "CRM")
-    title = f"**{dag_id}**" + (" · dry run: the plan only, nothing was written" if report.get("dry_run") else "")
+    total = {k: sum(report[d][k] for d in ("pc_to_crm", "crm_to_pc")) for k in ("created", "updated", "failed")}
+    if report.get("dry_run"):
+        plan = f"{total['created']} to create, {total['updated']} to update"
+        outcome = f"dry run: the plan only, nothing was written ({plan})"
+    else:
+        outcome = f"{total['created']} created, {total['updated']} updated, {total['failed']} failed"
+    title = f"**{dag_id}** · {outcome}"  # the first line is what the run's header shows
     lines = [
         title,
         "",

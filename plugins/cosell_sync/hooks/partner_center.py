@@ -287,6 +287,17 @@ class PartnerCenterHook(BaseHook):
             )
         )
 
+    def find_by_external_references(self, external_reference_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Every referral whose ``externalReferenceId`` is one of ``external_reference_ids``, in one
+        list query (``$filter`` with ``or``; keep the list short, the filter travels in the URL).
+        Partner Center has no batch GET: this is how a run finds the referrals an earlier try of
+        it created, before it creates any."""
+        values = list(dict.fromkeys(str(v) for v in external_reference_ids if v))
+        if not values:
+            return []
+        flt = " or ".join(f"externalReferenceId eq {quote(v)}" for v in values)
+        return list(self.list_referrals(filter=flt, orderby="createdDateTime asc"))
+
     @staticmethod
     def _with_etag(resp: requests.Response) -> dict[str, Any]:
         """The referral without OData annotations, with the ETag header as ``eTag``."""

@@ -6,10 +6,19 @@ concurrency). Every update carries ``If-Match`` with the ETag the referral was r
 with; on 412 the referral is read again, the planned change is re-merged against what
 it holds now (a field someone else changed meanwhile is left for the next run), and
 the write is retried once.
+
+Creates are idempotent across Airflow task retries, cleared tasks and runs that died
+before their commit: before any ``POST``, the referrals already holding the opportunities'
+ids in ``externalReferenceId`` are looked up (one list query per
+:data:`LOOKUP_CHUNK` ids), and a referral found is adopted (linked) instead of created
+again. Every failure about one record (a lookup, a create, a 412 re-read, a 404, a
+rejected value) is that record's failed :class:`WriteResult`, bound for the dead letter;
+only authentication and configuration errors (and bugs) fail the task.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -19,12 +28,43 @@ import pandas as pd
 
 from cosell_sync.engine.mapping import FieldMapping, SyncMapping
 from cosell_sync.engine.normalize import referrals_frame, side_value
-from cosell_sync.errors import ApiError, NotFoundError, PreconditionFailedError
+from cosell_sync.errors import (
+    ApiError,
+    AuthenticationError,
+    ConfigurationError,
+    CosellError,
+    NotFoundError,
+    PreconditionFailedError,
+    ValidationError,
+)
 from cosell_sync.hooks._odata import datetime_literal
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 from cosell_sync.sync.base import RunContext, WriteResult
 
+log = logging.getLogger(__name__)
+
 MAX_WORKERS = 8
+LOOKUP_CHUNK = 20  # externalReferenceIds per "$filter=... or ..." lookup (the filter travels in the URL)
+
+
+def fails_the_task(exc: BaseException) -> bool:
+    """Errors that are not about one record: a refused token or session (401), a broken
+    connection setting. A 403 on one referral (a Referral User outside its team) is about
+    that referral; anything else that is not a cosell error is a bug. Both fail the task."""
+    if isinstance(exc, ConfigurationError):
+        return True
+    if isinstance(exc, AuthenticationError):
+        return exc.status != 403
+    return not isinstance(exc, CosellError)
+
+
+def _failed(result: WriteResult, exc: CosellError, prefix: str = "") -> WriteResult:
+    """``result`` as this record's failure (the task fails instead when ``exc`` is not about the record)."""
+    if fails_the_task(exc):
+        raise exc
+    result.ok, result.error = False, f"{prefix}{exc}"
+    result.error_code = getattr(exc, "code", None) or type(exc).__name__
+    return result
 
 
 def _pointer(path: str) -> list[str]:
@@ -149,41 +189,80 @@ class PartnerCenterSide:
             doc["type"] = "Independent"
         return doc
 
+    def _planned_fields(self, row: Mapping[str, Any], doc: Mapping[str, Any]) -> dict[str, Any]:
+        """What Partner Center will hold once ``doc`` is created, read back through the mapping
+        (the link's first base); ids come from the service."""
+        written = referrals_frame([{**doc, "id": "(new)"}], self.mapping).frame
+        if len(written):
+            return {k: v for k, v in written.iloc[0].items() if k in self.mapping.fields}
+        return {k: v for k, v in row.items() if k in self.mapping.fields and v is not None}
+
+    def _held_fields(self, doc: Mapping[str, Any]) -> dict[str, Any] | None:
+        """What an existing referral holds, through the mapping (None when it does not parse)."""
+        held = referrals_frame([dict(doc)], self.mapping).frame
+        return {k: v for k, v in held.iloc[0].items() if k in self.mapping.fields} if len(held) else None
+
+    def existing_referrals(self, crm_ids: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, ApiError]]:
+        """The referrals already created for these CRM ids (``externalReferenceId``), and the
+        ids whose lookup failed, with its error. Of several referrals for one id, the oldest."""
+        found: dict[str, dict[str, Any]] = {}
+        failed: dict[str, ApiError] = {}
+        ids = list(dict.fromkeys(str(c) for c in crm_ids if c))
+
+        def lookup(chunk: list[str]) -> None:
+            try:
+                docs = self.hook.find_by_external_references(chunk)
+            except ValidationError:
+                if len(chunk) == 1:
+                    raise
+                # A service that refuses "or" in $filter: one query per id instead.
+                docs = [d for one in chunk for d in self.hook.find_by_external_references([one])]
+            for doc in sorted(docs, key=lambda d: (str(d.get("createdDateTime") or ""), str(d.get("id")))):
+                ext = str(doc.get("externalReferenceId") or "")
+                if ext in chunk and doc.get("id"):
+                    found.setdefault(ext, doc)
+
+        for start in range(0, len(ids), LOOKUP_CHUNK):
+            chunk = ids[start : start + LOOKUP_CHUNK]
+            try:
+                lookup(chunk)
+            except ApiError as exc:
+                if fails_the_task(exc):
+                    raise
+                failed.update(dict.fromkeys(chunk, exc))
+        return found, failed
+
     def create(self, creates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """One referral per row (a CRM opportunity, ``crm_id`` + canonical values), unless one
+        already holds the opportunity's id in ``externalReferenceId`` (created by an earlier try
+        of this task, or by a run that never committed): that one is adopted, not created again."""
         rows = creates.astype(object).where(creates.notna(), None).to_dict("records")
+        existing: dict[str, dict[str, Any]] = {}
+        unknown: dict[str, ApiError] = {}
+        if rows and not ctx.dry_run:
+            existing, unknown = self.existing_referrals([str(r["crm_id"]) for r in rows])
+            if existing:
+                log.info("%d of %d referral(s) to create exist already: adopted", len(existing), len(rows))
 
         def work(row: dict[str, Any]) -> WriteResult:
+            crm_id = str(row["crm_id"])
             doc = self.referral_document(row)
-            # What Partner Center will hold, read back through the mapping: the link's first base.
-            written = referrals_frame([{**doc, "id": "(new)"}], self.mapping).frame  # ids come from the service
-            fields = (
-                {k: v for k, v in written.iloc[0].items() if k in self.mapping.fields}
-                if len(written)
-                else {k: v for k, v in row.items() if k in self.mapping.fields and v is not None}
-            )
+            fields = self._planned_fields(row, doc)
+            result = WriteResult(crm_id, "create", True, crm_id=crm_id, fields=fields)
             if ctx.dry_run:
-                return WriteResult(str(row["crm_id"]), "create", True, crm_id=str(row["crm_id"]), fields=fields)
-            try:
-                created = self.hook.create_referral(doc)
-            except ApiError as exc:
-                return WriteResult(
-                    str(row["crm_id"]),
-                    "create",
-                    False,
-                    crm_id=str(row["crm_id"]),
-                    fields=fields,
-                    error=str(exc),
-                    error_code=exc.code,
-                )
-            return WriteResult(
-                str(row["crm_id"]),
-                "create",
-                True,
-                referral_id=created["id"],
-                crm_id=str(row["crm_id"]),
-                fields=fields,
-                etag=created.get("eTag"),
-            )
+                return result
+            if crm_id in unknown:  # never POST blind: a referral may exist already
+                return _failed(result, unknown[crm_id], "looking up an existing referral: ")
+            found = existing.get(crm_id)
+            if found is None:
+                try:
+                    found = self.hook.create_referral(doc)
+                except CosellError as exc:
+                    return _failed(result, exc)
+            else:
+                result.fields = self._held_fields(found) or fields
+            result.referral_id, result.etag = str(found["id"]), found.get("eTag")
+            return result
 
         return self._parallel(rows, work)
 
@@ -206,9 +285,12 @@ class PartnerCenterSide:
         def work(row: dict[str, Any]) -> WriteResult:
             rid, fields = str(row["referral_id"]), dict(row["fields"])
             result = WriteResult(rid, "update", True, referral_id=rid, crm_id=row.get("crm_id"), fields=fields)
-            doc = current.get(rid) or self._get_or_none(rid)
+            try:
+                doc = current.get(rid) or self._get_or_none(rid)
+            except CosellError as exc:
+                return _failed(result, exc, "reading the referral: ")
             if doc is None:
-                result.ok, result.error = False, f"referral {rid} no longer exists"
+                result.ok, result.error, result.error_code = False, f"referral {rid} no longer exists", "itemNotFound"
                 return result
             if ctx.dry_run:
                 return result
@@ -220,16 +302,17 @@ class PartnerCenterSide:
                     return result
                 except PreconditionFailedError as exc:
                     if attempt == 2:
-                        result.ok, result.error, result.error_code = False, str(exc), exc.code
-                        return result
-                    # Re-read and re-merge: keep only fields Partner Center still holds as planned.
+                        return _failed(result, exc)
+                except CosellError as exc:
+                    return _failed(result, exc)
+                # 412: re-read and re-merge, keeping only fields Partner Center still holds as planned.
+                try:
                     doc = self.hook.get_referral(rid)
-                    fields = self._remerge(doc, fields, dict(row.get("expected") or {}))
-                    if not fields:
-                        result.fields = {}
-                        return result
-                except ApiError as exc:
-                    result.ok, result.error, result.error_code = False, str(exc), exc.code
+                except CosellError as exc:
+                    return _failed(result, exc, "re-reading after 412: ")
+                fields = self._remerge(doc, fields, dict(row.get("expected") or {}))
+                if not fields:
+                    result.fields = {}
                     return result
             return result  # pragma: no cover - the loop always returns
 
@@ -260,8 +343,8 @@ class PartnerCenterSide:
                         if attempt == 2:
                             raise
                         doc = self.hook.get_referral(rid)  # changed since it was read: take the new ETag
-            except ApiError as exc:
-                result.ok, result.error, result.error_code = False, f"externalReferenceId: {exc}", exc.code
+            except CosellError as exc:
+                return _failed(result, exc, "externalReferenceId: ")
             return result
 
         return self._parallel(rows, work)

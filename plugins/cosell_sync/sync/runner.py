@@ -200,15 +200,21 @@ def load_partner_center(job: SyncJob, side: PartnerCenterSide, crm_side: CrmSide
     results: list[WriteResult] = []
     created: list[WriteResult] = []
     if len(the_plan.pc_creates):
+        # Idempotent across retries: a referral an earlier try created is found and adopted.
         created = side.create(the_plan.pc_creates, job.ctx)
         results += created
+    # The new links go to the CRM first, before the updates, so the CRM holds each new referral's
+    # id as early as possible; links the CRM lacks (recovered from the records) go with them.
+    new_links = pd.DataFrame(
+        [{"crm_id": r.crm_id, "referral_id": r.referral_id} for r in created if r.ok and r.referral_id],
+        columns=["crm_id", "referral_id"],
+        dtype=object,
+    )
+    new_links = pd.concat([new_links, crm_link_stamps(job, the_plan, set(new_links["crm_id"]))], ignore_index=True)
+    link_results = crm_side.write_links(new_links, job.ctx) if len(new_links) else []
     updates = the_plan.updates("partner_center")
     if len(updates):
         results += side.update(updates, job.ctx, docs)
-    new_links = pd.DataFrame(
-        [{"crm_id": r.crm_id, "referral_id": r.referral_id} for r in created if r.ok and r.referral_id]
-    )
-    link_results = crm_side.write_links(new_links, job.ctx) if len(new_links) else []
     stamps = referral_stamps(job, the_plan, docs)
     stamp_results = side.write_links(stamps, job.ctx, docs) if len(stamps) else []
     write_frame(job, "pc_results", results_frame(results))
@@ -239,6 +245,21 @@ def referral_stamps(job: SyncJob, the_plan: Plan, docs: dict[str, Any]) -> pd.Da
         if (docs.get(rid) or {}).get("status") in ("New", "Active")  # a Closed referral is terminal
     ]
     return pd.DataFrame(rows, columns=["referral_id", "crm_id"], dtype=object)
+
+
+def crm_link_stamps(job: SyncJob, the_plan: Plan, skip: set[str]) -> pd.DataFrame:
+    """Open opportunities whose referral-id field must be set: pairs linked this run (a link
+    recovered from a referral's ``externalReferenceId``, e.g. one created by a run that died
+    before it linked it) whose opportunity, read this run, does not hold the referral id."""
+    crm = read_frame(job, "crm")
+    rows = []
+    if len(crm) and len(the_plan.new_base):
+        linked = dict(zip(the_plan.new_base["crm_id"], the_plan.new_base["referral_id"], strict=True))
+        for crm_id, held, closed in zip(crm["crm_id"], crm["referral_ref"], crm["closed"], strict=True):
+            rid = linked.get(crm_id)
+            if rid and crm_id not in skip and not closed and str(held or "").casefold() != str(rid).casefold():
+                rows.append({"crm_id": str(crm_id), "referral_id": str(rid)})
+    return pd.DataFrame(rows, columns=["crm_id", "referral_id"], dtype=object)
 
 
 def sync(job: SyncJob, pc_side: PartnerCenterSide, crm_side: CrmSide, store: StateStore) -> dict[str, Any]:

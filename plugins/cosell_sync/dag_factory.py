@@ -14,6 +14,12 @@ and runs one step. Frames travel as Parquet in the staging area, never through X
   ``[cosell] scheduled_initial_load = True`` to let the schedule do the initial load.
 * Params (a form in the UI): ``dry_run``, ``referral_ids``, ``full_resync``, ``directions``.
   Any other key in a run's conf fails the run at ``prepare``, naming the allowed keys.
+* Isolated runs: ``prepare`` takes the CRM's lease in the state DB (not for a dry run), every
+  later task renews it, ``commit_state`` checks it in the commit's transaction and releases
+  it; a task that fails for good releases it too. While another run (of this DAG, a backfill
+  or ``cosell_referral_events``) holds it, ``prepare`` is rescheduled every ``[cosell]
+  lease_poll_interval`` seconds (no worker slot held), up to ``[cosell] lease_max_wait``
+  (:mod:`cosell_sync.sync.lease`).
 * Notes: the ``report`` task hands the run's report to the plugin's listener, which writes
   it into the DAG run note; a failing task hands over its cause
   (:mod:`cosell_sync.notes`).
@@ -25,9 +31,10 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ObjectStoragePath, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
@@ -37,6 +44,9 @@ from cosell_sync.notes import push_note, records_failure
 
 SCHEDULE = "*/15 * * * *"
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+LEASE_MAX_WAIT = timedelta(hours=3)
+LEASE_POLL_INTERVAL = timedelta(seconds=15)
 DIRECTION_CHOICES = {"both": ("pc_to_crm", "crm_to_pc"), "pc_to_crm": ("pc_to_crm",), "crm_to_pc": ("crm_to_pc",)}
 
 
@@ -86,6 +96,8 @@ def _job(spec: dict[str, Any]) -> Any:
         directions=tuple(spec["directions"]),
         dry_run=spec["dry_run"],
         backfill=spec["backfill"],
+        lease_epoch=spec.get("lease_epoch"),
+        lease_ttl=timedelta(seconds=float(spec.get("lease_ttl") or lease_ttl().total_seconds())),
     )
 
 
@@ -102,6 +114,79 @@ def _setting(key: str, default: str) -> str:
     from airflow.sdk import conf
 
     return str(conf.get("cosell", key, fallback=default))
+
+
+def _seconds(key: str, default: timedelta) -> timedelta:
+    value = float(_setting(key, str(default.total_seconds())))
+    if value <= 0:
+        raise AirflowFailException(f"[cosell] {key} must be a positive number of seconds, got {value:g}")
+    return timedelta(seconds=value)
+
+
+def lease_ttl() -> timedelta:
+    """``[cosell] lease_ttl`` (seconds): how long a run's CRM lease outlives its last renewal."""
+    from cosell_sync.sync.lease import LEASE_TTL
+
+    return _seconds("lease_ttl", LEASE_TTL)
+
+
+def wait_for_lease(busy: Exception, context: Any) -> NoReturn:
+    """Another run holds the lease: reschedule this task (its worker slot is freed; a
+    reschedule is not a try, so retries stay untouched), or fail naming the holder once the
+    task has waited ``[cosell] lease_max_wait`` since its first reschedule."""
+    from airflow.sdk.exceptions import AirflowRescheduleException
+
+    now = datetime.now(UTC)
+    first = None
+    try:
+        first = context["ti"].get_first_reschedule_date(context)
+    except Exception:  # no reschedule history to ask for (e.g. outside a task process)
+        log.debug("no first reschedule date", exc_info=True)
+    waited = now - (first or now)
+    max_wait = _seconds("lease_max_wait", LEASE_MAX_WAIT)
+    if waited >= max_wait:
+        raise AirflowFailException(
+            f"gave up after waiting {waited} for the lease ([cosell] lease_max_wait is {max_wait}): {busy}"
+        )
+    poll = _seconds("lease_poll_interval", LEASE_POLL_INTERVAL)
+    log.info("Waiting for another run to commit: %s. Waited %s; trying again in %s.", busy, waited, poll)
+    raise AirflowRescheduleException(now + poll)
+
+
+def _failed_for_good(exc: BaseException) -> bool:
+    """Will Airflow give up on this task after ``exc`` (no retry left, or a no-retry failure)?"""
+    if isinstance(exc, AirflowFailException):
+        return True
+    try:
+        ti = get_current_context()["ti"]
+        return int(ti.try_number) > int(ti.max_tries)
+    except Exception:  # unknown: keep the lease (its expiry frees it)
+        return False
+
+
+def run_step(spec: dict[str, Any], step: Callable[[Any, Any], T]) -> T:
+    """One step of the run under its CRM lease: renewed before and during the step; lost to
+    another run, the task fails without retrying (its plan may be stale); failed for good,
+    the lease is released so that other runs need not wait for it to expire."""
+    from cosell_sync.state import LeaseLostError
+    from cosell_sync.sync import lease
+
+    job, store = _job(spec), state_store()
+    try:
+        with lease.kept(job, store):
+            return step(job, store)
+    except LeaseLostError as exc:
+        raise AirflowFailException(str(exc)) from exc
+    except (AirflowSkipException, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        if job.lease_epoch is not None and _failed_for_good(exc):
+            try:
+                if lease.release(job, store):
+                    log.info("the run failed: its %s lease is released", job.crm)
+            except Exception:  # the expiry frees it
+                log.warning("could not release the %s lease", job.crm, exc_info=True)
+        raise
 
 
 def check_conf(conf: dict[str, Any] | None, allowed: list[str]) -> None:
@@ -179,7 +264,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
                 since_pc, since_crm = window(state_store(), dag_id, full_resync=bool(params["full_resync"]))
                 until = None
             ids = [str(i) for i in params.get("referral_ids") or []]
-            return {
+            spec = {
                 "crm": crm,
                 "dag_id": dag_id,
                 "run_id": context["run_id"],
@@ -192,57 +277,75 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
                 "directions": list(DIRECTION_CHOICES[params["directions"]]),
                 "dry_run": bool(params["dry_run"]),
                 "backfill": backfill,
+                "lease_ttl": lease_ttl().total_seconds(),
             }
+            if not spec["dry_run"]:  # a dry run commits nothing: it needs no lease and blocks no run
+                from cosell_sync.state import LeaseHeldError
+
+                try:
+                    taken = state_store().acquire_lease(crm, dag_id, context["run_id"], lease_ttl())
+                except LeaseHeldError as busy:
+                    wait_for_lease(busy, context)
+                spec["lease_epoch"] = taken.epoch
+            return spec
 
         @task
         @records_failure
         def extract_partner_center(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
-            job = _job(spec)
-            pc_side, _ = sync_sides(crm, job.mapping)
-            return runner.extract_partner_center(job, pc_side, state_store())
+            def step(job: Any, store: Any) -> dict[str, int]:
+                pc_side, _ = sync_sides(crm, job.mapping)
+                return runner.extract_partner_center(job, pc_side, store)
+
+            return run_step(spec, step)
 
         @task
         @records_failure
         def extract_crm(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
-            job = _job(spec)
-            _, crm_side = sync_sides(crm, job.mapping)
-            return runner.extract_crm(job, crm_side, state_store())
+            def step(job: Any, store: Any) -> dict[str, int]:
+                _, crm_side = sync_sides(crm, job.mapping)
+                return runner.extract_crm(job, crm_side, store)
+
+            return run_step(spec, step)
 
         @task
         @records_failure
         def plan(spec: dict[str, Any]) -> dict[str, Any]:
             from cosell_sync.sync import runner
 
-            return runner.plan_run(_job(spec), state_store())
+            return run_step(spec, runner.plan_run)
 
         @task
         @records_failure
         def load_crm(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
-            job = _job(spec)
-            _, crm_side = sync_sides(crm, job.mapping)
-            return runner.load_crm(job, crm_side)
+            def step(job: Any, store: Any) -> dict[str, int]:
+                _, crm_side = sync_sides(crm, job.mapping)
+                return runner.load_crm(job, crm_side)
+
+            return run_step(spec, step)
 
         @task
         @records_failure
         def load_partner_center(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
 
-            job = _job(spec)
-            pc_side, crm_side = sync_sides(crm, job.mapping)
-            return runner.load_partner_center(job, pc_side, crm_side)
+            def step(job: Any, store: Any) -> dict[str, int]:
+                pc_side, crm_side = sync_sides(crm, job.mapping)
+                return runner.load_partner_center(job, pc_side, crm_side)
+
+            return run_step(spec, step)
 
         @task
         @records_failure
         def commit_state(spec: dict[str, Any]) -> dict[str, Any]:
             from cosell_sync.sync import runner
 
-            return runner.commit(_job(spec), state_store())
+            return run_step(spec, runner.commit)
 
         @task
         @records_failure

@@ -12,6 +12,11 @@ pending inbox events, in both directions, for every configured CRM.
   done only after every CRM's sync committed. If anything fails, the claim is released and
   the task's retry (or the next event's run) takes the events again. One task rather than
   seven keeps the latency of a webhook to a few seconds.
+* **Isolated runs.** Before syncing, the task takes the lease of every configured CRM at
+  once (all or none, in the state DB; the same leases the scheduled DAGs take), and each
+  CRM's commit releases its own. While another run holds one, the task hands its claimed
+  events back to the inbox and is rescheduled (no worker slot held) until it can take them
+  all, up to ``[cosell] lease_max_wait`` (:func:`cosell_sync.dag_factory.wait_for_lease`).
 * **Configured CRMs:** ``[cosell] event_crms`` (``AIRFLOW__COSELL__EVENT_CRMS``), default
   ``dynamics365,salesforce``; a CRM whose connection does not exist is skipped.
 """
@@ -59,9 +64,13 @@ def configured_crms() -> list[str]:
 
 
 def sync_events(run_id: str) -> dict[str, Any]:
-    """Claim the pending events, sync their referrals to every configured CRM, mark them done."""
-    from cosell_sync.dag_factory import staging_root, state_store, sync_sides
+    """Claim the pending events, sync their referrals to every configured CRM, mark them done.
+
+    While another run holds a CRM's lease, the events go back to the inbox and the task is
+    rescheduled (:func:`~cosell_sync.dag_factory.wait_for_lease`)."""
+    from cosell_sync.dag_factory import lease_ttl, staging_root, state_store, sync_sides, wait_for_lease
     from cosell_sync.engine.mapping import load_mapping
+    from cosell_sync.state import LeaseHeldError
     from cosell_sync.sync import runner
 
     store = state_store()
@@ -72,8 +81,16 @@ def sync_events(run_id: str) -> dict[str, Any]:
     referral_ids = sorted({str(r["referral_id"]) for r in claimed})
     log.info("%d webhook event(s) for %d referral(s)", len(claimed), len(referral_ids))
     reports: dict[str, Any] = {}
+    crms: list[str] = []
+    busy: LeaseHeldError | None = None
     try:
-        for crm in configured_crms():
+        crms = configured_crms()
+        ttl = lease_ttl()
+        try:
+            leases = store.acquire_leases({crm: f"{DAG_ID}.{crm}" for crm in crms}, run_id, ttl)
+        except LeaseHeldError as held:
+            busy = held
+        for crm in crms if busy is None else []:
             mapping = load_mapping(crm)
             job = runner.SyncJob(
                 crm=crm,
@@ -82,14 +99,22 @@ def sync_events(run_id: str) -> dict[str, Any]:
                 mapping=mapping,
                 staging=staging_root(),
                 referral_ids=referral_ids,
+                lease_epoch=leases[crm].epoch,
+                lease_ttl=ttl,
             )
             pc_side, crm_side = sync_sides(crm, mapping)
-            reports[crm] = runner.sync(job, pc_side, crm_side, store)
+            reports[crm] = runner.sync(job, pc_side, crm_side, store)  # releases the CRM's lease once committed
             log.info("sync report:\n%s", runner.format_report(job.dag_id, reports[crm]))
     except BaseException:
         released = store.inbox_release(run_id)
+        for crm in crms:  # a new try reads everything again: nothing to keep them for
+            store.release_lease(crm, f"{DAG_ID}.{crm}", run_id)
         log.warning("the sync failed: %d event(s) handed back to the inbox", released)
         raise
+    if busy is not None:
+        released = store.inbox_release(run_id)
+        log.info("%d event(s) handed back to the inbox while this run waits", released)
+        wait_for_lease(busy, get_current_context())
     store.inbox_done(run_id, [r["id"] for r in claimed])
     _rearm(store)
     return {"events": len(claimed), "referrals": len(referral_ids), "reports": reports}

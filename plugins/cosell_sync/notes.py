@@ -72,15 +72,15 @@ def push_note(text: str) -> None:
 def records_failure(fn: F) -> F:
     """Wrap a task's callable: if it raises, its cause (see :func:`error_text`) is pushed as
     :data:`ERROR_KEY` for the run's note, then the exception goes on as before. A skip is
-    not a failure."""
+    not a failure, nor is a reschedule (a task waiting for its CRM's lease)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowRescheduleException, AirflowSkipException
 
         try:
             return fn(*args, **kwargs)
-        except AirflowSkipException:
+        except (AirflowSkipException, AirflowRescheduleException):
             raise
         except Exception as exc:
             try:

@@ -153,7 +153,7 @@ def test_a_non_lock_error_is_not_retried(sqlite_store: StateStore, monkeypatch: 
 def test_migrate_twice_is_a_noop(db_url: str):
     with StateStore(db_url) as st:
         assert st.schema_version() == 0
-        assert st.migrate() == SCHEMA_VERSION == 2
+        assert st.migrate() == SCHEMA_VERSION == 3
         st.upsert_links(CRM, _links(("R1", "C1")), "run-1")
         tables = set(sa.inspect(st.engine).get_table_names())
         assert st.migrate() == SCHEMA_VERSION
@@ -166,8 +166,9 @@ def test_migrate_twice_is_a_noop(db_url: str):
             "cosell_dead_letter",
             "cosell_runs",
             "cosell_inbox",
+            "cosell_leases",
         } <= tables
-        assert _count(st, store_module.schema_version_t) == 2
+        assert _count(st, store_module.schema_version_t) == 3
         assert st.get_links(CRM)["referral_id"].tolist() == ["R1"]
 
 

@@ -1,4 +1,4 @@
-"""The sync's state database: links, watermarks, audit log, dead letter, runs, webhook inbox (no Airflow imports)."""
+"""The sync's state database: links, watermarks, audit, dead letter, runs, inbox, run leases (no Airflow imports)."""
 
 from cosell_sync.state.store import (
     ACTIONS,
@@ -8,6 +8,9 @@ from cosell_sync.state.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SIDES,
+    Lease,
+    LeaseHeldError,
+    LeaseLostError,
     LinkConflictError,
     Migration,
     StateStore,
@@ -23,6 +26,9 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SIDES",
+    "Lease",
+    "LeaseHeldError",
+    "LeaseLostError",
     "LinkConflictError",
     "Migration",
     "StateStore",

@@ -19,6 +19,15 @@ Integrity under concurrent runs:
 * **Both.** A write transaction that fails with "database is locked" (SQLite) or a
   serialisation failure / deadlock (PostgreSQL) is retried a few times as a whole.
 
+Run leases (schema version 3): one row per CRM naming the run (DAG id and run id) that may
+read the base and commit it now, with an expiry and an epoch (a fencing token) that grows
+each time the lease passes to another run. :meth:`StateStore.acquire_lease` is re-entrant for
+the holder, refuses another run while the lease is live and takes over an expired or
+released one; :meth:`StateStore.commit_run` with ``lease_epoch`` checks, in the commit's own
+transaction, that the run still holds the lease with that epoch, so a run whose lease passed
+to another run can never commit a stale base. Acquire, renew, release and that check take
+the same lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock per CRM).
+
 The webhook inbox (schema version 2) holds the Partner Center events the receiver accepted:
 one row per distinct event (``dedup_key`` is unique, so a redelivery is not stored twice),
 ``pending`` until a run claims it, ``claimed`` by that run, ``done`` once the run's sync
@@ -65,6 +74,9 @@ __all__ = [
     "INBOX_STATUSES",
     "SCHEMA_VERSION",
     "SIDES",
+    "Lease",
+    "LeaseHeldError",
+    "LeaseLostError",
     "LinkConflictError",
     "StateStore",
     "default_state_url",
@@ -147,6 +159,50 @@ class LinkConflictError(ValueError):
         super().__init__(
             f"{crm} record {crm_id!r} is already linked to referral {existing_referral_id!r}; "
             f"it cannot also be linked to referral {referral_id!r}"
+        )
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A CRM's run lease: who holds it (``dag_id``, ``run_id``), since when, until when."""
+
+    crm: str
+    dag_id: str
+    run_id: str
+    epoch: int
+    acquired_at: datetime
+    expires_at: datetime
+    released_at: datetime | None = None
+
+    def live(self, now: datetime | None = None) -> bool:
+        """Held: neither expired nor released."""
+        return self.released_at is None and self.expires_at > (now or _now())
+
+    def holder(self) -> str:
+        return f"{self.dag_id} run {self.run_id}"
+
+
+class LeaseHeldError(RuntimeError):
+    """Another run holds the CRM's lease (it is live): wait and try again."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        super().__init__(
+            f"the {lease.crm} lease is held by {lease.holder()} (since {lease.acquired_at.isoformat()}, "
+            f"expires {lease.expires_at.isoformat()} unless renewed)"
+        )
+
+
+class LeaseLostError(RuntimeError):
+    """The run no longer holds the lease it read the base under: its plan may be stale."""
+
+    def __init__(self, crm: str, dag_id: str, run_id: str, epoch: int, current: Lease | None) -> None:
+        self.crm = crm
+        self.current = current
+        now = "nobody holds it" if current is None else f"it passed to {current.holder()} (epoch {current.epoch})"
+        super().__init__(
+            f"{dag_id} run {run_id} no longer holds the {crm} lease it read the base under (epoch {epoch}): "
+            f"{now}. Its plan may be stale, so it stops here; the next run syncs the changes again"
         )
 
 
@@ -301,12 +357,29 @@ inbox_t = sa.Table(
 )
 
 
+leases_t = sa.Table(
+    "cosell_leases",
+    metadata,
+    sa.Column("crm", sa.String(32), primary_key=True),
+    sa.Column("dag_id", sa.String(_RUN_ID), nullable=False),
+    sa.Column("run_id", sa.String(_RUN_ID), nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("acquired_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("released_at", UTCDateTime, nullable=True),
+)
+
+
 def _migration_v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[links_t, watermarks_t, audit_t, dead_letter_t, runs_t], checkfirst=True)
 
 
 def _migration_v2(conn: Connection) -> None:
     metadata.create_all(conn, tables=[inbox_t], checkfirst=True)
+
+
+def _migration_v3(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[leases_t], checkfirst=True)
 
 
 @dataclass(frozen=True)
@@ -319,11 +392,13 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: links, watermarks, audit, dead letter, runs", _migration_v1),
     Migration(2, "webhook inbox", _migration_v2),
+    Migration(3, "run leases", _migration_v3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 _MIGRATION_LOCK_KEY = "cosell_state:migrate"
 _INBOX_LOCK_KEY = "cosell_state:inbox"
+_LEASE_LOCK_KEY = "cosell_state:lease:{crm}"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -997,12 +1072,15 @@ class StateStore:
         watermarks: Mapping[str, datetime] | None = None,
         cleared_failures: Mapping[str, Iterable[str]] | None = None,
         move_watermarks: bool = True,
+        lease_epoch: int | None = None,
     ) -> None:
         """Commit a run's state in ONE transaction: everything lands, or nothing does.
 
         ``links`` are upserted, ``audit`` appended (dag_id, run_id and crm default to this
         run's), ``cleared_failures`` (direction -> record keys) removed from the dead letter,
         and, when ``move_watermarks``, ``watermarks`` (side -> value) moved forward (never back).
+        With ``lease_epoch``, the run must still hold ``crm``'s lease under that epoch, checked
+        in this same transaction (:class:`LeaseLostError` otherwise, and nothing lands).
         """
         _check(crm, CRMS, "crm")
         link_rows = self._prepare_links(crm, links, run_id) if links is not None and len(links) else []
@@ -1017,6 +1095,8 @@ class StateStore:
         }
 
         def work(conn: Connection) -> None:
+            if lease_epoch is not None:
+                self._hold_lease(conn, crm, dag_id, run_id, int(lease_epoch), None)
             self._write_links(conn, crm, link_rows)
             self._write_audit(conn, audit_rows)
             for direction, keys in cleared.items():
@@ -1026,6 +1106,122 @@ class StateStore:
                     self._write_watermark(conn, dag_id, side, value, run_id, False)
 
         self._run(work)
+
+    # ------------------------------------------------------------------ run leases
+
+    @staticmethod
+    def _lease_row(conn: Connection, crm: str) -> Lease | None:
+        row = conn.execute(sa.select(leases_t).where(leases_t.c.crm == crm)).first()
+        return None if row is None else Lease(**dict(row._mapping))
+
+    def get_lease(self, crm: str) -> Lease | None:
+        """The lease row of ``crm`` (live or not), or None when no run ever took it."""
+        _check(crm, CRMS, "crm")
+        return self._read(lambda conn: self._lease_row(conn, crm))
+
+    def acquire_leases(self, holders: Mapping[str, str], run_id: str, ttl: timedelta) -> dict[str, Lease]:
+        """Take the lease of every CRM in ``holders`` (crm -> dag_id) for ``run_id``: all or none.
+
+        Re-entrant: the holder gets its lease back (renewed, same epoch) even after it expired
+        or was released, as long as no other run took it since. An expired or released lease
+        passes to the caller with the next epoch. A live lease of another run raises
+        :class:`LeaseHeldError` and nothing changes.
+        """
+        run_id = _req_str(run_id, "run_id")
+        wanted = {_check(crm, CRMS, "crm"): _req_str(dag_id, "dag_id") for crm, dag_id in holders.items()}
+        if ttl <= timedelta(0):
+            raise ValueError("the lease ttl must be positive")
+
+        def work(conn: Connection) -> dict[str, Lease]:
+            now = _now()
+            taken: dict[str, Lease] = {}
+            for crm in sorted(wanted):  # one order everywhere: no lock cycles between two callers
+                dag_id = wanted[crm]
+                self._lock(conn, _LEASE_LOCK_KEY.format(crm=crm))
+                current = self._lease_row(conn, crm)
+                values = {"dag_id": dag_id, "run_id": run_id, "expires_at": now + ttl, "released_at": None}
+                if current is None:
+                    values |= {"crm": crm, "epoch": 1, "acquired_at": now}
+                    conn.execute(leases_t.insert().values(**values))
+                elif (current.dag_id, current.run_id) == (dag_id, run_id):
+                    values |= {"epoch": current.epoch, "acquired_at": current.acquired_at}
+                elif current.live(now):
+                    raise LeaseHeldError(current)
+                else:
+                    if current.released_at is None:
+                        log.warning(
+                            "The %s lease of %s expired at %s: %s run %s takes it over",
+                            crm, current.holder(), current.expires_at.isoformat(), dag_id, run_id,
+                        )  # fmt: skip
+                    values |= {"epoch": current.epoch + 1, "acquired_at": now}
+                if current is not None:
+                    conn.execute(sa.update(leases_t).where(leases_t.c.crm == crm).values(**values))
+                taken[crm] = Lease(crm=crm, **{k: v for k, v in values.items() if k != "crm"})
+            return taken
+
+        return self._run(work)
+
+    def acquire_lease(self, crm: str, dag_id: str, run_id: str, ttl: timedelta) -> Lease:
+        """Take ``crm``'s lease for ``dag_id``/``run_id`` (see :meth:`acquire_leases`)."""
+        return self.acquire_leases({crm: dag_id}, run_id, ttl)[crm]
+
+    def _hold_lease(
+        self,
+        conn: Connection,
+        crm: str,
+        dag_id: str,
+        run_id: str,
+        epoch: int,
+        ttl: timedelta | None,
+        revive: bool = True,
+    ) -> Lease:
+        self._lock(conn, _LEASE_LOCK_KEY.format(crm=crm))
+        current = self._lease_row(conn, crm)
+        if current is None or (current.dag_id, current.run_id, current.epoch) != (dag_id, run_id, epoch):
+            raise LeaseLostError(crm, dag_id, run_id, epoch, current)
+        if ttl is None or (current.released_at is not None and not revive):
+            return current
+        now = _now()
+        conn.execute(sa.update(leases_t).where(leases_t.c.crm == crm).values(expires_at=now + ttl, released_at=None))
+        return Lease(**{**current.__dict__, "expires_at": now + ttl, "released_at": None})
+
+    def renew_lease(
+        self, crm: str, dag_id: str, run_id: str, epoch: int, ttl: timedelta, *, revive: bool = True
+    ) -> Lease:
+        """Extend the lease ``dag_id``/``run_id`` holds under ``epoch`` by ``ttl`` from now.
+
+        Raises :class:`LeaseLostError` when another run took it since. An expired or released
+        lease nobody else took is still this run's: renewing takes it back, unless ``revive``
+        is false, when a released lease is left released.
+        """
+        _check(crm, CRMS, "crm")
+        if ttl <= timedelta(0):
+            raise ValueError("the lease ttl must be positive")
+        return self._run(lambda conn: self._hold_lease(conn, crm, dag_id, run_id, int(epoch), ttl, revive))
+
+    def release_lease(self, crm: str, dag_id: str, run_id: str) -> bool:
+        """Release ``crm``'s lease if ``dag_id``/``run_id`` holds it; whether it did."""
+        _check(crm, CRMS, "crm")
+
+        def work(conn: Connection) -> bool:
+            self._lock(conn, _LEASE_LOCK_KEY.format(crm=crm))
+            now = _now()
+            stmt = (
+                sa.update(leases_t)
+                .where(
+                    leases_t.c.crm == crm,
+                    leases_t.c.dag_id == dag_id,
+                    leases_t.c.run_id == run_id,
+                    leases_t.c.released_at.is_(None),
+                )
+                .values(
+                    released_at=now,
+                    expires_at=sa.case((leases_t.c.expires_at > now, now), else_=leases_t.c.expires_at),
+                )
+            )
+            return conn.execute(stmt).rowcount == 1
+
+        return self._run(work)
 
     # ------------------------------------------------------------------ runs registry
 

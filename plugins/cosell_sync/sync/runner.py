@@ -22,6 +22,7 @@ from cosell_sync.engine.mapping import KEEP, SyncMapping
 from cosell_sync.engine.normalize import ERROR_COLUMNS, concat_errors, crm_frame, referrals_frame
 from cosell_sync.engine.plan import Plan, plan
 from cosell_sync.state import StateStore
+from cosell_sync.sync import lease
 from cosell_sync.sync.base import CrmSide, RunContext, WriteResult, plain, results_frame
 from cosell_sync.sync.partner_center import PartnerCenterSide
 
@@ -48,6 +49,8 @@ class SyncJob:
     dry_run: bool = False
     backfill: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    lease_epoch: int | None = None  # the CRM lease this run holds (cosell_sync.sync.lease); None: none
+    lease_ttl: timedelta = lease.LEASE_TTL
 
     @property
     def folder(self) -> Any:
@@ -264,13 +267,25 @@ def crm_link_stamps(job: SyncJob, the_plan: Plan, skip: set[str]) -> pd.DataFram
 
 def sync(job: SyncJob, pc_side: PartnerCenterSide, crm_side: CrmSide, store: StateStore) -> dict[str, Any]:
     """Every step in one process, in the DAG's order: for event-driven runs of a few
-    referrals, where one task beats seven task start-ups. Returns the committed report."""
-    extract_partner_center(job, pc_side, store)
-    extract_crm(job, crm_side, store)
-    plan_run(job, store)
-    load_crm(job, crm_side)
-    load_partner_center(job, pc_side, crm_side)
-    return commit(job, store)
+    referrals, where one task beats seven task start-ups. Returns the committed report.
+
+    The CRM's lease is taken first unless the job already holds it (LeaseHeldError while
+    another run holds it) and released by the commit; if a step fails it is released too,
+    since a new try of ``sync`` reads everything again."""
+    if job.lease_epoch is None:
+        lease.acquire(job, store)
+    try:
+        with lease.kept(job, store):
+            extract_partner_center(job, pc_side, store)
+            extract_crm(job, crm_side, store)
+            plan_run(job, store)
+            load_crm(job, crm_side)
+            load_partner_center(job, pc_side, crm_side)
+            return commit(job, store)
+    except BaseException:
+        if job.lease_epoch is not None:
+            lease.release(job, store)
+        raise
 
 
 # -- commit -------------------------------------------------------------------------------------------
@@ -346,11 +361,14 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
         watermarks=watermarks,
         cleared_failures=cleared,
         move_watermarks=not job.backfill and job.referral_ids is None,
+        lease_epoch=job.lease_epoch,  # still ours, checked in the commit's transaction
     )
     for direction, items in failures.items():
         if items:
             store.record_failures(job.crm, direction, items, job.run_id)
     store.record_run(dag_id=job.dag_id, run_id=job.run_id, crm=job.crm, summary=report)
+    if job.lease_epoch is not None:
+        lease.release(job, store)  # the base is committed: the next run may read it
     return report
 
 

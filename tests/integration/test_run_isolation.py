@@ -1,0 +1,317 @@
+"""Isolated runs (issue 11, case 2): two runs on the same CRM never interleave between reading
+the base and committing it, through the runner's steps, the event task and a DAG run,
+against the sandbox."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from cosell_sync.dag_factory import sync_sides
+from cosell_sync.engine.mapping import load_mapping
+from cosell_sync.state import LeaseHeldError, LeaseLostError, StateStore
+from cosell_sync.sync import lease, runner
+from cosell_sync.sync.runner import SyncJob, window
+from tests.integration.test_sync_runner import run_sync
+
+ROOT = Path(__file__).resolve().parents[2]
+CRMS = ["salesforce", "dynamics365"]
+EVENTS = "cosell_referral_events"
+_runs = itertools.count(1)
+
+
+@pytest.fixture
+def store(tmp_path) -> StateStore:
+    s = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    s.migrate()
+    return s
+
+
+@pytest.fixture
+def conns(pc_conn, dyn_conn, sf_conn):
+    return pc_conn
+
+
+def _seed(pc, crm: str) -> None:
+    pc.partner_center.seed(16, seed=41)
+    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
+    emulator.seed(opportunities=6, accounts=3, flagged=2, seed=41)
+
+
+def _incoming_link(pc, store: StateStore, crm: str):
+    for row in store.get_links(crm).itertuples():
+        ref = pc.partner_center.referrals[row.referral_id]
+        if ref["direction"] == "Incoming" and ref["status"] in ("New", "Active"):
+            return row, ref
+    raise AssertionError("no open incoming referral was linked")
+
+
+def _crm_amount(pc, crm: str, crm_id: str) -> float:
+    if crm == "salesforce":
+        return pc.salesforce.get_record("Opportunity", crm_id)["Amount"]
+    return pc.dataverse.row("opportunities", crm_id)["estimatedvalue"]
+
+
+def _base(store: StateStore, crm: str, referral_id: str) -> dict:
+    return store.get_links(crm, referral_ids=[referral_id])["base"].iloc[0]
+
+
+def _event_job(crm: str, staging, referral_id: str) -> SyncJob:
+    return SyncJob(
+        crm=crm,
+        dag_id=f"{EVENTS}.{crm}",
+        run_id=f"asset_triggered__{next(_runs)}",
+        mapping=load_mapping(crm),
+        staging=staging,
+        referral_ids=[referral_id],
+    )
+
+
+def _scheduled_job(crm: str, store: StateStore, staging) -> SyncJob:
+    dag_id = f"cosell_sync_{crm}"
+    since_pc, since_crm = window(store, dag_id)
+    return SyncJob(
+        crm=crm,
+        dag_id=dag_id,
+        run_id=f"scheduled__{next(_runs)}",
+        mapping=load_mapping(crm),
+        staging=staging,
+        since_pc=since_pc,
+        since_crm=since_crm,
+    )
+
+
+def _step(job: SyncJob, store: StateStore, *names: str) -> object:
+    """Some of the DAG's steps for ``job`` (its lease already taken), each under the lease like its task."""
+    pc_side, crm_side = sync_sides(job.crm, job.mapping)
+    steps = {
+        "extract": lambda: (
+            runner.extract_partner_center(job, pc_side, store),
+            runner.extract_crm(job, crm_side, store),
+        ),
+        "plan": lambda: runner.plan_run(job, store),
+        "load": lambda: (runner.load_crm(job, crm_side), runner.load_partner_center(job, pc_side, crm_side)),
+        "commit": lambda: runner.commit(job, store),
+    }
+    result = None
+    for name in names:
+        with lease.kept(job, store):
+            result = steps[name]()
+    return result
+
+
+@pytest.mark.parametrize("crm", CRMS)
+def test_a_second_run_waits_for_the_first_commit_and_then_plans_on_its_base(pc, conns, store, tmp_path, crm):
+    _seed(pc, crm)
+    staging = tmp_path / "staging"
+    first = run_sync(crm, store, staging)
+    assert first["pc_to_crm"]["failed"] == 0, first
+    row, ref = _incoming_link(pc, store, crm)
+    assert store.get_lease(crm).released_at is not None  # the commit released it
+
+    # A Microsoft seller changes the deal value: the webhook's run starts on that referral.
+    pc.partner_center._commit_update(ref, {**ref, "details": {**ref["details"], "dealValue": 4242.0}}, "Microsoft")
+    event = _event_job(crm, staging, row.referral_id)
+    lease.acquire(event, store)
+    _step(event, store, "extract")
+
+    # The scheduled run starts now: it may neither extract nor plan; it waits (the DAG reschedules it).
+    scheduled = _scheduled_job(crm, store, staging)
+    with pytest.raises(LeaseHeldError, match=rf"held by {EVENTS}.{crm} run {event.run_id}"):
+        lease.acquire(scheduled, store)
+    with pytest.raises(LeaseHeldError):  # the all-in-one path refuses it too
+        runner.sync(scheduled, *sync_sides(crm, scheduled.mapping), store)
+    assert scheduled.lease_epoch is None
+
+    for name in ("plan", "load"):  # the event run goes on; the scheduled one still waits
+        _step(event, store, name)
+        with pytest.raises(LeaseHeldError):
+            lease.acquire(scheduled, store)
+    report = _step(event, store, "commit")
+    assert report["pc_to_crm"]["updated"] == 1, report
+    assert _base(store, crm, row.referral_id)["deal_value"] == 4242.0
+    assert _crm_amount(pc, crm, row.crm_id) == 4242.0
+
+    # The event run committed and released: the scheduled run takes the lease and plans on the new base.
+    assert lease.acquire(scheduled, store) == store.get_lease(crm).epoch
+    _step(scheduled, store, "extract", "plan")
+    changes = runner.load_plan(scheduled).changes
+    assert row.referral_id not in set(changes["referral_id"]), changes  # nothing to write back: no revert
+    final = _step(scheduled, store, "load", "commit")
+    assert final["pc_to_crm"]["conflicts"] == final["crm_to_pc"]["conflicts"] == 0, final
+    assert _base(store, crm, row.referral_id)["deal_value"] == 4242.0  # the base never moved back
+    assert _crm_amount(pc, crm, row.crm_id) == 4242.0
+    assert pc.partner_center.referrals[row.referral_id]["details"]["dealValue"] == 4242.0
+    assert not store.get_lease(crm).live()
+
+
+def test_a_run_whose_lease_passed_to_another_run_cannot_commit_its_stale_plan(pc, conns, store, tmp_path):
+    crm = "salesforce"
+    _seed(pc, crm)
+    staging = tmp_path / "staging"
+    run_sync(crm, store, staging)
+    row, ref = _incoming_link(pc, store, crm)
+    before = _base(store, crm, row.referral_id)
+
+    # A scheduled run reads and plans, then stalls past its lease's expiry (say, its worker died).
+    scheduled = _scheduled_job(crm, store, staging)
+    scheduled.lease_ttl = timedelta(seconds=1)
+    lease.acquire(scheduled, store)
+    _step(scheduled, store, "extract", "plan")
+    expires = store.get_lease(crm).expires_at
+    with store.engine.begin() as conn:  # fast-forward: the lease expired
+        from cosell_sync.state.store import leases_t
+
+        conn.execute(leases_t.update().values(expires_at=expires - timedelta(hours=1)))
+
+    # An event run takes the expired lease over and syncs a Microsoft edit.
+    pc.partner_center._commit_update(ref, {**ref, "details": {**ref["details"], "dealValue": 777.0}}, "Microsoft")
+    event = _event_job(crm, staging, row.referral_id)
+    assert lease.acquire(event, store) == scheduled.lease_epoch + 1
+    runner.sync(event, *sync_sides(crm, event.mapping), store)
+    assert _base(store, crm, row.referral_id)["deal_value"] == 777.0 != before["deal_value"]
+
+    # The stale run's next task finds its lease gone, and its commit is refused in the transaction.
+    with pytest.raises(LeaseLostError, match=rf"passed to {EVENTS}.{crm} run {event.run_id}"):
+        _step(scheduled, store, "load")
+    with pytest.raises(LeaseLostError):
+        runner.commit(scheduled, store)
+    assert _base(store, crm, row.referral_id)["deal_value"] == 777.0  # not moved back
+
+
+def test_a_dry_run_takes_no_lease_and_is_not_blocked(pc, conns, store, tmp_path):
+    crm = "salesforce"
+    _seed(pc, crm)
+    staging = tmp_path / "staging"
+    run_sync(crm, store, staging)
+    holder = store.acquire_lease(crm, f"{EVENTS}.{crm}", "asset_triggered__busy", timedelta(minutes=5))
+    report = run_sync(crm, store, staging, dry_run=True)
+    assert report["dry_run"]
+    assert store.get_lease(crm) == holder  # untouched
+
+
+# --------------------------------------------------------------------------- through Airflow
+
+
+@pytest.fixture
+def airflow_env(pc_conn, sf_conn, monkeypatch, tmp_path) -> StateStore:
+    monkeypatch.setenv("COSELL_STAGING_URL", f"file://{tmp_path / 'staging'}")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_COSELL_STATE", json.dumps({"conn_type": "generic", "host": f"sqlite:///{tmp_path}/state.db"})
+    )
+    monkeypatch.setenv("AIRFLOW__COSELL__EVENT_CRMS", "salesforce")
+    monkeypatch.setenv("AIRFLOW__COSELL__LEASE_POLL_INTERVAL", "1")
+    s = StateStore.from_airflow()
+    s.migrate()
+    return s
+
+
+class _TI:
+    def __init__(self, first_reschedule=None) -> None:
+        self.first = first_reschedule
+
+    def get_first_reschedule_date(self, context):
+        return self.first
+
+
+def test_the_event_task_hands_its_events_back_and_is_rescheduled_while_a_crm_is_leased(pc, airflow_env, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
+
+    from cosell_sync import event_dag
+
+    store = airflow_env
+    _seed(pc, "salesforce")
+    rid = next(iter(pc.partner_center.referrals))
+    store.inbox_add([{"dedup_key": "k1", "event_name": "referral-updated", "referral_id": rid, "resource_uri": "x"}])
+    holder = store.acquire_lease("salesforce", "cosell_sync_salesforce", "scheduled__busy", timedelta(minutes=5))
+    context = {"ti": _TI()}
+    monkeypatch.setattr(event_dag, "get_current_context", lambda: context)
+    with pytest.raises(AirflowRescheduleException):
+        event_dag.sync_events("asset_triggered__1")
+    assert store.inbox_counts() == {"pending": 1, "claimed": 0, "done": 0}  # handed back while waiting
+    assert store.get_lease("salesforce") == holder
+
+    # Waited longer than [cosell] lease_max_wait: it fails, naming the holder, and keeps no event.
+    context["ti"] = _TI(datetime.now(UTC) - timedelta(hours=4))
+    with pytest.raises(AirflowFailException, match="held by cosell_sync_salesforce run scheduled__busy"):
+        event_dag.sync_events("asset_triggered__1")
+    assert store.inbox_counts()["pending"] == 1
+
+    store.release_lease("salesforce", "cosell_sync_salesforce", "scheduled__busy")
+    context["ti"] = _TI()
+    result = event_dag.sync_events("asset_triggered__1")
+    assert result["events"] == 1 and "salesforce" in result["reports"]
+    assert store.inbox_counts() == {"pending": 0, "claimed": 0, "done": 1}
+    after = store.get_lease("salesforce")
+    assert after.run_id == "asset_triggered__1" and not after.live()  # released by the commit
+
+
+def test_a_dag_run_waiting_for_the_lease_is_rescheduled_not_failed(pc, airflow_env, airflow_db, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.taskreschedule import TaskReschedule
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    store = airflow_env
+    monkeypatch.setenv("AIRFLOW__COSELL__LEASE_MAX_WAIT", "120")  # never hang: fail instead
+    _seed(pc, "salesforce")
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cosell_sync_salesforce"]
+    holder = (f"{EVENTS}.salesforce", "asset_triggered__busy")
+    store.acquire_lease("salesforce", *holder, timedelta(minutes=5))
+    started = datetime.now(UTC)
+    stop = threading.Event()
+
+    def release_once_prepare_was_rescheduled() -> None:
+        """The holder commits only after the waiting task was rescheduled (at most 60 s)."""
+        query = (
+            select(func.count())
+            .select_from(TaskReschedule)
+            .join(TaskInstance, TaskInstance.id == TaskReschedule.ti_id)
+            .where(TaskInstance.dag_id == dag.dag_id, TaskInstance.task_id == "prepare")
+            .where(TaskReschedule.start_date >= started)
+        )
+        deadline = time.monotonic() + 60
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    with create_session() as session:
+                        if session.scalar(query):
+                            break
+                except Exception as exc:  # Airflow's SQLite DB busy with dag.test(): look again
+                    logging.getLogger(__name__).debug("reschedule not seen yet: %s", exc)
+                stop.wait(0.2)
+        finally:
+            store.release_lease("salesforce", *holder)
+
+    releaser = threading.Thread(target=release_once_prepare_was_rescheduled, daemon=True)
+    releaser.start()
+    try:
+        params = {"dry_run": False, "referral_ids": [], "full_resync": False, "directions": "both"}
+        dag_run = dag.test(run_conf=params)
+    finally:
+        stop.set()
+        releaser.join(timeout=30)
+    assert str(dag_run.state) == "success"
+    with create_session() as session:
+        prepare = session.scalar(
+            select(TaskInstance).where(
+                TaskInstance.dag_id == dag.dag_id,
+                TaskInstance.run_id == dag_run.run_id,
+                TaskInstance.task_id == "prepare",
+            )
+        )
+        reschedules = session.scalars(select(TaskReschedule).where(TaskReschedule.ti_id == prepare.id)).all()
+    assert str(prepare.state) == "success" and prepare.try_number == 1  # waited without using a try
+    assert len(reschedules) >= 1
+    recorded = store.get_run(dag.dag_id, dag_run.run_id)
+    assert recorded and recorded["summary"]["pc_to_crm"]["created"] >= 1
+    done = store.get_lease("salesforce")
+    assert done.run_id == dag_run.run_id and not done.live()  # taken after the holder let go, released at commit

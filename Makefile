@@ -14,7 +14,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export COSELL_SANDBOX_HOME ?= $(CURDIR)/.sandbox
 
-.PHONY: venv test lint demo tour airflow bench clean
+.PHONY: venv test test-fast lint demo tour airflow bench clean
 
 $(UV):
 	$(PY) -m venv $(TOOLS)
@@ -29,8 +29,14 @@ venv: $(VENV)/.synced
 lint: venv
 	$(BIN)/ruff check .
 
+# Two xdist workers (this machine has 2 cores); the tests that start real Airflow components
+# share one worker (xdist_group "airflow-cluster"), the rest of the suite runs on the other.
 test: venv lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+# The fast tier: pure logic and the emulators, no Airflow components, under a minute.
+test-fast: venv lint
+	$(BIN)/python -m pytest -n 2 tests/unit tests/sandbox
 
 demo: venv
 	$(BIN)/python scripts/demo.py

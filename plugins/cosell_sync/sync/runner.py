@@ -113,40 +113,121 @@ def initial_load_done(store: StateStore, dag_id: str) -> bool:
     return any(store.get_watermark(dag_id, side) is not None for side in ("full_sync", "partner_center", "crm"))
 
 
-def _retry_keys(store: StateStore, job: SyncJob, direction: str) -> list[str]:
-    failures = store.retryable_failures(job.crm, direction)
-    return [str(k) for k in failures["record_key"]] if len(failures) else []
+# -- the dead letter -------------------------------------------------------------------------------
+# One key scheme: (system, record id, direction). The system is the sync's CRM (the table's
+# ``crm`` column); the record id is that of the record the direction starts from, the one a
+# retry re-reads: the referral id for ``pc_to_crm`` (CRM creates and updates, the referral's
+# externalReferenceId stamp, a referral with a bad value), the CRM id for ``crm_to_pc``
+# (referral creates and updates, the CRM's referral-id stamp, an opportunity with a bad value).
+# Rows written by older versions (a failed Partner Center update keyed by its referral id, and
+# so on) are read through their payload's ids, so they are retried and cleared the same way.
+SOURCE_ID = {"pc_to_crm": "referral_id", "crm_to_pc": "crm_id"}
+
+
+def dead_letter_key(direction: str, referral_id: Any, crm_id: Any, fallback: Any = None) -> str:
+    """The record id a failure in ``direction`` is filed under."""
+    chosen = referral_id if direction == "pc_to_crm" else crm_id
+    return str(chosen if not _blank(chosen) else fallback)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or str(value) == ""
+
+
+def _dead_rows(store: StateStore, job: SyncJob) -> list[dict[str, Any]]:
+    """The CRM's dead-letter rows, each with the record id it is about under the one key scheme
+    (``key``; a row of an older version may be filed under another id) and the ids it names."""
+    frame = store.dead_letter(job.crm)
+    rows = []
+    for r in frame.itertuples():
+        payload = r.payload if isinstance(r.payload, dict) else {}
+        ids = {name: None if _blank(payload.get(name)) else str(payload.get(name)) for name in SOURCE_ID.values()}
+        if ids[SOURCE_ID[r.direction]] is None:
+            ids[SOURCE_ID[r.direction]] = str(r.record_key)
+        rows.append(
+            {
+                "direction": r.direction,
+                "record_key": str(r.record_key),
+                "key": ids[SOURCE_ID[r.direction]],
+                "exhausted": bool(r.exhausted),
+                **ids,
+            }
+        )
+    return rows
+
+
+def _retry_ids(store: StateStore, job: SyncJob, system: str) -> list[str]:
+    """Ids on ``system`` (``partner_center`` or ``crm``) to re-read for the dead letter's
+    retryable rows: each row's record and its linked counterpart, so the merge sees both sides."""
+    rows = [r for r in _dead_rows(store, job) if not r["exhausted"] and r["direction"] in job.directions]
+    if not rows:
+        return []
+    refs = {r["referral_id"] for r in rows if r["referral_id"]}
+    cids = {r["crm_id"] for r in rows if r["crm_id"]}
+    links = store.get_links(job.crm, referral_ids=sorted(refs), crm_ids=sorted(cids))
+    if system == "partner_center":
+        return sorted(refs | {str(v) for v in links["referral_id"]})
+    return sorted(cids | {str(v) for v in links["crm_id"]})
+
+
+def _is_flagged(value: Any) -> bool:
+    return value is True or value == "true" or value == 1
 
 
 def extract_partner_center(job: SyncJob, side: PartnerCenterSide, store: StateStore) -> dict[str, int]:
-    """Referrals changed in the window (or named), plus those left in the dead letter to retry."""
+    """Referrals changed in the window (or named), plus those the dead letter retries (and the
+    referrals linked to the opportunities it retries)."""
+    retry: list[str] = []
     if job.referral_ids is not None:
         docs = side.extract(referral_ids=job.referral_ids)
     else:
         docs = side.extract(since=job.since_pc, until=job.until)
-        retry = [k for k in _retry_keys(store, job, "pc_to_crm") if k not in {d.get("id") for d in docs}]
+        seen = {str(d.get("id")) for d in docs}
+        retry = [k for k in _retry_ids(store, job, "partner_center") if k not in seen]
         docs += side.extract(referral_ids=retry) if retry else []
     result = referrals_frame(docs, job.mapping)
     write_frame(job, "pc", result.frame)
     write_frame(job, "pc_errors", result.errors)
     write_json(job, "pc_docs", {str(d.get("id")): d for d in docs if d.get("id")})
-    return {"referrals": len(docs), "bad": len(result.errors["key"].unique()) if len(result.errors) else 0}
+    bad = set(result.errors["key"]) if len(result.errors) else set()
+    # A bad referral that would never sync (Closed and unlinked) is skipped, not failed.
+    never = [
+        str(d.get("id"))
+        for d in docs
+        if str(d.get("id")) in bad and d.get("status") == "Closed" and _blank(d.get("externalReferenceId"))
+    ]
+    found = {str(d.get("id")) for d in docs}
+    write_json(job, "pc_dead_letter", {"never_sync": never, "gone": [k for k in retry if k not in found]})
+    return {"referrals": len(docs), "bad": len(bad)}
 
 
 def extract_crm(job: SyncJob, side: CrmSide, store: StateStore) -> dict[str, int]:
+    """Opportunities changed in the window (or linked to the named referrals), plus those the
+    dead letter retries (and the opportunities linked to the referrals it retries)."""
+    id_field = CRM_ID_FIELD[job.crm]
+    retry: list[str] = []
     if job.referral_ids is not None:
         records = side.extract(referral_ids=job.referral_ids)
     else:
         records = side.extract(since=job.since_crm, until=job.until)
-        seen = {str(r.get(CRM_ID_FIELD[job.crm])) for r in records}
-        retry = [k for k in _retry_keys(store, job, "crm_to_pc") if k not in seen]
-        records += (
-            [r for r in side.extract(crm_ids=retry) if str(r.get(CRM_ID_FIELD[job.crm])) not in seen] if retry else []
-        )
-    result = crm_frame(records, job.mapping, CRM_ID_FIELD[job.crm])
+        seen = {str(r.get(id_field)) for r in records}
+        retry = [k for k in _retry_ids(store, job, "crm") if k not in seen]
+        records += [r for r in side.extract(crm_ids=retry) if str(r.get(id_field)) not in seen] if retry else []
+    result = crm_frame(records, job.mapping, id_field)
     write_frame(job, "crm", result.frame)
     write_frame(job, "crm_errors", result.errors)
-    return {"opportunities": len(records), "bad": len(result.errors["key"].unique()) if len(result.errors) else 0}
+    bad = set(result.errors["key"]) if len(result.errors) else set()
+    # A bad opportunity that would never sync (unflagged and unlinked) is skipped, not failed.
+    flag_field, link_field = job.mapping.records["sync_flag_field"], job.mapping.records["link_field"]
+    never = [
+        str(r.get(id_field))
+        for r in records
+        if str(r.get(id_field)) in bad and not _is_flagged(r.get(flag_field)) and _blank(r.get(link_field))
+    ]
+    found = {str(r.get(id_field)).casefold() for r in records}
+    gone = [k for k in retry if k.casefold() not in found]
+    write_json(job, "crm_dead_letter", {"never_sync": never, "gone": gone})
+    return {"opportunities": len(records), "bad": len(bad)}
 
 
 # -- plan -----------------------------------------------------------------------------------------
@@ -170,11 +251,60 @@ def plan_run(job: SyncJob, store: StateStore) -> dict[str, Any]:
     ids = list(pc["referral_id"]) + [r for r in crm["referral_ref"] if r]
     links = store.get_links(job.crm, referral_ids=ids, crm_ids=list(crm["crm_id"]))
     result = plan(pc, crm, links, job.mapping, directions=job.directions)
+    result.skips = _never_sync_skips(job, store, pc, crm, result.skips)
     for part in PLAN_PARTS:
         write_frame(job, f"plan_{part}", getattr(result, part))
     summary = result.summary()
     write_json(job, "plan_summary", summary)
     return summary
+
+
+def _dead_letter_notes(job: SyncJob, system: str) -> dict[str, list[str]]:
+    try:
+        notes = read_json(job, f"{system}_dead_letter")
+    except FileNotFoundError:  # staged by an older version
+        notes = {}
+    return {
+        "never_sync": [str(k) for k in notes.get("never_sync") or []],
+        "gone": [str(k) for k in notes.get("gone") or []],
+    }
+
+
+def _never_sync_skips(
+    job: SyncJob, store: StateStore, pc: pd.DataFrame, crm: pd.DataFrame, skips: pd.DataFrame
+) -> pd.DataFrame:
+    """Records with a bad value that would never sync, as skips (the plan never saw them): an
+    unflagged opportunity and a Closed referral, when nothing links them (no link in the state
+    DB, no record of this run naming them)."""
+    lone_crm = _dead_letter_notes(job, "crm")["never_sync"]
+    lone_pc = _dead_letter_notes(job, "pc")["never_sync"]
+    if not lone_crm and not lone_pc:
+        return skips
+    links = store.get_links(job.crm, referral_ids=lone_pc, crm_ids=lone_crm)
+    linked_crm = {str(v).casefold() for v in links["crm_id"]} | {str(v).casefold() for v in pc["crm_ref"] if v}
+    linked_pc = {str(v).casefold() for v in links["referral_id"]} | {
+        str(v).casefold() for v in crm["referral_ref"] if v
+    }
+    rows = [
+        {"side": "crm", "referral_id": None, "crm_id": k, "reason": "not_flagged", "field": None, "detail": None}
+        for k in lone_crm
+        if k.casefold() not in linked_crm
+    ] + [
+        {
+            "side": "partner_center",
+            "referral_id": k,
+            "crm_id": None,
+            "reason": "closed_unlinked",
+            "field": None,
+            "detail": None,
+        }
+        for k in lone_pc
+        if k.casefold() not in linked_pc
+    ]
+    if not rows:
+        return skips
+    extra = pd.DataFrame(rows, columns=list(skips.columns), dtype=object)
+    return pd.concat([skips, extra], ignore_index=True) if len(skips) else extra
 
 
 def load_plan(job: SyncJob) -> Plan:
@@ -237,10 +367,10 @@ def referral_stamps(job: SyncJob, the_plan: Plan, docs: dict[str, Any]) -> pd.Da
         if r.action == "create" and r.ok and r.referral_id and r.crm_id:
             wanted[str(r.referral_id)] = str(r.crm_id)
     pc = read_frame(job, "pc")
-    if len(pc) and len(the_plan.new_base):
-        linked = dict(zip(the_plan.new_base["referral_id"], the_plan.new_base["crm_id"], strict=True))
+    linked = dict(run_pairs(the_plan))
+    if len(pc) and linked:
         for rid, held in zip(pc["referral_id"], pc["crm_ref"], strict=True):
-            if rid in linked and (held or None) != linked[rid]:
+            if rid in linked and str(held or "").casefold() != str(linked[rid]).casefold():
                 wanted.setdefault(str(rid), str(linked[rid]))
     rows = [
         {"referral_id": rid, "crm_id": crm_id}
@@ -250,14 +380,28 @@ def referral_stamps(job: SyncJob, the_plan: Plan, docs: dict[str, Any]) -> pd.Da
     return pd.DataFrame(rows, columns=["referral_id", "crm_id"], dtype=object)
 
 
+def run_pairs(the_plan: Plan) -> list[tuple[str, str]]:
+    """(referral id, CRM id) of every linked pair this run planned, changed or not (a stamp
+    that failed in an earlier run is retried on a pair whose values have not moved)."""
+    pairs: dict[str, str] = {}
+    frames = [the_plan.new_base, the_plan.changes, the_plan.conflicts, the_plan.skips, the_plan.recovered_links]
+    for frame in frames:
+        if len(frame) and {"referral_id", "crm_id"} <= set(frame.columns):
+            for rid, crm_id in zip(frame["referral_id"], frame["crm_id"], strict=True):
+                if not _blank(rid) and not _blank(crm_id):
+                    pairs.setdefault(str(rid), str(crm_id))
+    return list(pairs.items())
+
+
 def crm_link_stamps(job: SyncJob, the_plan: Plan, skip: set[str]) -> pd.DataFrame:
-    """Open opportunities whose referral-id field must be set: pairs linked this run (a link
+    """Open opportunities whose referral-id field must be set: linked pairs of this run (a link
     recovered from a referral's ``externalReferenceId``, e.g. one created by a run that died
-    before it linked it) whose opportunity, read this run, does not hold the referral id."""
+    before it linked it, or a stamp that failed in an earlier run) whose opportunity, read
+    this run, does not hold the referral id."""
     crm = read_frame(job, "crm")
     rows = []
-    if len(crm) and len(the_plan.new_base):
-        linked = dict(zip(the_plan.new_base["crm_id"], the_plan.new_base["referral_id"], strict=True))
+    linked = {crm_id: rid for rid, crm_id in run_pairs(the_plan)}
+    if len(crm) and linked:
         for crm_id, held, closed in zip(crm["crm_id"], crm["referral_ref"], crm["closed"], strict=True):
             rid = linked.get(crm_id)
             if rid and crm_id not in skip and not closed and str(held or "").casefold() != str(rid).casefold():
@@ -306,6 +450,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     stamp_results = _optional(job, "pc_link_results", result_cols)
     pc, crm = read_frame(job, "pc"), read_frame(job, "crm")
     errors = concat_errors([_optional(job, "pc_errors", ERROR_COLUMNS), _optional(job, "crm_errors", ERROR_COLUMNS)])
+    errors = _without_never_sync(errors, the_plan.skips)
 
     # Links: created pairs, plus linked pairs whose agreed values moved and all of whose writes landed.
     failed_pairs = {(r.referral_id, r.crm_id) for r in pd.concat([crm_results, pc_results]).itertuples() if not r.ok}
@@ -333,13 +478,14 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
 
     audit = _audit_rows(job, the_plan, crm_results, pc_results)
     failures = {
-        "pc_to_crm": _failures(crm_results) + _failures(stamp_results) + _error_failures(errors, "referral"),
-        "crm_to_pc": _failures(pc_results) + _failures(link_results) + _error_failures(errors, "crm"),
+        "pc_to_crm": _failures(crm_results, "pc_to_crm")
+        + _failures(stamp_results, "pc_to_crm")
+        + _error_failures(errors, "referral"),
+        "crm_to_pc": _failures(pc_results, "crm_to_pc")
+        + _failures(link_results, "crm_to_pc")
+        + _error_failures(errors, "crm"),
     }
-    cleared = {
-        "pc_to_crm": [str(r.key) for r in pd.concat([crm_results, stamp_results]).itertuples() if r.ok],
-        "crm_to_pc": [str(r.key) for r in pc_results.itertuples() if r.ok],
-    }
+    cleared = _cleared(job, store, pc, crm, failures)
     watermarks = {}
     if len(pc) and pc["updated_at"].notna().any():
         watermarks["partner_center"] = pd.to_datetime(pc["updated_at"], utc=True).max().to_pydatetime()
@@ -377,10 +523,46 @@ def _values(row: pd.Series, fields: list[str]) -> dict[str, Any]:
     return {f: None if row.get(f) == KEEP else plain(row.get(f)) for f in fields}
 
 
-def _failures(results: pd.DataFrame) -> list[dict[str, Any]]:
+def _without_never_sync(errors: pd.DataFrame, skips: pd.DataFrame) -> pd.DataFrame:
+    """Bad values of records skipped as never syncing are no failures (see _never_sync_skips)."""
+    if not len(errors) or not len(skips):
+        return errors
+    crm = skips[(skips["side"] == "crm") & (skips["reason"] == "not_flagged")]["crm_id"]
+    ref = skips[(skips["side"] == "partner_center") & (skips["reason"] == "closed_unlinked")]["referral_id"]
+    never = {("crm", str(k)) for k in crm} | {("referral", str(k)) for k in ref}
+    keep = [(side, str(key)) not in never for side, key in zip(errors["side"], errors["key"], strict=True)]
+    return errors.loc[keep].reset_index(drop=True)
+
+
+def _cleared(
+    job: SyncJob, store: StateStore, pc: pd.DataFrame, crm: pd.DataFrame, failures: dict[str, list[dict[str, Any]]]
+) -> dict[str, list[str]]:
+    """Dead-letter rows to clear, per direction (of the directions this run synced): those of a
+    record this run read that did not fail again (it synced, became valid, is in step, or is no
+    longer eligible: unflagged, Closed and unlinked, terminal...), and those of a record a retry
+    no longer finds (deleted)."""
+    done: dict[str, set[str]] = {}
+    notes = {"pc_to_crm": _dead_letter_notes(job, "pc"), "crm_to_pc": _dead_letter_notes(job, "crm")}
+    for direction, frame, column in (("pc_to_crm", pc, "referral_id"), ("crm_to_pc", crm, "crm_id")):
+        if direction not in job.directions:
+            continue
+        read = {str(k).casefold() for k in frame[column]} if len(frame) else set()
+        read |= {k.casefold() for k in notes[direction]["never_sync"] + notes[direction]["gone"]}
+        failed = {str(f["record_key"]).casefold() for f in failures[direction]}
+        done[direction] = read - failed
+    cleared: dict[str, list[str]] = {direction: [] for direction in done}
+    if not any(done.values()):
+        return cleared
+    for row in _dead_rows(store, job):
+        if row["direction"] in done and row["key"].casefold() in done[row["direction"]]:
+            cleared[row["direction"]].append(row["record_key"])
+    return cleared
+
+
+def _failures(results: pd.DataFrame, direction: str) -> list[dict[str, Any]]:
     return [
         {
-            "record_key": str(r.key),
+            "record_key": dead_letter_key(direction, r.referral_id, r.crm_id, r.key),
             "payload": {"action": r.action, "fields": r.fields, "referral_id": r.referral_id, "crm_id": r.crm_id},
             "error": r.error or "failed",
             "error_code": r.error_code,

@@ -164,16 +164,26 @@ def _failed_for_good(exc: BaseException) -> bool:
         return False
 
 
+def _later_try() -> bool:
+    """Is this a retried or cleared task (try 2 or later)?"""
+    try:
+        return int(get_current_context()["ti"].try_number) > 1
+    except Exception:  # outside a task: behave like a retry
+        return True
+
+
 def run_step(spec: dict[str, Any], step: Callable[[Any, Any], T]) -> T:
-    """One step of the run under its CRM lease: renewed before and during the step; lost to
-    another run, the task fails without retrying (its plan may be stale); failed for good,
-    the lease is released so that other runs need not wait for it to expire."""
+    """One step of the run under its CRM lease: renewed before and during the step (a first
+    try never takes back a lease its run released after another task failed for good: the
+    parallel extract must not block other runs); lost to another run, the task fails without
+    retrying (its plan may be stale); failed for good, the lease is released so that other
+    runs need not wait for it to expire."""
     from cosell_sync.state import LeaseLostError
     from cosell_sync.sync import lease
 
     job, store = _job(spec), state_store()
     try:
-        with lease.kept(job, store):
+        with lease.kept(job, store, revive=_later_try()):
             return step(job, store)
     except LeaseLostError as exc:
         raise AirflowFailException(str(exc)) from exc

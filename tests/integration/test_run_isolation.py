@@ -315,3 +315,25 @@ def test_a_dag_run_waiting_for_the_lease_is_rescheduled_not_failed(pc, airflow_e
     assert recorded and recorded["summary"]["pc_to_crm"]["created"] >= 1
     done = store.get_lease("salesforce")
     assert done.run_id == dag_run.run_id and not done.live()  # taken after the holder let go, released at commit
+
+
+def test_a_lease_released_after_a_failure_is_not_taken_back_by_a_parallel_first_try(store, tmp_path):
+    job = SyncJob(
+        crm="salesforce",
+        dag_id="cosell_sync_salesforce",
+        run_id="manual__failed",
+        mapping=load_mapping("salesforce"),
+        staging=tmp_path,
+    )
+    lease.acquire(job, store)
+    assert lease.release(job, store)  # extract_crm failed for good
+    with lease.kept(job, store, revive=False):  # extract_partner_center's first try renews after that
+        assert not store.get_lease("salesforce").live()
+    assert not store.get_lease("salesforce").live()  # the failed run blocks nobody
+    with lease.kept(job, store):  # a cleared task of the run (a later try) takes it back: nobody took it
+        assert store.get_lease("salesforce").live() and store.get_lease("salesforce").epoch == job.lease_epoch
+    lease.release(job, store)
+    other = store.acquire_lease("salesforce", "cosell_sync_salesforce", "manual__next", timedelta(minutes=5))
+    assert other.epoch == job.lease_epoch + 1
+    with pytest.raises(LeaseLostError), lease.kept(job, store):  # now another run holds it
+        pass

@@ -61,13 +61,18 @@ def release(job: Any, store: StateStore) -> bool:
 
 
 @contextmanager
-def kept(job: Any, store: StateStore) -> Iterator[None]:
+def kept(job: Any, store: StateStore, *, revive: bool = True) -> Iterator[None]:
     """Run a step under the job's lease: renewed now (failing with LeaseLostError if it was
-    lost) and every third of its ttl while the step runs, so a long load never lets it expire."""
+    lost) and every third of its ttl while the step runs, so a long load never lets it expire.
+
+    ``revive=False`` (a first try of a DAG task): a lease the run released is left released.
+    The run released it because another of its tasks failed for good, so this run will not
+    commit; a parallel task must not take it back and block other runs until it expires. A
+    retried or cleared task (a later try) takes it back if no other run took it since."""
     if job.lease_epoch is None:
         yield
         return
-    renew(job, store)
+    renew(job, store, revive=revive)
     stop = threading.Event()
     interval = max(1.0, job.lease_ttl.total_seconds() / 3)
 

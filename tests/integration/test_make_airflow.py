@@ -27,7 +27,7 @@ import pytest
 import requests
 
 from cosell_sandbox.airflow_cluster import free_port
-from cosell_sandbox.standalone import MARKER
+from cosell_sandbox.standalone import MARKER, port_free
 
 REPO = Path(__file__).resolve().parents[2]
 # Real Airflow components: `make test` runs these one after another on one xdist worker
@@ -40,16 +40,6 @@ DAG_IDS = {
     "partner_center_webhook_registration",
 }
 PLANTED_SECRET = "planted-by-a-previous-start"
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no listener
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_base_port(count: int = 4) -> int:

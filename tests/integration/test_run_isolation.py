@@ -27,18 +27,6 @@ EVENTS = "cosell_referral_events"
 _runs = itertools.count(1)
 
 
-@pytest.fixture
-def store(tmp_path) -> StateStore:
-    s = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-    s.migrate()
-    return s
-
-
-@pytest.fixture
-def conns(pc_conn, dyn_conn, sf_conn):
-    return pc_conn
-
-
 def _seed(pc, crm: str) -> None:
     pc.partner_center.seed(16, seed=41)
     emulator = pc.salesforce if crm == "salesforce" else pc.dataverse

@@ -32,18 +32,6 @@ from tests.integration.test_sync_retries import (
 REFERRALS = "/v1.0/engagements/referrals/"
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-    s.migrate()
-    return s
-
-
-@pytest.fixture
-def conns(pc_conn, dyn_conn, sf_conn):
-    return pc_conn
-
-
 def crm_server(pc, crm: str):
     return pc.salesforce if crm == "salesforce" else pc.dataverse
 

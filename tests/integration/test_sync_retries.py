@@ -42,18 +42,6 @@ class Killed(BaseException):
     """Stands in for a SIGKILL of the task process: nothing after it runs, nothing catches it."""
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-    s.migrate()
-    return s
-
-
-@pytest.fixture
-def conns(pc_conn, dyn_conn, sf_conn):
-    return pc_conn
-
-
 def seed(pc, crm: str) -> None:
     pc.partner_center.seed(12, seed=61)
     if crm == "salesforce":

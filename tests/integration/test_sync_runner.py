@@ -14,13 +14,6 @@ from cosell_sync.sync.runner import SyncJob, sync, window
 _runs = itertools.count(1)
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-    s.migrate()
-    return s
-
-
 def run_sync(crm: str, store: StateStore, staging, **job_kwargs) -> dict:
     mapping = load_mapping(crm)
     dag_id = f"cosell_sync_{crm}"
@@ -36,11 +29,6 @@ def run_sync(crm: str, store: StateStore, staging, **job_kwargs) -> dict:
         **job_kwargs,
     )
     return sync(job, *sync_sides(crm, mapping), store)
-
-
-@pytest.fixture
-def conns(pc_conn, dyn_conn, sf_conn):
-    return pc_conn
 
 
 def seed(pc, crm: str) -> None:

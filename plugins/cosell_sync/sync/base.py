@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -76,13 +77,17 @@ class WriteResult:
     error: str | None = None
     error_code: str | None = None
     etag: str | None = None
+    # Canonical fields planned for this record that were *not* written because the target
+    # changed since it was read (a re-merge after 412, or a Salesforce record modified during
+    # the run: ``changed_during_run``). They keep their old base and are planned again.
+    deferred: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def results_frame(results: list[WriteResult]) -> pd.DataFrame:
-    columns = ["key", "action", "ok", "referral_id", "crm_id", "fields", "error", "error_code", "etag"]
+    columns = ["key", "action", "ok", "referral_id", "crm_id", "fields", "error", "error_code", "etag", "deferred"]
     return pd.DataFrame([r.as_dict() for r in results], columns=columns)
 
 
@@ -137,9 +142,18 @@ class CrmSide(Protocol):
         account matched by name + postal code or created, the contact matched by email or
         created, and the link written (referral id, referral link), sync status and audit."""
 
-    def update(self, updates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
-        """``updates``: ``crm_id``, ``referral_id``, ``fields`` (canonical field -> value).
-        Only those fields are written, plus the audit and sync-status fields."""
+    def version(self, record: Mapping[str, Any]) -> str | None:
+        """The version of an extracted opportunity that a conditional write checks
+        (Dataverse: its ``@odata.etag``; Salesforce: its ``SystemModstamp``)."""
+
+    def update(
+        self, updates: pd.DataFrame, ctx: RunContext, versions: Mapping[str, str] | None = None
+    ) -> list[WriteResult]:
+        """``updates``: ``crm_id``, ``referral_id``, ``fields`` (canonical field -> value),
+        ``expected`` (what the CRM held when planned). Only those fields are written, plus the
+        audit and sync-status fields. ``versions``: CRM id -> :meth:`version` at extract; a
+        record changed since is re-merged (Dataverse, on 412) or deferred (Salesforce), and
+        the fields not written are listed in its result's ``deferred``."""
 
     def mark(self, crm_ids: list[str], status: str, ctx: RunContext, *, error: str | None = None) -> None:
         """Set the sync-status field (``Synced``/``Error``), and on error the audit field."""

@@ -721,7 +721,14 @@ class DynamicsSide:
         row.etag = None  # the action changed the row's version
 
     # -- update -------------------------------------------------------------------------------------
-    def update(self, updates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+    def version(self, record: Mapping[str, Any]) -> str | None:
+        """The ``@odata.etag`` an opportunity was extracted with (the ``If-Match`` of its update)."""
+        etag = record.get("@odata.etag")
+        return None if missing(etag) else str(etag)
+
+    def update(
+        self, updates: pd.DataFrame, ctx: RunContext, versions: Mapping[str, str] | None = None
+    ) -> list[WriteResult]:
         """Write only ``fields`` (canonical -> value) on each linked opportunity, plus the audit
         and the sync status, in ``$batch`` PATCHes with ``If-Match: *``. Account and contact
         fields are not written (accounts are shared). A stage of won/lost is carried out with

@@ -28,7 +28,7 @@ from cosell_sync.sync.partner_center import PartnerCenterSide
 
 OVERLAP = timedelta(minutes=5)
 CRM_ID_FIELD = {"salesforce": "Id", "dynamics365": "opportunityid"}
-JSON_COLUMNS = {"base", "fields", "expected", "old", "new", "pc_value", "crm_value", "chosen", "value"}
+JSON_COLUMNS = {"base", "fields", "expected", "old", "new", "pc_value", "crm_value", "chosen", "value", "deferred"}
 AUDITED_SKIPS = {"terminal_referral", "invalid_transition", "linked_elsewhere"}
 
 
@@ -216,6 +216,9 @@ def extract_crm(job: SyncJob, side: CrmSide, store: StateStore) -> dict[str, int
     result = crm_frame(records, job.mapping, id_field)
     write_frame(job, "crm", result.frame)
     write_frame(job, "crm_errors", result.errors)
+    # Each opportunity's version as read (ETag, SystemModstamp): updates are conditional on it.
+    versions = {str(r.get(id_field)): side.version(r) for r in records if r.get(id_field)}
+    write_json(job, "crm_versions", {k: v for k, v in versions.items() if v})
     bad = set(result.errors["key"]) if len(result.errors) else set()
     # A bad opportunity that would never sync (unflagged and unlinked) is skipped, not failed.
     flag_field, link_field = job.mapping.records["sync_flag_field"], job.mapping.records["link_field"]
@@ -321,7 +324,11 @@ def load_crm(job: SyncJob, side: CrmSide) -> dict[str, int]:
         results += side.create(the_plan.crm_creates, job.ctx)
     updates = the_plan.updates("crm")
     if len(updates):
-        results += side.update(updates, job.ctx)
+        try:
+            versions = read_json(job, "crm_versions")
+        except FileNotFoundError:  # extracted by an older version: unconditional
+            versions = {}
+        results += side.update(updates, job.ctx, versions)
     write_frame(job, "crm_results", results_frame(results))
     return {"ok": sum(r.ok for r in results), "failed": sum(not r.ok for r in results)}
 

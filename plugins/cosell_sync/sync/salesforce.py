@@ -673,7 +673,14 @@ class SalesforceSide:
                 errors[i] = (f"primary contact role: {outcome.error or 'not created'}", outcome.code or "UNKNOWN")
 
     # -- update ---------------------------------------------------------------------------------
-    def update(self, updates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+    def version(self, record: Mapping[str, Any]) -> str | None:
+        """The ``SystemModstamp`` an opportunity was extracted with (checked before an update)."""
+        stamp = record.get("SystemModstamp")
+        return None if missing(stamp) else str(stamp)
+
+    def update(
+        self, updates: pd.DataFrame, ctx: RunContext, versions: Mapping[str, str] | None = None
+    ) -> list[WriteResult]:
         """``updates``: ``crm_id``, ``referral_id``, ``fields`` (canonical field -> value). Only the
         Opportunity-level fields among them are written (accounts and contacts are shared between
         deals), plus the sync status and a new audit line; one result per row, keyed by referral id."""

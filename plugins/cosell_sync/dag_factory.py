@@ -326,7 +326,11 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
         def plan(spec: dict[str, Any]) -> dict[str, Any]:
             from cosell_sync.sync import runner
 
-            return run_step(spec, runner.plan_run)
+            def step(job: Any, store: Any) -> dict[str, Any]:
+                pc_side, crm_side = sync_sides(crm, job.mapping)
+                return runner.plan_run(job, store, pc_side, crm_side)
+
+            return run_step(spec, step)
 
         @task
         @records_failure

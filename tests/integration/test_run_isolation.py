@@ -84,7 +84,7 @@ def _step(job: SyncJob, store: StateStore, *names: str) -> object:
             runner.extract_partner_center(job, pc_side, store),
             runner.extract_crm(job, crm_side, store),
         ),
-        "plan": lambda: runner.plan_run(job, store),
+        "plan": lambda: runner.plan_run(job, store, pc_side, crm_side),
         "load": lambda: (runner.load_crm(job, crm_side), runner.load_partner_center(job, pc_side, crm_side)),
         "commit": lambda: runner.commit(job, store),
     }

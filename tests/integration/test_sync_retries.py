@@ -74,7 +74,7 @@ def up_to_load(job: SyncJob, store: StateStore) -> None:
     pc_side, crm_side = sides(job.crm, job.mapping)
     extract_partner_center(job, pc_side, store)
     extract_crm(job, crm_side, store)
-    plan_run(job, store)
+    plan_run(job, store, pc_side, crm_side)
 
 
 def run_load_pc(job: SyncJob) -> dict:

@@ -47,6 +47,18 @@ class MappingError(ValueError):
 class ValueMap:
     read: dict[str, str]  # side value -> canonical value (or KEEP)
     write: dict[str, str]  # canonical value -> side value
+    # The side value to write depending on what the record holds now: held value (or the first
+    # part of a composite one, e.g. the status of status/substatus) -> {canonical -> side value}.
+    # A CRM loss closes a New referral as Closed/Declined, an Active one as Closed/Lost.
+    write_from: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def write_for(self, canonical: str, held: str | None) -> str | None:
+        """The side value for ``canonical`` on a record that holds ``held`` now."""
+        if held is not None:
+            for key in (held, held.split("/", 1)[0]):
+                if canonical in self.write_from.get(key, {}):
+                    return self.write_from[key][canonical]
+        return self.write.get(canonical)
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class FieldMapping:
     sync: Literal["always", "create"] = "always"
     referral_values: ValueMap | None = None
     crm_values: ValueMap | None = None
+    blank: Literal["clear", "keep"] = "clear"  # keep: a side with no value has no opinion (KEEP)
 
     @property
     def synced(self) -> bool:
@@ -101,20 +114,34 @@ def _str_map(source: str, key: str, raw: Any) -> dict[str, str]:
 def _value_map(source: str, key: str, raw: Any) -> ValueMap:
     if not isinstance(raw, MappingABC):
         raise _fail(source, key, "must have 'read' and 'write'")
-    unknown = set(raw) - {"read", "write"}
+    unknown = set(raw) - {"read", "write", "write_from"}
     if unknown:
-        raise _fail(source, f"{key}.{sorted(unknown)[0]}", "unknown key (expected 'read' and 'write')")
+        raise _fail(source, f"{key}.{sorted(unknown)[0]}", "unknown key (expected 'read', 'write', 'write_from')")
     for part in ("read", "write"):
         if part not in raw:
             raise _fail(source, f"{key}.{part}", "is required")
-    return ValueMap(_str_map(source, f"{key}.read", raw["read"]), _str_map(source, f"{key}.write", raw["write"]))
+    read = _str_map(source, f"{key}.read", raw["read"])
+    write = _str_map(source, f"{key}.write", raw["write"])
+    write_from: dict[str, dict[str, str]] = {}
+    if "write_from" in raw:
+        if not isinstance(raw["write_from"], MappingABC) or not raw["write_from"]:
+            raise _fail(source, f"{key}.write_from", "must map a held value to {canonical: value to write}")
+        for held, overrides in raw["write_from"].items():
+            where = f"{key}.write_from.{held}"
+            write_from[str(held)] = _str_map(source, where, overrides)
+            for canonical, value in write_from[str(held)].items():
+                if canonical not in write:
+                    raise _fail(source, f"{where}.{canonical}", "is not a canonical value of 'write'")
+                if read.get(value) != canonical:
+                    raise _fail(source, f"{where}.{canonical}", f"'{value}' must read back as '{canonical}'")
+    return ValueMap(read, write, write_from)
 
 
 def _field(source: str, name: str, raw: Any) -> FieldMapping:
     key = f"fields.{name}"
     if not isinstance(raw, MappingABC):
         raise _fail(source, key, "must be a mapping")
-    allowed = {"referral", "crm", "type", "direction", "authority", "sync", "values"}
+    allowed = {"referral", "crm", "type", "direction", "authority", "sync", "values", "blank"}
     unknown = set(raw) - allowed
     if unknown:
         raise _fail(source, f"{key}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -133,6 +160,9 @@ def _field(source: str, name: str, raw: Any) -> FieldMapping:
     sync = raw.get("sync", "always")
     if sync not in ("always", "create"):
         raise _fail(source, f"{key}.sync", f"'{sync}' is not one of always, create")
+    blank = raw.get("blank", "clear")
+    if blank not in ("clear", "keep"):
+        raise _fail(source, f"{key}.blank", f"'{blank}' is not one of clear, keep")
     referral_values = crm_values = None
     if ftype == "enum":
         values = raw.get("values")
@@ -163,6 +193,7 @@ def _field(source: str, name: str, raw: Any) -> FieldMapping:
         sync=sync,
         referral_values=referral_values,
         crm_values=crm_values,
+        blank=blank,
     )
 
 

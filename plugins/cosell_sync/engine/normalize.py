@@ -132,6 +132,8 @@ def _normalize_column(raw: pd.Series, fm: FieldMapping, side: str) -> tuple[pd.S
         bad(present & mapped.isna(), f"has no mapping (allowed: {', '.join(sorted(vmap.read))})")
         values = mapped
     values = values.astype(object).where(values.notna(), None)  # one missing marker: None, never NaN
+    if fm.blank == "keep":  # no value is no opinion: the field keeps its last synced value
+        values = values.where(values.notna(), KEEP)
     return values, errors
 
 
@@ -216,14 +218,15 @@ def crm_frame(records: Sequence[Mapping[str, Any]], mapping: SyncMapping, id_fie
     return Normalized(frame, result.errors)
 
 
-def side_value(fm: FieldMapping, side: str, canonical: Any) -> Any:
-    """A canonical value as the side stores it (enums through the ``write`` map)."""
+def side_value(fm: FieldMapping, side: str, canonical: Any, held: Any = None) -> Any:
+    """A canonical value as the side stores it (enums through the ``write`` map, or its
+    ``write_from`` entry for what the record ``held`` until now)."""
     if canonical is None or canonical == KEEP:
         return None
     if fm.type == "enum":
         vmap = fm.referral_values if side == "referral" else fm.crm_values
         assert vmap is not None
-        return vmap.write.get(str(canonical))
+        return vmap.write_for(str(canonical), None if held is None else str(held))
     return canonical
 
 

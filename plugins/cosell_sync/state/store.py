@@ -90,7 +90,7 @@ SIDES = frozenset({"partner_center", "crm", "inbox", "full_sync"})
 # "inbox": the newest webhook event signalled to a DAG; "full_sync": when a window sync (not a
 # dry run, backfill or referral_ids run) last committed: the first one is the initial load
 DIRECTIONS = frozenset({"pc_to_crm", "crm_to_pc"})
-ACTIONS = frozenset({"create", "update", "conflict", "skip", "fail", "win", "lose"})
+ACTIONS = frozenset({"create", "update", "conflict", "skip", "fail", "win", "lose", "deferred"})
 INBOX_STATUSES = ("pending", "claimed", "done")
 
 DEFAULT_CONN_ID = "cosell_state"

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from cosell_sync.engine.mapping import FieldMapping, SyncMapping
-from cosell_sync.engine.normalize import referrals_frame, side_value
+from cosell_sync.engine.normalize import compile_path, referrals_frame, side_value
 from cosell_sync.errors import (
     ApiError,
     AuthenticationError,
@@ -72,8 +72,8 @@ def _pointer(path: str) -> list[str]:
     return [part.split("[")[0] for part in path.split(".")]
 
 
-def _value_for_referral(fm: FieldMapping, canonical: Any) -> Any:
-    value = side_value(fm, "referral", canonical)
+def _value_for_referral(fm: FieldMapping, canonical: Any, held: Any = None) -> Any:
+    value = side_value(fm, "referral", canonical, held)
     if value is None:
         return None
     if fm.type == "date":
@@ -85,9 +85,11 @@ def _value_for_referral(fm: FieldMapping, canonical: Any) -> Any:
     return value
 
 
-def referral_assignments(fm: FieldMapping, canonical: Any) -> list[tuple[list[str], Any]]:
-    """(JSON path parts, value) pairs that set one canonical field on a referral."""
-    value = _value_for_referral(fm, canonical)
+def referral_assignments(fm: FieldMapping, canonical: Any, held: Any = None) -> list[tuple[list[str], Any]]:
+    """(JSON path parts, value) pairs that set one canonical field on a referral that holds
+    ``held`` (its side value, e.g. ``New/Pending``) now: a loss on a New referral is written
+    as Closed/Declined, on an Active one as Closed/Lost (the mapping's ``write_from``)."""
+    value = _value_for_referral(fm, canonical, held)
     if "/" in fm.referral:  # a composite such as status/substatus
         parts = fm.referral.split("/")
         values = str(value).split("/") if value is not None else [None] * len(parts)
@@ -271,7 +273,8 @@ class PartnerCenterSide:
         ops = []
         for name, canonical in fields.items():
             fm = self.mapping.fields[name]
-            for path, value in referral_assignments(fm, canonical):
+            held = compile_path(fm.referral)(current)
+            for path, value in referral_assignments(fm, canonical, held):
                 ops.append(patch_operations(current, path, value))
         return ops
 
@@ -310,7 +313,11 @@ class PartnerCenterSide:
                     doc = self.hook.get_referral(rid)
                 except CosellError as exc:
                     return _failed(result, exc, "re-reading after 412: ")
-                fields = self._remerge(doc, fields, dict(row.get("expected") or {}))
+                kept = self._remerge(doc, fields, dict(row.get("expected") or {}))
+                # Fields Partner Center changed meanwhile are not written: they keep their base
+                # and the next run merges them against the new value (a conflict, if both moved).
+                result.deferred = sorted(set(result.deferred) | (set(fields) - set(kept)))
+                fields = kept
                 if not fields:
                     result.fields = {}
                     return result
@@ -350,7 +357,10 @@ class PartnerCenterSide:
         return self._parallel(rows, work)
 
     def _remerge(self, doc: Mapping[str, Any], fields: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
-        """Drop fields whose Partner Center value moved since planning (the next run merges them)."""
+        """Drop fields whose Partner Center value moved since planning (the next run merges them);
+        all of them when the referral was closed meanwhile (Closed is terminal)."""
+        if doc.get("status") == "Closed":
+            return {}
         now = referrals_frame([doc], self.mapping).frame
         if now.empty:
             return fields

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, SyncMapping
-from cosell_sync.engine.normalize import ERROR_COLUMNS, concat_errors, crm_frame, referrals_frame
+from cosell_sync.engine.normalize import ERROR_COLUMNS, compile_path, concat_errors, crm_frame, referrals_frame
 from cosell_sync.engine.plan import Plan, plan
 from cosell_sync.state import StateStore
 from cosell_sync.sync import lease
@@ -170,6 +170,14 @@ def _retry_ids(store: StateStore, job: SyncJob, system: str) -> list[str]:
     return sorted(cids | {str(v) for v in links["crm_id"]})
 
 
+def _newest(stamps: Any) -> str | None:
+    """The newest of the timestamps read in a run's window: where its watermark may move to
+    (records read by id, outside the window, never move it)."""
+    parsed = pd.to_datetime(pd.Series([s for s in stamps if not _blank(s)], dtype=object), utc=True, errors="coerce")
+    newest = parsed.max() if len(parsed) else None
+    return None if newest is None or pd.isna(newest) else newest.isoformat()
+
+
 def _is_flagged(value: Any) -> bool:
     return value is True or value == "true" or value == 1
 
@@ -182,6 +190,7 @@ def extract_partner_center(job: SyncJob, side: PartnerCenterSide, store: StateSt
         docs = side.extract(referral_ids=job.referral_ids)
     else:
         docs = side.extract(since=job.since_pc, until=job.until)
+        write_json(job, "pc_mark", {"mark": _newest(d.get("updatedDateTime") for d in docs)})
         seen = {str(d.get("id")) for d in docs}
         retry = [k for k in _retry_ids(store, job, "partner_center") if k not in seen]
         docs += side.extract(referral_ids=retry) if retry else []
@@ -210,6 +219,8 @@ def extract_crm(job: SyncJob, side: CrmSide, store: StateStore) -> dict[str, int
         records = side.extract(referral_ids=job.referral_ids)
     else:
         records = side.extract(since=job.since_crm, until=job.until)
+        modified = compile_path(job.mapping.records["modified_field"])
+        write_json(job, "crm_mark", {"mark": _newest(modified(r) for r in records)})
         seen = {str(r.get(id_field)) for r in records}
         retry = [k for k in _retry_ids(store, job, "crm") if k not in seen]
         records += [r for r in side.extract(crm_ids=retry) if str(r.get(id_field)) not in seen] if retry else []
@@ -247,7 +258,63 @@ PLAN_PARTS = (
 )
 
 
-def plan_run(job: SyncJob, store: StateStore) -> dict[str, Any]:
+def fetch_counterparts(job: SyncJob, pc_side: PartnerCenterSide, crm_side: CrmSide, store: StateStore) -> dict:
+    """Both sides of every pair this run read: a linked pair (or one named by a record's link
+    field) whose other side was not read (outside the window, or an event run) has it read by
+    id now, so the merge sees its current values, not the base. Staged with the extracts."""
+    pc, crm = read_frame(job, "pc"), read_frame(job, "crm")
+    pc_errors = _optional(job, "pc_errors", ERROR_COLUMNS)
+    crm_errors = _optional(job, "crm_errors", ERROR_COLUMNS)
+    have_pc = {str(k).casefold() for k in [*pc["referral_id"], *pc_errors["key"]]}
+    have_crm = {str(k).casefold() for k in [*crm["crm_id"], *crm_errors["key"]]}
+    named_crm = [str(v) for v in pc["crm_ref"] if not _blank(v)]
+    named_pc = [str(v) for v in crm["referral_ref"] if not _blank(v)]
+    links = store.get_links(job.crm, referral_ids=list(pc["referral_id"]), crm_ids=list(crm["crm_id"]))
+    want_crm = [
+        str(c) for r, c in zip(links["referral_id"], links["crm_id"], strict=True) if str(r).casefold() in have_pc
+    ]
+    want_pc = [
+        str(r) for r, c in zip(links["referral_id"], links["crm_id"], strict=True) if str(c).casefold() in have_crm
+    ]
+    need_crm = list(dict.fromkeys(c for c in [*want_crm, *named_crm] if c.casefold() not in have_crm))
+    need_pc = list(dict.fromkeys(r for r in [*want_pc, *named_pc] if r.casefold() not in have_pc))
+    if need_pc:
+        docs = pc_side.extract(referral_ids=need_pc)
+        more = referrals_frame(docs, job.mapping)
+        write_frame(job, "pc", _appended(pc, more.frame))
+        write_frame(job, "pc_errors", concat_errors([pc_errors, more.errors]))
+        staged = read_json(job, "pc_docs")
+        write_json(job, "pc_docs", staged | {str(d.get("id")): d for d in docs if d.get("id")})
+    if need_crm:
+        id_field = CRM_ID_FIELD[job.crm]
+        records = crm_side.extract(crm_ids=need_crm)
+        more = crm_frame(records, job.mapping, id_field)
+        write_frame(job, "crm", _appended(crm, more.frame))
+        write_frame(job, "crm_errors", concat_errors([crm_errors, more.errors]))
+        try:
+            versions = read_json(job, "crm_versions")
+        except FileNotFoundError:
+            versions = {}
+        for record in records:
+            version = crm_side.version(record)
+            if version and record.get(id_field):
+                versions[str(record.get(id_field))] = version
+        write_json(job, "crm_versions", versions)
+    return {"referrals": len(need_pc), "opportunities": len(need_crm)}
+
+
+def _appended(frame: pd.DataFrame, more: pd.DataFrame) -> pd.DataFrame:
+    key = "referral_id" if "referral_id" in more.columns else "crm_id"
+    if len(frame) and len(more):
+        more = more[~more[key].map(lambda k: str(k).casefold()).isin({str(k).casefold() for k in frame[key]})]
+    if not len(more):
+        return frame
+    return pd.concat([frame, more], ignore_index=True) if len(frame) else more
+
+
+def plan_run(job: SyncJob, store: StateStore, pc_side: PartnerCenterSide, crm_side: CrmSide) -> dict[str, Any]:
+    """Fetch the missing side of the run's pairs (:func:`fetch_counterparts`), then plan."""
+    fetch_counterparts(job, pc_side, crm_side, store)
     pc, crm = read_frame(job, "pc"), read_frame(job, "crm")
     for frame, column in ((pc, "updated_at"), (crm, "modified_at")):
         frame[column] = pd.to_datetime(frame[column], utc=True)
@@ -429,7 +496,7 @@ def sync(job: SyncJob, pc_side: PartnerCenterSide, crm_side: CrmSide, store: Sta
         with lease.kept(job, store):
             extract_partner_center(job, pc_side, store)
             extract_crm(job, crm_side, store)
-            plan_run(job, store)
+            plan_run(job, store, pc_side, crm_side)
             load_crm(job, crm_side)
             load_partner_center(job, pc_side, crm_side)
             return commit(job, store)
@@ -459,27 +526,37 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     errors = concat_errors([_optional(job, "pc_errors", ERROR_COLUMNS), _optional(job, "crm_errors", ERROR_COLUMNS)])
     errors = _without_never_sync(errors, the_plan.skips)
 
-    # Links: created pairs, plus linked pairs whose agreed values moved and all of whose writes landed.
-    failed_pairs = {(r.referral_id, r.crm_id) for r in pd.concat([crm_results, pc_results]).itertuples() if not r.ok}
+    # Links: created pairs, plus linked pairs whose agreed values moved. The base moves only
+    # where the targets confirmed it: a pair with a failed write keeps its old base, and a
+    # field a target did not write (deferred: it changed there since it was read) keeps its
+    # old value in the base, so the next run plans it again against what the target holds.
+    results = pd.concat([crm_results, pc_results], ignore_index=True)
+    failed_pairs = {_pair(r.referral_id, r.crm_id) for r in results.itertuples() if not r.ok}
+    deferred: dict[tuple[str, str], set[str]] = {}
+    for r in results.itertuples():
+        if r.ok and isinstance(r.deferred, list) and r.deferred:
+            deferred.setdefault(_pair(r.referral_id, r.crm_id), set()).update(r.deferred)
     base = the_plan.new_base
     landed = np.array(
-        [(r, c) not in failed_pairs for r, c in zip(base["referral_id"], base["crm_id"], strict=True)], dtype=bool
+        [_pair(r, c) not in failed_pairs for r, c in zip(base["referral_id"], base["crm_id"], strict=True)], dtype=bool
     )
     ok_base = base.loc[landed] if len(base) else pd.DataFrame(columns=["referral_id", "crm_id", "base"])
+    if deferred and len(ok_base):
+        ok_base = _keep_deferred(job, store, ok_base, deferred)
     fields = list(job.mapping.fields)
     pc_rows = pc.set_index("referral_id") if len(pc) else pd.DataFrame(columns=fields)
     crm_rows = crm.set_index("crm_id") if len(crm) else pd.DataFrame(columns=fields)
     created_links = []
     for r in crm_results.itertuples():
         if r.action == "create" and r.ok and r.crm_id and r.referral_id in pc_rows.index:
-            created_links.append(
-                {"referral_id": r.referral_id, "crm_id": r.crm_id, "base": _values(pc_rows.loc[r.referral_id], fields)}
-            )
+            # The base is what the new opportunity holds (r.fields: a value the CRM filled in,
+            # such as Salesforce's required CloseDate, included), over the referral's values.
+            base_values = _values(pc_rows.loc[r.referral_id], fields) | _written(r.fields, fields)
+            created_links.append({"referral_id": r.referral_id, "crm_id": r.crm_id, "base": base_values})
     for r in pc_results.itertuples():
         if r.action == "create" and r.ok and r.referral_id and r.crm_id in crm_rows.index:
             # The base is what the new referral holds (r.fields), over the CRM row's values.
-            written = {k: v for k, v in (r.fields or {}).items() if k in fields}
-            base_values = _values(crm_rows.loc[r.crm_id], fields) | {k: plain(v) for k, v in written.items()}
+            base_values = _values(crm_rows.loc[r.crm_id], fields) | _written(r.fields, fields)
             created_links.append({"referral_id": r.referral_id, "crm_id": r.crm_id, "base": base_values})
     links = pd.concat([ok_base[["referral_id", "crm_id", "base"]], pd.DataFrame(created_links)], ignore_index=True)
 
@@ -494,10 +571,12 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     }
     cleared = _cleared(job, store, pc, crm, failures)
     watermarks = {}
-    if len(pc) and pc["updated_at"].notna().any():
-        watermarks["partner_center"] = pd.to_datetime(pc["updated_at"], utc=True).max().to_pydatetime()
-    if len(crm) and crm["modified_at"].notna().any():
-        watermarks["crm"] = pd.to_datetime(crm["modified_at"], utc=True).max().to_pydatetime()
+    for side, frame, column in (("partner_center", pc, "updated_at"), ("crm", crm, "modified_at")):
+        mark = _window_mark(job, side)
+        if mark is not None:
+            watermarks[side] = mark
+        elif mark is None and len(frame) and frame[column].notna().any() and not _has_mark(job, side):
+            watermarks[side] = pd.to_datetime(frame[column], utc=True).max().to_pydatetime()  # an older staging
     watermarks["full_sync"] = datetime.now(UTC)  # moved with the others: only by window runs
     report = build_report(the_plan, crm_results, pc_results, errors)
     report["pc_to_crm"]["failed"] += int((~stamp_results["ok"].astype(bool)).sum()) if len(stamp_results) else 0
@@ -523,6 +602,56 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     if job.lease_epoch is not None:
         lease.release(job, store)  # the base is committed: the next run may read it
     return report
+
+
+MARK_FILES = {"partner_center": "pc_mark", "crm": "crm_mark"}
+
+
+def _has_mark(job: SyncJob, side: str) -> bool:
+    try:
+        read_json(job, MARK_FILES[side])
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _window_mark(job: SyncJob, side: str) -> datetime | None:
+    """The newest change the run's window read on ``side`` (None: nothing, or not staged)."""
+    try:
+        mark = read_json(job, MARK_FILES[side]).get("mark")
+    except FileNotFoundError:
+        return None
+    return None if not mark else pd.Timestamp(mark).to_pydatetime()
+
+
+def _pair(referral_id: Any, crm_id: Any) -> tuple[str, str]:
+    """A pair's key in results and plans (Dataverse ids compare case-insensitively)."""
+    return str(referral_id), str(crm_id).casefold()
+
+
+def _written(values: Any, fields: list[str]) -> dict[str, Any]:
+    """The canonical values a create reported as written (no-opinion markers left out)."""
+    if not isinstance(values, dict):
+        return {}
+    return {k: plain(v) for k, v in values.items() if k in fields and v != KEEP}
+
+
+def _keep_deferred(
+    job: SyncJob, store: StateStore, new_base: pd.DataFrame, deferred: dict[tuple[str, str], set[str]]
+) -> pd.DataFrame:
+    """``new_base`` with each deferred field set back to the base it had before this run."""
+    before = store.get_links(job.crm, referral_ids=[r for r, _ in deferred])
+    old = {_pair(r, c): b for r, c, b in zip(before["referral_id"], before["crm_id"], before["base"], strict=True)}
+    out = new_base.copy()
+    bases = []
+    for rid, cid, record in zip(out["referral_id"], out["crm_id"], out["base"], strict=True):
+        names = deferred.get(_pair(rid, cid))
+        if names:
+            prior = old.get(_pair(rid, cid))
+            record = dict(record) | {f: (prior or {}).get(f) for f in names}
+        bases.append(record)
+    out["base"] = bases
+    return out
 
 
 def _values(row: pd.Series, fields: list[str]) -> dict[str, Any]:
@@ -594,23 +723,37 @@ def _error_failures(errors: pd.DataFrame, side: str) -> list[dict[str, Any]]:
 
 def _audit_rows(job: SyncJob, the_plan: Plan, crm_results: pd.DataFrame, pc_results: pd.DataFrame) -> list[dict]:
     rows: list[dict[str, Any]] = []
-    ok = {(r.key, r.action) for r in pd.concat([crm_results, pc_results]).itertuples() if r.ok}
+    # Each planned change is audited from its target's result: written (update, or the won/lost
+    # action that carried a stage), deferred (the target changed since it was read), or not at
+    # all when the write failed (the failure row below says so).
+    written: dict[tuple[str, str, str], Any] = {}
+    for results, target in ((crm_results, "crm"), (pc_results, "partner_center")):
+        for r in results.itertuples():
+            if r.action in ("update", "win", "lose"):
+                written[(target, *_pair(r.referral_id, r.crm_id))] = r
     for c in the_plan.changes.itertuples():
         direction = "pc_to_crm" if c.target == "crm" else "crm_to_pc"
-        key = c.referral_id
-        if (key, "update") in ok:
-            rows.append(
-                {
-                    "direction": direction,
-                    "referral_id": c.referral_id,
-                    "crm_id": c.crm_id,
-                    "action": "update",
-                    "field": c.field,
-                    "old_value": c.old,
-                    "new_value": c.new,
-                    "detail": c.reason,
-                }
-            )
+        r = written.get((c.target, *_pair(c.referral_id, c.crm_id)))
+        if r is None or not r.ok:
+            continue
+        if isinstance(r.fields, dict) and c.field in r.fields:
+            action, detail = ("update" if r.action == "update" else r.action), c.reason
+        elif isinstance(r.deferred, list) and c.field in r.deferred:
+            action, detail = "deferred", f"{r.error_code or 'changed_during_run'}: {c.target} changed since it was read"
+        else:
+            continue
+        rows.append(
+            {
+                "direction": direction,
+                "referral_id": c.referral_id,
+                "crm_id": c.crm_id,
+                "action": action,
+                "field": c.field,
+                "old_value": c.old,
+                "new_value": c.new,
+                "detail": detail,
+            }
+        )
     for c in the_plan.conflicts.itertuples():
         rows.append(
             {
@@ -679,6 +822,7 @@ def build_report(the_plan: Plan, crm_results: pd.DataFrame, pc_results: pd.DataF
             "updated": int(ok["action"].isin(["update", "win", "lose"]).sum()) if len(ok) else 0,
             "conflicts": int((the_plan.conflicts["winner"] == winner).sum()),
             "failed": int((~results["ok"].astype(bool)).sum()) if len(results) else 0,
+            "deferred": sum(1 for d in ok["deferred"] if isinstance(d, list) and d) if len(ok) else 0,
         }
 
     bad_pc = errors[errors["side"] == "referral"]["key"].nunique() if len(errors) else 0
@@ -768,6 +912,12 @@ def format_report(dag_id: str, report: dict[str, Any], crm: str | None = None) -
         lines.append(f"| {label} | {c['created']} | {c['updated']} | {c['conflicts']} | {c['failed']} |")
     unchanged = report["unchanged"]
     lines += ["", f"Unchanged: {unchanged} linked deal{'' if unchanged == 1 else 's'}."]
+    deferred = sum(report[d].get("deferred", 0) for d in ("pc_to_crm", "crm_to_pc"))
+    if deferred:
+        lines += [
+            f"Deferred: {deferred} deal{'' if deferred == 1 else 's'} changed while this run was writing; "
+            "the next run merges the new values."
+        ]
     skipped = report.get("skipped") or {}
     if skipped:
         lines += ["", "Skipped:", ""]

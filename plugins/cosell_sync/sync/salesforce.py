@@ -35,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping
-from cosell_sync.engine.normalize import side_value
+from cosell_sync.engine.normalize import _normalize_column, side_value
 from cosell_sync.errors import ApiError, AuthenticationError, ConfigurationError, CosellError
 from cosell_sync.hooks._soql import Condition, literal, name, select
 from cosell_sync.hooks.salesforce import COLLECTION_LIMIT, RecordResult, SalesforceSyncHook
@@ -49,6 +49,7 @@ DEFAULT_CLOSE_DAYS = 90  # CloseDate is required: a referral without one closes 
 DEFAULT_STAGE = "new"  # StageName is required: a referral without a stage starts at the mapping's "new"
 FALLBACK_STAGE = "Prospecting"  # ... or this, when the mapping does not map StageName at all
 SYNCED, ERROR = "Synced", "Error"
+CHANGED_DURING_RUN = "changed_during_run"  # a deferred update's reason: modified since extract
 AUDIT_VALUE_CHARS = 200  # long values (notes) are shortened in the audit line, so history is kept
 ERROR_CHARS = 2000  # Salesforce quotes the rejected value in some messages (a 1 MB description ...)
 CONTACT_ROLES = "OpportunityContactRoles"  # the child relationship from Opportunity
@@ -131,6 +132,24 @@ def _as_aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
+def _stamp(value: Any) -> datetime | None:
+    """A ``SystemModstamp`` as an aware datetime ("...+0000", "...Z", "...+00:00"); None if unreadable."""
+    if isinstance(value, datetime):
+        return _as_aware(value)
+    try:
+        return _as_aware(datetime.fromisoformat(re.sub(r"([+-]\d{2})(\d{2})$", r"\1:\2", str(value).strip())))
+    except ValueError:
+        return None
+
+
+def _same_stamp(a: Any, b: Any) -> bool:
+    """Two ``SystemModstamp`` values name the same instant (texts compared when one is unreadable)."""
+    ta, tb = _stamp(a), _stamp(b)
+    if ta is None or tb is None:
+        return str(a).strip() == str(b).strip()
+    return ta == tb
+
+
 class SalesforceSide:
     """:class:`cosell_sync.sync.base.CrmSide` for Salesforce (Opportunity, Account, Contact)."""
 
@@ -168,6 +187,7 @@ class SalesforceSide:
             else:
                 self.opp_fields.append(fm)
         self.by_crm = {fm.crm.lower(): fm for fm in mapping.fields.values()}
+        self._read_backs: dict[tuple[str, Any], Any] = {}  # (field, Salesforce value) -> canonical
 
     def _check_name(self, key: str, value: str, *, dotted: bool) -> None:
         try:
@@ -257,20 +277,23 @@ class SalesforceSide:
         return outcomes
 
     def _read_audit(
-        self, values: Sequence[str], *, by: str = "Id"
+        self, values: Sequence[str], *, by: str = "Id", stamps: dict[str, str | None] | None = None
     ) -> tuple[dict[str, str | None], dict[str, tuple[str, str]]]:
         """The audit field of the opportunities whose ``by`` field is one of ``values``:
         (key -> text, key -> (error, code) for values whose read failed). Keys: an Id's
-        15-character (case-sensitive) form, or the case-folded value of another field."""
+        15-character (case-sensitive) form, or the case-folded value of another field.
+        ``stamps``: also read each one's ``SystemModstamp`` (same query) into it, by the same key."""
         key: Callable[[Any], str] = (lambda v: str(v)[:15]) if by == "Id" else (lambda v: str(v).casefold())
         audit: dict[str, str | None] = {}
         failed: dict[str, tuple[str, str]] = {}
-        fields = list(dict.fromkeys(["Id", by, self.audit_field]))
+        fields = list(dict.fromkeys(["Id", by, self.audit_field, *(["SystemModstamp"] if stamps is not None else [])]))
         for chunk in _chunks(list(dict.fromkeys(values))):
             soql = select(self.opportunity, fields, [Condition(by, "IN", chunk)])
             try:
                 for record in self._query(soql):
                     audit[key(record[by])] = record.get(self.audit_field)
+                    if stamps is not None:
+                        stamps[key(record[by])] = record.get("SystemModstamp")
             except (AuthenticationError, ConfigurationError):
                 raise
             except Exception as exc:
@@ -388,21 +411,33 @@ class SalesforceSide:
             written[fm.name] = canonical
         return values, written
 
+    def _read_back(self, fm: FieldMapping, value: Any) -> Any:
+        """The canonical value that extracting ``value`` (as Salesforce stores it in ``fm.crm``)
+        yields, exactly as the normalizer reads it; None when it reads as nothing (no value, no
+        mapping, or "no opinion")."""
+        key = (fm.name, value)
+        if key not in self._read_backs:  # the same few defaults for every row of a run
+            values, errors = _normalize_column(pd.Series([value], dtype=object), fm, "crm")
+            canonical = None if not missing(errors.iloc[0]) else plain(values.iloc[0])
+            self._read_backs[key] = None if canonical == KEEP else canonical
+        return self._read_backs[key]
+
     def _defaults(self, values: dict[str, Any], written: dict[str, Any], ctx: RunContext) -> None:
         """Salesforce requires StageName and CloseDate: a referral without a stage starts at the
-        mapping's value for "new", one without a close date closes 90 days after the run."""
+        mapping's value for "new", one without a close date closes 90 days after the run.
+        ``written`` gets what these invented values read back as (the next extract sees them)."""
         if values.get("StageName") is None:
             stage_fm = self._field_for("StageName")
             stage = side_value(stage_fm, "crm", DEFAULT_STAGE) if stage_fm is not None else None
             values["StageName"] = stage or FALLBACK_STAGE
-            if stage_fm is not None and stage:
-                written[stage_fm.name] = DEFAULT_STAGE
+            if stage_fm is not None:
+                written[stage_fm.name] = self._read_back(stage_fm, values["StageName"])
         if values.get("CloseDate") is None:
             close = (ctx.now.date() + timedelta(days=DEFAULT_CLOSE_DAYS)).isoformat()
             values["CloseDate"] = close
             close_fm = self._field_for("CloseDate")
             if close_fm is not None:
-                written[close_fm.name] = close
+                written[close_fm.name] = self._read_back(close_fm, close)
         for key in [k for k, v in values.items() if v is None]:
             del values[key]  # nothing to clear on a new record; a rerun keeps what a seller added
         for key in [k for k, v in written.items() if v is None]:
@@ -683,10 +718,21 @@ class SalesforceSide:
     ) -> list[WriteResult]:
         """``updates``: ``crm_id``, ``referral_id``, ``fields`` (canonical field -> value). Only the
         Opportunity-level fields among them are written (accounts and contacts are shared between
-        deals), plus the sync status and a new audit line; one result per row, keyed by referral id."""
+        deals), plus the sync status and a new audit line; one result per row, keyed by referral id.
+
+        ``versions``: CRM id (as extracted) -> ``SystemModstamp`` at extract. sObject Collections
+        carry no ETag, so the query that reads the audit trail just before the write (one per 200
+        ids) also reads ``SystemModstamp``: a record modified since it was extracted is not
+        written at all, and is *deferred* to the next run (ok, ``fields`` empty, ``deferred``: its
+        planned Opportunity-level fields, ``error_code`` ``changed_during_run``). A record with no
+        known version is written unconditionally. What remains is the window between that query
+        and the write itself (one collections call or bulk job), which Salesforce cannot close."""
         rows = [dict(r) for r in updates.to_dict("records")] if len(updates) else []
+        known = {str(k)[:15]: v for k, v in (versions or {}).items() if not missing(k) and not missing(v)}
+        opp_names = {fm.name for fm in self.opp_fields}
         results: list[WriteResult] = []
-        pending: list[tuple[WriteResult, dict[str, Any]]] = []  # (result to fill, Opportunity values)
+        # (result to fill, Opportunity values, the Opportunity-level fields planned for it)
+        pending: list[tuple[WriteResult, dict[str, Any], list[str]]] = []
         for row in rows:
             rid, crm_id = _text(row.get("referral_id")), _text(row.get("crm_id"))
             result = WriteResult(key=rid or crm_id or "", action="update", ok=False, referral_id=rid, crm_id=crm_id)
@@ -705,18 +751,26 @@ class SalesforceSide:
             result.ok = True
             if values:  # otherwise nothing is on the Opportunity itself: no write
                 result.fields = written
-                pending.append((result, values))
+                pending.append((result, values, sorted(k for k in (fields or {}) if k in opp_names)))
         if ctx.dry_run or not pending:
             return results
 
-        audits, unread = self._read_audit([v for v in (_valid_id(r.crm_id) for r, _ in pending) if v])
+        stamps: dict[str, str | None] = {}
+        audits, unread = self._read_audit([v for v in (_valid_id(r.crm_id) for r, _, _ in pending) if v], stamps=stamps)
         records: list[dict[str, Any]] = []
         sent: list[WriteResult] = []
-        for result, values in pending:
+        for result, values, planned in pending:
             crm_id = str(result.crm_id)
             if crm_id[:15] in unread:  # never overwrite an audit trail we could not read
                 message, code = unread[crm_id[:15]]
                 _fail(result, f"reading {self.audit_field}: {message}", code)
+                continue
+            expected, current = known.get(crm_id[:15]), stamps.get(crm_id[:15])
+            if expected is not None and current is not None and not _same_stamp(expected, current):
+                # Changed since extract (a seller's edit, another run): not overwritten blindly.
+                result.fields, result.deferred = {}, planned
+                result.error, result.error_code = None, CHANGED_DURING_RUN
+                log.info("Opportunity %s changed during the run (%s -> %s): deferred", crm_id, expected, current)
                 continue
             line = audit_line(ctx, "pc_to_crm", _audit_fields(result.fields))
             records.append(

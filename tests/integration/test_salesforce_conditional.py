@@ -120,6 +120,22 @@ def test_seller_edit_between_extract_and_load_is_deferred_not_overwritten(pc, co
     assert b[:15] in written and a[:15] not in written
     assert queries(sf) == 1  # the audit read and the check are one query
 
+    # The run ends; the deferred field kept its base, so the next run sees both sides changed
+    # and resolves it by authority (deal_value: crm): the seller's value reaches Microsoft.
+    run_load_pc(job)
+    commit(job, store)
+    after = new_job("salesforce", store, staging)
+    up_to_load(after, store)
+    conflicts = read_frame(after, "plan_conflicts")
+    assert [(str(r.crm_id), r.field, r.winner) for r in conflicts.itertuples()] == [(a, "deal_value", "crm")]
+    run_load_crm(after)
+    run_load_pc(after)
+    commit(after, store)
+    assert sf.get_record("Opportunity", a)["Amount"] == 999
+    assert pc.partner_center.referrals[rid_a]["details"]["dealValue"] == 999
+    assert sf.get_record("Opportunity", b)["Amount"] == 4200
+    assert pc.partner_center.referrals[rid_b]["details"]["dealValue"] == 4200
+
 
 # -- case 3, the side itself: chunks, Bulk API, unknown versions ----------------------------------------
 @pytest.mark.parametrize("threshold", [2000, 100], ids=["collections", "bulk"])

@@ -15,6 +15,11 @@ every record gets its own outcome: a record Dataverse rejects becomes a failed
 and never stops the others. New opportunities are alternate-key upserts on the referral id
 (``PATCH opportunities(cosell_referralid='...')``), so a retry or a rerun updates the
 opportunity it created before instead of creating a second one.
+
+Updates are conditional: each PATCH carries the ``@odata.etag`` the opportunity was extracted
+with as ``If-Match``. A 412 (a seller edited it during the run) re-reads the record, keeps the
+planned fields the CRM still holds as planned, defers the others (not written, planned again
+next run) and retries once with the new ETag; a second 412 fails the record.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any
 import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
-from cosell_sync.engine.normalize import side_value
+from cosell_sync.engine.normalize import crm_frame, side_value
 from cosell_sync.errors import ConfigurationError
 from cosell_sync.hooks._batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResponse
 from cosell_sync.hooks._odata import eq, quote, with_query
@@ -64,6 +69,8 @@ ACCOUNT_NAME, ACCOUNT_POSTAL_CODE, CONTACT_EMAIL, CONTACT_LAST_NAME = (
 CURRENCY_CODE = "isocurrencycode"
 LAST_NAME_MAX = 50  # contact.lastname length; the e-mail's local part is cut to fit
 CLOSE_SUBJECT_MAX = 200  # opportunityclose.subject length
+PRECONDITION_FAILED = 412
+DUPLICATE_RECORD = "0x80040237"  # also a 412, but about alternate keys, not versions
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _INTEGER = re.compile(r"-?\d+")
 
@@ -108,6 +115,24 @@ def _etag_or_failure(outcomes: Any) -> Callable[[_Row, BatchResponse], None]:
     return answered
 
 
+def _version_conflict(resp: BatchResponse) -> bool:
+    """A 412 that means "the row changed since its ETag was read" (not DuplicateRecord)."""
+    return resp.status == PRECONDITION_FAILED and resp.error_code != DUPLICATE_RECORD
+
+
+def _same_value(held: Any, expected: Any) -> bool:
+    """Whether a canonical value read now equals the one the plan expected (the expected
+    value went through the staging area as JSON: 1000 and 1000.0 are the same)."""
+    held, expected = plain(held), plain(expected)
+    if held is None or expected is None:
+        return held is None and expected is None
+    if isinstance(held, bool) or isinstance(expected, bool):
+        return held is expected
+    if isinstance(held, int | float) and isinstance(expected, int | float):
+        return math.isclose(float(held), float(expected), rel_tol=1e-9, abs_tol=1e-9)
+    return bool(held == expected)
+
+
 def _exception_error(exc: BaseException) -> tuple[str, str | None]:
     code = getattr(exc, "code", None)
     return str(exc) or type(exc).__name__, str(code) if code else None
@@ -128,6 +153,7 @@ class _Row:
     close: int | None = None  # WON / LOST: carried out after the write
     etag: str | None = None
     action: Action = "create"
+    deferred: list[str] = field(default_factory=list)  # planned fields not written (changed since read)
 
     def result(self, *, ok: bool, error: str | None = None, error_code: str | None = None) -> WriteResult:
         return WriteResult(
@@ -140,6 +166,7 @@ class _Row:
             error=error,
             error_code=error_code,
             etag=self.etag if ok else None,
+            deferred=list(self.deferred),
         )
 
 
@@ -724,21 +751,32 @@ class DynamicsSide:
     def version(self, record: Mapping[str, Any]) -> str | None:
         """The ``@odata.etag`` an opportunity was extracted with (the ``If-Match`` of its update)."""
         etag = record.get("@odata.etag")
-        return None if missing(etag) else str(etag)
+        return None if missing(etag) or not str(etag) else str(etag)
 
     def update(
         self, updates: pd.DataFrame, ctx: RunContext, versions: Mapping[str, str] | None = None
     ) -> list[WriteResult]:
         """Write only ``fields`` (canonical -> value) on each linked opportunity, plus the audit
-        and the sync status, in ``$batch`` PATCHes with ``If-Match: *``. Account and contact
-        fields are not written (accounts are shared). A stage of won/lost is carried out with
-        Win/LoseOpportunity after the PATCH (action ``win``/``lose``); new/active writes nothing."""
+        and the sync status, in ``$batch`` PATCHes. Account and contact fields are not written
+        (accounts are shared). A stage of won/lost is carried out with Win/LoseOpportunity after
+        the PATCH (action ``win``/``lose``); new/active writes nothing.
+
+        Each PATCH carries ``If-Match: <the ETag in versions>`` (ids matched case-insensitively;
+        ``*`` only when no version is known). A record answering 412 changed since it was read:
+        all such records are read again (:meth:`extract`, chunked) and re-merged against
+        ``expected`` (what the CRM held when planned): a planned field whose current value still
+        equals its expected value is written, in one more ``$batch`` with the new ETag; any
+        other field goes to the result's ``deferred`` and is not written. A record left with
+        nothing to write ends ok with no write; a second 412, or a failed re-read, fails it."""
         outcomes = _Outcomes()
         rows: list[_Row] = []
+        expected_of: dict[int, dict[str, Any]] = {}
+        version_of = {str(k).strip().lower(): str(v) for k, v in (versions or {}).items() if not missing(v) and str(v)}
         for pos, item in enumerate(updates.to_dict("records")):
             referral_id, crm_id = _text(item.get("referral_id")), _text(item.get("crm_id"))
-            raw_fields = item.get("fields")
+            raw_fields, raw_expected = item.get("fields"), item.get("expected")
             fields = dict(raw_fields) if isinstance(raw_fields, Mapping) else {}
+            expected_of[pos] = dict(raw_expected) if isinstance(raw_expected, Mapping) else {}
             values = {
                 name: plain(value)
                 for name, value in fields.items()
@@ -770,27 +808,29 @@ class DynamicsSide:
                 outcomes.fail,
             )
             before = {str(r[self.opportunity_pk]).lower(): r for r in current}
-            synced = self.sync_status_values["Synced"]
             requests: list[tuple[_Row, BatchRequest]] = []
             for row in rows:
                 if outcomes.failed(row):
                     continue
-                try:
-                    body = self._opportunity_columns(row.values, clear_missing=True)
-                except ValueError as exc:
-                    outcomes.fail(row, str(exc))
-                    continue
-                except Exception as exc:
-                    outcomes.fail(row, *_exception_error(exc))
-                    continue
-                old = before.get(str(row.crm_id))
-                body[self.sync_status_field] = synced
-                body[self.audit_field] = prepend_audit(
-                    old.get(self.audit_field) if old else None, audit_line(ctx, "pc_to_crm", row.values)
-                )
-                requests.append((row, self._patch(row, body)))
+                request = self._update_request(row, ctx, before.get(str(row.crm_id)), version_of.get(str(row.crm_id)))
+                if isinstance(request, BatchRequest):
+                    requests.append((row, request))
+                else:
+                    outcomes.fail(row, *request)
 
-            self._run_batch(requests, _etag_or_failure(outcomes), outcomes.fail)
+            changed: list[_Row] = []
+
+            def answered(row: _Row, resp: BatchResponse) -> None:
+                if resp.ok:
+                    row.etag = resp.body.get("@odata.etag") if isinstance(resp.body, dict) else None
+                elif _version_conflict(resp):
+                    changed.append(row)
+                else:
+                    outcomes.fail(row, *_error_of(resp))
+
+            self._run_batch(requests, answered, outcomes.fail)
+            if changed:
+                self._remerge_and_retry(changed, expected_of, ctx, before, outcomes)
             for row in rows:
                 if outcomes.failed(row) or row.close is None:
                     continue
@@ -803,13 +843,105 @@ class DynamicsSide:
             for row in rows:
                 outcomes.fail(row, *_exception_error(exc))
         out = outcomes.finish(rows)
-        log.info("dynamics365 update: %d ok, %d failed", sum(r.ok for r in out), sum(not r.ok for r in out))
+        log.info(
+            "dynamics365 update: %d ok, %d failed, %d with deferred fields",
+            sum(r.ok for r in out),
+            sum(not r.ok for r in out),
+            sum(bool(r.deferred) for r in out),
+        )
         return out
 
-    def _patch(self, row: _Row, body: dict[str, Any]) -> BatchRequest:
-        """An update-only PATCH (``If-Match: *``: 404 rather than a new row) answering the new ETag."""
+    def _update_request(
+        self, row: _Row, ctx: RunContext, old: Mapping[str, Any] | None, etag: str | None
+    ) -> BatchRequest | tuple[str, str | None]:
+        """The conditional PATCH of ``row.values`` with the audit line prepended to ``old``'s
+        audit, or (message, code) when a value cannot be written."""
+        try:
+            body = self._opportunity_columns(row.values, clear_missing=True)
+        except ValueError as exc:
+            return str(exc), None
+        except Exception as exc:  # e.g. the currency table could not be read
+            return _exception_error(exc)
+        body[self.sync_status_field] = self.sync_status_values["Synced"]
+        body[self.audit_field] = prepend_audit(
+            old.get(self.audit_field) if old else None, audit_line(ctx, "pc_to_crm", row.values)
+        )
+        return self._patch(row, body, etag)
+
+    def _remerge_and_retry(
+        self,
+        changed: list[_Row],
+        expected_of: Mapping[int, Mapping[str, Any]],
+        ctx: RunContext,
+        before: dict[str, Mapping[str, Any]],
+        outcomes: _Outcomes,
+    ) -> None:
+        """The records that answered 412: read them again, keep the planned fields the CRM
+        still holds as expected (the others are deferred), and PATCH those once more with the
+        new ETag, all in one more ``$batch`` run. ``before`` gets the re-read rows."""
+        log.info("dynamics365 update: %d opportunities changed since they were read; re-merging", len(changed))
+        try:
+            records = self.extract(crm_ids=[str(r.crm_id) for r in changed])
+            normalized = crm_frame(records, self.mapping, self.opportunity_pk)
+        except Exception as exc:
+            message, code = _exception_error(exc)
+            for row in changed:
+                outcomes.fail(row, f"re-reading after 412: {message}", code)
+            return
+        raw = {str(r.get(self.opportunity_pk)).lower(): r for r in records}
+        held = {str(rec["crm_id"]).lower(): rec for rec in normalized.frame.to_dict("records")}
+        problems: dict[str, str] = {}
+        for err in normalized.errors.to_dict("records"):
+            problems.setdefault(str(err["key"]).lower(), f"{err['field']}: {err['message']}")
+
+        retry: list[tuple[_Row, BatchRequest]] = []
+        for row in changed:
+            crm_id = str(row.crm_id)
+            record, now = raw.get(crm_id), held.get(crm_id)
+            if record is None:
+                outcomes.fail(row, "re-reading after 412: the opportunity no longer exists")
+                continue
+            if now is None:
+                outcomes.fail(row, f"re-reading after 412: {problems.get(crm_id, 'the opportunity cannot be read')}")
+                continue
+            expected = expected_of.get(row.pos, {})
+            keep = {k: v for k, v in row.values.items() if k in expected and _same_value(now.get(k), expected[k])}
+            row.deferred = [k for k in row.values if k not in keep]
+            row.values = keep
+            row.close = self._stage_action(keep.get(self.stage_field.name)) if self.stage_field else None
+            if row.close is None and row.action in ("win", "lose"):
+                row.action = "update"
+            before[crm_id] = record
+            if row.deferred:
+                log.info("dynamics365 update: %s changed during the run; deferred: %s", crm_id, row.deferred)
+            if not keep:
+                continue  # nothing left to write: the deferred fields are planned again next run
+            etag = self.version(record)
+            if etag is None:
+                outcomes.fail(row, "re-reading after 412: the opportunity came back without an ETag")
+                continue
+            request = self._update_request(row, ctx, record, etag)
+            if isinstance(request, BatchRequest):
+                retry.append((row, request))
+            else:
+                outcomes.fail(row, *request)
+
+        def answered(row: _Row, resp: BatchResponse) -> None:
+            if resp.ok:
+                row.etag = resp.body.get("@odata.etag") if isinstance(resp.body, dict) else None
+            elif _version_conflict(resp):
+                message, code = _error_of(resp)
+                outcomes.fail(row, f"the opportunity changed again after it was re-read (412 twice): {message}", code)
+            else:
+                outcomes.fail(row, *_error_of(resp))
+
+        self._run_batch(retry, answered, outcomes.fail)
+
+    def _patch(self, row: _Row, body: dict[str, Any], etag: str | None = None) -> BatchRequest:
+        """An update-only PATCH answering the new ETag: ``If-Match`` is the row's ETag as read
+        (412 when it changed since), or ``*`` without one (404 rather than a new row)."""
         url = with_query(DynamicsHook.row(self.opportunity_set, str(row.crm_id)), {"$select": self.opportunity_pk})
-        return BatchRequest("PATCH", url, body, headers={"If-Match": "*", "Prefer": "return=representation"})
+        return BatchRequest("PATCH", url, body, headers={"If-Match": etag or "*", "Prefer": "return=representation"})
 
     def _audits(self, rows: Sequence[_Row], on_error: Callable[..., None]) -> dict[str, Any]:
         current = self._read_chunked(

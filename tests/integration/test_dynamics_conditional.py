@@ -141,6 +141,20 @@ def test_seller_edit_of_the_planned_field_is_deferred_not_overwritten(pc, conns,
     batches = patch_batches(pc)
     assert len(batches) == 1 and if_match(batches[0], crm_id) == extracted, batches  # no retry: nothing left
 
+    # The run ends; the deferred field kept its base, so the next run sees both sides changed and
+    # resolves it as a conflict (notes: the newest edit wins, the seller's): it reaches Microsoft.
+    run_load_pc(job)
+    commit(job, store)
+    after = new_job(CRM, store, staging)
+    up_to_load(after, store)
+    conflicts = read_frame(after, "plan_conflicts")
+    assert [(str(r.crm_id).lower(), r.field, r.winner) for r in conflicts.itertuples()] == [(crm_id, "notes", "crm")]
+    run_load_crm(after)
+    run_load_pc(after)
+    commit(after, store)
+    assert pc.dataverse.row("opportunities", crm_id)["description"] == "the seller's own notes"
+    assert pc.partner_center.referrals[rid]["details"]["notes"] == "the seller's own notes"
+
 
 # -- a seller edits another field during the run ------------------------------------------------------------
 def test_seller_edit_of_another_field_is_re_merged_and_written_with_the_new_etag(pc, conns, store, tmp_path):

@@ -261,3 +261,53 @@ def test_a_second_412_or_a_failed_re_read_fails_the_record_not_the_task(pc, conn
     dead = store.dead_letter(CRM)
     keys = {str(k).lower() for k in dead["record_key"]}
     assert rid.lower() in keys or crm_id in keys, dead  # dead-lettered, retried by the next run
+
+
+# -- the close action after a re-merge ----------------------------------------------------------------------
+@pytest.mark.parametrize("seller", ["renames", "closes_as_lost"])
+def test_win_runs_only_when_the_stage_is_still_written_after_a_412(pc, conns, store, tmp_path, seller):
+    """Microsoft wins the referral: the plan closes the opportunity as won. A seller who renamed
+    it meanwhile does not stop that (412, re-merge, retry, WinOpportunity); a seller who closed
+    it as lost meanwhile does (the stage is deferred: no write, no WinOpportunity)."""
+    staging = tmp_path / "staging"
+    first_sync(pc, store, staging)
+    [(rid, crm_id)] = open_links(pc, store, 1)
+    resp = requests.post(
+        f"{pc.origin('partner_center')}/_sandbox/referrals/{rid}/microsoft-edit",
+        json={"action": "accept"} if pc.partner_center.referrals[rid]["status"] == "New" else {"action": "update"},
+        verify=str(pc.pki.ca_cert),
+        timeout=30,
+    )
+    resp.raise_for_status()
+    resp = requests.post(
+        f"{pc.origin('partner_center')}/_sandbox/referrals/{rid}/microsoft-edit",
+        json={"action": "win"},
+        verify=str(pc.pki.ca_cert),
+        timeout=30,
+    )
+    resp.raise_for_status()
+    job = new_job(CRM, store, staging)
+    up_to_load(job, store)
+    assert planned(job).get(crm_id) == {"stage": "won"}, planned(job)
+
+    if seller == "renames":
+        pc.dataverse.edit("opportunities", crm_id, {"name": "Renamed by the seller"})
+    else:
+        pc.dataverse.edit("opportunities", crm_id, {"statecode": 2, "statuscode": 4})
+    pc.dataverse.log.clear()
+    counts = run_load_crm(job)
+
+    assert counts["failed"] == 0, counts
+    result = crm_results(job)[crm_id]
+    row = pc.dataverse.row("opportunities", crm_id)
+    wins = pc.dataverse.requests_matching("POST", f"{API}/WinOpportunity")
+    if seller == "renames":
+        assert result["ok"] and result["fields"] == {"stage": "won"} and list(result["deferred"]) == [], result
+        assert result["action"] == "win"
+        assert row["statecode"] == 1 and row["name"] == "Renamed by the seller"
+        assert len(wins) == 1 and len(patch_batches(pc)) == 2
+    else:
+        assert result["ok"] and result["fields"] == {} and list(result["deferred"]) == ["stage"], result
+        assert result["action"] == "update"
+        assert row["statecode"] == 2 and not wins
+        assert len(patch_batches(pc)) == 1

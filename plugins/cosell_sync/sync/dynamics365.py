@@ -133,6 +133,13 @@ def _same_value(held: Any, expected: Any) -> bool:
     return bool(held == expected)
 
 
+def _unchanged(held: Any, expected: Any) -> bool:
+    """Whether a planned field may still be written after a re-read: the CRM holds what the
+    plan expected, or holds "no opinion" (KEEP: an open opportunity's stage, a blank ``keep``
+    field), which the merge reads as its last synced value, so a new plan would write the same."""
+    return (isinstance(held, str) and held == KEEP) or _same_value(held, expected)
+
+
 def _exception_error(exc: BaseException) -> tuple[str, str | None]:
     code = getattr(exc, "code", None)
     return str(exc) or type(exc).__name__, str(code) if code else None
@@ -765,7 +772,7 @@ class DynamicsSide:
         ``*`` only when no version is known). A record answering 412 changed since it was read:
         all such records are read again (:meth:`extract`, chunked) and re-merged against
         ``expected`` (what the CRM held when planned): a planned field whose current value still
-        equals its expected value is written, in one more ``$batch`` with the new ETag; any
+        equals its expected value (or is "no opinion", ``*``) is written, in one more ``$batch`` with the new ETag; any
         other field goes to the result's ``deferred`` and is not written. A record left with
         nothing to write ends ok with no write; a second 412, or a failed re-read, fails it."""
         outcomes = _Outcomes()
@@ -905,7 +912,7 @@ class DynamicsSide:
                 outcomes.fail(row, f"re-reading after 412: {problems.get(crm_id, 'the opportunity cannot be read')}")
                 continue
             expected = expected_of.get(row.pos, {})
-            keep = {k: v for k, v in row.values.items() if k in expected and _same_value(now.get(k), expected[k])}
+            keep = {k: v for k, v in row.values.items() if k in expected and _unchanged(now.get(k), expected[k])}
             row.deferred = [k for k in row.values if k not in keep]
             row.values = keep
             row.close = self._stage_action(keep.get(self.stage_field.name)) if self.stage_field else None

@@ -311,3 +311,37 @@ def test_win_runs_only_when_the_stage_is_still_written_after_a_412(pc, conns, st
         assert result["action"] == "update"
         assert row["statecode"] == 2 and not wins
         assert len(patch_batches(pc)) == 1
+
+
+# -- a retried load_crm -------------------------------------------------------------------------------------
+def test_a_retried_load_crm_does_not_write_again_and_the_next_run_is_quiet(pc, conns, store, tmp_path):
+    """Airflow retries load_crm after its writes landed: the extract ETag no longer matches, the
+    re-read finds the planned value already there (not what was expected), so nothing is written
+    twice; the next run reads both sides equal and writes nothing."""
+    staging = tmp_path / "staging"
+    first_sync(pc, store, staging)
+    [(rid, crm_id)] = open_links(pc, store, 1)
+    job = prepared_run(pc, store, staging, [(rid, crm_id)], "retried")
+    assert run_load_crm(job)["failed"] == 0
+    written = pc.dataverse.row("opportunities", crm_id)
+    assert written["description"] == "retried: Microsoft's notes 0"
+
+    pc.dataverse.log.clear()
+    again = run_load_crm(job)  # the retry
+    assert again["failed"] == 0, again
+    assert len(patch_batches(pc)) == 1  # the conditional PATCH (412), and no second write
+    assert pc.dataverse.row("opportunities", crm_id)["versionnumber"] == written["versionnumber"]
+    result = crm_results(job)[crm_id]
+    assert result["ok"] and result["fields"] == {} and list(result["deferred"]) == ["notes"], result
+    run_load_pc(job)
+    commit(job, store)
+
+    after = new_job(CRM, store, staging)
+    up_to_load(after, store)
+    assert crm_id not in planned(after)
+    pc.dataverse.log.clear()
+    run_load_crm(after)
+    run_load_pc(after)
+    commit(after, store)
+    assert not patch_batches(pc)
+    assert pc.dataverse.row("opportunities", crm_id)["versionnumber"] == written["versionnumber"]

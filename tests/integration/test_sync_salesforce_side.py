@@ -241,13 +241,17 @@ def test_create_30_opportunities_matches_accounts_and_contacts(sf, side):
     assert sorted(normalized.frame["referral_ref"]) == sorted(d["id"] for d in docs)
 
 
-def test_rerun_updates_instead_of_duplicating(sf, side):
+def test_rerun_adopts_instead_of_duplicating_or_overwriting(sf, side):
     rows = frame([referral(f"r-{i}", company=f"Co {i % 2}", email=f"p{i % 2}@co.example") for i in range(5)])
+    rows.loc[0, "close_date"] = None  # Salesforce needs one: the first try fills it in
     first = side.create(rows, CTX)
     roles = primary_roles(sf)
     # a crash between the upsert and the contact role: the rerun must add the missing role
     lost = next(r for r in sf.list_records("OpportunityContactRole") if r["OpportunityId"] == first[3].crm_id)
     sf.user_delete("OpportunityContactRole", lost["Id"])
+    # a seller works on the new opportunities before the task is retried
+    sf.user_edit("Opportunity", first[0].crm_id, {"CloseDate": "2027-06-01", "StageName": "Negotiation/Review"})
+    sf.user_edit("Opportunity", first[1].crm_id, {"Amount": 777.0})
 
     again = side.create(rows, LATER)
 
@@ -256,8 +260,13 @@ def test_rerun_updates_instead_of_duplicating(sf, side):
     assert (count(sf, "Opportunity"), count(sf, "Account"), count(sf, "Contact")) == (5, 2, 2)
     assert primary_roles(sf) == roles
     assert count(sf, "OpportunityContactRole") == 5
-    audit = by_ref(sf)["r-0"]["PC_Audit__c"].split("\n")  # the rerun's line on top, the history kept
-    assert [line.split(" ")[1] for line in audit] == ["manual__t2", "manual__t1"]
+    mine = by_ref(sf)
+    assert (mine["r-0"]["CloseDate"], mine["r-0"]["StageName"]) == ("2027-06-01", "Negotiation/Review")  # kept
+    assert mine["r-1"]["Amount"] == 777.0  # kept: the seller's edit reaches Partner Center as a CRM change
+    assert again[1].fields["deal_value"] == first[1].fields["deal_value"]  # the base is what we wrote
+    assert again[0].fields["close_date"] == "2027-06-01"  # a value we filled in: what it holds now
+    audit = mine["r-0"]["PC_Audit__c"].split("\n")  # not written again
+    assert [line.split(" ")[1] for line in audit] == ["manual__t1"]
 
 
 def test_bad_values_fail_only_their_own_rows(sf, side):
@@ -314,7 +323,7 @@ def test_a_call_that_raises_fails_only_its_records(sf, sf_hook, side, monkeypatc
 
     monkeypatch.setattr(sf_hook, "upsert_records", unauthorized)
     with pytest.raises(AuthenticationError):  # not about the records: the task fails and retries
-        side.create(rows.head(3), CTX)
+        side.create(rows.iloc[200:203], CTX)
 
 
 # -- update --------------------------------------------------------------------------------------

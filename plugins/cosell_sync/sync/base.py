@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 import pandas as pd
 
 from cosell_sync.engine.mapping import SyncMapping
+from cosell_sync.errors import AuthenticationError, ConfigurationError, CosellError
 
 Action = Literal["create", "update", "win", "lose", "link"]
 AUDIT_MAX_CHARS = 4000  # the CRM audit field keeps the newest entries within this budget
@@ -53,6 +54,17 @@ def plain(value: Any) -> Any:
     if isinstance(value, Decimal):
         return float(value)
     return value
+
+
+def fails_the_task(exc: BaseException) -> bool:
+    """Errors that are not about one record: a refused token or session (401), a broken
+    connection setting. A 403 on one referral (a Referral User outside its team) is about
+    that referral; anything else that is not a cosell error is a bug. Both fail the task."""
+    if isinstance(exc, ConfigurationError):
+        return True
+    if isinstance(exc, AuthenticationError):
+        return exc.status != 403
+    return not isinstance(exc, CosellError)
 
 
 def match_key(name: Any, postal_code: Any) -> str:

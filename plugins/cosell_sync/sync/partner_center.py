@@ -26,12 +26,10 @@ from typing import Any
 
 import pandas as pd
 
-from cosell_sync.engine.mapping import FieldMapping, SyncMapping
+from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
 from cosell_sync.engine.normalize import compile_path, referrals_frame, side_value
 from cosell_sync.errors import (
     ApiError,
-    AuthenticationError,
-    ConfigurationError,
     CosellError,
     NotFoundError,
     PreconditionFailedError,
@@ -39,23 +37,12 @@ from cosell_sync.errors import (
 )
 from cosell_sync.hooks._odata import datetime_literal
 from cosell_sync.hooks.partner_center import PartnerCenterHook
-from cosell_sync.sync.base import RunContext, WriteResult
+from cosell_sync.sync.base import RunContext, WriteResult, fails_the_task
 
 log = logging.getLogger(__name__)
 
 MAX_WORKERS = 8
 LOOKUP_CHUNK = 20  # externalReferenceIds per "$filter=... or ..." lookup (the filter travels in the URL)
-
-
-def fails_the_task(exc: BaseException) -> bool:
-    """Errors that are not about one record: a refused token or session (401), a broken
-    connection setting. A 403 on one referral (a Referral User outside its team) is about
-    that referral; anything else that is not a cosell error is a bug. Both fail the task."""
-    if isinstance(exc, ConfigurationError):
-        return True
-    if isinstance(exc, AuthenticationError):
-        return exc.status != 403
-    return not isinstance(exc, CosellError)
 
 
 def _failed(result: WriteResult, exc: CosellError, prefix: str = "") -> WriteResult:
@@ -365,7 +352,8 @@ class PartnerCenterSide:
         if now.empty:
             return fields
         held = now.iloc[0]
-        return {k: v for k, v in fields.items() if k not in expected or held.get(k) == expected[k]}
+        # "No opinion" (KEEP) is read as the last synced value: a new plan would write the same.
+        return {k: v for k, v in fields.items() if k not in expected or held.get(k) in (expected[k], KEEP)}
 
     def current_by_id(self, docs: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
         return {str(d["id"]): d for d in docs if d.get("id")}

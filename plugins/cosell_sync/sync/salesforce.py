@@ -24,7 +24,6 @@ through sObject Collections (200 records a call; Bulk API 2.0 above the hook's
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -40,6 +39,7 @@ from cosell_sync.errors import ApiError, AuthenticationError, ConfigurationError
 from cosell_sync.hooks._soql import Condition, literal, name, select
 from cosell_sync.hooks.salesforce import COLLECTION_LIMIT, RecordResult, SalesforceSyncHook
 from cosell_sync.sync.base import RunContext, WriteResult, audit_line, match_key, missing, plain, prepend_audit
+from cosell_sync.sync.crm import CrmWorkflow, Pending
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ DEFAULT_CLOSE_DAYS = 90  # CloseDate is required: a referral without one closes 
 DEFAULT_STAGE = "new"  # StageName is required: a referral without a stage starts at the mapping's "new"
 FALLBACK_STAGE = "Prospecting"  # ... or this, when the mapping does not map StageName at all
 SYNCED, ERROR = "Synced", "Error"
-CHANGED_DURING_RUN = "changed_during_run"  # a deferred update's reason: modified since extract
 AUDIT_VALUE_CHARS = 200  # long values (notes) are shortened in the audit line, so history is kept
 ERROR_CHARS = 2000  # Salesforce quotes the rejected value in some messages (a 1 MB description ...)
 CONTACT_ROLES = "OpportunityContactRoles"  # the child relationship from Opportunity
@@ -150,10 +149,12 @@ def _same_stamp(a: Any, b: Any) -> bool:
     return ta == tb
 
 
-class SalesforceSide:
-    """:class:`cosell_sync.sync.base.CrmSide` for Salesforce (Opportunity, Account, Contact)."""
+class SalesforceSide(CrmWorkflow):
+    """:class:`cosell_sync.sync.base.CrmSide` for Salesforce (Opportunity, Account, Contact), on
+    the shared create/update sequence of :class:`cosell_sync.sync.crm.CrmWorkflow`."""
 
     crm = "salesforce"
+    id_field = "Id"
 
     def __init__(self, hook: SalesforceSyncHook, mapping: SyncMapping) -> None:
         if mapping.crm != self.crm:
@@ -454,83 +455,72 @@ class SalesforceSide:
                 out[field] = value
         return out
 
-    def create(self, creates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
-        """New opportunities from ``creates`` (``referral_id`` + canonical values), with their account
-        and primary contact; one result per row, keyed by referral id. ``fields`` of a result: the
-        canonical values written (the defaults for a missing stage or close date included)."""
-        rows = [dict(r) for r in creates.to_dict("records")] if len(creates) else []
-        n = len(rows)
-        refs = [_text(r.get("referral_id")) for r in rows]
-        errors: list[tuple[str, str] | None] = [None] * n
-        opp_values: list[dict[str, Any]] = [{} for _ in range(n)]
-        written: list[dict[str, Any]] = [{} for _ in range(n)]
-        side_names = [fm.name for fm, _ in (*self.account_fields, *self.contact_fields)]
+    # -- the workflow's steps (cosell_sync.sync.crm) ----------------------------------------------
+    def opportunity_level(self) -> set[str]:
+        return {fm.name for fm in self.opp_fields}
 
-        for i, row in enumerate(rows):
-            if refs[i] is None:
-                errors[i] = ("the row has no referral id", "MISSING_REFERRAL_ID")
-                continue
-            try:
-                values, fields = self._opportunity_values(row)
-                self._defaults(values, fields, ctx)
-                self._side_fields(row, self.account_fields)  # checked here, written by _ensure_*
-                self._side_fields(row, self.contact_fields)
-            except ValueError as exc:
-                errors[i] = (f"referral {refs[i]}: {exc}", "INVALID_VALUE")
-                continue
-            for side_name in side_names:
-                value = plain(row.get(side_name))
-                if value is not None and value != KEEP:
-                    fields[side_name] = value
-            opp_values[i], written[i] = values, fields
+    def id_key(self, crm_id: Any) -> str:
+        return str(crm_id).strip()[:15]  # an Id's case-sensitive 15-character form
 
-        def result(i: int, ok: bool, crm_id: str | None = None) -> WriteResult:
-            err = errors[i]
-            return WriteResult(
-                key=refs[i] or "",
-                action="create",
-                ok=ok,
-                referral_id=refs[i],
-                crm_id=crm_id,
-                fields=written[i] if ok or crm_id else {},
-                error=None if ok else (err[0] if err else None),
-                error_code=None if ok else (err[1] if err else None),
-            )
+    def prepare_create(self, row: Pending, ctx: RunContext) -> None:
+        """The Opportunity's values (``row.payload``), with the required StageName and CloseDate
+        filled in when the referral has none; ``row.written``: every canonical value the new
+        records will hold, those defaults included."""
+        values, written = self._opportunity_values(row.values)
+        self._defaults(values, written, ctx)
+        self._side_fields(row.values, self.account_fields)  # checked here, written by ensure_accounts
+        self._side_fields(row.values, self.contact_fields)
+        for fm, _ in (*self.account_fields, *self.contact_fields):
+            if fm.name in row.values:
+                written[fm.name] = row.values[fm.name]
+        row.payload, row.written = values, written
 
-        if ctx.dry_run:
-            return [result(i, errors[i] is None) for i in range(n)]
+    def ensure_accounts(self, rows: list[Pending], ctx: RunContext) -> None:
+        errors = [r.error for r in rows]
+        for row, account_id, error in zip(
+            rows, self._ensure_accounts([r.values for r in rows], errors), errors, strict=True
+        ):
+            row.account_id = account_id
+            if error is not None:
+                row.fail(*error)
 
-        account_ids = self._ensure_accounts(rows, errors)
-        contact_ids = self._ensure_contacts(rows, errors, account_ids)
+    def ensure_contacts(self, rows: list[Pending], ctx: RunContext) -> None:
+        errors = [r.error for r in rows]
+        contact_ids = self._ensure_contacts([r.values for r in rows], errors, [r.account_id for r in rows])
+        for row, contact_id, error in zip(rows, contact_ids, errors, strict=True):
+            row.contact_id = contact_id
+            if error is not None:
+                row.fail(*error)
 
-        # A retry or rerun upserts onto the opportunity made before: its audit trail is kept.
-        audits, unread = self._read_audit([str(refs[i]) for i in range(n) if errors[i] is None], by=self.link_field)
-        for i in range(n):
-            if errors[i] is None and str(refs[i]).casefold() in unread:
-                message, code = unread[str(refs[i]).casefold()]
-                errors[i] = (f"reading {self.audit_field}: {message}", code)
-        todo = [i for i in range(n) if errors[i] is None]
+    def upsert_opportunities(self, rows: list[Pending], ctx: RunContext) -> None:
+        """One upsert per new opportunity, keyed by the referral id (an HTTP retry of the call
+        cannot duplicate it), carrying the link, the sync status and the first audit line."""
+        todo = [r for r in rows if not r.adopted]
         payloads = []
-        for i in todo:
-            payload = {self.link_field: refs[i], **opp_values[i]}
-            if account_ids[i]:
-                payload["AccountId"] = account_ids[i]
-            payload[self.link_url_field] = ctx.referral_link(str(refs[i]))
+        for row in todo:
+            payload = {self.link_field: row.referral_id, **row.payload}
+            if row.account_id:
+                payload["AccountId"] = row.account_id
+            payload[self.link_url_field] = ctx.referral_link(str(row.referral_id))
             payload[self.status_field] = SYNCED
-            line = audit_line(ctx, "pc_to_crm", _audit_fields(written[i]))
-            payload[self.audit_field] = prepend_audit(audits.get(str(refs[i]).casefold()), line)
+            payload[self.audit_field] = audit_line(ctx, "pc_to_crm", _audit_fields(row.written))
             payloads.append(payload)
-        outcomes = self._write("upsert", self.opportunity, payloads, external_id=self.link_field)
-        crm_ids: list[str | None] = [None] * n
-        created: list[bool | None] = [None] * n
-        for i, outcome in zip(todo, outcomes, strict=True):
+        for row, outcome in zip(
+            todo, self._write("upsert", self.opportunity, payloads, external_id=self.link_field), strict=True
+        ):
             if outcome.ok:
-                crm_ids[i], created[i] = outcome.id, outcome.created
+                row.crm_id, row.created = outcome.id, outcome.created
             else:
-                errors[i] = (outcome.error or "rejected", outcome.code or "UNKNOWN")
+                row.fail(outcome.error or "rejected", outcome.code or "UNKNOWN")
 
-        self._ensure_roles([(i, crm_ids[i], contact_ids[i], created[i]) for i in todo if crm_ids[i]], errors)
-        return [result(i, errors[i] is None, crm_ids[i]) for i in range(n)]
+    def after_create(self, rows: list[Pending], ctx: RunContext) -> None:
+        """The contact as each opportunity's primary contact role (an adopted one gets it only if
+        it has none: the earlier try may have died before it)."""
+        errors: list[tuple[str, str | None] | None] = [None] * len(rows)
+        self._ensure_roles([(i, r.crm_id, r.contact_id, r.created) for i, r in enumerate(rows) if r.crm_id], errors)
+        for row, error in zip(rows, errors, strict=True):
+            if error is not None:
+                row.fail(*error)
 
     def _ensure_accounts(self, rows: list[dict[str, Any]], errors: list[tuple[str, str] | None]) -> list[str | None]:
         """Per row: the Id of the account matched (or created) by name + postal code; rows whose
@@ -713,79 +703,46 @@ class SalesforceSide:
         stamp = record.get("SystemModstamp")
         return None if missing(stamp) else str(stamp)
 
-    def update(
-        self, updates: pd.DataFrame, ctx: RunContext, versions: Mapping[str, str] | None = None
-    ) -> list[WriteResult]:
-        """``updates``: ``crm_id``, ``referral_id``, ``fields`` (canonical field -> value). Only the
-        Opportunity-level fields among them are written (accounts and contacts are shared between
-        deals), plus the sync status and a new audit line; one result per row, keyed by referral id.
+    def prepare_update(self, row: Pending) -> None:
+        row.payload, row.written = self._opportunity_values(row.values)
+        row.values = {k: v for k, v in row.values.items() if k in row.written}
 
-        ``versions``: CRM id (as extracted) -> ``SystemModstamp`` at extract. sObject Collections
-        carry no ETag, so the query that reads the audit trail just before the write (one per 200
-        ids) also reads ``SystemModstamp``: a record modified since it was extracted is not
-        written at all, and is *deferred* to the next run (ok, ``fields`` empty, ``deferred``: its
-        planned Opportunity-level fields, ``error_code`` ``changed_during_run``). A record with no
-        known version is written unconditionally. What remains is the window between that query
-        and the write itself (one collections call or bulk job), which Salesforce cannot close."""
-        rows = [dict(r) for r in updates.to_dict("records")] if len(updates) else []
-        known = {str(k)[:15]: v for k, v in (versions or {}).items() if not missing(k) and not missing(v)}
-        opp_names = {fm.name for fm in self.opp_fields}
-        results: list[WriteResult] = []
-        # (result to fill, Opportunity values, the Opportunity-level fields planned for it)
-        pending: list[tuple[WriteResult, dict[str, Any], list[str]]] = []
-        for row in rows:
-            rid, crm_id = _text(row.get("referral_id")), _text(row.get("crm_id"))
-            result = WriteResult(key=rid or crm_id or "", action="update", ok=False, referral_id=rid, crm_id=crm_id)
-            results.append(result)
-            fields = row.get("fields")
-            if isinstance(fields, str):
-                fields = json.loads(fields)
-            if crm_id is None:
-                _fail(result, "the row has no CRM id", "MISSING_ARGUMENT")
-                continue
-            try:
-                values, written = self._opportunity_values(fields if isinstance(fields, Mapping) else {})
-            except ValueError as exc:
-                _fail(result, f"opportunity {crm_id}: {exc}", "INVALID_VALUE")
-                continue
-            result.ok = True
-            if values:  # otherwise nothing is on the Opportunity itself: no write
-                result.fields = written
-                pending.append((result, values, sorted(k for k in (fields or {}) if k in opp_names)))
-        if ctx.dry_run or not pending:
-            return results
-
+    def read_current(self, rows: list[Pending], ctx: RunContext) -> None:
+        """The audit trail and ``SystemModstamp`` of the opportunities about to be updated, in
+        one query per 200 ids, right before the write. sObject Collections carry no ETag: a
+        record modified since extract is not written at all and is deferred to the next run
+        (``changed_during_run``); a record with no known version is written unconditionally.
+        What remains is the window between this query and the write itself."""
         stamps: dict[str, str | None] = {}
-        audits, unread = self._read_audit([v for v in (_valid_id(r.crm_id) for r, _, _ in pending) if v], stamps=stamps)
-        records: list[dict[str, Any]] = []
-        sent: list[WriteResult] = []
-        for result, values, planned in pending:
-            crm_id = str(result.crm_id)
-            if crm_id[:15] in unread:  # never overwrite an audit trail we could not read
-                message, code = unread[crm_id[:15]]
-                _fail(result, f"reading {self.audit_field}: {message}", code)
+        ids = [v for v in (_valid_id(r.crm_id) for r in rows) if v]
+        audits, unread = self._read_audit(ids, stamps=stamps)
+        for row in rows:
+            key = self.id_key(row.crm_id)
+            if key in unread:  # never overwrite an audit trail we could not read
+                message, code = unread[key]
+                row.fail(f"reading {self.audit_field}: {message}", code)
                 continue
-            expected, current = known.get(crm_id[:15]), stamps.get(crm_id[:15])
-            if expected is not None and current is not None and not _same_stamp(expected, current):
-                # Changed since extract (a seller's edit, another run): not overwritten blindly.
-                result.fields, result.deferred = {}, planned
-                result.error, result.error_code = None, CHANGED_DURING_RUN
-                log.info("Opportunity %s changed during the run (%s -> %s): deferred", crm_id, expected, current)
-                continue
-            line = audit_line(ctx, "pc_to_crm", _audit_fields(result.fields))
+            row.current = {self.audit_field: audits.get(key)}
+            current = stamps.get(key)
+            if row.version is not None and current is not None and not _same_stamp(row.version, current):
+                log.info("Opportunity %s changed during the run (%s -> %s): deferred", row.crm_id, row.version, current)
+                row.defer(list(row.values))
+
+    def write_updates(self, rows: list[Pending], ctx: RunContext) -> None:
+        records = []
+        for row in rows:
+            line = audit_line(ctx, "pc_to_crm", _audit_fields(row.written))
             records.append(
                 {
-                    "Id": crm_id,
-                    **values,
+                    "Id": str(row.crm_id),
+                    **row.payload,
                     self.status_field: SYNCED,
-                    self.audit_field: prepend_audit(audits.get(crm_id[:15]), line),
+                    self.audit_field: prepend_audit((row.current or {}).get(self.audit_field), line),
                 }
             )
-            sent.append(result)
-        for result, outcome in zip(sent, self._write("update", self.opportunity, records), strict=True):
+        for row, outcome in zip(rows, self._write("update", self.opportunity, records), strict=True):
             if not outcome.ok:
-                _fail(result, outcome.error or "rejected", outcome.code or "UNKNOWN")
-        return results
+                row.fail(outcome.error or "rejected", outcome.code or "UNKNOWN")
 
     # -- mark, links ----------------------------------------------------------------------------
     def mark(self, crm_ids: list[str], status: str, ctx: RunContext, *, error: str | None = None) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import crm_frame, referrals_frame
+from cosell_sync.errors import TransportError
 from cosell_sync.hooks._batch import BatchRequest
 from cosell_sync.sync.base import RunContext
 from cosell_sync.sync.dynamics365 import SYNC_STATUS, DynamicsSide, match_key
@@ -302,7 +303,7 @@ def test_create_matches_and_creates_accounts_and_contacts_and_writes_link_and_au
     assert back.loc["PC-0020", "customer_name"] == "Customer of PC-0020"
 
 
-def test_creating_the_same_rows_again_updates_instead_of_duplicating(dv, side):
+def test_creating_the_same_rows_again_adopts_instead_of_duplicating_or_overwriting(dv, side):
     docs = [referral(f"again-{n}") for n in range(4)]
     docs.append(referral("again-O'Brien & Co 100% (x)"))
     docs[4]["customerProfile"]["team"][0]["email"] = "obrien@example.com"
@@ -318,9 +319,10 @@ def test_creating_the_same_rows_again_updates_instead_of_duplicating(dv, side):
     assert {t: len(dv.rows(t)) for t in counts} == counts == {"opportunities": 5, "accounts": 5, "contacts": 5}
     assert opportunities(dv)["again-O'Brien & Co 100% (x)"]["opportunityid"] == first[4].crm_id
     row = opportunities(dv)["again-2"]
-    assert row["estimatedvalue"] == 2500
-    lines = row["cosell_audit"].split("\n")
-    assert len(lines) == 2 and " run_2 " in lines[0] and " run_1 " in lines[1]  # newest first
+    assert row["estimatedvalue"] == 1000  # adopted as it is: never written over
+    assert len(row["cosell_audit"].split("\n")) == 1 and " run_1 " in row["cosell_audit"]
+    # It holds another value than this plan's: no base for it, so the next run settles it as a conflict.
+    assert second[2].fields["deal_value"] is None and second[3].fields["deal_value"] == 1000
 
 
 def test_bad_currency_bad_choice_and_oversized_text_fail_only_their_own_rows(dv, side):
@@ -342,12 +344,13 @@ def test_bad_currency_bad_choice_and_oversized_text_fail_only_their_own_rows(dv,
     assert set(opportunities(dv)) == {"mixed-0", "mixed-2"}
 
 
-def test_unexpected_failure_of_a_batch_fails_its_records_without_raising(dv, side, monkeypatch):
+def test_a_failed_batch_call_fails_its_records_and_a_bug_fails_the_task(dv, side, monkeypatch):
     real = side.hook.batch
+    error: Exception = TransportError("Dataverse", "connection reset by a very unlucky peer", method="POST")
 
     def flaky(items, **kwargs):
         if any(b.method == "PATCH" for b in items):
-            raise RuntimeError("connection reset by a very unlucky peer")
+            raise error
         return real(items, **kwargs)
 
     monkeypatch.setattr(side.hook, "batch", flaky)
@@ -355,6 +358,10 @@ def test_unexpected_failure_of_a_batch_fails_its_records_without_raising(dv, sid
     assert [r.ok for r in results] == [False, False]
     assert all("unlucky peer" in r.error for r in results)
     assert opportunities(dv) == {}
+
+    error = KeyError("a bug, not a record's problem")  # the same rule as Salesforce and Partner Center
+    with pytest.raises(KeyError):
+        side.create(creates_of([referral("boom-3")]), ctx())
 
 
 # -- update -------------------------------------------------------------------------------------------------

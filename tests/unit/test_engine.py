@@ -235,8 +235,6 @@ def test_first_sync_creates_both_ways_and_skips_with_reasons():
         ("crm", "flaggedclosed"): "closed_unlinked",
         ("crm", "hasref"): "linked_elsewhere",
     }
-    assert list(result.accounts["match_key"]) == ["contosoltd|98052"]  # two deals, one account
-    assert list(result.contacts["email"]) == ["ada@contoso.example"]
 
 
 def test_one_side_change_is_copied_and_only_that_field():

@@ -45,8 +45,6 @@ class Plan:
     conflicts: pd.DataFrame  # CONFLICT_COLUMNS
     skips: pd.DataFrame  # SKIP_COLUMNS
     new_base: pd.DataFrame  # referral_id, crm_id, base (dict) for each link whose synced values moved
-    accounts: pd.DataFrame  # accounts the CRM creates need: match_key + customer fields
-    contacts: pd.DataFrame  # contacts they need: email + contact fields + account match_key
     recovered_links: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["referral_id", "crm_id"]))
 
     def updates(self, target: str) -> pd.DataFrame:
@@ -92,13 +90,6 @@ def _prefixed(frame: pd.DataFrame, prefix: str, fields: list[str], key: str) -> 
     out = frame[cols].copy()
     out.columns = [key, *[f"{prefix}{c}" for c in cols[1:]]]
     return out
-
-
-def _match_key(name: pd.Series, postal: pd.Series) -> pd.Series:
-    def norm(s: pd.Series) -> pd.Series:
-        return s.fillna("").astype(str).str.lower().str.replace(r"\s+", "", regex=True)
-
-    return norm(name) + "|" + norm(postal)
 
 
 def _take(frame: pd.DataFrame, column: str, pos: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -413,7 +404,6 @@ def plan(
                 )
             )
 
-    accounts, contacts = _accounts_and_contacts(crm_creates)
     skip_frame = pd.concat(skips, ignore_index=True)[SKIP_COLUMNS] if skips else _frame(SKIP_COLUMNS)
     return Plan(
         crm_creates=crm_creates,
@@ -422,8 +412,6 @@ def plan(
         conflicts=conflict_frame[CONFLICT_COLUMNS],
         skips=skip_frame,
         new_base=base_frame,
-        accounts=accounts,
-        contacts=contacts,
         recovered_links=recovered.reset_index(drop=True),
     )
 
@@ -435,25 +423,3 @@ def _authority(fm: FieldMapping, pc_newer: np.ndarray) -> np.ndarray:
     if fm.direction == "crm_to_pc" or fm.authority == "crm":
         return np.zeros(len(pc_newer), bool)
     return pc_newer
-
-
-def _accounts_and_contacts(creates: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Distinct accounts (matched by name + postal code, case- and space-insensitive) and
-    contacts (matched by email) that the new opportunities need."""
-    customer = [c for c in creates.columns if c.startswith("customer_")]
-    contact = [c for c in creates.columns if c.startswith("contact_")]
-    if creates.empty or "customer_name" not in creates:
-        return _frame(["match_key", *customer]), _frame(["email", "account_match_key", *contact])
-    keyed = creates.assign(
-        match_key=_match_key(creates["customer_name"], creates.get("customer_postal_code", pd.Series(dtype=object)))
-    )
-    accounts = keyed[keyed["customer_name"].notna()].drop_duplicates("match_key")[["match_key", *customer]]
-    if "contact_email" in keyed:
-        with_email = keyed[keyed["contact_email"].notna()]
-        contacts = with_email.drop_duplicates("contact_email")[
-            ["contact_email", "match_key", *[c for c in contact if c != "contact_email"]]
-        ]
-        contacts = contacts.rename(columns={"contact_email": "email", "match_key": "account_match_key"})
-    else:
-        contacts = _frame(["email", "account_match_key", *contact])
-    return accounts.reset_index(drop=True), contacts.reset_index(drop=True)

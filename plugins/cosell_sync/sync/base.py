@@ -56,6 +56,19 @@ def plain(value: Any) -> Any:
     return value
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two canonical values are the same (values that went through the staging area
+    as JSON: 1000 and 1000.0 are the same)."""
+    a, b = plain(a), plain(b)
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9)
+    return bool(a == b)
+
+
 def fails_the_task(exc: BaseException) -> bool:
     """Errors that are not about one record: a refused token or session (401), a broken
     connection setting. A 403 on one referral (a Referral User outside its team) is about

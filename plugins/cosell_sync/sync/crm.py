@@ -28,7 +28,7 @@ import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, SyncMapping
 from cosell_sync.engine.normalize import crm_frame
-from cosell_sync.sync.base import Action, RunContext, WriteResult, fails_the_task, missing, plain
+from cosell_sync.sync.base import Action, RunContext, WriteResult, fails_the_task, missing, plain, same_value
 
 log = logging.getLogger(__name__)
 
@@ -241,14 +241,24 @@ class CrmWorkflow:
             row.adopted, row.created, row.current = True, False, record
             row.crm_id = self.normal_id(record.get(self.id_field))
             now = canonical.get(str(record.get(self.id_field))) or {}
-            # The row's own values are what the earlier try wrote; a value the CRM required and
-            # that try filled in (and a seller may have changed since) is what it holds now.
-            filled_in = [k for k in row.written if k not in row.values]
-            held = {k: plain(now.get(k)) for k in filled_in if plain(now.get(k)) not in (None, KEEP)}
-            row.written = held | dict(row.values)
+            row.written = self.adopted_values(row, now)
             log.info(
                 "%s create: referral %s has opportunity %s already: adopted", self.crm, row.referral_id, row.crm_id
             )
+
+    @staticmethod
+    def adopted_values(row: Pending, now: Mapping[str, Any]) -> dict[str, Any]:
+        """What an adopted opportunity's result reports (the new link's base). A value the CRM
+        required and the earlier try filled in: what it holds now. A value it holds as this
+        row has it: that value. A value it holds differently (a seller's edit since, or a plan
+        that moved): no base (None), so the next run reads both sides as changed and settles
+        the field by its authority, as an audited conflict, instead of guessing who changed it."""
+        filled_in = [k for k in row.written if k not in row.values]
+        out = {k: plain(now.get(k)) for k in filled_in if plain(now.get(k)) not in (None, KEEP)}
+        for name, value in row.values.items():
+            held = plain(now.get(name))
+            out[name] = value if held == KEEP or same_value(held, value) else None
+        return out
 
     # -- what each CRM provides ----------------------------------------------------------------------
     def extract(self, **kwargs: Any) -> list[dict[str, Any]]:  # pragma: no cover - each CRM implements it

@@ -29,7 +29,6 @@ import math
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -42,15 +41,17 @@ from cosell_sync.hooks._batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResp
 from cosell_sync.hooks._odata import eq, quote, with_query
 from cosell_sync.hooks.dynamics import GUID, LOST, WON, DynamicsHook, primary_key
 from cosell_sync.sync.base import (
-    Action,
     RunContext,
     WriteResult,
     audit_line,
+    fails_the_task,
     match_key,
     missing,
     plain,
     prepend_audit,
+    same_value,
 )
+from cosell_sync.sync.crm import CrmWorkflow, Pending
 
 log = logging.getLogger(__name__)
 
@@ -120,24 +121,11 @@ def _version_conflict(resp: BatchResponse) -> bool:
     return resp.status == PRECONDITION_FAILED and resp.error_code != DUPLICATE_RECORD
 
 
-def _same_value(held: Any, expected: Any) -> bool:
-    """Whether a canonical value read now equals the one the plan expected (the expected
-    value went through the staging area as JSON: 1000 and 1000.0 are the same)."""
-    held, expected = plain(held), plain(expected)
-    if held is None or expected is None:
-        return held is None and expected is None
-    if isinstance(held, bool) or isinstance(expected, bool):
-        return held is expected
-    if isinstance(held, int | float) and isinstance(expected, int | float):
-        return math.isclose(float(held), float(expected), rel_tol=1e-9, abs_tol=1e-9)
-    return bool(held == expected)
-
-
 def _unchanged(held: Any, expected: Any) -> bool:
     """Whether a planned field may still be written after a re-read: the CRM holds what the
     plan expected, or holds "no opinion" (KEEP: an open opportunity's stage, a blank ``keep``
     field), which the merge reads as its last synced value, so a new plan would write the same."""
-    return (isinstance(held, str) and held == KEEP) or _same_value(held, expected)
+    return (isinstance(held, str) and held == KEEP) or same_value(held, expected)
 
 
 def _exception_error(exc: BaseException) -> tuple[str, str | None]:
@@ -145,61 +133,31 @@ def _exception_error(exc: BaseException) -> tuple[str, str | None]:
     return str(exc) or type(exc).__name__, str(code) if code else None
 
 
-@dataclass
-class _Row:
-    """One record being written, and what is known about it so far."""
-
-    pos: int
-    key: str
-    referral_id: str | None
-    values: dict[str, Any]  # canonical field -> value (create: present values only)
-    crm_id: str | None = None
-    account_id: str | None = None
-    contact_id: str | None = None
-    body: dict[str, Any] = field(default_factory=dict)
-    close: int | None = None  # WON / LOST: carried out after the write
-    etag: str | None = None
-    action: Action = "create"
-    deferred: list[str] = field(default_factory=list)  # planned fields not written (changed since read)
-
-    def result(self, *, ok: bool, error: str | None = None, error_code: str | None = None) -> WriteResult:
-        return WriteResult(
-            key=self.key,
-            action=self.action,
-            ok=ok,
-            referral_id=self.referral_id,
-            crm_id=self.crm_id,
-            fields=dict(self.values),
-            error=error,
-            error_code=error_code,
-            etag=self.etag if ok else None,
-            deferred=list(self.deferred),
-        )
+_Row = Pending  # one record being written (cosell_sync.sync.crm)
 
 
 class _Outcomes:
-    """One result per record: the first failure sticks; the rest end ok."""
+    """Failures go onto the rows themselves; the first failure of a row sticks."""
 
-    def __init__(self) -> None:
-        self.results: dict[int, WriteResult] = {}
+    def fail(self, row: Pending, message: str, code: str | None = None) -> None:
+        row.fail(message, code)
 
-    def fail(self, row: _Row, message: str, code: str | None = None) -> None:
-        if row.pos not in self.results:
-            self.results[row.pos] = row.result(ok=False, error=message, error_code=code)
+    def failed(self, row: Pending) -> bool:
+        return not row.ok
 
-    def failed(self, row: _Row) -> bool:
-        return row.pos in self.results
-
-    def finish(self, rows: Iterable[_Row]) -> list[WriteResult]:
-        for row in rows:
-            self.results.setdefault(row.pos, row.result(ok=True))
-        return [self.results[i] for i in sorted(self.results)]
+    def finish(self, rows: Iterable[Pending]) -> list[WriteResult]:
+        return [row.result() for row in rows]
 
 
-class DynamicsSide:
-    """:class:`~cosell_sync.sync.base.CrmSide` for Dynamics 365 (Dataverse Web API)."""
+_OUTCOMES = _Outcomes()
+
+
+class DynamicsSide(CrmWorkflow):
+    """:class:`~cosell_sync.sync.base.CrmSide` for Dynamics 365 (Dataverse Web API), on the
+    shared create/update sequence of :class:`cosell_sync.sync.crm.CrmWorkflow`."""
 
     crm = "dynamics365"
+    id_field = "opportunityid"
     sync_status_values: Mapping[str, int] = SYNC_STATUS
     id_chunk = ID_CHUNK
     batch_size = MAX_BATCH_REQUESTS
@@ -448,6 +406,8 @@ class DynamicsSide:
             try:
                 responses = self.hook.batch([request for _, request in chunk], continue_on_error=True)
             except Exception as exc:  # the whole call failed: every record of the chunk fails
+                if fails_the_task(exc):
+                    raise  # not about these records (a refused token, a setting, a bug)
                 log.warning("dynamics365: a $batch of %d requests failed: %s", len(chunk), exc)
                 message, code = _exception_error(exc)
                 for row, _ in chunk:
@@ -478,6 +438,8 @@ class DynamicsSide:
             try:
                 found += list(self.hook.query(self.opportunity_set, select=list(select), filter=flt))
             except Exception as exc:
+                if fails_the_task(exc):
+                    raise
                 message, code = _exception_error(exc)
                 for v in chunk:
                     for row in by_value[v]:
@@ -485,42 +447,90 @@ class DynamicsSide:
         return found
 
     # -- create -------------------------------------------------------------------------------------
-    def create(self, creates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
-        """New opportunities, one per row of ``creates`` (``referral_id`` + canonical values):
-        account matched or created, contact matched or created, then one alternate-key upsert
-        per row carrying the link, the sync status and the audit; won/lost closed afterwards."""
-        outcomes = _Outcomes()
-        rows: list[_Row] = []
-        names = [n for n in self.mapping.fields if n in creates.columns]
-        for pos, item in enumerate(creates.to_dict("records")):
-            referral_id = _text(item.get("referral_id"))
-            values = {n: plain(item[n]) for n in names if not missing(item[n])}
-            row = _Row(pos, referral_id or "", referral_id, values, action="create")
-            if referral_id is None:
-                outcomes.fail(row, "referral_id: missing")
-                continue
-            try:
-                row.close = self._stage_action(values.get(self.stage_field.name)) if self.stage_field else None
-            except ValueError as exc:
-                outcomes.fail(row, str(exc))
-                continue
-            rows.append(row)
-        if ctx.dry_run:
-            return outcomes.finish(rows)
+    # -- the workflow's steps (cosell_sync.sync.crm) ------------------------------------------------
+    def opportunity_level(self) -> set[str]:
+        return {n for n in self.mapping.fields if n not in self.account_fields and n not in self.contact_fields}
 
-        for step in (self._ensure_accounts, self._ensure_contacts, self._upsert_opportunities):
-            current = [r for r in rows if not outcomes.failed(r)]
-            if not current:
-                break
-            try:
-                step(current, ctx, outcomes)
-            except Exception as exc:  # unexpected: fails the records still pending, never the run
-                log.warning("dynamics365 create: %s failed: %s", step.__name__, exc)
-                for row in current:
-                    outcomes.fail(row, *_exception_error(exc))
-        out = outcomes.finish(rows)
-        log.info("dynamics365 create: %d ok, %d failed", sum(r.ok for r in out), sum(not r.ok for r in out))
-        return out
+    def id_key(self, crm_id: Any) -> str:
+        return str(crm_id).strip().lower()
+
+    def normal_id(self, crm_id: Any) -> str | None:
+        return None if missing(crm_id) else str(crm_id).lower()
+
+    def prepare_create(self, row: Pending, ctx: RunContext) -> None:
+        """A stage of won/lost is carried out after the upsert (``row.close``)."""
+        row.close = self._stage_action(row.values.get(self.stage_field.name)) if self.stage_field else None
+        row.written = dict(row.values)
+
+    def ensure_accounts(self, rows: list[Pending], ctx: RunContext) -> None:
+        self._ensure_accounts(rows, ctx, _OUTCOMES)
+
+    def ensure_contacts(self, rows: list[Pending], ctx: RunContext) -> None:
+        self._ensure_contacts(rows, ctx, _OUTCOMES)
+
+    def upsert_opportunities(self, rows: list[Pending], ctx: RunContext) -> None:
+        self._upsert_opportunities([r for r in rows if not r.adopted], ctx, _OUTCOMES)
+
+    def after_create(self, rows: list[Pending], ctx: RunContext) -> None:
+        """Won and lost, with WinOpportunity/LoseOpportunity (not again on an adopted opportunity
+        an earlier try closed already)."""
+        for row in rows:
+            if row.ok and row.close is not None and (row.current or {}).get("statecode") != row.close:
+                self._close(row, ctx, _OUTCOMES)
+
+    def prepare_update(self, row: Pending) -> None:
+        if not _is_guid(row.crm_id):
+            raise _RowError(f"crm_id: {row.crm_id!r} is not a Dataverse row id (GUID)")
+        row.crm_id = str(row.crm_id).lower()
+        row.close = self._stage_action(row.values.get(self.stage_field.name)) if self.stage_field else None
+        row.action = "win" if row.close == WON else "lose" if row.close == LOST else "update"
+        row.written = dict(row.values)
+
+    def read_current(self, rows: list[Pending], ctx: RunContext) -> None:
+        """The audit trail (to prepend to) and state of each opportunity about to be updated."""
+        current = self._read_chunked(
+            rows,
+            lambda r: str(r.crm_id),
+            lambda v: eq(self.opportunity_pk, uuid.UUID(v)),
+            [self.opportunity_pk, self.audit_field, "statecode"],
+            _OUTCOMES.fail,
+        )
+        before = {str(r[self.opportunity_pk]).lower(): r for r in current}
+        for row in rows:
+            row.current = before.get(str(row.crm_id))
+
+    def write_updates(self, rows: list[Pending], ctx: RunContext) -> None:
+        """Conditional PATCHes in ``$batch``: ``If-Match`` is the ETag the opportunity was
+        extracted with (``*`` only when none is known). A record answering 412 changed since it
+        was read: all such records are read again and re-merged against ``expected`` (planned
+        fields the CRM still holds as expected are written, in one more ``$batch`` with the new
+        ETag; the others are deferred); a second 412, or a failed re-read, fails it."""
+        requests: list[tuple[Pending, BatchRequest]] = []
+        for row in rows:
+            request = self._update_request(row, ctx, row.current, row.version)
+            if isinstance(request, BatchRequest):
+                requests.append((row, request))
+            else:
+                row.fail(*request)
+        changed: list[Pending] = []
+
+        def answered(row: Pending, resp: BatchResponse) -> None:
+            if resp.ok:
+                row.etag = resp.body.get("@odata.etag") if isinstance(resp.body, dict) else None
+            elif _version_conflict(resp):
+                changed.append(row)
+            else:
+                row.fail(*_error_of(resp))
+
+        self._run_batch(requests, answered, _OUTCOMES.fail)
+        if changed:
+            self._remerge_and_retry(changed, ctx)
+
+    def after_update(self, rows: list[Pending], ctx: RunContext) -> None:
+        """Won and lost, with WinOpportunity/LoseOpportunity (not again when already so)."""
+        for row in rows:
+            if row.ok and row.close is not None and (row.current or {}).get("statecode") != row.close:
+                self._close(row, ctx, _OUTCOMES)
 
     def _ensure_accounts(self, rows: list[_Row], ctx: RunContext, outcomes: _Outcomes) -> None:
         """Match each row's account by name + postal code (case- and space-insensitive), or create it."""
@@ -674,7 +684,6 @@ class DynamicsSide:
         return {str(r[self.link_field]).casefold(): r for r in found if r.get(self.link_field)}
 
     def _upsert_opportunities(self, rows: list[_Row], ctx: RunContext, outcomes: _Outcomes) -> None:
-        existing = self._by_referral(rows, outcomes.fail)
         synced = self.sync_status_values["Synced"]
         requests: list[tuple[_Row, BatchRequest]] = []
         for row in rows:
@@ -693,14 +702,9 @@ class DynamicsSide:
                 body[f"{ACCOUNT_LOOKUP}@odata.bind"] = DynamicsHook.bind(self.account_set, row.account_id)
             if row.contact_id:
                 body[f"{CONTACT_LOOKUP}@odata.bind"] = DynamicsHook.bind(self.contact_set, row.contact_id)
-            before = existing.get(referral_id.casefold())
             body[self.link_url_field] = ctx.referral_link(referral_id)
             body[self.sync_status_field] = synced
-            body[self.audit_field] = prepend_audit(
-                before.get(self.audit_field) if before else None, audit_line(ctx, "pc_to_crm", row.values)
-            )
-            if before:
-                row.crm_id = str(before[self.opportunity_pk]).lower()
+            body[self.audit_field] = audit_line(ctx, "pc_to_crm", row.values)
             url = with_query(
                 DynamicsHook.alternate_key(self.opportunity_set, **{self.link_field: referral_id}),
                 {"$select": self.opportunity_pk},
@@ -729,13 +733,6 @@ class DynamicsSide:
                     row.crm_id = str(found[self.opportunity_pk]).lower()
                 else:
                     outcomes.fail(row, "the opportunity was written but could not be read back by its referral id")
-        for row in rows:
-            if outcomes.failed(row) or row.close is None:
-                continue
-            before = existing.get(str(row.referral_id).casefold())
-            if before and before.get("statecode") == row.close:
-                continue  # already closed that way (a rerun)
-            self._close(row, ctx, outcomes)
 
     def _close(self, row: _Row, ctx: RunContext, outcomes: _Outcomes) -> None:
         """WinOpportunity (Status 3, Won) or LoseOpportunity (Status 4, Canceled) after the write."""
@@ -760,104 +757,6 @@ class DynamicsSide:
         etag = record.get("@odata.etag")
         return None if missing(etag) or not str(etag) else str(etag)
 
-    def update(
-        self, updates: pd.DataFrame, ctx: RunContext, versions: Mapping[str, str] | None = None
-    ) -> list[WriteResult]:
-        """Write only ``fields`` (canonical -> value) on each linked opportunity, plus the audit
-        and the sync status, in ``$batch`` PATCHes. Account and contact fields are not written
-        (accounts are shared). A stage of won/lost is carried out with Win/LoseOpportunity after
-        the PATCH (action ``win``/``lose``); new/active writes nothing.
-
-        Each PATCH carries ``If-Match: <the ETag in versions>`` (ids matched case-insensitively;
-        ``*`` only when no version is known). A record answering 412 changed since it was read:
-        all such records are read again (:meth:`extract`, chunked) and re-merged against
-        ``expected`` (what the CRM held when planned): a planned field whose current value still
-        equals its expected value (or is "no opinion", ``*``) is written, in one more ``$batch`` with the new ETag; any
-        other field goes to the result's ``deferred`` and is not written. A record left with
-        nothing to write ends ok with no write; a second 412, or a failed re-read, fails it."""
-        outcomes = _Outcomes()
-        rows: list[_Row] = []
-        expected_of: dict[int, dict[str, Any]] = {}
-        version_of = {str(k).strip().lower(): str(v) for k, v in (versions or {}).items() if not missing(v) and str(v)}
-        for pos, item in enumerate(updates.to_dict("records")):
-            referral_id, crm_id = _text(item.get("referral_id")), _text(item.get("crm_id"))
-            raw_fields, raw_expected = item.get("fields"), item.get("expected")
-            fields = dict(raw_fields) if isinstance(raw_fields, Mapping) else {}
-            expected_of[pos] = dict(raw_expected) if isinstance(raw_expected, Mapping) else {}
-            values = {
-                name: plain(value)
-                for name, value in fields.items()
-                if name not in self.account_fields and name not in self.contact_fields
-            }
-            row = _Row(pos, referral_id or crm_id or "", referral_id, values, crm_id=crm_id.lower() if crm_id else None)
-            row.action = "update"
-            try:
-                unknown = sorted(set(fields) - set(self.mapping.fields))
-                if unknown:
-                    raise _RowError(f"{unknown[0]}: not a field of the mapping {self.mapping.source}")
-                if not _is_guid(crm_id):
-                    raise _RowError(f"crm_id: {crm_id!r} is not a Dataverse row id (GUID)")
-                row.close = self._stage_action(values.get(self.stage_field.name)) if self.stage_field else None
-            except ValueError as exc:
-                outcomes.fail(row, str(exc))
-                continue
-            row.action = "win" if row.close == WON else "lose" if row.close == LOST else "update"
-            rows.append(row)
-        if ctx.dry_run or not rows:
-            return outcomes.finish(rows)
-
-        try:
-            current = self._read_chunked(
-                rows,
-                lambda r: str(r.crm_id),
-                lambda v: eq(self.opportunity_pk, uuid.UUID(v)),
-                [self.opportunity_pk, self.audit_field, "statecode"],
-                outcomes.fail,
-            )
-            before = {str(r[self.opportunity_pk]).lower(): r for r in current}
-            requests: list[tuple[_Row, BatchRequest]] = []
-            for row in rows:
-                if outcomes.failed(row):
-                    continue
-                request = self._update_request(row, ctx, before.get(str(row.crm_id)), version_of.get(str(row.crm_id)))
-                if isinstance(request, BatchRequest):
-                    requests.append((row, request))
-                else:
-                    outcomes.fail(row, *request)
-
-            changed: list[_Row] = []
-
-            def answered(row: _Row, resp: BatchResponse) -> None:
-                if resp.ok:
-                    row.etag = resp.body.get("@odata.etag") if isinstance(resp.body, dict) else None
-                elif _version_conflict(resp):
-                    changed.append(row)
-                else:
-                    outcomes.fail(row, *_error_of(resp))
-
-            self._run_batch(requests, answered, outcomes.fail)
-            if changed:
-                self._remerge_and_retry(changed, expected_of, ctx, before, outcomes)
-            for row in rows:
-                if outcomes.failed(row) or row.close is None:
-                    continue
-                old = before.get(str(row.crm_id))
-                if old and old.get("statecode") == row.close:
-                    continue  # already won/lost
-                self._close(row, ctx, outcomes)
-        except Exception as exc:  # unexpected: fails the records still pending, never the run
-            log.warning("dynamics365 update failed: %s", exc)
-            for row in rows:
-                outcomes.fail(row, *_exception_error(exc))
-        out = outcomes.finish(rows)
-        log.info(
-            "dynamics365 update: %d ok, %d failed, %d with deferred fields",
-            sum(r.ok for r in out),
-            sum(not r.ok for r in out),
-            sum(bool(r.deferred) for r in out),
-        )
-        return out
-
     def _update_request(
         self, row: _Row, ctx: RunContext, old: Mapping[str, Any] | None, etag: str | None
     ) -> BatchRequest | tuple[str, str | None]:
@@ -875,22 +774,18 @@ class DynamicsSide:
         )
         return self._patch(row, body, etag)
 
-    def _remerge_and_retry(
-        self,
-        changed: list[_Row],
-        expected_of: Mapping[int, Mapping[str, Any]],
-        ctx: RunContext,
-        before: dict[str, Mapping[str, Any]],
-        outcomes: _Outcomes,
-    ) -> None:
+    def _remerge_and_retry(self, changed: list[Pending], ctx: RunContext) -> None:
         """The records that answered 412: read them again, keep the planned fields the CRM
         still holds as expected (the others are deferred), and PATCH those once more with the
-        new ETag, all in one more ``$batch`` run. ``before`` gets the re-read rows."""
+        new ETag, all in one more ``$batch`` run. ``row.current`` becomes the re-read record."""
+        outcomes = _OUTCOMES
         log.info("dynamics365 update: %d opportunities changed since they were read; re-merging", len(changed))
         try:
             records = self.extract(crm_ids=[str(r.crm_id) for r in changed])
             normalized = crm_frame(records, self.mapping, self.opportunity_pk)
         except Exception as exc:
+            if fails_the_task(exc):
+                raise
             message, code = _exception_error(exc)
             for row in changed:
                 outcomes.fail(row, f"re-reading after 412: {message}", code)
@@ -911,14 +806,13 @@ class DynamicsSide:
             if now is None:
                 outcomes.fail(row, f"re-reading after 412: {problems.get(crm_id, 'the opportunity cannot be read')}")
                 continue
-            expected = expected_of.get(row.pos, {})
+            expected = row.expected
             keep = {k: v for k, v in row.values.items() if k in expected and _unchanged(now.get(k), expected[k])}
-            row.deferred = [k for k in row.values if k not in keep]
-            row.values = keep
+            row.defer([k for k in row.values if k not in keep])
             row.close = self._stage_action(keep.get(self.stage_field.name)) if self.stage_field else None
             if row.close is None and row.action in ("win", "lose"):
                 row.action = "update"
-            before[crm_id] = record
+            row.current = record
             if row.deferred:
                 log.info("dynamics365 update: %s changed during the run; deferred: %s", crm_id, row.deferred)
             if not keep:
@@ -970,10 +864,10 @@ class DynamicsSide:
         bad = [i for i in ids if not _is_guid(i)]
         if bad:
             log.warning("dynamics365 mark: not opportunity ids (GUIDs), skipped: %s", bad[:10])
-        rows = [_Row(n, i, None, {}, crm_id=i, action="update") for n, i in enumerate(ids) if _is_guid(i)]
+        rows = [Pending(n, i, None, i, {}, "update") for n, i in enumerate(ids) if _is_guid(i)]
         if ctx.dry_run or not rows:
             return
-        outcomes = _Outcomes()
+        outcomes = _OUTCOMES
         try:
             audits = self._audits(rows, outcomes.fail) if error else {}
             requests = []
@@ -1002,15 +896,17 @@ class DynamicsSide:
     def write_links(self, links: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
         """Store the referral id and link, sync status Synced and an audit line on the
         opportunities that referrals were just created for (key = crm_id, action ``update``)."""
-        outcomes = _Outcomes()
-        rows: list[_Row] = []
+        outcomes = _OUTCOMES
+        every: list[Pending] = []
+        rows: list[Pending] = []
         for pos, item in enumerate(links.to_dict("records")):
             crm_id, referral_id = _text(item.get("crm_id")), _text(item.get("referral_id"))
             values = {self.link_field: referral_id}
             if referral_id:
                 values[self.link_url_field] = ctx.referral_link(referral_id)
-            row = _Row(pos, crm_id or "", referral_id, values, crm_id=crm_id.lower() if crm_id else None)
-            row.action = "update"
+            row = Pending(pos, crm_id or "", referral_id, crm_id.lower() if crm_id else None, values, "update")
+            row.written = dict(values)
+            every.append(row)
             if not _is_guid(crm_id):
                 outcomes.fail(row, f"crm_id: {crm_id!r} is not a Dataverse row id (GUID)")
             elif not referral_id:
@@ -1018,7 +914,7 @@ class DynamicsSide:
             else:
                 rows.append(row)
         if ctx.dry_run or not rows:
-            return outcomes.finish(rows)
+            return outcomes.finish(every)
         try:
             audits = self._audits(rows, outcomes.fail)
             requests: list[tuple[_Row, BatchRequest]] = []
@@ -1035,9 +931,11 @@ class DynamicsSide:
 
             self._run_batch(requests, _etag_or_failure(outcomes), outcomes.fail)
         except Exception as exc:
+            if fails_the_task(exc):
+                raise
             for row in rows:
                 outcomes.fail(row, *_exception_error(exc))
-        return outcomes.finish(rows)
+        return outcomes.finish(every)
 
 
 def _preferred(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:

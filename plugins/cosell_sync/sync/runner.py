@@ -252,8 +252,6 @@ PLAN_PARTS = (
     "conflicts",
     "skips",
     "new_base",
-    "accounts",
-    "contacts",
     "recovered_links",
 )
 

@@ -262,8 +262,11 @@ def test_rerun_adopts_instead_of_duplicating_or_overwriting(sf, side):
     assert count(sf, "OpportunityContactRole") == 5
     mine = by_ref(sf)
     assert (mine["r-0"]["CloseDate"], mine["r-0"]["StageName"]) == ("2027-06-01", "Negotiation/Review")  # kept
-    assert mine["r-1"]["Amount"] == 777.0  # kept: the seller's edit reaches Partner Center as a CRM change
-    assert again[1].fields["deal_value"] == first[1].fields["deal_value"]  # the base is what we wrote
+    assert mine["r-1"]["Amount"] == 777.0  # kept
+    # Held as written: that is the base. Held otherwise (the seller's edit): no base, so the next
+    # run reads both sides as changed and settles it by authority, as an audited conflict.
+    assert again[2].fields["deal_value"] == first[2].fields["deal_value"] is not None
+    assert again[1].fields["deal_value"] is None
     assert again[0].fields["close_date"] == "2027-06-01"  # a value we filled in: what it holds now
     audit = mine["r-0"]["PC_Audit__c"].split("\n")  # not written again
     assert [line.split(" ")[1] for line in audit] == ["manual__t1"]

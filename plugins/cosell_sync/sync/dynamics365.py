@@ -12,9 +12,11 @@ the stage: it is never written, won and lost are carried out with the ``WinOppor
 Writes go through ``$batch`` (at most 1,000 requests per call, ``continue-on-error``), so
 every record gets its own outcome: a record Dataverse rejects becomes a failed
 :class:`~cosell_sync.sync.base.WriteResult` carrying Dataverse's hex error code and message,
-and never stops the others. New opportunities are alternate-key upserts on the referral id
-(``PATCH opportunities(cosell_referralid='...')``), so a retry or a rerun updates the
-opportunity it created before instead of creating a second one.
+and never stops the others. The create and update sequences are those of
+:class:`cosell_sync.sync.crm.CrmWorkflow`: an opportunity that already holds the referral id
+(an earlier try made it) is adopted, never written over, and new opportunities are
+alternate-key upserts on the referral id (``PATCH opportunities(cosell_referralid='...')``),
+so an HTTP retry cannot create a second one.
 
 Updates are conditional: each PATCH carries the ``@odata.etag`` the opportunity was extracted
 with as ``If-Match``. A 412 (a seller edited it during the run) re-reads the record, keeps the

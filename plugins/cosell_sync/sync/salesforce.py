@@ -9,14 +9,17 @@ through sObject Collections (200 records a call; Bulk API 2.0 above the hook's
   names need, the account through the ``Account`` parent relationship, and the primary
   contact through the ``OpportunityContactRoles`` child subquery (``IsPrimary = TRUE``),
   flattened into ``record["Contact"]`` so that ``Contact.Email`` paths resolve.
-* **Create.** Accounts are matched by name + postal code (case- and space-insensitive) and
+* **Create** (the steps of :class:`cosell_sync.sync.crm.CrmWorkflow`). An opportunity that
+  already holds the referral id (an earlier try of the task made it) is adopted, never
+  written over. Accounts are matched by name + postal code (case- and space-insensitive) and
   created when missing; contacts are matched by email (case-insensitive) and created when
-  missing; opportunities are *upserted* by the link field (the referral id), so a retry or a
-  rerun updates what an earlier attempt created instead of duplicating it; the contact
-  becomes the opportunity's primary ``OpportunityContactRole``.
+  missing; new opportunities are *upserted* by the link field (the referral id), so an HTTP
+  retry of the call cannot duplicate one; the contact becomes the opportunity's primary
+  ``OpportunityContactRole``.
 * **Update.** Only the Opportunity-level fields asked for (accounts and contacts are shared
   between deals, so they are never updated from one referral), plus the sync status and a
-  new audit line (newest first, bounded).
+  new audit line (newest first, bounded). The query that reads the audit trail right before
+  the write also reads ``SystemModstamp``: a record changed since extract is deferred.
 * **Failures.** A record Salesforce rejects fails alone, with Salesforce's ``statusCode`` and
   message. An exception for one call fails that call's records only. Authentication and
   configuration errors are not about records: they raise, so the task fails and retries.

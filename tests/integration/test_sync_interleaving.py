@@ -400,10 +400,10 @@ def interleave(pc, crm: str, store: StateStore, staging, pairs: list[Pair], k: i
         checker.mark_synced()
         if boundary >= k:  # B is started now (and rescheduled at every later boundary): it must wait
             b = second(crm, store, staging, ids)
-            before = logged(pc)
+            before, held = logged(pc), store.get_lease(crm)
             with pytest.raises(LeaseHeldError, match=a.run_id):
                 lease.acquire(b, store)
-            assert b.lease_epoch is None
+            assert b.lease_epoch is None and store.get_lease(crm) == held
             assert logged(pc) == before, "a waiting run sent requests"
             assert not b.folder.exists(), "a waiting run staged data"
         scenario.at(boundary)

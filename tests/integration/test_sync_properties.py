@@ -510,6 +510,8 @@ def test_random_edits_faults_and_runs_lose_nothing_duplicate_nothing_and_converg
     p.no_faults()
     p.run()
     p.converged()
+    if any(e.mid_run and e.side == PC for e in p.edits):  # the 412 path was taken
+        assert 412 in {e.status for e in pc.partner_center.requests_matching("PATCH")}, "\n".join(p.log)
     p.world.clear_logs()
     report = p.run()
     assert p.world.writes() == [], f"seed {seed}: writes after convergence ({report})\n" + "\n".join(p.log)

@@ -18,12 +18,12 @@ from cosell_sync.dag_factory import sync_sides
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.state import LeaseHeldError, LeaseLostError, StateStore
 from cosell_sync.sync import lease, runner
-from cosell_sync.sync.runner import SyncJob, window
+from cosell_sync.sync.runner import SyncJob
+from tests.integration.sync_jobs import EVENTS, event_job, scheduled_job
 from tests.integration.test_sync_runner import run_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 CRMS = ["salesforce", "dynamics365"]
-EVENTS = "cosell_referral_events"
 _runs = itertools.count(1)
 
 
@@ -49,31 +49,6 @@ def _crm_amount(pc, crm: str, crm_id: str) -> float:
 
 def _base(store: StateStore, crm: str, referral_id: str) -> dict:
     return store.get_links(crm, referral_ids=[referral_id])["base"].iloc[0]
-
-
-def _event_job(crm: str, staging, referral_id: str) -> SyncJob:
-    return SyncJob(
-        crm=crm,
-        dag_id=f"{EVENTS}.{crm}",
-        run_id=f"asset_triggered__{next(_runs)}",
-        mapping=load_mapping(crm),
-        staging=staging,
-        referral_ids=[referral_id],
-    )
-
-
-def _scheduled_job(crm: str, store: StateStore, staging) -> SyncJob:
-    dag_id = f"cosell_sync_{crm}"
-    since_pc, since_crm = window(store, dag_id)
-    return SyncJob(
-        crm=crm,
-        dag_id=dag_id,
-        run_id=f"scheduled__{next(_runs)}",
-        mapping=load_mapping(crm),
-        staging=staging,
-        since_pc=since_pc,
-        since_crm=since_crm,
-    )
 
 
 def _step(job: SyncJob, store: StateStore, *names: str) -> object:
@@ -106,12 +81,12 @@ def test_a_second_run_waits_for_the_first_commit_and_then_plans_on_its_base(pc, 
 
     # A Microsoft seller changes the deal value: the webhook's run starts on that referral.
     pc.partner_center._commit_update(ref, {**ref, "details": {**ref["details"], "dealValue": 4242.0}}, "Microsoft")
-    event = _event_job(crm, staging, row.referral_id)
+    event = event_job(crm, staging, [row.referral_id])
     lease.acquire(event, store)
     _step(event, store, "extract")
 
     # The scheduled run starts now: it may neither extract nor plan; it waits (the DAG reschedules it).
-    scheduled = _scheduled_job(crm, store, staging)
+    scheduled = scheduled_job(crm, store, staging)
     with pytest.raises(LeaseHeldError, match=rf"held by {EVENTS}.{crm} run {event.run_id}"):
         lease.acquire(scheduled, store)
     with pytest.raises(LeaseHeldError):  # the all-in-one path refuses it too
@@ -149,7 +124,7 @@ def test_a_run_whose_lease_passed_to_another_run_cannot_commit_its_stale_plan(pc
     before = _base(store, crm, row.referral_id)
 
     # A scheduled run reads and plans, then stalls past its lease's expiry (say, its worker died).
-    scheduled = _scheduled_job(crm, store, staging)
+    scheduled = scheduled_job(crm, store, staging)
     scheduled.lease_ttl = timedelta(seconds=1)
     lease.acquire(scheduled, store)
     _step(scheduled, store, "extract", "plan")
@@ -161,7 +136,7 @@ def test_a_run_whose_lease_passed_to_another_run_cannot_commit_its_stale_plan(pc
 
     # An event run takes the expired lease over and syncs a Microsoft edit.
     pc.partner_center._commit_update(ref, {**ref, "details": {**ref["details"], "dealValue": 777.0}}, "Microsoft")
-    event = _event_job(crm, staging, row.referral_id)
+    event = event_job(crm, staging, [row.referral_id])
     assert lease.acquire(event, store) == scheduled.lease_epoch + 1
     runner.sync(event, *sync_sides(crm, event.mapping), store)
     assert _base(store, crm, row.referral_id)["deal_value"] == 777.0 != before["deal_value"]

@@ -17,10 +17,10 @@ import pytest
 
 from cosell_sandbox.server import FaultConfig
 from cosell_sync.dag_factory import sync_sides
-from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.state import StateStore
 from cosell_sync.sync import runner
-from cosell_sync.sync.runner import SyncJob, window
+from cosell_sync.sync.runner import SyncJob
+from tests.integration.sync_jobs import scheduled_job
 
 CRMS = ["salesforce", "dynamics365"]
 _runs = itertools.count(1)
@@ -33,17 +33,7 @@ def _seed(pc, crm: str) -> None:
 
 
 def _job(crm: str, store: StateStore, staging, **kwargs) -> SyncJob:
-    dag_id = f"cosell_sync_{crm}"
-    since_pc, since_crm = window(store, dag_id)
-    options = {"since_pc": since_pc, "since_crm": since_crm} | kwargs
-    return SyncJob(
-        crm=crm,
-        dag_id=dag_id,
-        run_id=f"manual__case_{next(_runs)}",
-        mapping=load_mapping(crm),
-        staging=staging,
-        **options,
-    )
+    return scheduled_job(crm, store, staging, prefix="manual", **kwargs)
 
 
 def _run(job: SyncJob, store: StateStore, *, before_load_pc=None) -> dict:
@@ -150,7 +140,9 @@ def test_case_4_a_backfill_merges_against_the_current_crm_record_outside_its_int
     time.sleep(1.1)
     _seller_sets_amount(pc, crm, row.crm_id, 6200.0)
 
-    backfill = _job(crm, store, staging, since_pc=start, since_crm=start, until=end, backfill=True)
+    backfill = scheduled_job(
+        crm, store, staging, prefix="manual", since_pc=start, since_crm=start, until=end, backfill=True
+    )
     _run(backfill, store)
     assert runner.read_frame(backfill, "crm")["crm_id"].str.casefold().tolist() == [row.crm_id.casefold()]
     assert _crm_amount(pc, crm, row.crm_id) == 6200.0  # the newer seller edit survives
@@ -170,7 +162,9 @@ def test_case_4_an_event_run_reads_the_linked_opportunity_even_when_it_lost_its_
     pc.salesforce.user_edit("Opportunity", row.crm_id, {"PC_Referral_Id__c": None, "Amount": 4321.0})
     _edit_referral(pc, row.referral_id, notes="event edit")
 
-    event = _job(crm, store, staging, since_pc=None, since_crm=None, referral_ids=[row.referral_id])
+    event = scheduled_job(
+        crm, store, staging, prefix="manual", since_pc=None, since_crm=None, referral_ids=[row.referral_id]
+    )
     _run(event, store)
     opportunity = pc.salesforce.get_record("Opportunity", row.crm_id)
     assert opportunity["Description"] == "event edit"

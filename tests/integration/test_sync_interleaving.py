@@ -18,16 +18,10 @@ from typing import Any
 
 import pytest
 
-from cosell_sync.engine.mapping import load_mapping
-from cosell_sync.hooks.dynamics import DynamicsHook
-from cosell_sync.hooks.partner_center import PartnerCenterHook
-from cosell_sync.hooks.salesforce import SalesforceSyncHook
 from cosell_sync.state import LeaseHeldError, StateStore
 from cosell_sync.sync import lease, runner
-from cosell_sync.sync.dynamics365 import DynamicsSide
-from cosell_sync.sync.partner_center import PartnerCenterSide
-from cosell_sync.sync.runner import SyncJob, window
-from cosell_sync.sync.salesforce import SalesforceSide
+from cosell_sync.sync.runner import SyncJob
+from tests.integration.sync_jobs import event_job, quiet_sides, scheduled_job
 
 pytestmark = pytest.mark.xdist_group("races")
 
@@ -50,46 +44,9 @@ LOAD_CRM_DONE, LOAD_PC_DONE = STEPS.index("load_crm") + 1, STEPS.index("load_par
 _runs = itertools.count(1)
 
 
-def no_sleep(_seconds: float) -> None:
-    return None
-
-
-def sides(crm: str, mapping):
-    """Fresh sides, as each task builds them; retries do not really sleep."""
-    pc_side = PartnerCenterSide(PartnerCenterHook(sleep=no_sleep), mapping)
-    if crm == "salesforce":
-        return pc_side, SalesforceSide(SalesforceSyncHook(sleep=no_sleep), mapping)
-    return pc_side, DynamicsSide(DynamicsHook(sleep=no_sleep), mapping)
-
-
-def event_job(crm: str, store: StateStore, staging, referral_ids: list[str]) -> SyncJob:
-    return SyncJob(
-        crm=crm,
-        dag_id=f"{EVENTS}.{crm}",
-        run_id=f"asset_triggered__{next(_runs)}",
-        mapping=load_mapping(crm),
-        staging=staging,
-        referral_ids=list(referral_ids),
-    )
-
-
-def scheduled_job(crm: str, store: StateStore, staging, referral_ids: list[str]) -> SyncJob:
-    dag_id = f"cosell_sync_{crm}"
-    since_pc, since_crm = window(store, dag_id)  # prepare reads it on every try, before the lease
-    return SyncJob(
-        crm=crm,
-        dag_id=dag_id,
-        run_id=f"scheduled__{next(_runs)}",
-        mapping=load_mapping(crm),
-        staging=staging,
-        since_pc=since_pc,
-        since_crm=since_crm,
-    )
-
-
 def run_step(job: SyncJob, store: StateStore, name: str) -> Any:
     """One of the DAG's steps for ``job`` (its lease taken), under the lease like its task."""
-    pc_side, crm_side = sides(job.crm, job.mapping)
+    pc_side, crm_side = quiet_sides(job.crm, job.mapping)
     work = {
         "extract_partner_center": lambda: runner.extract_partner_center(job, pc_side, store),
         "extract_crm": lambda: runner.extract_crm(job, crm_side, store),
@@ -358,7 +315,7 @@ def seed(pc, crm: str) -> None:
 def settled_pairs(pc, crm: str, store: StateStore, staging) -> list[Pair]:
     """The first sync (and a second, so nothing is left to settle); three linked open pairs."""
     for _ in range(2):
-        full_run(scheduled_job(crm, store, staging, []), store)
+        full_run(scheduled_job(crm, store, staging), store)
     links = store.get_links(crm)
     open_refs = [
         r for r in links.itertuples() if pc.partner_center.referrals[r.referral_id]["status"] in ("New", "Active")
@@ -388,7 +345,14 @@ def current_pairs(pc, crm: str, pairs: list[Pair]) -> list[Pair]:
 def interleave(pc, crm: str, store: StateStore, staging, pairs: list[Pair], k: int, order: str) -> None:
     """Run A with B started at A's boundary ``k``; edits before A, at ``k`` and at ``k + 1``."""
     ids = [p.referral_id for p in pairs]
-    first, second = (event_job, scheduled_job) if order == "event_first" else (scheduled_job, event_job)
+
+    def event(crm: str, store: StateStore, staging, ids: list[str]) -> SyncJob:
+        return event_job(crm, staging, ids)
+
+    def scheduled(crm: str, store: StateStore, staging, ids: list[str]) -> SyncJob:
+        return scheduled_job(crm, store, staging)
+
+    first, second = (event, scheduled) if order == "event_first" else (scheduled, event)
     scenario = Scenario(pc, crm, pairs, k)
     checker = Checker(crm, store, scenario)
     checker.bases("before any edit", last=True)

@@ -30,16 +30,10 @@ from typing import Any
 import pytest
 
 from cosell_sandbox.server import FaultConfig, Headers, Request
-from cosell_sync.engine.mapping import load_mapping
-from cosell_sync.hooks.dynamics import DynamicsHook
-from cosell_sync.hooks.partner_center import PartnerCenterHook
-from cosell_sync.hooks.salesforce import SalesforceSyncHook
 from cosell_sync.state import StateStore
 from cosell_sync.sync import lease, runner
-from cosell_sync.sync.dynamics365 import DynamicsSide
-from cosell_sync.sync.partner_center import PartnerCenterSide
-from cosell_sync.sync.runner import SyncJob, window
-from cosell_sync.sync.salesforce import SalesforceSide
+from cosell_sync.sync.runner import SyncJob
+from tests.integration.sync_jobs import quiet_sides, scheduled_job
 
 pytestmark = pytest.mark.xdist_group("races")
 
@@ -71,17 +65,6 @@ COLUMNS = {
 SF_STAGES = {"Prospecting": "new", "Closed Won": "won", "Closed Lost": "lost"}  # any other open stage: active
 SF_ACTIVE = ("Qualification", "Needs Analysis", "Negotiation/Review")
 _runs = itertools.count(1)
-
-
-def no_sleep(_seconds: float) -> None:
-    return None
-
-
-def sides(crm: str, mapping):
-    pc_side = PartnerCenterSide(PartnerCenterHook(sleep=no_sleep), mapping)
-    if crm == "salesforce":
-        return pc_side, SalesforceSide(SalesforceSyncHook(sleep=no_sleep), mapping)
-    return pc_side, DynamicsSide(DynamicsHook(sleep=no_sleep), mapping)
 
 
 def _text(value: Any) -> Any:
@@ -358,17 +341,7 @@ class Property:
 
     # -- a run ----------------------------------------------------------------------------------
     def job(self) -> SyncJob:
-        dag_id = f"cosell_sync_{self.crm}"
-        since_pc, since_crm = window(self.store, dag_id)
-        return SyncJob(
-            crm=self.crm,
-            dag_id=dag_id,
-            run_id=f"scheduled__prop{self.seed}_{next(_runs)}",
-            mapping=load_mapping(self.crm),
-            staging=self.staging,
-            since_pc=since_pc,
-            since_crm=since_crm,
-        )
+        return scheduled_job(self.crm, self.store, self.staging, prefix=f"scheduled__prop{self.seed}")
 
     def run(self, *, interfere: bool = False) -> dict | None:
         """One run, its steps as the DAG's tasks; ``interfere``: Microsoft edits a referral the
@@ -381,7 +354,7 @@ class Property:
         lease.acquire(job, self.store)
         try:
             for step in STEPS:
-                pc_side, crm_side = sides(self.crm, job.mapping)
+                pc_side, crm_side = quiet_sides(self.crm, job.mapping)
                 with lease.kept(job, self.store):
                     if step == "extract_partner_center":
                         runner.extract_partner_center(job, pc_side, self.store)

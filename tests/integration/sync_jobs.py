@@ -1,0 +1,60 @@
+"""What the sync-step tests share: the sides a task builds (whose retries never really sleep)
+and the jobs of a scheduled, manual, backfill or event-driven run."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from cosell_sync.engine.mapping import load_mapping
+from cosell_sync.hooks.dynamics import DynamicsHook
+from cosell_sync.hooks.partner_center import PartnerCenterHook
+from cosell_sync.hooks.salesforce import SalesforceSyncHook
+from cosell_sync.state import StateStore
+from cosell_sync.sync.dynamics365 import DynamicsSide
+from cosell_sync.sync.partner_center import PartnerCenterSide
+from cosell_sync.sync.runner import SyncJob, window
+from cosell_sync.sync.salesforce import SalesforceSide
+
+EVENTS = "cosell_referral_events"
+_runs = itertools.count(1)
+
+
+def no_sleep(_seconds: float) -> None:
+    return None
+
+
+def quiet_sides(crm: str, mapping: Any) -> tuple[PartnerCenterSide, Any]:
+    """Fresh sides with new hooks, as each task builds them; retries do not really sleep."""
+    pc_side = PartnerCenterSide(PartnerCenterHook(sleep=no_sleep), mapping)
+    if crm == "salesforce":
+        return pc_side, SalesforceSide(SalesforceSyncHook(sleep=no_sleep), mapping)
+    return pc_side, DynamicsSide(DynamicsHook(sleep=no_sleep), mapping)
+
+
+def scheduled_job(crm: str, store: StateStore, staging: Any, *, prefix: str = "scheduled", **kwargs: Any) -> SyncJob:
+    """A run of ``cosell_sync_<crm>`` whose window starts at the committed watermarks (as
+    ``prepare`` reads them); ``kwargs`` override any field (a backfill's interval ...)."""
+    dag_id = f"cosell_sync_{crm}"
+    since_pc, since_crm = window(store, dag_id)
+    fields = {"since_pc": since_pc, "since_crm": since_crm} | kwargs
+    return SyncJob(
+        crm=crm,
+        dag_id=dag_id,
+        run_id=f"{prefix}__{next(_runs)}",
+        mapping=load_mapping(crm),
+        staging=staging,
+        **fields,
+    )
+
+
+def event_job(crm: str, staging: Any, referral_ids: list[str]) -> SyncJob:
+    """The webhook DAG's run for ``referral_ids``."""
+    return SyncJob(
+        crm=crm,
+        dag_id=f"{EVENTS}.{crm}",
+        run_id=f"asset_triggered__{next(_runs)}",
+        mapping=load_mapping(crm),
+        staging=staging,
+        referral_ids=list(referral_ids),
+    )

@@ -58,3 +58,22 @@ def event_job(crm: str, staging: Any, referral_ids: list[str]) -> SyncJob:
         staging=staging,
         referral_ids=list(referral_ids),
     )
+
+
+def seed(pc: Any, crm: str, *, referrals: int, opportunities: int, accounts: int, flagged: int, seed: int) -> None:
+    """Referrals in Partner Center and opportunities in the CRM's emulator."""
+    pc.partner_center.seed(referrals, seed=seed)
+    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
+    emulator.seed(opportunities=opportunities, accounts=accounts, flagged=flagged, seed=seed)
+
+
+def crm_amount(pc: Any, crm: str, crm_id: str) -> float:
+    """The opportunity's amount as the CRM holds it."""
+    if crm == "salesforce":
+        return pc.salesforce.get_record("Opportunity", crm_id)["Amount"]
+    return pc.dataverse.row("opportunities", crm_id)["estimatedvalue"]
+
+
+def base_of(store: StateStore, crm: str, referral_id: str) -> dict:
+    """The link's base: the values last synced."""
+    return store.get_links(crm, referral_ids=[referral_id])["base"].iloc[0]

@@ -13,6 +13,7 @@ read the ``If-Match`` of every ``$batch`` part from the emulator's request log.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import requests
@@ -127,6 +128,7 @@ def test_seller_edit_of_the_planned_field_is_deferred_not_overwritten(pc, conns,
     extracted = etag_of(pc, crm_id)
     assert read_json(job, "crm_versions")[crm_id] == extracted  # staged at extract, per opportunity
 
+    time.sleep(1.1)  # modifiedon has whole seconds: the seller's edit is the newer one ("newest" wins)
     pc.dataverse.edit("opportunities", crm_id, {"description": "the seller's own notes"})
     audit_before = pc.dataverse.row("opportunities", crm_id)["cosell_audit"]
     pc.dataverse.log.clear()

@@ -19,18 +19,12 @@ from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.state import LeaseHeldError, LeaseLostError, StateStore
 from cosell_sync.sync import lease, runner
 from cosell_sync.sync.runner import SyncJob
-from tests.integration.sync_jobs import EVENTS, event_job, scheduled_job
+from tests.integration.sync_jobs import EVENTS, base_of, crm_amount, event_job, scheduled_job, seed
 from tests.integration.test_sync_runner import run_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 CRMS = ["salesforce", "dynamics365"]
 _runs = itertools.count(1)
-
-
-def _seed(pc, crm: str) -> None:
-    pc.partner_center.seed(16, seed=41)
-    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
-    emulator.seed(opportunities=6, accounts=3, flagged=2, seed=41)
 
 
 def _incoming_link(pc, store: StateStore, crm: str):
@@ -39,16 +33,6 @@ def _incoming_link(pc, store: StateStore, crm: str):
         if ref["direction"] == "Incoming" and ref["status"] in ("New", "Active"):
             return row, ref
     raise AssertionError("no open incoming referral was linked")
-
-
-def _crm_amount(pc, crm: str, crm_id: str) -> float:
-    if crm == "salesforce":
-        return pc.salesforce.get_record("Opportunity", crm_id)["Amount"]
-    return pc.dataverse.row("opportunities", crm_id)["estimatedvalue"]
-
-
-def _base(store: StateStore, crm: str, referral_id: str) -> dict:
-    return store.get_links(crm, referral_ids=[referral_id])["base"].iloc[0]
 
 
 def _step(job: SyncJob, store: StateStore, *names: str) -> object:
@@ -72,7 +56,7 @@ def _step(job: SyncJob, store: StateStore, *names: str) -> object:
 
 @pytest.mark.parametrize("crm", CRMS)
 def test_a_second_run_waits_for_the_first_commit_and_then_plans_on_its_base(pc, conns, store, tmp_path, crm):
-    _seed(pc, crm)
+    seed(pc, crm, referrals=16, opportunities=6, accounts=3, flagged=2, seed=41)
     staging = tmp_path / "staging"
     first = run_sync(crm, store, staging)
     assert first["pc_to_crm"]["failed"] == 0, first
@@ -99,8 +83,8 @@ def test_a_second_run_waits_for_the_first_commit_and_then_plans_on_its_base(pc, 
             lease.acquire(scheduled, store)
     report = _step(event, store, "commit")
     assert report["pc_to_crm"]["updated"] == 1, report
-    assert _base(store, crm, row.referral_id)["deal_value"] == 4242.0
-    assert _crm_amount(pc, crm, row.crm_id) == 4242.0
+    assert base_of(store, crm, row.referral_id)["deal_value"] == 4242.0
+    assert crm_amount(pc, crm, row.crm_id) == 4242.0
 
     # The event run committed and released: the scheduled run takes the lease and plans on the new base.
     assert lease.acquire(scheduled, store) == store.get_lease(crm).epoch
@@ -109,19 +93,19 @@ def test_a_second_run_waits_for_the_first_commit_and_then_plans_on_its_base(pc, 
     assert row.referral_id not in set(changes["referral_id"]), changes  # nothing to write back: no revert
     final = _step(scheduled, store, "load", "commit")
     assert final["pc_to_crm"]["conflicts"] == final["crm_to_pc"]["conflicts"] == 0, final
-    assert _base(store, crm, row.referral_id)["deal_value"] == 4242.0  # the base never moved back
-    assert _crm_amount(pc, crm, row.crm_id) == 4242.0
+    assert base_of(store, crm, row.referral_id)["deal_value"] == 4242.0  # the base never moved back
+    assert crm_amount(pc, crm, row.crm_id) == 4242.0
     assert pc.partner_center.referrals[row.referral_id]["details"]["dealValue"] == 4242.0
     assert not store.get_lease(crm).live()
 
 
 def test_a_run_whose_lease_passed_to_another_run_cannot_commit_its_stale_plan(pc, conns, store, tmp_path):
     crm = "salesforce"
-    _seed(pc, crm)
+    seed(pc, crm, referrals=16, opportunities=6, accounts=3, flagged=2, seed=41)
     staging = tmp_path / "staging"
     run_sync(crm, store, staging)
     row, ref = _incoming_link(pc, store, crm)
-    before = _base(store, crm, row.referral_id)
+    before = base_of(store, crm, row.referral_id)
 
     # A scheduled run reads and plans, then stalls past its lease's expiry (say, its worker died).
     scheduled = scheduled_job(crm, store, staging)
@@ -139,19 +123,19 @@ def test_a_run_whose_lease_passed_to_another_run_cannot_commit_its_stale_plan(pc
     event = event_job(crm, staging, [row.referral_id])
     assert lease.acquire(event, store) == scheduled.lease_epoch + 1
     runner.sync(event, *sync_sides(crm, event.mapping), store)
-    assert _base(store, crm, row.referral_id)["deal_value"] == 777.0 != before["deal_value"]
+    assert base_of(store, crm, row.referral_id)["deal_value"] == 777.0 != before["deal_value"]
 
     # The stale run's next task finds its lease gone, and its commit is refused in the transaction.
     with pytest.raises(LeaseLostError, match=rf"passed to {EVENTS}.{crm} run {event.run_id}"):
         _step(scheduled, store, "load")
     with pytest.raises(LeaseLostError):
         runner.commit(scheduled, store)
-    assert _base(store, crm, row.referral_id)["deal_value"] == 777.0  # not moved back
+    assert base_of(store, crm, row.referral_id)["deal_value"] == 777.0  # not moved back
 
 
 def test_a_dry_run_takes_no_lease_and_is_not_blocked(pc, conns, store, tmp_path):
     crm = "salesforce"
-    _seed(pc, crm)
+    seed(pc, crm, referrals=16, opportunities=6, accounts=3, flagged=2, seed=41)
     staging = tmp_path / "staging"
     run_sync(crm, store, staging)
     holder = store.acquire_lease(crm, f"{EVENTS}.{crm}", "asset_triggered__busy", timedelta(minutes=5))
@@ -190,7 +174,7 @@ def test_the_event_task_hands_its_events_back_and_is_rescheduled_while_a_crm_is_
     from cosell_sync import event_dag
 
     store = airflow_env
-    _seed(pc, "salesforce")
+    seed(pc, "salesforce", referrals=16, opportunities=6, accounts=3, flagged=2, seed=41)
     rid = next(iter(pc.partner_center.referrals))
     store.inbox_add([{"dedup_key": "k1", "event_name": "referral-updated", "referral_id": rid, "resource_uri": "x"}])
     holder = store.acquire_lease("salesforce", "cosell_sync_salesforce", "scheduled__busy", timedelta(minutes=5))
@@ -225,7 +209,7 @@ def test_a_dag_run_waiting_for_the_lease_is_rescheduled_not_failed(pc, airflow_e
 
     store = airflow_env
     monkeypatch.setenv("AIRFLOW__COSELL__LEASE_MAX_WAIT", "120")  # never hang: fail instead
-    _seed(pc, "salesforce")
+    seed(pc, "salesforce", referrals=16, opportunities=6, accounts=3, flagged=2, seed=41)
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cosell_sync_salesforce"]
     holder = (f"{EVENTS}.salesforce", "asset_triggered__busy")
     store.acquire_lease("salesforce", *holder, timedelta(minutes=5))

@@ -9,7 +9,6 @@ backfill's interval.
 
 from __future__ import annotations
 
-import itertools
 import time
 from datetime import UTC, datetime
 
@@ -20,16 +19,9 @@ from cosell_sync.dag_factory import sync_sides
 from cosell_sync.state import StateStore
 from cosell_sync.sync import runner
 from cosell_sync.sync.runner import SyncJob
-from tests.integration.sync_jobs import scheduled_job
+from tests.integration.sync_jobs import base_of, crm_amount, scheduled_job, seed
 
 CRMS = ["salesforce", "dynamics365"]
-_runs = itertools.count(1)
-
-
-def _seed(pc, crm: str) -> None:
-    pc.partner_center.seed(10, seed=83)
-    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
-    emulator.seed(opportunities=4, accounts=2, flagged=1, seed=83)
 
 
 def _job(crm: str, store: StateStore, staging, **kwargs) -> SyncJob:
@@ -69,16 +61,6 @@ def _seller_sets_amount(pc, crm: str, crm_id: str, amount: float) -> None:
         pc.dataverse.edit("opportunities", crm_id, {"estimatedvalue": amount})
 
 
-def _crm_amount(pc, crm: str, crm_id: str) -> float:
-    if crm == "salesforce":
-        return pc.salesforce.get_record("Opportunity", crm_id)["Amount"]
-    return pc.dataverse.row("opportunities", crm_id)["estimatedvalue"]
-
-
-def _base(store: StateStore, crm: str, referral_id: str) -> dict:
-    return store.get_links(crm, referral_ids=[referral_id])["base"].iloc[0]
-
-
 def _audit(store: StateStore, crm: str, referral_id: str, run_id: str):
     return store.audit(crm=crm, referral_id=referral_id, run_id=run_id)
 
@@ -96,12 +78,12 @@ def test_case_1_a_field_dropped_by_the_412_re_merge_keeps_its_base_and_is_settle
     changes the deal value: the PATCH gets 412, the re-merge drops the field. Its base must not
     move and it must not be audited as written; the next run sees both edits, settles the
     conflict by authority (the CRM wins) and writes it."""
-    _seed(pc, crm)
+    seed(pc, crm, referrals=10, opportunities=4, accounts=2, flagged=1, seed=83)
     staging = tmp_path / "staging"
     first = _run(_job(crm, store, staging), store)
     assert first["pc_to_crm"]["failed"] == 0, first
     row = _linked(pc, store, crm)
-    base_before = _base(store, crm, row.referral_id)["deal_value"]
+    base_before = base_of(store, crm, row.referral_id)["deal_value"]
 
     _seller_sets_amount(pc, crm, row.crm_id, 5000.0)
     job = _job(crm, store, staging)
@@ -109,7 +91,7 @@ def test_case_1_a_field_dropped_by_the_412_re_merge_keeps_its_base_and_is_settle
 
     assert report["crm_to_pc"]["deferred"] == 1, report
     assert pc.partner_center.referrals[row.referral_id]["details"]["dealValue"] == 7000.0  # not overwritten blind
-    assert _base(store, crm, row.referral_id)["deal_value"] == base_before  # not written: the base stays
+    assert base_of(store, crm, row.referral_id)["deal_value"] == base_before  # not written: the base stays
     audit = _audit(store, crm, row.referral_id, job.run_id)
     deal = audit[audit["field"] == "deal_value"]
     assert list(deal["action"]) == ["deferred"], audit  # never audited as written
@@ -118,9 +100,9 @@ def test_case_1_a_field_dropped_by_the_412_re_merge_keeps_its_base_and_is_settle
     second = _job(crm, store, staging)
     _run(second, store)
     assert _conflict_winners(store, crm, row.referral_id, "deal_value") == ["crm"]
-    assert _crm_amount(pc, crm, row.crm_id) == 5000.0  # the seller's edit won by authority: kept
+    assert crm_amount(pc, crm, row.crm_id) == 5000.0  # the seller's edit won by authority: kept
     assert pc.partner_center.referrals[row.referral_id]["details"]["dealValue"] == 5000.0
-    assert _base(store, crm, row.referral_id)["deal_value"] == 5000.0
+    assert base_of(store, crm, row.referral_id)["deal_value"] == 5000.0
 
 
 @pytest.mark.parametrize("crm", CRMS)
@@ -128,7 +110,7 @@ def test_case_4_a_backfill_merges_against_the_current_crm_record_outside_its_int
     """A backfill's interval holds a Microsoft edit of the deal value; the seller edited the
     opportunity's Amount after the interval. The opportunity is read by id, so the merge sees
     both edits and the CRM's (authority: CRM) is kept, not overwritten by the older one."""
-    _seed(pc, crm)
+    seed(pc, crm, referrals=10, opportunities=4, accounts=2, flagged=1, seed=83)
     staging = tmp_path / "staging"
     _run(_job(crm, store, staging), store)
     row = _linked(pc, store, crm)
@@ -145,7 +127,7 @@ def test_case_4_a_backfill_merges_against_the_current_crm_record_outside_its_int
     )
     _run(backfill, store)
     assert runner.read_frame(backfill, "crm")["crm_id"].str.casefold().tolist() == [row.crm_id.casefold()]
-    assert _crm_amount(pc, crm, row.crm_id) == 6200.0  # the newer seller edit survives
+    assert crm_amount(pc, crm, row.crm_id) == 6200.0  # the newer seller edit survives
     assert pc.partner_center.referrals[row.referral_id]["details"]["dealValue"] == 6200.0
     assert _conflict_winners(store, crm, row.referral_id, "deal_value") == ["crm"]
 
@@ -155,7 +137,7 @@ def test_case_4_an_event_run_reads_the_linked_opportunity_even_when_it_lost_its_
     cleared is still read through its link (and the stamp written back), never taken as
     unchanged."""
     crm = "salesforce"
-    _seed(pc, crm)
+    seed(pc, crm, referrals=10, opportunities=4, accounts=2, flagged=1, seed=83)
     staging = tmp_path / "staging"
     _run(_job(crm, store, staging), store)
     row = _linked(pc, store, crm)
@@ -174,7 +156,7 @@ def test_case_4_an_event_run_reads_the_linked_opportunity_even_when_it_lost_its_
 
 def test_case_7_a_close_date_salesforce_filled_in_is_the_base_and_never_sent_to_microsoft(pc, conns, store, tmp_path):
     crm = "salesforce"
-    _seed(pc, crm)
+    seed(pc, crm, referrals=10, opportunities=4, accounts=2, flagged=1, seed=83)
     target = next(
         r for r in pc.partner_center.referrals.values() if r["direction"] == "Incoming" and r["status"] == "New"
     )
@@ -205,11 +187,11 @@ def test_case_7_a_close_date_salesforce_filled_in_is_the_base_and_never_sent_to_
 def test_case_10_a_failed_partner_center_write_is_not_audited_as_an_update(pc, conns, store, tmp_path, crm):
     """Both directions change one pair; the CRM write lands, the Partner Center PATCH is refused.
     Only the CRM's field is audited as updated; the referral's is a failure, and its base stays."""
-    _seed(pc, crm)
+    seed(pc, crm, referrals=10, opportunities=4, accounts=2, flagged=1, seed=83)
     staging = tmp_path / "staging"
     _run(_job(crm, store, staging), store)
     row = _linked(pc, store, crm)
-    before = _base(store, crm, row.referral_id)
+    before = base_of(store, crm, row.referral_id)
     _edit_referral(pc, row.referral_id, notes="from Microsoft")
     _seller_sets_amount(pc, crm, row.crm_id, 8100.0)
 
@@ -227,12 +209,12 @@ def test_case_10_a_failed_partner_center_write_is_not_audited_as_an_update(pc, c
     assert updated["field"].tolist() == ["notes"], audit  # the CRM's write, and only it
     assert updated["direction"].tolist() == ["pc_to_crm"]
     assert audit[audit["action"] == "fail"]["direction"].tolist() == ["crm_to_pc"], audit
-    assert _base(store, crm, row.referral_id)["deal_value"] == before["deal_value"]
+    assert base_of(store, crm, row.referral_id)["deal_value"] == before["deal_value"]
 
 
 def test_case_10_dynamics_won_is_audited(pc, conns, store, tmp_path):
     crm = "dynamics365"
-    _seed(pc, crm)
+    seed(pc, crm, referrals=10, opportunities=4, accounts=2, flagged=1, seed=83)
     staging = tmp_path / "staging"
     _run(_job(crm, store, staging), store)
     row = _linked(pc, store, crm)
@@ -255,7 +237,7 @@ def test_a_crm_loss_declines_a_new_referral_and_loses_an_active_one(
     pc, conns, store, tmp_path, status, substatus, closed_as
 ):
     crm = "salesforce"
-    _seed(pc, crm)
+    seed(pc, crm, referrals=10, opportunities=4, accounts=2, flagged=1, seed=83)
     staging = tmp_path / "staging"
     _run(_job(crm, store, staging), store)
     row = _linked(pc, store, crm, status=status)
@@ -265,5 +247,5 @@ def test_a_crm_loss_declines_a_new_referral_and_loses_an_active_one(
     _run(_job(crm, store, staging), store)
     referral = pc.partner_center.referrals[row.referral_id]
     assert (referral["status"], referral["substatus"]) == ("Closed", closed_as)
-    assert _base(store, crm, row.referral_id)["stage"] == "lost"
+    assert base_of(store, crm, row.referral_id)["stage"] == "lost"
     assert _run(_job(crm, store, staging), store)["crm_to_pc"]["updated"] == 0  # settled: no echo

@@ -31,8 +31,8 @@ from cosell_sync.sync.runner import (
     load_partner_center,
     plan_run,
     read_frame,
-    window,
 )
+from tests.integration.sync_jobs import scheduled_job
 
 CRMS = ["salesforce", "dynamics365"]
 _runs = itertools.count(1)
@@ -51,17 +51,8 @@ def seed(pc, crm: str) -> None:
 
 
 def new_job(crm: str, store: StateStore, staging) -> SyncJob:
-    dag_id = f"cosell_sync_{crm}"
-    since_pc, since_crm = window(store, dag_id)
-    return SyncJob(
-        crm=crm,
-        dag_id=dag_id,
-        run_id=f"manual__retry_{next(_runs)}",
-        mapping=load_mapping(crm),
-        staging=staging,
-        since_pc=since_pc,
-        since_crm=since_crm,
-    )
+    """A manual run of ``cosell_sync_<crm>`` from the committed watermarks."""
+    return scheduled_job(crm, store, staging, prefix="manual")
 
 
 def sides(crm: str, mapping):

@@ -87,6 +87,13 @@ def crm_link_values(pc, crm: str) -> dict[str, str | None]:
     return {r["opportunityid"].lower(): r.get("cosell_referralid") for r in pc.dataverse.rows("opportunities")}
 
 
+def crm_audits(pc, crm: str) -> dict[str, str | None]:
+    """CRM id -> the audit field of each opportunity."""
+    if crm == "salesforce":
+        return {r["Id"]: r.get("PC_Audit__c") for r in pc.salesforce.list_records("Opportunity")}
+    return {r["opportunityid"]: r.get("cosell_audit") for r in pc.dataverse.rows("opportunities")}
+
+
 def crm_counts(pc, crm: str) -> dict[str, int]:
     if crm == "salesforce":
         objects = ("Opportunity", "Account", "Contact", "OpportunityContactRole")
@@ -156,10 +163,15 @@ def test_retried_and_cleared_load_partner_center_creates_each_referral_once(pc, 
     first = run_load_pc(job)
     assert first["failed"] == 0, first
     before = len(pc.partner_center.referrals)
+    audits = crm_audits(pc, crm)
+    stamped = {d["id"]: d["updatedDateTime"] for d in pc.partner_center.referrals.values()}
 
     again = run_load_pc(job)  # Airflow retries the task (or a person clears it) before the commit
     assert again["failed"] == 0, again
     assert len(pc.partner_center.referrals) == before
+    # Nothing the first try wrote is written again: no referral changed, no second audit line.
+    assert {d["id"]: d["updatedDateTime"] for d in pc.partner_center.referrals.values()} == stamped
+    assert crm_audits(pc, crm) == audits
     report = commit(job, store)
     assert report["crm_to_pc"]["created"] == len(planned) and report["crm_to_pc"]["failed"] == 0, report
     assert_created_once_and_linked(pc, crm, store, planned)

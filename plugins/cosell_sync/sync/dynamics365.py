@@ -846,14 +846,19 @@ class DynamicsSide(CrmWorkflow):
         url = with_query(DynamicsHook.row(self.opportunity_set, str(row.crm_id)), {"$select": self.opportunity_pk})
         return BatchRequest("PATCH", url, body, headers={"If-Match": etag or "*", "Prefer": "return=representation"})
 
-    def _audits(self, rows: Sequence[_Row], on_error: Callable[..., None]) -> dict[str, Any]:
+    def _audits(
+        self, rows: Sequence[_Row], on_error: Callable[..., None], links: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The audit trail of each row's opportunity (and into ``links``, the referral id it holds)."""
         current = self._read_chunked(
             rows,
             lambda r: str(r.crm_id),
             lambda v: eq(self.opportunity_pk, uuid.UUID(v)),
-            [self.opportunity_pk, self.audit_field],
+            [self.opportunity_pk, self.audit_field, *([self.link_field] if links is not None else [])],
             on_error,
         )
+        if links is not None:
+            links.update({str(r[self.opportunity_pk]).lower(): r.get(self.link_field) for r in current})
         return {str(r[self.opportunity_pk]).lower(): r.get(self.audit_field) for r in current}
 
     # -- mark and links ---------------------------------------------------------------------------
@@ -918,11 +923,14 @@ class DynamicsSide(CrmWorkflow):
         if ctx.dry_run or not rows:
             return outcomes.finish(every)
         try:
-            audits = self._audits(rows, outcomes.fail)
+            held: dict[str, Any] = {}
+            audits = self._audits(rows, outcomes.fail, held)
             requests: list[tuple[_Row, BatchRequest]] = []
             for row in rows:
                 if outcomes.failed(row):
                     continue
+                if str(held.get(str(row.crm_id)) or "").casefold() == str(row.referral_id).casefold():
+                    continue  # an earlier try of the task wrote it already: no second audit line
                 line = audit_line(ctx, "crm_to_pc", {"referral_id": row.referral_id})
                 body = {
                     **row.values,

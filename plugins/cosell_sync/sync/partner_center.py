@@ -178,18 +178,17 @@ class PartnerCenterSide:
             doc["type"] = "Independent"
         return doc
 
-    def _planned_fields(self, row: Mapping[str, Any], doc: Mapping[str, Any]) -> dict[str, Any]:
-        """What Partner Center will hold once ``doc`` is created, read back through the mapping
-        (the link's first base); ids come from the service."""
-        written = referrals_frame([{**doc, "id": "(new)"}], self.mapping).frame
-        if len(written):
-            return {k: v for k, v in written.iloc[0].items() if k in self.mapping.fields}
-        return {k: v for k, v in row.items() if k in self.mapping.fields and v is not None}
-
-    def _held_fields(self, doc: Mapping[str, Any]) -> dict[str, Any] | None:
-        """What an existing referral holds, through the mapping (None when it does not parse)."""
-        held = referrals_frame([dict(doc)], self.mapping).frame
-        return {k: v for k, v in held.iloc[0].items() if k in self.mapping.fields} if len(held) else None
+    def _canonical(self, docs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """What referrals hold, through the mapping, in one pass: key -> canonical fields
+        (a document that does not parse is left out)."""
+        if not docs:
+            return {}
+        frame = referrals_frame([{**doc, "id": key} for key, doc in docs.items()], self.mapping).frame
+        names = [n for n in frame.columns if n in self.mapping.fields]
+        return {
+            str(k): dict(zip(names, v, strict=True))
+            for k, v in zip(frame["referral_id"], frame[names].itertuples(index=False), strict=True)
+        }
 
     def existing_referrals(self, crm_ids: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, ApiError]]:
         """The referrals already created for these CRM ids (``externalReferenceId``), and the
@@ -233,10 +232,16 @@ class PartnerCenterSide:
             if existing:
                 log.info("%d of %d referral(s) to create exist already: adopted", len(existing), len(rows))
 
+        # What each new referral will hold, read back through the mapping (the link's first base),
+        # and what each adopted one holds: one pass each, not one frame per row.
+        docs = {str(r["crm_id"]): self.referral_document(r) for r in rows}
+        planned = self._canonical(docs)
+        held = self._canonical(existing)
+
         def work(row: dict[str, Any]) -> WriteResult:
             crm_id = str(row["crm_id"])
-            doc = self.referral_document(row)
-            fields = self._planned_fields(row, doc)
+            doc = docs[crm_id]
+            fields = planned.get(crm_id) or {k: v for k, v in row.items() if k in self.mapping.fields and v is not None}
             result = WriteResult(crm_id, "create", True, crm_id=crm_id, fields=fields)
             if ctx.dry_run:
                 return result
@@ -249,7 +254,7 @@ class PartnerCenterSide:
                 except CosellError as exc:
                     return _failed(result, exc)
             else:
-                result.fields = self._held_fields(found) or fields
+                result.fields = held.get(crm_id) or fields
             result.referral_id, result.etag = str(found["id"]), found.get("eTag")
             return result
 
@@ -328,6 +333,9 @@ class PartnerCenterSide:
             try:
                 doc = current.get(rid) or self.hook.get_referral(rid)
                 for attempt in (1, 2):
+                    if attempt == 2 and str(doc.get("externalReferenceId") or "").casefold() == crm_id.casefold():
+                        result.etag = doc.get("eTag")  # an earlier try of this task wrote it already
+                        return result
                     try:
                         op = patch_operations(doc, ["externalReferenceId"], crm_id)
                         answer = self.hook.patch_referral(rid, [op], etag=doc.get("eTag"))

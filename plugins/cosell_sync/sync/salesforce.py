@@ -281,16 +281,23 @@ class SalesforceSide(CrmWorkflow):
         return outcomes
 
     def _read_audit(
-        self, values: Sequence[str], *, by: str = "Id", stamps: dict[str, str | None] | None = None
+        self,
+        values: Sequence[str],
+        *,
+        by: str = "Id",
+        stamps: dict[str, str | None] | None = None,
+        links: dict[str, str | None] | None = None,
     ) -> tuple[dict[str, str | None], dict[str, tuple[str, str]]]:
         """The audit field of the opportunities whose ``by`` field is one of ``values``:
         (key -> text, key -> (error, code) for values whose read failed). Keys: an Id's
         15-character (case-sensitive) form, or the case-folded value of another field.
-        ``stamps``: also read each one's ``SystemModstamp`` (same query) into it, by the same key."""
+        ``stamps``: also read each one's ``SystemModstamp`` (same query) into it, by the same key;
+        ``links``: the same for the referral id it holds."""
         key: Callable[[Any], str] = (lambda v: str(v)[:15]) if by == "Id" else (lambda v: str(v).casefold())
         audit: dict[str, str | None] = {}
         failed: dict[str, tuple[str, str]] = {}
-        fields = list(dict.fromkeys(["Id", by, self.audit_field, *(["SystemModstamp"] if stamps is not None else [])]))
+        extra = [*(["SystemModstamp"] if stamps is not None else []), *([self.link_field] if links is not None else [])]
+        fields = list(dict.fromkeys(["Id", by, self.audit_field, *extra]))
         for chunk in _chunks(list(dict.fromkeys(values))):
             soql = select(self.opportunity, fields, [Condition(by, "IN", chunk)])
             try:
@@ -298,6 +305,8 @@ class SalesforceSide(CrmWorkflow):
                     audit[key(record[by])] = record.get(self.audit_field)
                     if stamps is not None:
                         stamps[key(record[by])] = record.get("SystemModstamp")
+                    if links is not None:
+                        links[key(record[by])] = record.get(self.link_field)
             except (AuthenticationError, ConfigurationError):
                 raise
             except Exception as exc:
@@ -783,7 +792,13 @@ class SalesforceSide(CrmWorkflow):
                 pending.append(result)
         if ctx.dry_run or not pending:
             return results
-        audits, unread = self._read_audit([v for v in (_valid_id(r.crm_id) for r in pending) if v])
+        held: dict[str, str | None] = {}
+        audits, unread = self._read_audit([v for v in (_valid_id(r.crm_id) for r in pending) if v], links=held)
+        # An opportunity that holds the referral id already (an earlier try of the task wrote
+        # it) is not written again: no second audit line.
+        pending = [
+            r for r in pending if str(held.get(str(r.crm_id)[:15]) or "").casefold() != str(r.referral_id).casefold()
+        ]
         records = []
         for result in pending:
             crm_id, rid = str(result.crm_id), str(result.referral_id)

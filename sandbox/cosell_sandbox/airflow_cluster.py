@@ -33,6 +33,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class AirflowCommandError(RuntimeError):
+    """An ``airflow`` command failed; the message holds the end of its stderr."""
+
+
 class AirflowCluster:
     def __init__(
         self,
@@ -88,15 +92,25 @@ class AirflowCluster:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
     # -- processes ---------------------------------------------------------------------------------
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "airflow", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=True,
-        )
+    def cli(self, *args: str, timeout: float = 300, attempts: int = 3) -> subprocess.CompletedProcess:
+        """``airflow <args>``; a command that fails because SQLite was locked by the running
+        components is tried again (up to ``attempts`` times); any other failure raises with the
+        command's stderr."""
+        for attempt in range(1, attempts + 1):
+            done = subprocess.run(
+                [sys.executable, "-m", "airflow", *args],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+            if done.returncode == 0:
+                return done
+            if "database is locked" not in done.stderr or attempt == attempts:
+                raise AirflowCommandError(f"airflow {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+            time.sleep(2 * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def start(self) -> AirflowCluster:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -532,7 +532,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     failed_pairs = {_pair(r.referral_id, r.crm_id) for r in results.itertuples() if not r.ok}
     deferred: dict[tuple[str, str], set[str]] = {}
     for r in results.itertuples():
-        if r.ok and isinstance(r.deferred, list) and r.deferred:
+        if r.ok and isinstance(getattr(r, "deferred", None), list) and r.deferred:
             deferred.setdefault(_pair(r.referral_id, r.crm_id), set()).update(r.deferred)
     base = the_plan.new_base
     landed = np.array(
@@ -568,13 +568,9 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
         + _error_failures(errors, "crm"),
     }
     cleared = _cleared(job, store, pc, crm, failures)
-    watermarks = {}
-    for side, frame, column in (("partner_center", pc, "updated_at"), ("crm", crm, "modified_at")):
-        mark = _window_mark(job, side)
-        if mark is not None:
-            watermarks[side] = mark
-        elif mark is None and len(frame) and frame[column].notna().any() and not _has_mark(job, side):
-            watermarks[side] = pd.to_datetime(frame[column], utc=True).max().to_pydatetime()  # an older staging
+    # Each side's watermark moves to the newest change its window read (records read by id,
+    # outside the window, never move it); a side whose window read nothing keeps its own.
+    watermarks = {side: mark for side in MARK_FILES if (mark := _window_mark(job, side)) is not None}
     watermarks["full_sync"] = datetime.now(UTC)  # moved with the others: only by window runs
     report = build_report(the_plan, crm_results, pc_results, errors)
     report["pc_to_crm"]["failed"] += int((~stamp_results["ok"].astype(bool)).sum()) if len(stamp_results) else 0
@@ -603,14 +599,6 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
 
 
 MARK_FILES = {"partner_center": "pc_mark", "crm": "crm_mark"}
-
-
-def _has_mark(job: SyncJob, side: str) -> bool:
-    try:
-        read_json(job, MARK_FILES[side])
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _window_mark(job: SyncJob, side: str) -> datetime | None:
@@ -736,7 +724,7 @@ def _audit_rows(job: SyncJob, the_plan: Plan, crm_results: pd.DataFrame, pc_resu
             continue
         if isinstance(r.fields, dict) and c.field in r.fields:
             action, detail = ("update" if r.action == "update" else r.action), c.reason
-        elif isinstance(r.deferred, list) and c.field in r.deferred:
+        elif isinstance(getattr(r, "deferred", None), list) and c.field in r.deferred:
             action, detail = "deferred", f"{r.error_code or 'changed_during_run'}: {c.target} changed since it was read"
         else:
             continue
@@ -820,7 +808,7 @@ def build_report(the_plan: Plan, crm_results: pd.DataFrame, pc_results: pd.DataF
             "updated": int(ok["action"].isin(["update", "win", "lose"]).sum()) if len(ok) else 0,
             "conflicts": int((the_plan.conflicts["winner"] == winner).sum()),
             "failed": int((~results["ok"].astype(bool)).sum()) if len(results) else 0,
-            "deferred": sum(1 for d in ok["deferred"] if isinstance(d, list) and d) if len(ok) else 0,
+            "deferred": sum(1 for d in ok.get("deferred", []) if isinstance(d, list) and d) if len(ok) else 0,
         }
 
     bad_pc = errors[errors["side"] == "referral"]["key"].nunique() if len(errors) else 0

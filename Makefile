@@ -29,10 +29,12 @@ venv: $(VENV)/.synced
 lint: venv
 	$(BIN)/ruff check .
 
-# Two xdist workers (this machine has 2 cores); the tests that start real Airflow components
-# share one worker (xdist_group "airflow-cluster"), the rest of the suite runs on the other.
+# Two xdist workers (this machine has 2 cores). Tests that must not share the machine's load
+# with each other keep to one worker by xdist_group: those that start real Airflow components
+# ("airflow-cluster"), the kill test ("kill") and the race tests ("races"); the rest is spread
+# over both. The 15 slowest tests are listed at the end, to see where the time goes.
 test: venv lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
 # The fast tier: pure logic and the emulators, no Airflow components, under a minute.
 test-fast: venv lint

@@ -1024,12 +1024,17 @@ class SalesforceEmulator(EmulatorApp):
             if fdef.type == "email" and not EMAIL_RE.fullmatch(value):
                 raise RecordError("INVALID_EMAIL_ADDRESS", f"{fdef.label}: invalid email address: {value}", [fdef.name])
             if isinstance(value, Decimal):
-                if fdef.type == "int":
-                    value = value.to_integral_value()
-                else:
-                    value = value.quantize(Decimal(1).scaleb(-fdef.scale), rounding=ROUND_HALF_UP)
+                # Checked before rounding as well: 1e300 cannot be quantized at 28 digits, and the
+                # real API answers it per record (NUMBER_OUTSIDE_VALID_RANGE), never with a 500.
                 digits = fdef.precision - fdef.scale if fdef.precision else 18
-                if abs(value) >= Decimal(10) ** digits:
+                out_of_range = abs(value) >= Decimal(10) ** digits
+                if not out_of_range:
+                    if fdef.type == "int":
+                        value = value.to_integral_value()
+                    else:
+                        value = value.quantize(Decimal(1).scaleb(-fdef.scale), rounding=ROUND_HALF_UP)
+                    out_of_range = abs(value) >= Decimal(10) ** digits
+                if out_of_range:
                     raise RecordError(
                         "NUMBER_OUTSIDE_VALID_RANGE",
                         f"{fdef.label}: value outside of valid range on numeric field: {value}",

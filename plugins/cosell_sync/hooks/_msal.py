@@ -3,6 +3,11 @@
 * One msal application per (authority, client id, secret) per process; building one
   fetches the authority's OpenID configuration, so it is done lazily and once.
 * Access tokens are cached in memory until shortly before they expire.
+* msal sends every request (instance and OpenID discovery, the token request) through
+  :class:`EntraHttpClient`: the hooks' session and the same :class:`Retrier` as the API
+  calls, so 429 (after ``Retry-After``), 5xx and dropped connections are retried, and what
+  is left after the retry budget is typed (:class:`ThrottledError`, :class:`ServerError`,
+  :class:`TransportError`); a refused credential is an :class:`AuthenticationError`.
 * Rotated refresh tokens are persisted by :class:`RefreshTokenStore`, so that the next
   task process (every Airflow task is one) starts from the newest token.
 """
@@ -24,9 +29,18 @@ from urllib.parse import urlsplit
 
 import msal
 import requests
+from msal.exceptions import MsalServiceError
 
 from cosell_sync._masking import mask
-from cosell_sync.errors import AuthenticationError, ConfigurationError
+from cosell_sync.errors import (
+    ApiError,
+    AuthenticationError,
+    ConfigurationError,
+    ServerError,
+    ThrottledError,
+    error_class_for,
+)
+from cosell_sync.hooks._http import Retrier, RetryPolicy, parse_retry_after
 
 # Hosts msal knows; for any other authority (sovereign proxies, the sandbox) instance
 # discovery must be off, or msal asks login.microsoftonline.com about it.
@@ -42,6 +56,11 @@ MICROSOFT_AUTHORITY_HOSTS = frozenset(
     }
 )
 EXPIRY_SKEW = 300  # seconds: refresh this long before expiry
+SYSTEM = "Entra ID"
+# Retries of the token service's calls when the hook gives no policy (tests shorten it).
+DEFAULT_POLICY = RetryPolicy()
+# OAuth errors that mean the token service is busy or failing, not that it refused us.
+TRANSIENT_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 
 _apps: dict[tuple[str, str, str], msal.ConfidentialClientApplication] = {}
 _tokens: dict[tuple[str, ...], tuple[str, float]] = {}
@@ -60,9 +79,88 @@ def fingerprint(*secrets: str | None) -> str:
     return hashlib.sha256("\0".join(s or "" for s in secrets).encode()).hexdigest()[:16]
 
 
+def oauth_error(response: requests.Response) -> tuple[str | None, str]:
+    """(code, first line of the description) of an OAuth error body ``{"error",
+    "error_description"}`` (Entra ID's), or of a Microsoft ``{"error": {"code", "message"}}``."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, (response.text or response.reason or "")[:500]
+    if not isinstance(body, dict):
+        return None, str(body)[:500]
+    err = body.get("error")
+    if isinstance(err, dict):
+        return err.get("code"), str(err.get("message", ""))[:2000]
+    description = str(body.get("error_description") or err or "")
+    return (str(err) if err else None), description.split("\r\n")[0].split("\n")[0][:2000]
+
+
+class EntraHttpClient:
+    """The ``http_client`` msal is given: its GETs and POSTs go through the hook's session and
+    a :class:`Retrier`.
+
+    msal expects ``get``/``post`` returning a requests-like response. It reads a 4xx token
+    response itself (the OAuth error body: ``invalid_client``, ``invalid_grant``, ...), but
+    would raise a bare ``MsalServiceError: HTTP Error: 503`` on a 5xx, read a 429 as a refusal
+    and let a dropped connection escape as a ``requests`` exception. So the client retries
+    those (a token or discovery request has no side effect, so each is safe to send again) and
+    raises what is left as typed errors: 429 -> :class:`ThrottledError`, 5xx ->
+    :class:`ServerError`, connection -> :class:`TransportError`. Messages carry the service's
+    error code and description and the URL's path, never a request body (where the secret is).
+    """
+
+    def __init__(
+        self,
+        session: requests.Session,
+        policy: RetryPolicy | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.session = session
+        self.retrier = Retrier(SYSTEM, policy or DEFAULT_POLICY, sleep=sleep)
+
+    def get(self, url: str, params: Any = None, headers: Any = None, **kwargs: Any) -> requests.Response:
+        return self._send("GET", url, params=params, headers=headers, **kwargs)
+
+    def post(
+        self, url: str, params: Any = None, data: Any = None, headers: Any = None, **kwargs: Any
+    ) -> requests.Response:
+        return self._send("POST", url, params=params, data=data, headers=headers, **kwargs)
+
+    def close(self) -> None:
+        """The session belongs to the hook; msal does not close it."""
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        response = self.retrier.run(method, url, lambda: self.session.request(method, url, **kwargs), idempotent=True)
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise self._error(response, method, url)
+        return response
+
+    @staticmethod
+    def _error(response: requests.Response, method: str, url: str) -> ApiError:
+        code, message = oauth_error(response)
+        cls = error_class_for(response.status_code)
+        request_id = response.headers.get("x-ms-request-id") or response.headers.get("request-id")
+        kwargs: dict[str, Any] = dict(
+            status=response.status_code, code=code, request_id=request_id, method=method, url=url
+        )
+        if cls is ThrottledError:
+            kwargs["retry_after"] = parse_retry_after(response.headers.get("Retry-After"))
+        return cls(SYSTEM, message or "the token service is unavailable", **kwargs)
+
+
 def confidential_app(
-    authority: str, client_id: str, client_secret: str, session: requests.Session
+    authority: str,
+    client_id: str,
+    client_secret: str,
+    session: requests.Session,
+    *,
+    policy: RetryPolicy | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> msal.ConfidentialClientApplication:
+    """The msal application for these credentials, built once (building it fetches the
+    authority's OpenID configuration, with retries; see :class:`EntraHttpClient`)."""
     key = (authority, client_id, fingerprint(client_secret))
     with _lock:
         app = _apps.get(key)
@@ -73,15 +171,13 @@ def confidential_app(
                 client_id,
                 client_credential=client_secret,
                 authority=authority,
-                http_client=session,
+                http_client=EntraHttpClient(session, policy, sleep=sleep),
                 instance_discovery=host in MICROSOFT_AUTHORITY_HOSTS,
             )
         except ValueError as exc:
             raise ConfigurationError(f"Cannot use the authority {authority}: {exc}") from None
-        except requests.RequestException as exc:
-            raise AuthenticationError(
-                "Entra ID", f"cannot reach the authority {authority}: {type(exc).__name__}"
-            ) from None
+        except requests.RequestException as exc:  # not a connection failure (those are retried): a bad URL
+            raise ConfigurationError(f"Cannot use the authority {authority}: {type(exc).__name__}") from None
         with _lock:
             _apps.setdefault(key, app)
     return app
@@ -94,12 +190,17 @@ def cached_token(key: tuple[str, ...], acquire: Callable[[], dict[str, Any]], fo
         hit = _tokens.get(key)
     if hit and not force and hit[1] - EXPIRY_SKEW > now:
         return hit[0]
-    result = acquire()
+    try:
+        result = acquire()
+    except MsalServiceError as exc:  # only if msal itself judged a response bad
+        raise ServerError(SYSTEM, f"unexpected token service response ({exc})") from None
     if "access_token" not in result:
-        raise AuthenticationError(
-            "Entra ID",
+        error = result.get("error")
+        cls = ServerError if error in TRANSIENT_OAUTH_ERRORS else AuthenticationError
+        raise cls(
+            SYSTEM,
             str(result.get("error_description") or "no access token returned").split("\r\n")[0],
-            code=result.get("error"),
+            code=error,
             request_id=result.get("correlation_id"),
         )
     token = result["access_token"]

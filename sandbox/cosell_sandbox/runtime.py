@@ -176,10 +176,13 @@ class Sandbox:
         """The receiver's ``[cosell] webhook_*`` settings that make it trust sandbox deliveries.
 
         Only values differ from production: the host that serves the signing certificate,
-        the CA it chains to (and that the certificate is fetched over), the issuer's O=.
+        the CA it chains to (and that the certificate is fetched over), the issuer's O=, and
+        the host its events' ``ResourceUri`` names.
         """
+        host = urlsplit(self.origin("partner_center")).hostname or "127.0.0.1"
         return {
-            "webhook_certificate_hosts": urlsplit(self.origin("partner_center")).hostname or "127.0.0.1",
+            "webhook_certificate_hosts": host,
+            "webhook_resource_hosts": host,
             "webhook_trust_roots": str(self.pki.ca_cert),
             "webhook_issuer_organization": CA_ORGANIZATION,
             "webhook_ca_bundle": str(self.pki.ca_cert),

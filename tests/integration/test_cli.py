@@ -58,11 +58,13 @@ def test_serve_prints_connection_lines_the_hook_uses_unchanged(served, tmp_path)
         "AIRFLOW_CONN_DYNAMICS_DEFAULT",
         "AIRFLOW_CONN_SALESFORCE_DEFAULT",
         "AIRFLOW__COSELL__WEBHOOK_CERTIFICATE_HOSTS",
+        "AIRFLOW__COSELL__WEBHOOK_RESOURCE_HOSTS",
         "AIRFLOW__COSELL__WEBHOOK_TRUST_ROOTS",
         "AIRFLOW__COSELL__WEBHOOK_ISSUER_ORGANIZATION",
         "AIRFLOW__COSELL__WEBHOOK_CA_BUNDLE",
     }
     assert env["AIRFLOW__COSELL__WEBHOOK_CERTIFICATE_HOSTS"] == "127.0.0.1"
+    assert env["AIRFLOW__COSELL__WEBHOOK_RESOURCE_HOSTS"] == "127.0.0.1"
     assert env["AIRFLOW__COSELL__WEBHOOK_TRUST_ROOTS"] == str(home / "pki" / "ca.pem")
 
     script = textwrap.dedent(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import random
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,7 +40,15 @@ from cosell_sandbox.runtime import Sandbox
 from cosell_sandbox.tls import CA_ORGANIZATION
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS
 from cosell_sync.state import StateStore
-from cosell_sync.webhooks.receiver import URL_PREFIX, WEBHOOK_PATH, ReceiverApp, ReceiverSettings, create_app
+from cosell_sync.webhooks.receiver import (
+    URL_PREFIX,
+    WEBHOOK_PATH,
+    EventError,
+    ReceiverApp,
+    ReceiverSettings,
+    create_app,
+    parse_event,
+)
 from tests.helpers import Receiver, issue_certificate
 
 REFERRAL_ID = "3f1c2b9e-8d4a-4c55-9a57-1d2e3f4a5b6c"
@@ -197,30 +207,40 @@ def test_a_real_sandbox_delivery_lands_in_the_inbox(pc: Sandbox, hook, client: T
 
 
 def test_x_ms_signature_header_and_every_referral_event_are_accepted(pc: Sandbox, client: TestClient, state_url: str):
+    ids = [str(uuid.UUID(int=n + 1)) for n in range(len(REFERRAL_EVENTS))]
     for n, event in enumerate(REFERRAL_EVENTS):
-        body = event_body(pc, f"ref-{n}", event)
+        body = event_body(pc, ids[n], event)
         headers = signed_headers(pc, body)
         headers["x-ms-signature"] = headers.pop("Authorization").removeprefix("Signature ")
         resp = post(client, body, headers)
         assert resp.status_code == 200, resp.text
         assert resp.json()["status"] == "accepted"
     assert [(r["event_name"], r["referral_id"]) for r in inbox(state_url)] == [
-        (event, f"ref-{n}") for n, event in enumerate(REFERRAL_EVENTS)
+        (event, ids[n]) for n, event in enumerate(REFERRAL_EVENTS)
     ]
 
 
-def test_the_referral_id_is_the_last_segment_of_any_resource_uri(pc: Sandbox, client: TestClient, state_url: str):
+def test_the_documented_payload_is_accepted_on_a_configured_host(
+    pc: Sandbox, monkeypatch: pytest.MonkeyPatch, webhook_env, state_url: str
+):
+    """The payload as documented (production host, seven fractional digits), once its host is configured."""
+    monkeypatch.setenv("AIRFLOW__COSELL__WEBHOOK_RESOURCE_HOSTS", "127.0.0.1, API.PartnerCenter.Microsoft.com")
     payload = {
         "EventName": "related-referral-created",
-        "ResourceUri": "https://api.partnercenter.microsoft.com/engagements/v1/referrals/abc-123/",
+        "ResourceUri": f"https://api.partnercenter.microsoft.com/engagements/v1/referrals/{REFERRAL_ID}",
         "ResourceName": "referral",
         "AuditUri": None,
-        "ResourceChangeUtcDate": "2018-02-17T00:05:39.5485487+00:00",  # seven fractional digits, as documented
+        "ResourceChangeUtcDate": "2018-02-17T00:05:39.5485487+00:00",
     }
     body = json.dumps(payload).encode()
-    assert post(client, body, signed_headers(pc, body)).status_code == 200
+    app = create_app()
+    try:
+        with TestClient(app) as c:
+            assert post(c, body, signed_headers(pc, body)).status_code == 200
+    finally:
+        app.state.runtime.close()
     (row,) = inbox(state_url)
-    assert row["referral_id"] == "abc-123"
+    assert row["referral_id"] == REFERRAL_ID
     assert row["change_date"] == dt.datetime(2018, 2, 17, 0, 5, 39, 548548, tzinfo=dt.UTC)
 
 
@@ -526,6 +546,212 @@ def test_a_missing_trust_roots_file_answers_503(pc: Sandbox, webhook_env, monkey
     assert "missing.pem" not in resp.text  # the path is logged, not told to the caller
 
 
+# --------------------------------------------------------------------------- hostile events (issue 12)
+#
+# Each body below is signed by the sandbox's dispatcher: the signature is valid, so only the
+# event checks stand between it and the inbox.
+
+
+def raw_event(
+    pc: Sandbox, resource_uri: str | None = None, *, extra: str = "", referral_id: str = REFERRAL_ID
+) -> bytes:
+    """An event body written as text, so that it can hold what ``json.dumps`` never writes."""
+    uri = (
+        resource_uri
+        if resource_uri is not None
+        else f"{pc.origin('partner_center')}/engagements/v1/referrals/{referral_id}"
+    )
+    return (
+        '{"EventName": "referral-updated", "ResourceUri": ' + json.dumps(uri) + ', "ResourceName": "referral", '
+        '"AuditUri": null, "ResourceChangeUtcDate": "2026-11-30T09:00:00.000000+00:00"' + extra + "}"
+    ).encode()
+
+
+def assert_refused(pc: Sandbox, client: TestClient, cases: dict[str, bytes], *, secrets: tuple[str, ...] = ()) -> None:
+    """Every signed body in ``cases`` answers 400 invalidRequest, echoing none of ``secrets``."""
+    for case, body in cases.items():
+        resp = post(client, body, signed_headers(pc, body))
+        assert resp.status_code == 400, (case, resp.status_code, resp.text)
+        assert error_code(resp) == "invalidRequest", case
+        for secret in secrets:
+            assert secret not in resp.text, (case, resp.text)
+
+
+def test_resource_uris_off_the_configured_hosts_get_400_and_are_not_stored(
+    pc: Sandbox, client: TestClient, state_url: str, caplog: pytest.LogCaptureFixture
+):
+    port = pc.origin("partner_center").rsplit(":", 1)[1]
+    path = f"/engagements/v1/referrals/{REFERRAL_ID}"
+    uris = {
+        "another host": f"https://evil.example{path}",
+        "a look-alike suffix": f"https://127.0.0.1.evil.example:{port}{path}",
+        "localhost for 127.0.0.1": f"https://localhost:{port}{path}",
+        # the production host is a default, but this deployment (the sandbox's) configures only its own
+        "a default host this deployment replaced": f"https://api.partnercenter.microsoft.com{path}",
+        "user info naming the host": f"https://127.0.0.1:{port}@evil.example{path}",
+        "user info before the host": f"https://evil.example@127.0.0.1:{port}{path}",
+        "a backslash before @": f"https://127.0.0.1:{port}\\@evil.example{path}",
+        "plain http": f"http://127.0.0.1:{port}{path}",
+        "no host": f"https:///{path}",
+        "an empty port": f"https://127.0.0.1:{path}",
+        "a port out of range": f"https://127.0.0.1:99999{path}",
+        "a trailing-dot host": f"https://127.0.0.1.:{port}{path}",
+        "scheme-relative": f"//127.0.0.1:{port}{path}",
+    }
+    caplog.set_level(logging.WARNING, logger="cosell_sync.webhooks.receiver")
+    cases = {case: raw_event(pc, uri) for case, uri in uris.items()}
+    assert_refused(pc, client, cases, secrets=("evil.example",))
+    assert inbox(state_url) == []
+    # logged without the body, the URI or the signature
+    refusals = [r.getMessage() for r in caplog.records if "refused (400)" in r.getMessage()]
+    assert len(refusals) == len(cases)
+    signature = signed_headers(pc, cases["another host"])["Authorization"].removeprefix("Signature ")
+    for line in refusals:
+        assert "evil.example" not in line and signature not in line and REFERRAL_ID not in line, line
+
+
+def test_traversal_and_non_canonical_resource_uris_get_400_and_are_not_stored(
+    pc: Sandbox, client: TestClient, state_url: str
+):
+    origin = pc.origin("partner_center")
+    uris = {
+        "dot-dot segments": f"{origin}/webhooks/v1/../../engagements/v1/referrals/{REFERRAL_ID}",
+        "dot-dot after the id": f"{origin}/engagements/v1/referrals/{REFERRAL_ID}/..",
+        "dot-dot to another id": f"{origin}/engagements/v1/referrals/x/../{REFERRAL_ID}",
+        "a dot segment": f"{origin}/engagements/./v1/referrals/{REFERRAL_ID}",
+        "encoded dot-dot": f"{origin}/engagements/v1/%2e%2e/referrals/{REFERRAL_ID}",
+        "encoded dot-dot, upper case": f"{origin}/engagements/%2E%2E/v1/referrals/{REFERRAL_ID}",
+        "encoded slash in the id": f"{origin}/engagements/v1/referrals/..%2F{REFERRAL_ID}",
+        "double-encoded": f"{origin}/engagements/v1/%252e%252e/referrals/{REFERRAL_ID}",
+        "encoded id": f"{origin}/engagements/v1/referrals/{REFERRAL_ID.replace('-', '%2D')}",
+        "doubled slashes": f"{origin}//engagements/v1/referrals/{REFERRAL_ID}",
+        "doubled slash before the id": f"{origin}/engagements/v1/referrals//{REFERRAL_ID}",
+        "a trailing slash": f"{origin}/engagements/v1/referrals/{REFERRAL_ID}/",
+        "a query": f"{origin}/engagements/v1/referrals/{REFERRAL_ID}?next=../../x",
+        "an empty query": f"{origin}/engagements/v1/referrals/{REFERRAL_ID}?",
+        "a fragment": f"{origin}/engagements/v1/referrals/{REFERRAL_ID}#../x",
+        "the id in the query": f"{origin}/engagements/v1/other?referrals/{REFERRAL_ID}",
+        "the id in the fragment": f"{origin}/x#/referrals/{REFERRAL_ID}",
+        "path parameters": f"{origin}/engagements/v1/referrals/{REFERRAL_ID};x=1",
+        "backslashes": f"{origin}\\engagements\\v1\\referrals\\{REFERRAL_ID}",
+        "another resource": f"{origin}/engagements/v1/opportunities/{REFERRAL_ID}",
+        "referrals as a prefix": f"{origin}/engagements/v1/myreferrals/{REFERRAL_ID}",
+        "a NUL": f"{origin}/engagements/v1/referrals/{REFERRAL_ID}\u0000",
+        "non-ASCII": f"{origin}/engagements/v1/r\u0435ferrals/{REFERRAL_ID}",  # a Cyrillic e
+    }
+    cases = {case: raw_event(pc, uri) for case, uri in uris.items()}
+    # JSON escapes decode before any check: "\u002e\u002e" is ".."
+    dotdot = raw_event(pc, f"{origin}/engagements/v1/DOTDOT/referrals/{REFERRAL_ID}")
+    cases["JSON-escaped dot-dot"] = dotdot.replace(b"DOTDOT", b"\\u002e\\u002e")
+    assert_refused(pc, client, cases)
+    assert inbox(state_url) == []
+
+
+def test_referral_ids_that_are_not_guids_get_400_and_are_not_stored(pc: Sandbox, client: TestClient, state_url: str):
+    ids = {
+        "a name": "abc-123",
+        "a number": "12345",
+        "braces": "{" + REFERRAL_ID + "}",
+        "no hyphens": REFERRAL_ID.replace("-", ""),
+        "one digit short": REFERRAL_ID[:-1],
+        "one digit long": REFERRAL_ID + "0",
+        "not hex": REFERRAL_ID[:-1] + "g",
+        "a suffix": REFERRAL_ID + ".json",
+        "urn form": "urn:uuid:" + REFERRAL_ID,
+    }
+    cases = {case: raw_event(pc, referral_id=rid) for case, rid in ids.items()}
+    assert_refused(pc, client, cases)
+    assert inbox(state_url) == []
+
+
+def test_non_standard_json_numbers_get_400_and_are_not_stored(pc: Sandbox, client: TestClient, state_url: str):
+    cases = {
+        "NaN": raw_event(pc, extra=', "Score": NaN'),
+        "Infinity": raw_event(pc, extra=', "Score": Infinity'),
+        "-Infinity": raw_event(pc, extra=', "Score": -Infinity'),
+        "NaN nested": raw_event(pc, extra=', "Extra": {"a": [1, NaN]}'),
+        "NaN as AuditUri": raw_event(pc).replace(b'"AuditUri": null', b'"AuditUri": NaN'),
+        "a number that overflows to infinity": raw_event(pc, extra=', "Score": 1e999'),
+        "a negative one": raw_event(pc, extra=', "Score": -1e400'),
+    }
+    assert_refused(pc, client, cases)
+    assert inbox(state_url) == []
+
+
+def test_duplicate_keys_get_400_and_are_not_stored(pc: Sandbox, client: TestClient, state_url: str):
+    origin = pc.origin("partner_center")
+    other = str(uuid.UUID(int=7))
+    second_uri = json.dumps(f"{origin}/engagements/v1/referrals/{other}")
+    cases = {
+        "ResourceUri twice": raw_event(pc, extra=f', "ResourceUri": {second_uri}'),
+        "ResourceUri twice, other case": raw_event(pc, extra=f', "resourceUri": {second_uri}'),
+        "EventName twice": raw_event(pc, extra=', "EventName": "test-created"'),
+        "an unknown key twice": raw_event(pc, extra=', "X": 1, "X": 1'),
+        "a nested key twice": raw_event(pc, extra=', "X": {"a": 1, "a": 2}'),
+    }
+    assert_refused(pc, client, cases, secrets=(other,))
+    assert inbox(state_url) == []
+
+
+def test_the_signature_is_still_checked_before_the_event(pc: Sandbox, client: TestClient, state_url: str):
+    """A hostile event that is not signed is 401 (unauthenticated), not 400: no event check runs first."""
+    for body in (
+        raw_event(pc, extra=', "Score": NaN'),
+        raw_event(pc, "https://evil.example/engagements/v1/referrals/" + REFERRAL_ID),
+        raw_event(pc, extra=', "X": 1, "X": 2'),
+    ):
+        resp = post(client, body, signed_headers(pc, body, Authorization=None))
+        assert resp.status_code == 401, resp.text
+        good = event_body(pc)
+        resp = post(client, body, signed_headers(pc, good))  # a valid signature of another body
+        assert resp.status_code == 401, resp.text
+    assert inbox(state_url) == []
+
+
+def test_a_valid_event_among_hostile_ones_is_accepted_and_stored_once(pc: Sandbox, client: TestClient, state_url: str):
+    origin = pc.origin("partner_center")
+    hostile = [
+        raw_event(pc, f"https://evil.example/engagements/v1/referrals/{REFERRAL_ID}"),
+        raw_event(pc, f"{origin}/engagements/v1/../v1/referrals/{REFERRAL_ID}"),
+        raw_event(pc, extra=', "Score": NaN'),
+        raw_event(pc, extra=', "ResourceUri": "x"'),
+    ]
+    body = raw_event(pc)
+    answers = []
+    for hostile_body in hostile:
+        assert post(client, hostile_body, signed_headers(pc, hostile_body)).status_code == 400
+        answers.append(post(client, body, signed_headers(pc, body)))
+    assert [a.status_code for a in answers] == [200] * len(hostile)
+    assert answers[0].json() == {"status": "accepted", "eventName": "referral-updated", "referralId": REFERRAL_ID}
+    assert [a.json()["status"] for a in answers[1:]] == ["duplicate"] * (len(hostile) - 1)
+    # the sandbox's path, a Referrals API-like path and upper-case hex are all fine
+    for uri in (f"{origin}/v1.0/engagements/referrals/{REFERRAL_ID.upper()}", f"{origin}/referrals/{REFERRAL_ID}"):
+        other = raw_event(pc, uri)
+        assert post(client, other, signed_headers(pc, other)).json()["status"] == "accepted", uri
+    rows = inbox(state_url)
+    assert [r["referral_id"] for r in rows] == [REFERRAL_ID, REFERRAL_ID.upper(), REFERRAL_ID]
+
+
+def test_resource_hosts_default_to_the_documented_hosts_and_are_configurable(monkeypatch: pytest.MonkeyPatch):
+    for key in [k for k in os.environ if k.startswith("AIRFLOW__COSELL__")]:
+        monkeypatch.delenv(key)
+    assert ReceiverSettings.from_airflow().resource_hosts == (
+        "api.partnercenter.microsoft.com",
+        "api.partner.microsoft.com",
+    )
+    monkeypatch.setenv("AIRFLOW__COSELL__WEBHOOK_RESOURCE_HOSTS", " pc.example.test , 127.0.0.1 ")
+    assert ReceiverSettings.from_airflow().resource_hosts == ("pc.example.test", "127.0.0.1")
+    good = f"https://api.partnercenter.microsoft.com/engagements/v1/referrals/{REFERRAL_ID}"
+    event = parse_event(raw_event_text(good))
+    assert event.referral_id == REFERRAL_ID  # the defaults accept the documented payload's host
+    with pytest.raises(EventError, match="configured Partner Center host"):
+        parse_event(raw_event_text(good), resource_hosts=("pc.example.test",))
+
+
+def raw_event_text(uri: str) -> bytes:
+    return json.dumps({"EventName": "referral-updated", "ResourceUri": uri}).encode()
+
+
 # --------------------------------------------------------------------------- fuzz
 
 
@@ -589,7 +815,10 @@ def test_a_few_hundred_random_requests_get_no_5xx(pc: Sandbox, client: TestClien
         if kind == 6:
             return rng.choice([b"[" * 5000, b"1" * 5000, b'{"a":' * 3000, b"\x00" * 50, b"null", b"{}"])
         if kind == 7:
-            return event_body(pc, rng.choice(["x", "a.b_c-9", "ref-" + str(rng.random())]), rng.choice(REFERRAL_EVENTS))
+            referral_id = rng.choice(
+                ["x", "a.b_c-9", "ref-" + str(rng.random()), str(uuid.UUID(int=rng.getrandbits(128)))]
+            )
+            return event_body(pc, referral_id, rng.choice(REFERRAL_EVENTS))
         return b"y" * rng.choice([65_536, 65_537, 200_000])
 
     def random_headers(body: bytes) -> dict[str, str | bytes]:

@@ -19,11 +19,17 @@ Checks, cheapest first, and their answers:
 403   the certificate offered is not acceptable: not ``https``, host off
       ``webhook_certificate_hosts``, cannot be fetched or parsed, expired, does not chain
       to ``webhook_trust_roots``, issuer without ``O=<webhook_issuer_organization>``.
-400   only for a verified delivery: not JSON, not an object, ``EventName`` or
-      ``ResourceUri`` missing or malformed, a referral id (the last path segment of
-      ``ResourceUri``, whose host and path are not the Referrals API's and are not
-      checked) outside ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``, an unparseable
-      ``ResourceChangeUtcDate``.
+400   only for a verified delivery: not standard JSON (``NaN``, ``Infinity``,
+      ``-Infinity``, a number that overflows to infinity, a key repeated in one object,
+      also when only its case differs, since keys are matched case-insensitively), not an
+      object, ``EventName`` or ``ResourceUri`` missing or malformed, an unparseable
+      ``ResourceChangeUtcDate``; for a referral event, a ``ResourceUri`` that is not
+      ``https://<host>[:port]/<segments>/referrals/<GUID>`` with the host on
+      ``webhook_resource_hosts``: no query, fragment, user info, percent-encoding,
+      backslash, empty or dot segment, and nothing after the id. The URI is compared as
+      sent, never decoded or resolved, so ``..``, ``%2e%2e`` or ``//`` cannot reach a
+      configured host's path from elsewhere. Refused events are not stored; the answer
+      and the log name the rule broken, not the value.
 200   ``{"status": "accepted"}`` (stored), ``"duplicate"`` (already stored: a redelivery),
       ``"acknowledged"`` (``test-created``: answered so the validation event completes,
       never stored, since it names no referral), ``"ignored"`` (another, authentic, event
@@ -54,6 +60,9 @@ environment variables work), read on the first request:
   (``webhook_fetch_intermediates``, default true) and believed only if a trust root signed them.
 * ``webhook_issuer_organization``: the ``O=`` the certificate's issuer must name; default
   ``Microsoft Corporation``; empty to skip.
+* ``webhook_resource_hosts``: comma-separated hosts a referral event's ``ResourceUri`` may
+  name (exact, case-insensitive; any port); default ``api.partnercenter.microsoft.com``
+  (the documented event host) and ``api.partner.microsoft.com`` (the Referrals API's).
 * ``webhook_max_body_bytes``: default 65536.
 * ``webhook_ca_bundle``: the CA bundle for fetching certificates over HTTPS; default
   ``REQUESTS_CA_BUNDLE`` when set, else certifi.
@@ -74,13 +83,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -97,6 +107,7 @@ URL_PREFIX = "/cosell"
 CONFIG_SECTION = "cosell"
 DEFAULT_CERTIFICATE_HOSTS = ("3psostorageacct.blob.core.windows.net",)
 DEFAULT_ISSUER_ORGANIZATION = "Microsoft Corporation"
+DEFAULT_RESOURCE_HOSTS = ("api.partnercenter.microsoft.com", "api.partner.microsoft.com")
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 TEST_EVENT = "test-created"
 REFERRAL_EVENTS = frozenset(
@@ -106,7 +117,11 @@ JSON_MEDIA_TYPES = frozenset({"application/json", "text/json"})
 MAX_RESOURCE_URI = 2048
 RETRY_AFTER_S = 30
 _EVENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_REFERRAL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_GUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+# One path segment: letters, digits, ``_``, ``-`` and inner dots (``v1.0``); never empty, ``.`` or ``..``.
+_PATH_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+# What a ResourceUri may contain at all (RFC 3986 unreserved, ``:`` and ``/``; ``[]`` for IPv6 hosts).
+_RESOURCE_URI_CHARS_RE = re.compile(r"[A-Za-z0-9._~:/\[\]-]+")
 
 
 # --------------------------------------------------------------------------- settings
@@ -121,6 +136,7 @@ class ReceiverSettings:
     """How the receiver verifies deliveries (see the module docstring for the config keys)."""
 
     certificate_hosts: tuple[str, ...] = DEFAULT_CERTIFICATE_HOSTS
+    resource_hosts: tuple[str, ...] = DEFAULT_RESOURCE_HOSTS
     trust_roots: tuple[str, ...] = ()  # PEM files; empty: certifi's bundle
     issuer_organization: str = DEFAULT_ISSUER_ORGANIZATION
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -153,6 +169,7 @@ class ReceiverSettings:
 
         return cls(
             certificate_hosts=_split(get("certificate_hosts", ",".join(DEFAULT_CERTIFICATE_HOSTS))),
+            resource_hosts=_split(get("resource_hosts", ",".join(DEFAULT_RESOURCE_HOSTS))),
             trust_roots=_split(get("trust_roots", "")),
             issuer_organization=get("issuer_organization", DEFAULT_ISSUER_ORGANIZATION),
             max_body_bytes=number("max_body_bytes", DEFAULT_MAX_BODY_BYTES, int),
@@ -185,6 +202,8 @@ class ReceiverSettings:
             raise ConfigurationError(str(exc)) from None
         if not self.certificate_hosts:
             log.warning("[cosell] webhook_certificate_hosts is empty: every webhook delivery will be refused")
+        if not self.resource_hosts:
+            log.warning("[cosell] webhook_resource_hosts is empty: every referral event will be refused")
         fetcher = CertificateFetcher(
             verify=self.fetch_verify(),
             timeout=self.certificate_timeout,
@@ -247,15 +266,84 @@ def _dedup_key(doc: Any, body: bytes) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def referral_id_from_uri(uri: str) -> str:
-    """The referral id: the last path segment of ``ResourceUri`` (any host and path before it)."""
-    parts = urlsplit(uri)
-    if parts.scheme.lower() not in {"http", "https"} or not parts.netloc:
-        raise EventError("ResourceUri must be an absolute http(s) URL")
-    segment = unquote(parts.path.rstrip("/").rpartition("/")[2])
-    if not _REFERRAL_ID_RE.fullmatch(segment):
-        raise EventError("ResourceUri does not end in a valid referral id")
-    return segment
+def _normalise_host(host: str) -> str:
+    return host.strip().lower().strip("[]")
+
+
+def referral_id_from_uri(uri: str, allowed_hosts: Collection[str] = DEFAULT_RESOURCE_HOSTS) -> str:
+    """The referral id (a GUID) of a referral event's ``ResourceUri``; an :class:`EventError` otherwise.
+
+    The URI must be ``https://<host>[:port]/<segment>/.../referrals/<GUID>`` with ``host`` one
+    of ``allowed_hosts`` (exact, case-insensitive; any port). It is checked as sent, not
+    decoded or resolved: anything that would need normalising (percent-encoding, ``.`` or
+    ``..`` segments, ``//``, a backslash, user info, a query or fragment, a trailing slash)
+    is refused rather than normalised, so no two spellings of one URI can disagree.
+    """
+    if not _RESOURCE_URI_CHARS_RE.fullmatch(uri):
+        raise EventError("ResourceUri contains characters a Partner Center referral URI does not")
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname
+        port = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        raise EventError("ResourceUri is malformed") from None
+    if parts.scheme != "https" or not host or parts.username is not None or parts.password is not None:
+        raise EventError("ResourceUri must be an https URL with a plain host")
+    if parts.netloc.lower() != _netloc(host, port):  # e.g. an empty or zero-padded port
+        raise EventError("ResourceUri must be an https URL with a plain host")
+    if _normalise_host(host) not in {_normalise_host(h) for h in allowed_hosts if h.strip()}:
+        raise EventError("ResourceUri is not on a configured Partner Center host")
+    segments = parts.path.split("/")
+    if (
+        len(segments) < 3
+        or segments[0] != ""
+        or not all(_PATH_SEGMENT_RE.fullmatch(s) for s in segments[1:])
+        or segments[-2] != "referrals"
+    ):
+        raise EventError("ResourceUri is not a Partner Center referral path (.../referrals/<id>)")
+    referral_id = segments[-1]
+    if not _GUID_RE.fullmatch(referral_id):
+        raise EventError("ResourceUri does not end in a referral id that is a GUID")
+    return referral_id
+
+
+def _netloc(host: str, port: int | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return shown.lower() if port is None else f"{shown.lower()}:{port}"
+
+
+def _reject_constant(name: str) -> Any:
+    raise EventError(f"the body is not standard JSON ({name} is not a JSON number)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise EventError("the body is not standard JSON (a number is out of range)")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        folded = key.lower()
+        if folded in seen:
+            raise EventError("the body repeats a key (keys are matched case-insensitively)")
+        seen.add(folded)
+    return dict(pairs)
+
+
+def _load_json(body: bytes) -> Any:
+    """``json.loads`` that refuses what strict JSON (RFC 8259) has no meaning for: ``NaN``,
+    ``Infinity``, numbers beyond a float's range, and repeated keys."""
+    try:
+        return json.loads(
+            body, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+        )
+    except EventError:
+        raise
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise EventError("the body is not valid JSON") from None
 
 
 def _change_date(value: Any) -> datetime | None:
@@ -270,16 +358,18 @@ def _change_date(value: Any) -> datetime | None:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-def parse_event(body: bytes, referral_events: Collection[str] = REFERRAL_EVENTS) -> WebhookEvent:
+def parse_event(
+    body: bytes,
+    referral_events: Collection[str] = REFERRAL_EVENTS,
+    resource_hosts: Collection[str] = DEFAULT_RESOURCE_HOSTS,
+) -> WebhookEvent:
     """The event in a (verified) body; an :class:`EventError` naming the field when it is not usable.
 
-    Only events of ``referral_events`` are required to name a referral; others (the test
-    event, event types the receiver does not handle) come back with ``referral_id`` None.
+    Only events of ``referral_events`` are required to name a referral, by a ``ResourceUri``
+    on one of ``resource_hosts`` (see :func:`referral_id_from_uri`); others (the test event,
+    event types the receiver does not handle) come back with ``referral_id`` None.
     """
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise EventError("the body is not valid JSON") from None
+    doc = _load_json(body)
     if not isinstance(doc, dict):
         raise EventError("the body must be a JSON object")
     name = _field(doc, "EventName")
@@ -294,7 +384,7 @@ def parse_event(body: bytes, referral_events: Collection[str] = REFERRAL_EVENTS)
     if name not in referral_events:
         return WebhookEvent(event_name=name, resource_uri=uri, dedup_key=key)
     try:
-        referral_id = referral_id_from_uri(uri)
+        referral_id = referral_id_from_uri(uri, resource_hosts)
     except ValueError as exc:
         raise EventError(str(exc) if isinstance(exc, EventError) else "ResourceUri is malformed") from None
     return WebhookEvent(
@@ -405,6 +495,7 @@ def create_app(
         try:
             verifier = await run_in_threadpool(runtime.verifier)
             cap = runtime.settings().max_body_bytes
+            resource_hosts = runtime.settings().resource_hosts
         except ConfigurationError as exc:
             log.error("The webhook receiver is misconfigured: %s", exc)
             return _error(503, "misconfigured", "the receiver is not configured", {"Retry-After": str(RETRY_AFTER_S)})
@@ -443,7 +534,7 @@ def create_app(
             return refuse(request, 401, "unauthenticated", str(exc), WWW_Authenticate="Signature")
 
         try:
-            event = parse_event(body)
+            event = parse_event(body, resource_hosts=resource_hosts)
         except EventError as exc:
             return refuse(request, 400, "invalidRequest", str(exc))
 

@@ -273,13 +273,14 @@ def test_rerun_adopts_instead_of_duplicating_or_overwriting(sf, side):
 
 
 def test_bad_values_fail_only_their_own_rows(sf, side):
-    docs = [referral(f"r-{i}", company=f"Co {i}") for i in range(6)]
-    docs[1]["details"]["currency"] = "ZZZ"  # a well-formed code the org does not have
-    docs[3]["details"]["notes"] = "x" * 1_000_000  # Description holds 32,000
-    docs[4]["customerProfile"]["name"] = "A" * 300  # Account Name holds 255
-    docs[5]["name"] = "N" * 121  # Opportunity Name holds 120
+    # Normalize rejects these values first (issue 12); the side must still fail only their rows.
+    rows = frame([referral(f"r-{i}", company=f"Co {i}") for i in range(6)])
+    rows.loc[1, "currency"] = "ZZZ"  # a well-formed code the org does not have
+    rows.loc[3, "notes"] = "x" * 1_000_000  # Description holds 32,000
+    rows.loc[4, "customer_name"] = "A" * 300  # Account Name holds 255
+    rows.loc[5, "name"] = "N" * 121  # Opportunity Name holds 120
 
-    results = side.create(frame(docs), CTX)
+    results = side.create(rows, CTX)
 
     assert [r.ok for r in results] == [True, False, True, False, False, False]
     assert results[1].error_code == "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST" and "CurrencyIsoCode" in results[1].error

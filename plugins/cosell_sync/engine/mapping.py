@@ -22,6 +22,8 @@ DIRECTIONS = ("both", "pc_to_crm", "crm_to_pc")
 AUTHORITIES = ("partner_center", "crm", "newest")
 TYPES = ("string", "decimal", "date", "currency", "country", "email", "enum", "id_list")
 KEEP = "*"  # a value map's "no opinion": the field keeps its last synced value
+TARGETS = ("crm", "partner_center")  # the sides a value is written to (``required:``, ``max_length:``)
+TEXT_TYPES = ("string", "email", "id_list")  # the types ``max_length:`` and ``multiline:`` apply to
 RECORD_KEYS = (
     "opportunity",
     "account",
@@ -73,6 +75,12 @@ class FieldMapping:
     referral_values: ValueMap | None = None
     crm_values: ValueMap | None = None
     blank: Literal["clear", "keep"] = "clear"  # keep: a side with no value has no opinion (KEEP)
+    # The targets a new record cannot be created on without this field: a record that would
+    # create one there and has no value is rejected (``required: true`` is every target).
+    required: tuple[str, ...] = ()
+    # The longest text each target stores (characters); a longer value is rejected.
+    max_length: dict[str, int] = field(default_factory=dict)
+    multiline: bool = False  # CR and LF are allowed (free text such as notes); other controls never
 
     @property
     def synced(self) -> bool:
@@ -141,7 +149,19 @@ def _field(source: str, name: str, raw: Any) -> FieldMapping:
     key = f"fields.{name}"
     if not isinstance(raw, MappingABC):
         raise _fail(source, key, "must be a mapping")
-    allowed = {"referral", "crm", "type", "direction", "authority", "sync", "values", "blank"}
+    allowed = {
+        "referral",
+        "crm",
+        "type",
+        "direction",
+        "authority",
+        "sync",
+        "values",
+        "blank",
+        "required",
+        "max_length",
+        "multiline",
+    }
     unknown = set(raw) - allowed
     if unknown:
         raise _fail(source, f"{key}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -183,6 +203,13 @@ def _field(source: str, name: str, raw: Any) -> FieldMapping:
         raise _fail(source, f"{key}.values", "value maps are only for type enum")
     if "/" in raw["referral"] and ftype != "enum":
         raise _fail(source, f"{key}.referral", "a composite path (a/b) is only allowed for enums")
+    required = _required(source, f"{key}.required", raw.get("required", False))
+    max_length = _max_length(source, f"{key}.max_length", raw.get("max_length"), ftype)
+    multiline = raw.get("multiline", False)
+    if not isinstance(multiline, bool):
+        raise _fail(source, f"{key}.multiline", "must be true or false")
+    if multiline and ftype != "string":
+        raise _fail(source, f"{key}.multiline", "is only for type string")
     return FieldMapping(
         name=name,
         referral=raw["referral"].strip(),
@@ -194,7 +221,46 @@ def _field(source: str, name: str, raw: Any) -> FieldMapping:
         referral_values=referral_values,
         crm_values=crm_values,
         blank=blank,
+        required=required,
+        max_length=max_length,
+        multiline=multiline,
     )
+
+
+def _required(source: str, key: str, raw: Any) -> tuple[str, ...]:
+    """``required: true`` (a new record on any target needs the field), ``false``, or a list of
+    targets (``[crm]``: a referral that would create a CRM opportunity needs it)."""
+    if raw is True:
+        return TARGETS
+    if raw is False or raw is None:
+        return ()
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise _fail(source, key, f"must be true, false or a list of targets ({', '.join(TARGETS)})")
+    for target in raw:
+        if target not in TARGETS:
+            raise _fail(source, key, f"'{target}' is not a target (expected {', '.join(TARGETS)})")
+    return tuple(t for t in TARGETS if t in raw)
+
+
+def _max_length(source: str, key: str, raw: Any, ftype: str) -> dict[str, int]:
+    """``max_length: N`` (every target) or ``{crm: N, partner_center: M}``."""
+    if raw is None:
+        return {}
+    if ftype not in TEXT_TYPES:
+        raise _fail(source, key, f"is only for text types ({', '.join(TEXT_TYPES)})")
+    limits = dict.fromkeys(TARGETS, raw) if not isinstance(raw, MappingABC) else dict(raw)
+    if not limits:
+        raise _fail(source, key, "must be a positive whole number or a mapping of targets to one")
+    for target, limit in limits.items():
+        if target not in TARGETS:
+            raise _fail(source, f"{key}.{target}", f"is not a target (expected {', '.join(TARGETS)})")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise _fail(
+                source, key if not isinstance(raw, MappingABC) else f"{key}.{target}", "must be a positive whole number"
+            )
+    return {str(t): int(v) for t, v in limits.items()}
 
 
 def parse_mapping(doc: Any, source: str = "<mapping>") -> SyncMapping:

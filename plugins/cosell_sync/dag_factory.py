@@ -20,6 +20,11 @@ and runs one step. Frames travel as Parquet in the staging area, never through X
   or ``cosell_referral_events``) holds it, ``prepare`` is rescheduled every ``[cosell]
   lease_poll_interval`` seconds (no worker slot held), up to ``[cosell] lease_max_wait``
   (:mod:`cosell_sync.sync.lease`).
+* Task retries: every task is retried ``[cosell] task_retries`` times (default 3) with
+  exponential backoff (the delay doubles from ``[cosell] task_retry_delay``, 30 s, up to
+  ``[cosell] task_max_retry_delay``, 600 s): a transient fault that outlasted the hooks' own
+  retries costs a try, not the run. The steps are idempotent, so a retry redoes a step safely;
+  a task that will be retried keeps its run's lease, and its last failed try releases it.
 * Notes: the ``report`` task hands the run's report to the plugin's listener, which writes
   it into the DAG run note; a failing task hands over its cause
   (:mod:`cosell_sync.notes`).
@@ -36,10 +41,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from airflow.sdk import DAG, CronDataIntervalTimetable, ObjectStoragePath, Param, get_current_context, task
+from airflow.sdk import (
+    DAG,
+    CronDataIntervalTimetable,
+    ExceptionRetryPolicy,
+    ObjectStoragePath,
+    Param,
+    RetryAction,
+    RetryRule,
+    get_current_context,
+    task,
+)
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from cosell_sync.engine.mapping import load_mapping
+from cosell_sync.errors import AuthenticationError, ConfigurationError
 from cosell_sync.notes import push_note, records_failure
 
 SCHEDULE = "*/15 * * * *"
@@ -47,6 +63,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LEASE_MAX_WAIT = timedelta(hours=3)
 LEASE_POLL_INTERVAL = timedelta(seconds=15)
+TASK_RETRIES = 3
+TASK_RETRY_DELAY = timedelta(seconds=30)
+TASK_MAX_RETRY_DELAY = timedelta(minutes=10)
+# Failures another try cannot mend: a wrong secret or refresh token, a bad connection or setting.
+NO_RETRY: tuple[type[BaseException], ...] = (AuthenticationError, ConfigurationError)
+RETRY_BACKOFF = 2.0  # Airflow 3's retry_exponential_backoff is the multiplier (True would mean 1: constant)
 DIRECTION_CHOICES = {"both": ("pc_to_crm", "crm_to_pc"), "pc_to_crm": ("pc_to_crm",), "crm_to_pc": ("crm_to_pc",)}
 
 
@@ -117,8 +139,12 @@ def _setting(key: str, default: str) -> str:
 
 
 def _seconds(key: str, default: timedelta) -> timedelta:
-    value = float(_setting(key, str(default.total_seconds())))
-    if value <= 0:
+    raw = _setting(key, str(default.total_seconds()))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise AirflowFailException(f"[cosell] {key} must be a positive number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
         raise AirflowFailException(f"[cosell] {key} must be a positive number of seconds, got {value:g}")
     return timedelta(seconds=value)
 
@@ -128,6 +154,30 @@ def lease_ttl() -> timedelta:
     from cosell_sync.sync.lease import LEASE_TTL
 
     return _seconds("lease_ttl", LEASE_TTL)
+
+
+def task_retry_args() -> dict[str, Any]:
+    """The retry arguments of every task of the sync and event DAGs, from ``[cosell]
+    task_retries``, ``task_retry_delay`` and ``task_max_retry_delay`` (read when the DAG file
+    is parsed; a bad value is an import error naming the setting)."""
+    raw = _setting("task_retries", str(TASK_RETRIES)).strip()
+    try:
+        retries = int(raw)
+    except ValueError:
+        retries = -1
+    if retries < 0:
+        raise ValueError(f"[cosell] task_retries must be a whole number >= 0, got {raw!r}")
+    delay = _seconds("task_retry_delay", TASK_RETRY_DELAY)
+    max_delay = _seconds("task_max_retry_delay", TASK_MAX_RETRY_DELAY)
+    return {
+        "retries": retries,
+        "retry_delay": delay,
+        "retry_exponential_backoff": RETRY_BACKOFF,
+        "max_retry_delay": max(max_delay, delay),
+        "retry_policy": ExceptionRetryPolicy(
+            rules=[RetryRule(exception=list(NO_RETRY), action=RetryAction.FAIL, reason="not mended by another try")]
+        ),
+    }
 
 
 def wait_for_lease(busy: Exception, context: Any) -> NoReturn:
@@ -155,7 +205,7 @@ def wait_for_lease(busy: Exception, context: Any) -> NoReturn:
 
 def _failed_for_good(exc: BaseException) -> bool:
     """Will Airflow give up on this task after ``exc`` (no retry left, or a no-retry failure)?"""
-    if isinstance(exc, AirflowFailException):
+    if isinstance(exc, (AirflowFailException, *NO_RETRY)):  # NO_RETRY: the tasks' retry_policy fails them
         return True
     try:
         ti = get_current_context()["ti"]
@@ -232,6 +282,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
         max_active_runs=1,
         tags=["cosell", crm],
         doc_md=__doc__,
+        default_args=task_retry_args(),
         params={
             "dry_run": Param(False, type="boolean", description="Plan and report; write nothing."),
             "referral_ids": Param(

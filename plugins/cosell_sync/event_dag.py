@@ -143,6 +143,8 @@ def _rearm(store: Any) -> None:
 
 
 def build_events_dag() -> DAG:
+    from cosell_sync.dag_factory import task_retry_args
+
     with DAG(
         dag_id=DAG_ID,
         description="Webhook-driven sync of the referrals named by Partner Center events",
@@ -151,7 +153,7 @@ def build_events_dag() -> DAG:
         catchup=False,
         tags=["cosell", "webhooks"],
         doc_md=__doc__,
-        default_args={"retries": 2, "retry_delay": timedelta(seconds=10)},
+        default_args=task_retry_args(),
     ) as dag:
 
         @task(task_id="sync_events")

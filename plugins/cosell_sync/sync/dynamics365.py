@@ -930,7 +930,8 @@ class DynamicsSide(CrmWorkflow):
                 if outcomes.failed(row):
                     continue
                 if str(held.get(str(row.crm_id)) or "").casefold() == str(row.referral_id).casefold():
-                    continue  # an earlier try of the task wrote it already: no second audit line
+                    row.adopted = True  # an earlier try of the task wrote it already: no second audit line
+                    continue
                 line = audit_line(ctx, "crm_to_pc", {"referral_id": row.referral_id})
                 body = {
                     **row.values,

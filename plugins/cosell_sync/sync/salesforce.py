@@ -796,9 +796,9 @@ class SalesforceSide(CrmWorkflow):
         audits, unread = self._read_audit([v for v in (_valid_id(r.crm_id) for r in pending) if v], links=held)
         # An opportunity that holds the referral id already (an earlier try of the task wrote
         # it) is not written again: no second audit line.
-        pending = [
-            r for r in pending if str(held.get(str(r.crm_id)[:15]) or "").casefold() != str(r.referral_id).casefold()
-        ]
+        for result in pending:
+            result.adopted = str(held.get(str(result.crm_id)[:15]) or "").casefold() == str(result.referral_id).casefold()
+        pending = [r for r in pending if not r.adopted]
         records = []
         for result in pending:
             crm_id, rid = str(result.crm_id), str(result.referral_id)

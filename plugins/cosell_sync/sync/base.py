@@ -106,13 +106,31 @@ class WriteResult:
     # changed since it was read (a re-merge after 412, or a Salesforce record modified during
     # the run: ``changed_during_run``). They keep their old base and are planned again.
     deferred: list[str] = field(default_factory=list)
+    # A create that found the record made already (by an earlier try, or a run that died before
+    # its commit) and linked it instead of writing: no write was made.
+    adopted: bool = False
+    # Other records found for the same counterpart (duplicates made before; the oldest is kept).
+    duplicates: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def results_frame(results: list[WriteResult]) -> pd.DataFrame:
-    columns = ["key", "action", "ok", "referral_id", "crm_id", "fields", "error", "error_code", "etag", "deferred"]
+    columns = [
+        "key",
+        "action",
+        "ok",
+        "referral_id",
+        "crm_id",
+        "fields",
+        "error",
+        "error_code",
+        "etag",
+        "deferred",
+        "adopted",
+        "duplicates",
+    ]
     return pd.DataFrame([r.as_dict() for r in results], columns=columns)
 
 

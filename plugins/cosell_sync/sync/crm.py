@@ -92,6 +92,7 @@ class Pending:
             error_code=code if not self.ok else (self.deferred_code if self.deferred else None),
             etag=self.etag if self.ok else None,
             deferred=list(self.deferred) if self.ok else [],
+            adopted=self.adopted,
         )
 
 

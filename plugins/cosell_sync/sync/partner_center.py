@@ -117,6 +117,7 @@ class PartnerCenterSide:
         self.hook = hook
         self.mapping = mapping
         self.max_workers = max_workers
+        self.duplicates: dict[str, list[str]] = {}
 
     def _parallel(self, items: Sequence[Any], work: Callable[[Any], WriteResult]) -> list[WriteResult]:
         if not items:
@@ -192,8 +193,10 @@ class PartnerCenterSide:
 
     def existing_referrals(self, crm_ids: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, ApiError]]:
         """The referrals already created for these CRM ids (``externalReferenceId``), and the
-        ids whose lookup failed, with its error. Of several referrals for one id, the oldest."""
+        ids whose lookup failed, with its error. Of several referrals for one id, the oldest is
+        returned; the others are listed in :attr:`duplicates` (CRM id -> their referral ids)."""
         found: dict[str, dict[str, Any]] = {}
+        self.duplicates: dict[str, list[str]] = {}
         failed: dict[str, ApiError] = {}
         ids = list(dict.fromkeys(str(c) for c in crm_ids if c))
 
@@ -208,7 +211,9 @@ class PartnerCenterSide:
             for doc in sorted(docs, key=lambda d: (str(d.get("createdDateTime") or ""), str(d.get("id")))):
                 ext = str(doc.get("externalReferenceId") or "")
                 if ext in chunk and doc.get("id"):
-                    found.setdefault(ext, doc)
+                    kept = found.setdefault(ext, doc)
+                    if kept is not doc and str(doc["id"]) not in self.duplicates.get(ext, []):
+                        self.duplicates.setdefault(ext, []).append(str(doc["id"]))
 
         for start in range(0, len(ids), LOOKUP_CHUNK):
             chunk = ids[start : start + LOOKUP_CHUNK]
@@ -255,6 +260,12 @@ class PartnerCenterSide:
                     return _failed(result, exc)
             else:
                 result.fields = held.get(crm_id) or fields
+                result.adopted = True
+                result.duplicates = list(self.duplicates.get(crm_id, []))
+                if result.duplicates:
+                    log.warning(
+                        "opportunity %s has %d more referral(s): %s", crm_id, len(result.duplicates), result.duplicates
+                    )
             result.referral_id, result.etag = str(found["id"]), found.get("eTag")
             return result
 
@@ -335,6 +346,7 @@ class PartnerCenterSide:
                 for attempt in (1, 2):
                     if attempt == 2 and str(doc.get("externalReferenceId") or "").casefold() == crm_id.casefold():
                         result.etag = doc.get("eTag")  # an earlier try of this task wrote it already
+                        result.adopted = True
                         return result
                     try:
                         op = patch_operations(doc, ["externalReferenceId"], crm_id)

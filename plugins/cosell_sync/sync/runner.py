@@ -19,7 +19,14 @@ import numpy as np
 import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, SyncMapping
-from cosell_sync.engine.normalize import ERROR_COLUMNS, compile_path, concat_errors, crm_frame, referrals_frame
+from cosell_sync.engine.normalize import (
+    ERROR_COLUMNS,
+    compile_path,
+    concat_errors,
+    crm_frame,
+    incomplete_creates,
+    referrals_frame,
+)
 from cosell_sync.engine.plan import Plan, plan
 from cosell_sync.state import StateStore
 from cosell_sync.sync import lease
@@ -197,6 +204,7 @@ def extract_partner_center(job: SyncJob, side: PartnerCenterSide, store: StateSt
     result = referrals_frame(docs, job.mapping)
     write_frame(job, "pc", result.frame)
     write_frame(job, "pc_errors", result.errors)
+    write_frame(job, "pc_create_errors", result.create_errors)
     write_json(job, "pc_docs", {str(d.get("id")): d for d in docs if d.get("id")})
     bad = set(result.errors["key"]) if len(result.errors) else set()
     # A bad referral that would never sync (Closed and unlinked) is skipped, not failed.
@@ -227,6 +235,7 @@ def extract_crm(job: SyncJob, side: CrmSide, store: StateStore) -> dict[str, int
     result = crm_frame(records, job.mapping, id_field)
     write_frame(job, "crm", result.frame)
     write_frame(job, "crm_errors", result.errors)
+    write_frame(job, "crm_create_errors", result.create_errors)
     # Each opportunity's version as read (ETag, SystemModstamp): updates are conditional on it.
     versions = {str(r.get(id_field)): side.version(r) for r in records if r.get(id_field)}
     write_json(job, "crm_versions", {k: v for k, v in versions.items() if v})
@@ -319,6 +328,16 @@ def plan_run(job: SyncJob, store: StateStore, pc_side: PartnerCenterSide, crm_si
     ids = list(pc["referral_id"]) + [r for r in crm["referral_ref"] if r]
     links = store.get_links(job.crm, referral_ids=ids, crm_ids=list(crm["crm_id"]))
     result = plan(pc, crm, links, job.mapping, directions=job.directions)
+    # A planned create lacking a ``required:`` field is an error for its record, not a create
+    # (staged apart from the extracts' errors, so a retried plan step does not add them twice).
+    blocked_all = []
+    for part, key, staged in (("crm_creates", "referral_id", "pc"), ("pc_creates", "crm_id", "crm")):
+        lacking = _optional(job, f"{staged}_create_errors", ERROR_COLUMNS)
+        kept, blocked = incomplete_creates(getattr(result, part), key, lacking)
+        if len(blocked):
+            setattr(result, part, kept)
+            blocked_all.append(blocked)
+    write_frame(job, "plan_errors", concat_errors(blocked_all))
     result.skips = _never_sync_skips(job, store, pc, crm, result.skips)
     for part in PLAN_PARTS:
         write_frame(job, f"plan_{part}", getattr(result, part))
@@ -395,7 +414,48 @@ def load_crm(job: SyncJob, side: CrmSide) -> dict[str, int]:
             versions = {}
         results += side.update(updates, job.ctx, versions)
     write_frame(job, "crm_results", results_frame(results))
+    if not job.dry_run:
+        _count_writes(job, {"crm": _write_counts(results_frame(results), pd.DataFrame())})
     return {"ok": sum(r.ok for r in results), "failed": sum(not r.ok for r in results)}
+
+
+WRITES_LEDGER = "writes"
+
+
+def _write_counts(results: pd.DataFrame, stamps: pd.DataFrame) -> dict[str, int]:
+    """The records a load actually wrote, from its per-record results: created, updated, linked."""
+    return {
+        "created": _written_count(results, ("create",)),
+        "updated": _written_count(results, ("update", "win", "lose")),
+        "linked": _written_count(stamps, ("link", "update")) if len(stamps) else 0,
+    }
+
+
+def _ledger_writes(job: SyncJob) -> dict[str, dict[str, int]] | None:
+    """The run's ledger of writes per target, with totals (None: no load step finished)."""
+    try:
+        ledger = read_json(job, WRITES_LEDGER)
+    except FileNotFoundError:
+        return None
+    out = {}
+    for target in ("partner_center", "crm"):
+        numbers = {k: int(ledger.get(target, {}).get(k, 0)) for k in ("created", "updated", "linked")}
+        out[target] = numbers | {"total": sum(numbers.values())}
+    return out
+
+
+def _count_writes(job: SyncJob, counts: dict[str, dict[str, int]]) -> None:
+    """Add one try's writes to the run's ledger: every try of a load step that finished counts
+    (a retried or cleared task adds what it wrote again, usually nothing: it adopts)."""
+    try:
+        ledger = read_json(job, WRITES_LEDGER)
+    except FileNotFoundError:
+        ledger = {}
+    for target, numbers in counts.items():
+        held = ledger.setdefault(target, {})
+        for key, value in numbers.items():
+            held[key] = int(held.get(key, 0)) + int(value)
+    write_json(job, WRITES_LEDGER, ledger)
 
 
 def load_partner_center(job: SyncJob, side: PartnerCenterSide, crm_side: CrmSide) -> dict[str, int]:
@@ -425,6 +485,14 @@ def load_partner_center(job: SyncJob, side: PartnerCenterSide, crm_side: CrmSide
     write_frame(job, "pc_results", results_frame(results))
     write_frame(job, "link_results", results_frame(link_results))
     write_frame(job, "pc_link_results", results_frame(stamp_results))
+    if not job.dry_run:
+        _count_writes(
+            job,
+            {
+                "partner_center": _write_counts(results_frame(results), results_frame(stamp_results)),
+                "crm": _write_counts(pd.DataFrame(), results_frame(link_results)),
+            },
+        )
     done = results + stamp_results
     return {"ok": sum(r.ok for r in done), "failed": sum(not r.ok for r in done)}
 
@@ -521,7 +589,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     link_results = _optional(job, "link_results", result_cols)
     stamp_results = _optional(job, "pc_link_results", result_cols)
     pc, crm = read_frame(job, "pc"), read_frame(job, "crm")
-    errors = concat_errors([_optional(job, "pc_errors", ERROR_COLUMNS), _optional(job, "crm_errors", ERROR_COLUMNS)])
+    errors = concat_errors([_optional(job, name, ERROR_COLUMNS) for name in ("pc_errors", "crm_errors", "plan_errors")])
     errors = _without_never_sync(errors, the_plan.skips)
 
     # Links: created pairs, plus linked pairs whose agreed values moved. The base moves only
@@ -572,7 +640,10 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     # outside the window, never move it); a side whose window read nothing keeps its own.
     watermarks = {side: mark for side in MARK_FILES if (mark := _window_mark(job, side)) is not None}
     watermarks["full_sync"] = datetime.now(UTC)  # moved with the others: only by window runs
-    report = build_report(the_plan, crm_results, pc_results, errors)
+    report = build_report(the_plan, crm_results, pc_results, errors, (stamp_results, link_results))
+    ledger = _ledger_writes(job)
+    if ledger is not None:  # the writes of every finished try of the load steps, not only the last one's
+        report["writes"] = ledger
     report["pc_to_crm"]["failed"] += int((~stamp_results["ok"].astype(bool)).sum()) if len(stamp_results) else 0
     if job.dry_run:  # the plan is reported (and becomes the run's note); no sync state is touched
         report = report | {"dry_run": True}
@@ -782,6 +853,20 @@ def _audit_rows(job: SyncJob, the_plan: Plan, crm_results: pd.DataFrame, pc_resu
                         "detail": None,
                     }
                 )
+            dups = getattr(r, "duplicates", None)
+            if r.ok and isinstance(dups, list) and dups:
+                rows.append(
+                    {
+                        "direction": direction,
+                        "referral_id": r.referral_id,
+                        "crm_id": r.crm_id,
+                        "action": "skip",
+                        "field": None,
+                        "old_value": None,
+                        "new_value": dups,
+                        "detail": f"duplicates: {len(dups)} more referral(s) for this opportunity; the oldest linked",
+                    }
+                )
             if not r.ok:
                 rows.append(
                     {
@@ -798,18 +883,56 @@ def _audit_rows(job: SyncJob, the_plan: Plan, crm_results: pd.DataFrame, pc_resu
     return rows
 
 
-def build_report(the_plan: Plan, crm_results: pd.DataFrame, pc_results: pd.DataFrame, errors: pd.DataFrame) -> dict:
-    """created, updated, unchanged, conflicts and failed, per direction."""
+def _flag(results: pd.DataFrame, column: str) -> pd.Series:
+    """A boolean column of staged results (False where absent: staged by an older version)."""
+    if column not in results.columns:
+        return pd.Series(False, index=results.index, dtype=bool)
+    return results[column].map(lambda v: v is True).astype(bool)
+
+
+def _written_count(results: pd.DataFrame, actions: tuple[str, ...]) -> int:
+    """Records of ``results`` (with ``actions``) that a write of this run changed: ok, not found
+    done already (adopted), and with something written (an update whose fields were all
+    deferred, or that had nothing on the record itself, wrote nothing)."""
+    if not len(results):
+        return 0
+    ok = results["ok"].astype(bool) & ~_flag(results, "adopted") & results["action"].isin(actions)
+    if "create" not in actions and "link" not in actions:
+        ok &= results["fields"].map(lambda f: not isinstance(f, dict) or bool(f)).astype(bool)
+    return int(ok.sum())
+
+
+def build_report(
+    the_plan: Plan,
+    crm_results: pd.DataFrame,
+    pc_results: pd.DataFrame,
+    errors: pd.DataFrame,
+    links: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+) -> dict:
+    """Per direction: created (recovered: of those, the ones an earlier try or a run that died
+    before its commit had made, found and adopted), updated, conflicts, failed, deferred and
+    duplicates found; unchanged; skips; and ``writes``: the records each target was actually
+    written, from the per-record results (``links``: the link stamps written to Partner Center
+    and to the CRM)."""
 
     def counts(results: pd.DataFrame, winner: str) -> dict[str, int]:
         ok = results[results["ok"].astype(bool)] if len(results) else results
+        creates = ok[ok["action"] == "create"] if len(ok) else ok
         return {
-            "created": int((ok["action"] == "create").sum()) if len(ok) else 0,
+            "created": len(creates),
+            "recovered": int(_flag(creates, "adopted").sum()) if len(creates) else 0,
             "updated": int(ok["action"].isin(["update", "win", "lose"]).sum()) if len(ok) else 0,
             "conflicts": int((the_plan.conflicts["winner"] == winner).sum()),
             "failed": int((~results["ok"].astype(bool)).sum()) if len(results) else 0,
             "deferred": sum(1 for d in ok.get("deferred", []) if isinstance(d, list) and d) if len(ok) else 0,
+            "duplicates": sum(len(d) for d in ok.get("duplicates", []) if isinstance(d, list)) if len(ok) else 0,
         }
+
+    pc_stamps, crm_stamps = links if links is not None else (pd.DataFrame(), pd.DataFrame())
+
+    def writes(results: pd.DataFrame, stamps: pd.DataFrame) -> dict[str, int]:
+        out = _write_counts(results, stamps)
+        return out | {"total": sum(out.values())}
 
     bad_pc = errors[errors["side"] == "referral"]["key"].nunique() if len(errors) else 0
     bad_crm = errors[errors["side"] == "crm"]["key"].nunique() if len(errors) else 0
@@ -825,6 +948,7 @@ def build_report(the_plan: Plan, crm_results: pd.DataFrame, pc_results: pd.DataF
         "crm_to_pc": crm_to_pc,
         "unchanged": unchanged,
         "skipped": {str(k): int(v) for k, v in keys.value_counts().sort_index().items()},
+        "writes": {"partner_center": writes(pc_results, pc_stamps), "crm": writes(crm_results, crm_stamps)},
     }
 
 
@@ -898,6 +1022,26 @@ def format_report(dag_id: str, report: dict[str, Any], crm: str | None = None) -
         lines.append(f"| {label} | {c['created']} | {c['updated']} | {c['conflicts']} | {c['failed']} |")
     unchanged = report["unchanged"]
     lines += ["", f"Unchanged: {unchanged} linked deal{'' if unchanged == 1 else 's'}."]
+    written = report.get("writes")
+    if written and not report.get("dry_run"):
+        parts = []
+        for target, label in (("partner_center", "Partner Center"), ("crm", crm_label)):
+            w = written[target]
+            detail = ", ".join(f"{w[k]} {k}" for k in ("created", "updated", "linked") if w[k])
+            parts.append(f"{label} {w['total']}" + (f" ({detail})" if detail else ""))
+        lines += ["", "Records written: " + " · ".join(parts) + "."]
+    recovered = sum(report[d].get("recovered", 0) for d in ("pc_to_crm", "crm_to_pc"))
+    if recovered:
+        lines.append(
+            f"Recovered: {recovered} record{'' if recovered == 1 else 's'} an earlier try (or a run that "
+            "stopped before its commit) had created: found and linked, not created again."
+        )
+    duplicates = sum(report[d].get("duplicates", 0) for d in ("pc_to_crm", "crm_to_pc"))
+    if duplicates:
+        lines.append(
+            f"Duplicates found: {duplicates} more referral{'' if duplicates == 1 else 's'} for opportunities "
+            "that have one already (made before; the oldest is kept)."
+        )
     deferred = sum(report[d].get("deferred", 0) for d in ("pc_to_crm", "crm_to_pc"))
     if deferred:
         lines += [

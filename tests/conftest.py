@@ -21,6 +21,10 @@ _REPO = Path(__file__).resolve().parents[1]
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(_REPO / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(_REPO / "plugins")
 os.environ["COSELL_SANDBOX_HOME"] = str(_HOME / "sandbox")
+# A task that fails for a transient reason is retried (3 times, from 30 s by default): in tests,
+# from 1 s, so a dag.test() with a failing task does not wait minutes. Tests of the retry
+# settings themselves set their own values.
+os.environ.setdefault("AIRFLOW__COSELL__TASK_RETRY_DELAY", "1")
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 

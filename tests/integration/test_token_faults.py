@@ -18,13 +18,14 @@ from cosell_sync.hooks._http import RetryPolicy
 from cosell_sync.hooks._msal import forget_tokens
 from cosell_sync.hooks.dynamics import DynamicsHook
 
+FAST = RetryPolicy(max_attempts=3, backoff_base=0.05, backoff_max=0.2)
+
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    """Short backoff; Retry-After (1 s from the emulator) is still honoured."""
-    monkeypatch.setattr(
-        _msal, "DEFAULT_POLICY", RetryPolicy(max_attempts=3, backoff_base=0.05, backoff_max=0.2), raising=False
-    )
+    """Short backoff; Retry-After (1 s from the emulator) is still honoured. The hook's own
+    policy is the one its token requests are retried with."""
+    monkeypatch.setattr(_msal, "DEFAULT_POLICY", FAST, raising=False)
 
 
 def _paths(pc) -> tuple[str, str]:
@@ -41,7 +42,7 @@ def test_one_fault_of_each_kind_is_retried_and_the_hook_gets_a_token(pc, dyn_con
 
     # One 503 on OpenID discovery (the application is built on the first token request).
     pc.entra.faults.configure(FaultConfig(rate_5xx=1.0, status_5xx=503, max_faults=1, path_prefix=discovery))
-    assert DynamicsHook().get_token()
+    assert DynamicsHook(retry_policy=FAST).get_token()
     calls = _calls(pc, discovery)
     assert [(s, f) for s, f, _ in calls] == [(503, "5xx"), (200, None)]
     assert calls[1][2] - calls[0][2] >= 0.9  # the 503's Retry-After: 1 was honoured
@@ -50,7 +51,7 @@ def test_one_fault_of_each_kind_is_retried_and_the_hook_gets_a_token(pc, dyn_con
     forget_tokens()
     pc.entra.log.clear()
     pc.entra.faults.configure(FaultConfig(rate_429=1.0, retry_after=2, max_faults=1, path_prefix=token))
-    assert DynamicsHook().get_token()
+    assert DynamicsHook(retry_policy=FAST).get_token()
     calls = _calls(pc, token)
     assert [(s, f) for s, f, _ in calls] == [(429, "429"), (200, None)]
     assert calls[1][2] - calls[0][2] >= 1.9  # Retry-After: 2, not the short backoff
@@ -60,7 +61,7 @@ def test_one_fault_of_each_kind_is_retried_and_the_hook_gets_a_token(pc, dyn_con
         forget_tokens()
         pc.entra.log.clear()
         pc.entra.faults.configure(FaultConfig(drop_rate=1.0, max_faults=1, path_prefix=path))
-        assert DynamicsHook().get_token()
+        assert DynamicsHook(retry_policy=FAST).get_token()
         calls = _calls(pc, path)
         assert [f for _, f, _ in calls] == ["drop", None] and calls[1][0] == 200
     assert pc.entra.grants["client_credentials"] == 4
@@ -80,7 +81,7 @@ def test_wrong_client_secret_is_an_authentication_error_without_the_secret(pc, d
     monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(dict(dyn_conn, password=secret)))
     _, token = _paths(pc)
     with pytest.raises(AuthenticationError) as info:
-        DynamicsHook().get_token()
+        DynamicsHook(retry_policy=FAST).get_token()
     err = info.value
     assert err.code == "invalid_client" and "AADSTS7000215" in str(err) and "Invalid client secret" in str(err)
     assert secret not in str(err) and secret not in caplog.text
@@ -91,7 +92,7 @@ def test_persistent_503_is_a_server_error_not_a_raw_msal_error(pc, dyn_conn, fas
     discovery, token = _paths(pc)
     pc.entra.faults.configure(FaultConfig(rate_5xx=1.0, status_5xx=503, path_prefix=discovery))
     with pytest.raises(ServerError) as info:
-        DynamicsHook().get_token()
+        DynamicsHook(retry_policy=FAST).get_token()
     assert info.value.status == 503 and info.value.system == "Entra ID"
     assert "serviceNotAvailable" in str(info.value) and "Msal" not in type(info.value).__name__
     assert len(_calls(pc, discovery)) == 3  # the whole retry budget
@@ -99,7 +100,7 @@ def test_persistent_503_is_a_server_error_not_a_raw_msal_error(pc, dyn_conn, fas
     forget_tokens()  # discovery is fine now; the token endpoint keeps failing
     pc.entra.faults.configure(FaultConfig(rate_5xx=1.0, status_5xx=500, path_prefix=token))
     with pytest.raises(ServerError, match="HTTP 500"):
-        DynamicsHook().get_token()
+        DynamicsHook(retry_policy=FAST).get_token()
     assert len(_calls(pc, token)) == 3
     assert dyn_conn["password"] not in caplog.text
 
@@ -108,7 +109,7 @@ def test_persistent_429_is_throttled_not_an_authentication_error(pc, dyn_conn, f
     _, token = _paths(pc)
     pc.entra.faults.configure(FaultConfig(rate_429=1.0, retry_after=0, path_prefix=token))
     with pytest.raises(ThrottledError) as info:
-        DynamicsHook().get_token()
+        DynamicsHook(retry_policy=FAST).get_token()
     assert not isinstance(info.value, AuthenticationError)
     assert info.value.status == 429 and info.value.code == "tooManyRequests"
     assert len(_calls(pc, token)) == 3
@@ -118,5 +119,5 @@ def test_connection_dropped_every_time_is_a_transport_error(pc, dyn_conn, fast_r
     _, token = _paths(pc)
     pc.entra.faults.configure(FaultConfig(drop_rate=1.0, path_prefix=token))
     with pytest.raises(TransportError, match="connection failed"):
-        DynamicsHook().get_token()
+        DynamicsHook(retry_policy=FAST).get_token()
     assert len(_calls(pc, token)) == 3

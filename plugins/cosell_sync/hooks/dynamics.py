@@ -164,7 +164,14 @@ class DynamicsHook(BaseHook):
         s = self.settings
 
         def acquire() -> dict[str, Any]:
-            app = confidential_app(authority_url(s.authority, s.tenant_id), s.client_id, s.client_secret, self.session)
+            app = confidential_app(
+                authority_url(s.authority, s.tenant_id),
+                s.client_id,
+                s.client_secret,
+                self.session,
+                policy=self.retry_policy,  # the token service is retried like the API
+                sleep=self._sleep,
+            )
             return app.acquire_token_for_client(scopes=[s.scope])
 
         key = (s.authority, s.tenant_id, s.client_id, "app", fingerprint(s.client_secret), s.scope)

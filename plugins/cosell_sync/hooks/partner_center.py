@@ -192,7 +192,14 @@ class PartnerCenterHook(BaseHook):
         key = (s.authority, s.tenant_id, s.client_id, principal, secrets, scope)
 
         def acquire() -> dict[str, Any]:
-            app = confidential_app(authority_url(s.authority, s.tenant_id), s.client_id, s.client_secret, self.session)
+            app = confidential_app(
+                authority_url(s.authority, s.tenant_id),
+                s.client_id,
+                s.client_secret,
+                self.session,
+                policy=self.retry_policy,  # the token service is retried like the API
+                sleep=self._sleep,
+            )
             if s.refresh_token:
                 return self._refresh_token_grant(app, scope)
             assert s.username and s.user_password

@@ -26,6 +26,7 @@ next run) and retries once with the new ETag; a second 412 fails the record.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -38,7 +39,7 @@ import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
 from cosell_sync.engine.normalize import crm_frame, side_value
-from cosell_sync.errors import ConfigurationError
+from cosell_sync.errors import ApiError, ConfigurationError, ThrottledError, TransportError
 from cosell_sync.hooks._batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResponse
 from cosell_sync.hooks._odata import eq, quote, with_query
 from cosell_sync.hooks.dynamics import GUID, LOST, WON, DynamicsHook, primary_key
@@ -133,6 +134,39 @@ def _unchanged(held: Any, expected: Any) -> bool:
 def _exception_error(exc: BaseException) -> tuple[str, str | None]:
     code = getattr(exc, "code", None)
     return str(exc) or type(exc).__name__, str(code) if code else None
+
+
+def _unencodable_body(request: BatchRequest) -> str | None:
+    """Why a request's body cannot be sent as standard JSON (naming its fields), or None."""
+    if request.body is None:
+        return None
+    try:
+        json.dumps(request.body, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        fields = []
+        for key, value in request.body.items():
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                fields.append(str(key))
+        return f"{type(exc).__name__}: {exc} (fields: {', '.join(fields)})"
+    return None
+
+
+def _may_split_batch(exc: BaseException, *, creates: bool) -> bool:
+    """Whether a ``$batch`` call that failed as a whole is retried in halves: on a 4xx for the
+    call (nothing was written); without creates (PATCH is idempotent) also on a 500 or a lost
+    connection. Never on throttling or an unavailable service (502, 503, 504)."""
+    if isinstance(exc, ThrottledError):
+        return False
+    status = getattr(exc, "status", None)
+    if isinstance(exc, ApiError) and status is not None and 400 <= status < 500:
+        return status not in (401, 403)  # a refused token or privilege: halves would be refused too
+    if creates:
+        return False  # the answer may have been lost after Dataverse created the rows
+    if isinstance(exc, TransportError):
+        return True
+    return isinstance(exc, ApiError) and status is not None and status >= 500 and status not in (502, 503, 504)
 
 
 _Row = Pending  # one record being written (cosell_sync.sync.crm)
@@ -402,24 +436,62 @@ class DynamicsSide(CrmWorkflow):
         on_response: Callable[[_Row, BatchResponse], None],
         on_error: Callable[[_Row, str, str | None], None],
     ) -> None:
-        """``$batch`` calls of at most ``batch_size`` requests with continue-on-error; a chunk
-        that fails as a whole fails each of its records with the exception's message."""
-        for chunk in _chunks(items, self.batch_size):
-            try:
-                responses = self.hook.batch([request for _, request in chunk], continue_on_error=True)
-            except Exception as exc:  # the whole call failed: every record of the chunk fails
-                if fails_the_task(exc):
-                    raise  # not about these records (a refused token, a setting, a bug)
-                log.warning("dynamics365: a $batch of %d requests failed: %s", len(chunk), exc)
-                message, code = _exception_error(exc)
-                for row, _ in chunk:
-                    on_error(row, message, code)
-                continue
-            for n, (row, _) in enumerate(chunk):
-                if n < len(responses):
-                    on_response(row, responses[n])
-                else:
-                    on_error(row, "Dataverse returned no response for this request in the $batch", None)
+        """``$batch`` calls of at most ``batch_size`` requests with continue-on-error.
+
+        A request whose body cannot be sent as standard JSON (``Infinity``) fails its record
+        before any call. A call that fails as a whole is retried in halves until the requests
+        that fail it are isolated (each record then fails with the call's error); the others
+        are written. Creates (POST) are split only when the error proves nothing was written
+        (a 4xx for the call): after a lost answer they may have been. Throttling and an
+        unavailable service are not about the records: not split. At most about 2·n calls."""
+        sendable: list[tuple[_Row, BatchRequest]] = []
+        for row, request in items:
+            problem = _unencodable_body(request)
+            if problem is None:
+                sendable.append((row, request))
+            else:
+                on_error(row, problem, "JSON_SERIALIZATION")
+        calls = [0, 0]  # calls made, calls that failed as a whole
+        for chunk in _chunks(sendable, self.batch_size):
+            self._batch_split(chunk, on_response, on_error, calls)
+        if calls[1]:
+            log.warning(
+                "dynamics365: %d $batch call(s) failed as a whole; split retries: %d call(s) in all for %d request(s)",
+                calls[1], calls[0], len(sendable),
+            )  # fmt: skip
+
+    def _batch_split(
+        self,
+        chunk: Sequence[tuple[_Row, BatchRequest]],
+        on_response: Callable[[_Row, BatchResponse], None],
+        on_error: Callable[[_Row, str, str | None], None],
+        calls: list[int],
+    ) -> None:
+        """One ``$batch`` call for ``chunk``, halved while it fails as a whole (see :meth:`_run_batch`)."""
+        calls[0] += 1
+        try:
+            responses = self.hook.batch([request for _, request in chunk], continue_on_error=True)
+        except Exception as exc:  # the whole call failed
+            if fails_the_task(exc):
+                raise  # not about these records (a refused token, a setting, a bug)
+            calls[1] += 1
+            creates = any(request.method.upper() == "POST" for _, request in chunk)
+            if len(chunk) > 1 and _may_split_batch(exc, creates=creates):
+                log.warning("dynamics365: a $batch of %d requests failed (%s); retrying in halves", len(chunk), exc)
+                half = len(chunk) // 2
+                self._batch_split(chunk[:half], on_response, on_error, calls)
+                self._batch_split(chunk[half:], on_response, on_error, calls)
+                return
+            log.warning("dynamics365: a $batch of %d requests failed: %s", len(chunk), exc)
+            message, code = _exception_error(exc)
+            for row, _ in chunk:
+                on_error(row, message, code)
+            return
+        for n, (row, _) in enumerate(chunk):
+            if n < len(responses):
+                on_response(row, responses[n])
+            else:
+                on_error(row, "Dataverse returned no response for this request in the $batch", None)
 
     def _read_chunked(
         self,

@@ -27,6 +27,7 @@ through sObject Collections (200 records a call; Bulk API 2.0 above the hook's
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,10 +36,18 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pandas as pd
+import requests
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping
 from cosell_sync.engine.normalize import _normalize_column, side_value
-from cosell_sync.errors import ApiError, AuthenticationError, ConfigurationError, CosellError
+from cosell_sync.errors import (
+    ApiError,
+    AuthenticationError,
+    ConfigurationError,
+    CosellError,
+    ThrottledError,
+    TransportError,
+)
 from cosell_sync.hooks._soql import Condition, literal, name, select
 from cosell_sync.hooks.salesforce import COLLECTION_LIMIT, RecordResult, SalesforceSyncHook
 from cosell_sync.sync.base import RunContext, WriteResult, audit_line, match_key, missing, plain, prepend_audit
@@ -118,6 +127,46 @@ def _first_code(result: RecordResult) -> str | None:
         if code:
             return str(code)
     return None
+
+
+def _unencodable(record: Mapping[str, Any]) -> str | None:
+    """Why ``record`` cannot be sent as standard JSON (naming its fields), or None."""
+    try:
+        json.dumps(record, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        fields = []
+        for key, value in record.items():
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                fields.append(str(key))
+        return _clip(f"{type(exc).__name__}: {exc} (fields: {', '.join(fields)})")
+    return None
+
+
+def _may_split(exc: Exception, op: str) -> bool:
+    """Whether a call that failed as a whole is retried in halves: always when the request
+    was never sent (it could not be encoded); on a 4xx for the whole call (nothing written);
+    for updates and upserts (idempotent) also on a 500 or a lost connection. Never on
+    throttling or an unavailable service (502, 503, 504): those are not about the records."""
+    if isinstance(exc, ThrottledError):
+        return False
+    if isinstance(exc, requests.exceptions.InvalidJSONError) and not isinstance(exc, requests.JSONDecodeError):
+        return True  # raised while building the request: nothing was sent
+    decoding = (json.JSONDecodeError, requests.JSONDecodeError)  # an answer that could not be read: it was sent
+    if isinstance(exc, (TypeError, ValueError)) and not isinstance(exc, decoding):
+        return True  # the record could not be encoded, or the hook refused it before sending
+    if isinstance(exc, ApiError) and exc.status is not None and 400 <= exc.status < 500:
+        return exc.status not in (401, 403)  # a refused session or permission: halves would be refused too
+    if op == "create":
+        return False  # the answer may have been lost after Salesforce created the records
+    if isinstance(exc, TransportError):
+        return True
+    status = exc.status if isinstance(exc, ApiError) else None
+    return status is not None and status >= 500 and status not in _UNAVAILABLE
+
+
+_UNAVAILABLE = frozenset({502, 503, 504})  # the service (not a record) is down: halves would fail too
 
 
 def _audit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -249,8 +298,43 @@ class SalesforceSide(CrmWorkflow):
     def _write(
         self, op: str, sobject: str, records: Sequence[Mapping[str, Any]], *, external_id: str | None = None
     ) -> list[_Outcome]:
-        """One outcome per record, in order. Each collections call (200 records), or the one bulk
-        job above the hook's ``bulk_threshold``, fails alone when it raises."""
+        """One outcome per record, in order: collections calls of 200 records, or one bulk job
+        above the hook's ``bulk_threshold``.
+
+        A record whose values cannot be sent as JSON (``Infinity``) fails alone, before any call.
+        A call that fails as a whole is retried in halves until the records that fail it are
+        isolated (each then fails with the call's error); the others are written. A create is
+        split only when the error proves nothing was written (a 4xx for the call, a request that
+        could not be built): after a lost answer it may have been, and re-sending could
+        duplicate. Throttling is not about the records: not split. Splitting costs at most
+        about 2·n calls for n records."""
+        if not records:
+            return []
+        outcomes: list[_Outcome | None] = [None] * len(records)
+        sendable: list[int] = []
+        for i, record in enumerate(records):
+            problem = _unencodable(record)
+            if problem is None:
+                sendable.append(i)
+            else:
+                outcomes[i] = _Outcome(False, error=problem, code="JSON_SERIALIZATION")
+        calls = [0, 0]  # calls made, calls that failed as a whole
+        written = self._write_split(op, sobject, [records[i] for i in sendable], external_id, calls)
+        for i, outcome in zip(sendable, written, strict=True):
+            outcomes[i] = outcome
+        if calls[1]:
+            log.warning(
+                "Salesforce %s of %d %s record(s): %d call(s) failed as a whole; split retries took %d call(s) "
+                "in all, %d record(s) failed",
+                op, len(records), sobject, calls[1], calls[0], sum(1 for o in outcomes if o and not o.ok),
+            )  # fmt: skip
+        return [o if o is not None else _Outcome(False, error="not written", code="UNPROCESSED") for o in outcomes]
+
+    def _write_split(
+        self, op: str, sobject: str, records: Sequence[Mapping[str, Any]], external_id: str | None, calls: list[int]
+    ) -> list[_Outcome]:
+        """:meth:`_write`'s calls for ``records`` (sent as the hook's calls allow), halving a
+        call that fails as a whole."""
         if not records:
             return []
         bulk = op != "create" and len(records) > self.hook.bulk_threshold
@@ -258,6 +342,7 @@ class SalesforceSide(CrmWorkflow):
         outcomes: list[_Outcome] = []
         for start in range(0, len(records), size):
             chunk = list(records[start : start + size])
+            calls[0] += 1
             try:
                 if op == "create":
                     results = self.hook.create_records(sobject, chunk)
@@ -269,7 +354,17 @@ class SalesforceSide(CrmWorkflow):
             except (AuthenticationError, ConfigurationError):
                 raise  # not about these records: the task fails and is retried
             except Exception as exc:
+                calls[1] += 1
                 message, code = _describe(exc)
+                if len(chunk) > 1 and _may_split(exc, op):
+                    log.warning(
+                        "Salesforce %s of %d %s record(s) failed as a whole (%s); retrying in halves",
+                        op, len(chunk), sobject, message,
+                    )  # fmt: skip
+                    half = len(chunk) // 2
+                    outcomes += self._write_split(op, sobject, chunk[:half], external_id, calls)
+                    outcomes += self._write_split(op, sobject, chunk[half:], external_id, calls)
+                    continue
                 log.warning("Salesforce %s of %d %s record(s) failed: %s", op, len(chunk), sobject, message)
                 outcomes.extend(_Outcome(False, error=message, code=code) for _ in chunk)
                 continue
@@ -797,7 +892,9 @@ class SalesforceSide(CrmWorkflow):
         # An opportunity that holds the referral id already (an earlier try of the task wrote
         # it) is not written again: no second audit line.
         for result in pending:
-            result.adopted = str(held.get(str(result.crm_id)[:15]) or "").casefold() == str(result.referral_id).casefold()
+            result.adopted = (
+                str(held.get(str(result.crm_id)[:15]) or "").casefold() == str(result.referral_id).casefold()
+            )
         pending = [r for r in pending if not r.adopted]
         records = []
         for result in pending:

@@ -30,6 +30,7 @@ def test_a_referral_missing_a_required_field_is_dead_lettered_not_created(pc, co
     run_load_crm(job)
     run_load_pc(job)
     report = commit(job, store)
+    assert report["pc_to_crm"]["failed"] == 2, report
     dead = store.dead_letter(crm)
     errs = dict(zip(dead["record_key"], dead["last_error"], strict=True))
     assert "customerProfile.name: is required" in errs[ids[0]]

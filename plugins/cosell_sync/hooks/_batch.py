@@ -115,7 +115,8 @@ def _http_part(request: BatchRequest, api_path: str) -> str:
         headers.setdefault("Accept", "application/json")
     lines += [f"{k}: {v}" for k, v in headers.items()]
     lines.append("")
-    lines.append(json.dumps(request.body, separators=(",", ":")) if request.body is not None else "")
+    # Standard JSON only: NaN or Infinity raise here (ValueError) instead of going on the wire.
+    lines.append(json.dumps(request.body, separators=(",", ":"), allow_nan=False) if request.body is not None else "")
     return CRLF.join(lines)
 
 

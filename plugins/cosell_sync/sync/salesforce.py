@@ -21,8 +21,10 @@ through sObject Collections (200 records a call; Bulk API 2.0 above the hook's
   new audit line (newest first, bounded). The query that reads the audit trail right before
   the write also reads ``SystemModstamp``: a record changed since extract is deferred.
 * **Failures.** A record Salesforce rejects fails alone, with Salesforce's ``statusCode`` and
-  message. An exception for one call fails that call's records only. Authentication and
-  configuration errors are not about records: they raise, so the task fails and retries.
+  message. A call that fails as a whole is retried in halves until the records that fail it
+  are isolated (a create only when nothing can have been written), so the good records of the
+  batch are written. Authentication and configuration errors are not about records: they
+  raise, so the task fails and retries.
 """
 
 from __future__ import annotations

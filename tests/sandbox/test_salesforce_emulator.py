@@ -927,3 +927,55 @@ def test_seed_and_control_plane(
     assert all(c["AccountId"] != account for c in emu.list_records("Contact"))
     assert session.post(server.origin + "/_sandbox/reset", timeout=10).status_code == 204
     assert session.get(server.origin + "/_sandbox/state", timeout=10).json()["records"]["Opportunity"] == 0
+
+
+# -- values the real API rejects per record are answered per record, never with a 500 ------------------
+RANGE_OPP = {"attributes": {"type": "Opportunity"}, "StageName": "Prospecting", "CloseDate": "2026-06-30"}
+
+
+def _range_records(n: int) -> list[dict[str, Any]]:
+    return [{**RANGE_OPP, "Name": f"Deal {i}", "Amount": 1000 + i} for i in range(n)]
+
+
+@pytest.mark.parametrize("amount", [1e300, -1e300, 1e18, 1.7976931348623157e308])
+def test_out_of_range_amount_is_answered_per_record(sf: Salesforce, emu: SalesforceEmulator, amount: float) -> None:
+    records = _range_records(200)
+    records[42]["Amount"] = amount
+    results = sf.restful("composite/sobjects", method="POST", json={"allOrNone": False, "records": records})
+    assert len(results) == 200
+    assert results[42]["success"] is False and "id" not in results[42]
+    (error,) = results[42]["errors"]
+    assert error["statusCode"] == "NUMBER_OUTSIDE_VALID_RANGE"
+    assert error["fields"] == ["Amount"]
+    assert error["message"].startswith("Amount: value outside of valid range on numeric field: ")
+    assert all(r["success"] for i, r in enumerate(results) if i != 42)
+    assert len(emu.list_records("Opportunity")) == 199
+
+
+def test_out_of_range_amount_on_update_and_upsert(sf: Salesforce, emu: SalesforceEmulator) -> None:
+    created = sf.restful("composite/sobjects", method="POST", json={"records": _range_records(3)})
+    ids = [r["id"] for r in created]
+    updates = [
+        {"attributes": {"type": "Opportunity"}, "id": i, "Amount": a} for i, a in zip(ids, (5, 1e300, 6), strict=True)
+    ]
+    results = sf.restful("composite/sobjects", method="PATCH", json={"allOrNone": False, "records": updates})
+    assert [r["success"] for r in results] == [True, False, True]
+    assert results[1]["id"] == ids[1]
+    assert results[1]["errors"][0]["statusCode"] == "NUMBER_OUTSIDE_VALID_RANGE"
+    stored = emu.get_record("Opportunity", ids[1])
+    assert stored is not None and stored["Amount"] == 1001.0
+    # the all-or-none form rolls back the others, still answering 200 per record
+    results = sf.restful("composite/sobjects", method="PATCH", json={"allOrNone": True, "records": updates})
+    assert results[1]["errors"][0]["statusCode"] == "NUMBER_OUTSIDE_VALID_RANGE"
+    assert {r["errors"][0]["statusCode"] for i, r in enumerate(results) if i != 1} == {
+        "ALL_OR_NONE_OPERATION_ROLLED_BACK"
+    }
+
+
+def test_string_too_long_is_answered_per_record(sf: Salesforce, emu: SalesforceEmulator) -> None:
+    records = _range_records(5)
+    records[3]["Name"] = "x" * 121
+    results = sf.restful("composite/sobjects", method="POST", json={"allOrNone": False, "records": records})
+    assert [r["success"] for r in results] == [True, True, True, False, True]
+    assert results[3]["errors"][0]["statusCode"] == "STRING_TOO_LONG"
+    assert results[3]["errors"][0]["fields"] == ["Name"]

@@ -155,8 +155,8 @@ def _unencodable_body(request: BatchRequest) -> str | None:
 
 def _may_split_batch(exc: BaseException, *, creates: bool) -> bool:
     """Whether a ``$batch`` call that failed as a whole is retried in halves: on a 4xx for the
-    call (nothing was written); without creates (PATCH is idempotent) also on a 500 or a lost
-    connection. Never on throttling or an unavailable service (502, 503, 504)."""
+    call (nothing was written); without creates (PATCH is idempotent) also on a 500. Never on
+    throttling, an unavailable service (502, 503, 504) or a lost connection."""
     if isinstance(exc, ThrottledError):
         return False
     status = getattr(exc, "status", None)
@@ -165,7 +165,7 @@ def _may_split_batch(exc: BaseException, *, creates: bool) -> bool:
     if creates:
         return False  # the answer may have been lost after Dataverse created the rows
     if isinstance(exc, TransportError):
-        return True
+        return False  # the hook retried it already: a failing network, not a record
     return isinstance(exc, ApiError) and status is not None and status >= 500 and status not in (502, 503, 504)
 
 

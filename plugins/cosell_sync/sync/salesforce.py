@@ -149,8 +149,9 @@ def _unencodable(record: Mapping[str, Any]) -> str | None:
 def _may_split(exc: Exception, op: str) -> bool:
     """Whether a call that failed as a whole is retried in halves: always when the request
     was never sent (it could not be encoded); on a 4xx for the whole call (nothing written);
-    for updates and upserts (idempotent) also on a 500 or a lost connection. Never on
-    throttling or an unavailable service (502, 503, 504): those are not about the records."""
+    for updates and upserts (idempotent) also on a 500. Never on throttling, an unavailable
+    service (502, 503, 504) or a lost connection (the hook retried it already): those are not
+    about the records, and halves would only multiply the calls to a failing network."""
     if isinstance(exc, ThrottledError):
         return False
     if isinstance(exc, requests.exceptions.InvalidJSONError) and not isinstance(exc, requests.JSONDecodeError):
@@ -163,7 +164,7 @@ def _may_split(exc: Exception, op: str) -> bool:
     if op == "create":
         return False  # the answer may have been lost after Salesforce created the records
     if isinstance(exc, TransportError):
-        return True
+        return False
     status = exc.status if isinstance(exc, ApiError) else None
     return status is not None and status >= 500 and status not in _UNAVAILABLE
 

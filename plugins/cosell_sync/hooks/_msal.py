@@ -277,3 +277,18 @@ class RefreshTokenStore:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh)
         tmp.replace(self.path)
+
+
+def settings_app(
+    settings: Any, session: requests.Session, policy: RetryPolicy, sleep: Callable[[float], None]
+) -> msal.ConfidentialClientApplication:
+    """:func:`confidential_app` for a hook's settings (``authority``, ``tenant_id``,
+    ``client_id``, ``client_secret``): token requests retried with the hook's own policy."""
+    return confidential_app(
+        authority_url(settings.authority, settings.tenant_id),
+        settings.client_id,
+        settings.client_secret,
+        session,
+        policy=policy,
+        sleep=sleep,
+    )

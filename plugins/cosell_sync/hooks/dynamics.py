@@ -44,7 +44,7 @@ from cosell_sync.hooks._batch import (
     parse_batch,
 )
 from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
-from cosell_sync.hooks._msal import authority_url, cached_token, confidential_app, fingerprint
+from cosell_sync.hooks._msal import cached_token, fingerprint, settings_app
 from cosell_sync.hooks._odata import datetime_literal, quote, with_query
 
 API_PATH = "/api/data/v9.2"
@@ -164,14 +164,7 @@ class DynamicsHook(BaseHook):
         s = self.settings
 
         def acquire() -> dict[str, Any]:
-            app = confidential_app(
-                authority_url(s.authority, s.tenant_id),
-                s.client_id,
-                s.client_secret,
-                self.session,
-                policy=self.retry_policy,  # the token service is retried like the API
-                sleep=self._sleep,
-            )
+            app = settings_app(s, self.session, self.retry_policy, self._sleep)  # retried like the API
             return app.acquire_token_for_client(scopes=[s.scope])
 
         key = (s.authority, s.tenant_id, s.client_id, "app", fingerprint(s.client_secret), s.scope)

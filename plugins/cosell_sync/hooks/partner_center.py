@@ -36,10 +36,9 @@ from cosell_sync.errors import ConfigurationError, NotFoundError
 from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
 from cosell_sync.hooks._msal import (
     RefreshTokenStore,
-    authority_url,
     cached_token,
-    confidential_app,
     fingerprint,
+    settings_app,
 )
 from cosell_sync.hooks._odata import quote, with_query
 from cosell_sync.models import Referral, ReferralParseError, parse_referral, parse_referrals
@@ -192,14 +191,7 @@ class PartnerCenterHook(BaseHook):
         key = (s.authority, s.tenant_id, s.client_id, principal, secrets, scope)
 
         def acquire() -> dict[str, Any]:
-            app = confidential_app(
-                authority_url(s.authority, s.tenant_id),
-                s.client_id,
-                s.client_secret,
-                self.session,
-                policy=self.retry_policy,  # the token service is retried like the API
-                sleep=self._sleep,
-            )
+            app = settings_app(s, self.session, self.retry_policy, self._sleep)  # retried like the API
             if s.refresh_token:
                 return self._refresh_token_grant(app, scope)
             assert s.username and s.user_password

@@ -15,6 +15,7 @@ from cosell_sync.engine.normalize import (
     compile_path,
     crm_frame,
     incomplete_creates,
+    iso_countries,
     iso_currencies,
     referrals_frame,
 )
@@ -131,6 +132,27 @@ def test_currency_codes_come_from_the_iso_4217_list():
     )
     assert list(result.frame["currency"]) == ["USD", "EUR"]
     check([sf_opp("o1"), sf_opp("o2", CurrencyIsoCode="QQQ")], side="crm", bad={"o2": ("CurrencyIsoCode", "ISO 4217")})
+
+
+def test_country_codes_come_from_the_iso_3166_list():
+    assert {"US", "DE", "JP", "XK"} <= iso_countries() and not {"EU", "UN", "ZZ", "UK", "AA"} & iso_countries()
+    assert len(iso_countries()) == 250  # the 249 ISO 3166-1 countries and Kosovo
+    address = "customerProfile.address.country"
+    docs = [
+        referral("us"),
+        referral("lower", customerProfile__address={"country": "de", "postalCode": "1"}),
+        referral("uk", customerProfile__address={"country": "UK", "postalCode": "1"}),
+        referral("eu", customerProfile__address={"country": "EU", "postalCode": "1"}),
+        referral("three", customerProfile__address={"country": "USA", "postalCode": "1"}),
+    ]
+    bad = {k: (address, "ISO 3166") for k in ("uk", "eu", "three")}
+    result = check(docs, bad=bad)
+    assert list(result.frame["customer_country"]) == ["US", "DE"]
+    check(
+        [sf_opp("o1"), sf_opp("o2", Account={**sf_opp("o2")["Account"], "BillingCountry": "XX"})],
+        side="crm",
+        bad={"o2": ("Account.BillingCountry", "ISO 3166")},
+    )
 
 
 # -- control characters -----------------------------------------------------------------------------

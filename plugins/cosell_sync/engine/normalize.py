@@ -15,12 +15,12 @@ from functools import cache
 from typing import Any
 
 import pandas as pd
+from babel import Locale
 from babel.numbers import list_currencies
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
 
 _INDEX = re.compile(r"^(?P<key>[^\[\]]+)(?:\[(?P<index>\d*)\])?$")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 ERROR_COLUMNS = ["key", "side", "field", "value", "message"]
 PC_META = ["referral_id", "crm_ref", "etag", "updated_at", "status", "substatus", "direction"]
@@ -137,6 +137,19 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value == "") or (isinstance(value, list) and not value)
 
 
+# Two-letter CLDR regions that are not countries of ISO 3166-1: the exceptionally reserved
+# codes (AC, CP, CQ, DG, EA, EU, EZ, IC, TA, UN) and the private-use ones (QO, XA, XB, ZZ).
+# XK stays: Kosovo has no ISO code, and CLDR and Microsoft both use XK for it.
+NOT_COUNTRIES = frozenset({"AC", "CP", "CQ", "DG", "EA", "EU", "EZ", "IC", "TA", "UN", "QO", "XA", "XB", "ZZ"})
+
+
+@cache
+def iso_countries() -> frozenset[str]:
+    """The ISO 3166-1 alpha-2 country codes (and XK), from the CLDR data Babel maintains."""
+    regions = Locale("en").territories
+    return frozenset(c for c in regions if len(c) == 2 and c.isalpha() and c not in NOT_COUNTRIES)
+
+
 @cache
 def iso_currencies() -> frozenset[str]:
     """The ISO 4217 codes, from the CLDR data Babel maintains."""
@@ -235,7 +248,8 @@ def _normalize_column(
             valid: Callable[[Any], bool] = lambda v: isinstance(v, str) and v in codes  # noqa: E731
             what = "an ISO 4217 currency code"
         else:
-            valid = lambda v: isinstance(v, str) and bool(_COUNTRY.match(v))  # noqa: E731
+            countries = iso_countries()
+            valid = lambda v: isinstance(v, str) and v in countries  # noqa: E731
             what = "an ISO 3166 alpha-2 country code"
         upper = values.map(lambda v: v.strip().upper() if isinstance(v, str) else None)
         bad(present & ~upper.map(valid), f"must be {what}")

@@ -244,6 +244,41 @@ def test_referrals_orphaned_by_a_run_that_never_committed_are_adopted(pc, conns,
     assert_quiet(crm, store, staging)
 
 
+@pytest.mark.parametrize("crm", CRMS)
+def test_a_run_that_stopped_after_load_crm_leaves_no_link_one_sided(pc, conns, store, tmp_path, crm):
+    """Issue 12, case 4: load_crm created the opportunities (each holding its referral id), then
+    the run stopped for good (load_partner_center's tries used up, nothing committed). The next
+    run completes every link on the other two sides (the referral's externalReferenceId and the
+    state DB), reports them as linked rather than unchanged, and creates nothing twice."""
+    seed(pc, crm)
+    staging = tmp_path / "staging"
+    job = new_job(crm, store, staging)
+    up_to_load(job, store)
+    planned = [str(r) for r in read_frame(job, "plan_crm_creates")["referral_id"]]
+    assert len(planned) >= 3, planned
+    assert run_load_crm(job)["failed"] == 0
+    held = {str(v).lower(): c for c, v in crm_link_values(pc, crm).items() if v}
+    assert {r.lower() for r in planned} <= set(held)  # the CRM side of each link exists ...
+    assert not any(pc.partner_center.referrals[r].get("externalReferenceId") for r in planned)  # ... only it
+    counts = crm_counts(pc, crm)
+
+    nxt = new_job(crm, store, staging)
+    up_to_load(nxt, store)
+    run_load_crm(nxt)
+    run_load_pc(nxt)
+    report = commit(nxt, store)
+    assert crm_counts(pc, crm) == counts  # nothing created twice
+    links = store.get_links(crm)
+    linked = {str(r).lower(): str(c).lower() for r, c in zip(links["referral_id"], links["crm_id"], strict=True)}
+    for rid in planned:
+        crm_id = held[rid.lower()]
+        assert str(pc.partner_center.referrals[rid].get("externalReferenceId")).lower() == crm_id, rid
+        assert linked.get(rid.lower()) == crm_id, rid
+    assert report["pc_to_crm"]["created"] == 0, report
+    assert report["writes"]["partner_center"]["linked"] >= len(planned), report["writes"]
+    assert_quiet(crm, store, staging)
+
+
 # -- (c) a failed re-read after a 412 ---------------------------------------------------------------------
 @pytest.mark.parametrize("crm", CRMS)
 def test_failed_reread_after_412_is_a_dead_letter_row_not_a_failed_task(pc, conns, store, tmp_path, crm):

@@ -48,6 +48,17 @@ SUBSTATUS_FOR = {
     "Closed": {"Won", "Lost", "Declined", "Expired"},
 }
 TRANSITIONS = {"New": {"New", "Active", "Closed"}, "Active": {"Active", "Closed"}, "Closed": set()}
+# "No actions are permitted after any deal reaches a terminal state, such as Declined, Expired, Won,
+# or Lost." (Microsoft Learn, "Bulk operations for Co-sell opportunities",
+# https://learn.microsoft.com/partner-center/bulk-operations). Closed has exactly these substatuses.
+TERMINAL_SUBSTATUS = frozenset(SUBSTATUS_FOR["Closed"])
+# Co-sell with Microsoft: the second referral of an engagement targets Microsoft's business profile
+# location "msft" (Microsoft Learn, "Create a referral", section "Create a shared referral":
+# https://learn.microsoft.com/partner-center/developer/create-a-referral). Microsoft's organization id
+# in the docs' examples is "msft" (inviteContext.invitedBy.organizationId).
+MICROSOFT_ORG_ID = "msft"
+MICROSOFT_ORG_NAME = "Microsoft"
+PARTNER_ORG_NAME = "Sandbox Partner Ltd"
 ENUMS: dict[str, set[str]] = {
     "status": STATUS,
     "substatus": SUBSTATUS,
@@ -244,12 +255,29 @@ def validate_referral(doc: Any, *, creating: bool) -> None:
         )
 
 
-def check_transition(old: dict[str, Any], new: dict[str, Any]) -> None:
-    current = old.get("status")
-    if current == "Closed":
+def is_terminal(doc: dict[str, Any]) -> bool:
+    """Closed (Won, Lost, Declined or Expired): see TERMINAL_SUBSTATUS for the source."""
+    return doc.get("status") == "Closed" or doc.get("substatus") in TERMINAL_SUBSTATUS
+
+
+def check_not_terminal(doc: dict[str, Any]) -> None:
+    """Nothing may change a referral in a terminal state. The docs give no dedicated code; a request the
+    service cannot process because it is incorrect is 400 Bad Request ("Referrals API Response Codes",
+    https://learn.microsoft.com/partner-center/developer/referrals-api-response-codes), body code
+    invalidRequest as for every other rejected change."""
+    if is_terminal(doc):
         raise HTTPError(
-            400, "invalidRequest", "No actions are permitted after the referral reaches a terminal state (Closed)."
+            400,
+            "invalidRequest",
+            f"No actions are permitted after the referral reaches a terminal state "
+            f"({doc.get('status')}/{doc.get('substatus')}).",
+            target="status",
         )
+
+
+def check_transition(old: dict[str, Any], new: dict[str, Any]) -> None:
+    check_not_terminal(old)
+    current = old.get("status")
     target = new.get("status")
     if current in TRANSITIONS and target not in TRANSITIONS[current]:
         raise HTTPError(400, "invalidRequest", f"The status transition from '{current}' to '{target}' is not allowed.")
@@ -270,8 +298,15 @@ def apply_json_patch(doc: dict[str, Any], ops: Any) -> dict[str, Any]:
         if not isinstance(op, dict) or "path" not in op or "op" not in op:
             raise _bad(f"JSON Patch operation {i} must have 'op' and 'path'.")
         kind = op["op"]
+        # "The API currently only supports the replace and add operations." (Microsoft Learn, "Update a
+        # lead or opportunity", https://learn.microsoft.com/partner-center/developer/patch-a-referral)
         if kind not in ("replace", "add"):
-            raise _bad(f"JSON Patch operation '{kind}' is not supported; only 'replace' and 'add' are.")
+            raise HTTPError(
+                400,
+                "invalidRequest",
+                f"JSON Patch operation '{kind}' is not supported; only 'replace' and 'add' are.",
+                target=f"[{i}].op",
+            )
         if "value" not in op:
             raise _bad(f"JSON Patch operation {i} needs a 'value'.")
         parts = _pointer(str(op["path"]))
@@ -349,6 +384,8 @@ class PartnerCenterEmulator(EmulatorApp):
         router.add("POST", r"/_sandbox/referrals", self._microsoft_create)
         router.add("GET", r"/_sandbox/referrals/(?P<id>[^/]+)", self._raw_get)
         router.add("POST", r"/_sandbox/referrals/(?P<id>[^/]+)/microsoft-edit", self._microsoft_edit)
+        router.add("GET", r"/_sandbox/engagements/(?P<eid>[^/]+)", self._raw_engagement)
+        router.add("POST", r"/_sandbox/engagements/(?P<eid>[^/]+)/microsoft", self._microsoft_engagement_action)
         router.add("GET", r"/_sandbox/webhooks/deliveries", self._deliveries)
         router.add("POST", r"/_sandbox/webhooks/config", self._dispatch_config)
         router.add("POST", r"/_sandbox/webhooks/redeliver", self._redeliver)
@@ -440,7 +477,10 @@ class PartnerCenterEmulator(EmulatorApp):
         page = matches[:top]
         body: dict[str, Any] = {
             "@odata.context": f"{request.origin}/v1.0/$metadata#Referrals",
-            "@odata.count": len(matches) if last is None else len(page),
+            # The count of the items on this page: the documented list response shows
+            # "@odata.count": 1 next to one item and an @odata.nextLink (Microsoft Learn, "Get a list of
+            # referrals", https://learn.microsoft.com/partner-center/developer/get-a-list-of-referrals).
+            "@odata.count": len(page),
             "value": [self._select(self._public(d, request.origin), select) for d in page],
         }
         if len(matches) > top:
@@ -471,20 +511,105 @@ class PartnerCenterEmulator(EmulatorApp):
             if doc.get(key) is not None:
                 raise _bad(f"The field '{key}' is read-only and cannot be set on create.")
         with self.lock:
-            stored = self._store_new(doc, direction=doc.get("direction") or "Outgoing", via="API")
-            self._fire("referral-created", stored)
-            for sibling in self._siblings(stored):
-                self._fire("related-referral-created", sibling)
+            engagement_id = doc.get("engagementId")
+            if engagement_id is not None:
+                self._check_engagement(engagement_id)
+            if _targets_microsoft(doc):
+                stored = self._invite_microsoft(doc)
+            else:
+                stored = self._store_new(doc, direction=doc.get("direction") or "Outgoing", via="API")
+            self._fire_changed(stored, created=True)
             return self._single(stored, request, 201)
 
-    def _store_new(self, doc: dict[str, Any], *, direction: str, via: str) -> dict[str, Any]:
+    # -- engagements -------------------------------------------------------------
+    # "EngagementID ... Multiple referrals can be associated to a single EngagementID" (Microsoft Learn,
+    # "Referral resources", https://learn.microsoft.com/partner-center/developer/referral-resources).
+    # A POST without engagementId starts an engagement; one with the engagementId of an existing
+    # engagement joins it ("Create a referral", "Create a connected referral": "Include the engagementId
+    # from your referral so they are tied together").
+    def _engagement(self, engagement_id: str) -> list[dict[str, Any]]:
+        return [d for d in self.referrals.values() if d["engagementId"] == engagement_id]  # in creation order
+
+    def _check_engagement(self, engagement_id: Any) -> None:
+        """An engagementId that names no engagement is an incorrect request: 400 invalidRequest. (The docs
+        document no specific answer; 404 would say the request URI names nothing, and the URI here is the
+        collection, so 400 per "Referrals API Response Codes" is the plausible one.)"""
+        if not isinstance(engagement_id, str) or not self._engagement(engagement_id):
+            raise HTTPError(
+                400,
+                "invalidRequest",
+                f"The engagement '{engagement_id}' does not exist; omit engagementId to start a new engagement.",
+                target="engagementId",
+            )
+
+    def _owned(self, doc: dict[str, Any]) -> bool:
+        return doc.get("organizationId") == self.organization_id
+
+    def _invite_microsoft(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The second step of co-selling with Microsoft: a referral for Microsoft in an existing engagement
+        whose partner referral is Shared ("Create a referral", "Create a shared referral"; a Shared
+        referral is the one visible to both parties, "Referrals API introduction"). The referral is
+        Microsoft's: organizationId msft, Incoming from Microsoft's point of view, New/Pending until
+        Microsoft acts on it (control plane: POST /_sandbox/engagements/{id}/microsoft)."""
+        engagement_id = doc.get("engagementId")
+        if engagement_id is None:
+            raise HTTPError(
+                400,
+                "invalidRequest",
+                "A referral for Microsoft must join an engagement: create your Shared referral first and "
+                "include its engagementId.",
+                target="engagementId",
+            )
+        mine = [d for d in self._engagement(engagement_id) if self._owned(d)]
+        if not any(d.get("type") == "Shared" for d in mine):
+            raise HTTPError(
+                400,
+                "invalidRequest",
+                "Microsoft can only be invited to an engagement whose referral is of type 'Shared'.",
+                target="type",
+            )
+        body = copy.deepcopy(doc)
+        body.update(status="New", substatus="Pending", type="Shared")
+        invite = dict(body.get("inviteContext") or {})
+        invite["invitedBy"] = {"organizationId": self.organization_id, "organizationName": PARTNER_ORG_NAME}
+        body["inviteContext"] = invite
+        stored = self._store_new(
+            body,
+            direction="Incoming",
+            via="API",
+            organization=(MICROSOFT_ORG_ID, MICROSOFT_ORG_NAME),
+        )
+        stored["expirationDateTime"] = iso(datetime.now(UTC) + timedelta(days=INCOMING_EXPIRY_DAYS))
+        return stored
+
+    def _fire_changed(self, doc: dict[str, Any], *, created: bool) -> None:
+        """Events reach the partner about its own referrals: referral-* for the referral itself when it is
+        the partner's, and related-referral-* for each of the partner's other referrals in the engagement
+        (their related referral changed; ResourceUri names the partner's referral, to re-fetch and then
+        follow its links.relatedReferrals)."""
+        kind = "created" if created else "updated"
+        if self._owned(doc):
+            self._fire(f"referral-{kind}", doc)
+        for sibling in self._siblings(doc):
+            if self._owned(sibling):
+                self._fire(f"related-referral-{kind}", sibling)
+
+    def _store_new(
+        self,
+        doc: dict[str, Any],
+        *,
+        direction: str,
+        via: str,
+        organization: tuple[str, str] | None = None,
+    ) -> dict[str, Any]:
         now = _now()
+        org_id, org_name = organization or (self.organization_id, PARTNER_ORG_NAME)
         stored = copy.deepcopy(doc)
         stored.update(
             id=str(uuid.uuid4()),
             engagementId=doc.get("engagementId") or str(uuid.uuid4()),
-            organizationId=self.organization_id,
-            organizationName="Sandbox Partner Ltd",
+            organizationId=org_id,
+            organizationName=org_name,
             createdDateTime=now,
             updatedDateTime=now,
             direction=direction,
@@ -527,9 +652,7 @@ class PartnerCenterEmulator(EmulatorApp):
         new.update(updatedDateTime=now, eTag=_etag(), lastModifiedVia=via)
         new.pop("links", None)
         self.referrals[new["id"]] = new
-        self._fire("referral-updated", new)
-        for sibling in self._siblings(new):
-            self._fire("related-referral-updated", sibling)
+        self._fire_changed(new, created=False)
         return new
 
     def _replace(self, request: Request) -> Response:
@@ -537,10 +660,16 @@ class PartnerCenterEmulator(EmulatorApp):
         body = request.json()
         if not isinstance(body, dict):
             raise _bad("The referral must be a JSON object.")
+        # The PUT body is the referral as read, with If-Match and without `links` (Microsoft Learn,
+        # "Update a referral", https://learn.microsoft.com/partner-center/developer/update-a-referral):
+        # a body that still carries them is a malformed request, 400 ("Referrals API Response Codes").
         if "links" in body:
-            raise _bad("Remove 'links' from the request body; it is read-only.")
+            raise HTTPError(
+                400, "invalidRequest", "Remove 'links' from the request body; it is read-only.", target="links"
+            )
         with self.lock:
             old = self._lookup(request.params["id"])
+            check_not_terminal(old)
             self._check_if_match(request, old, required=True)
             new = strip_annotations(copy.deepcopy(body))
             for key in READ_ONLY - {"links"}:  # server-owned values are kept; a different value is an error
@@ -552,9 +681,8 @@ class PartnerCenterEmulator(EmulatorApp):
         ops = request.json()
         with self.lock:
             old = self._lookup(request.params["id"])
+            check_not_terminal(old)
             self._check_if_match(request, old, required=False)
-            if old.get("status") == "Closed":
-                check_transition(old, old)
             new = self._commit_update(old, apply_json_patch(old, ops), "API")
             if "return=representation" in (request.headers.get("Prefer") or ""):
                 return self._single(new, request)
@@ -825,6 +953,62 @@ class PartnerCenterEmulator(EmulatorApp):
             updated = self._commit_update(old, new, "Microsoft")
             return Response.json(copy.deepcopy(updated))
 
+    def _raw_engagement(self, request: Request) -> Response:
+        """The engagement as the emulator holds it: its id and every referral in it, oldest first."""
+        with self.lock:
+            docs = self._engagement(request.params["eid"])
+            if not docs:
+                raise HTTPError(404, "itemNotFound", f"Engagement '{request.params['eid']}' was not found.")
+            return Response.json({"engagementId": request.params["eid"], "referrals": copy.deepcopy(docs)})
+
+    def _microsoft_engagement_action(self, request: Request) -> Response:
+        """Microsoft acts on its referral in an engagement the partner invited it to.
+
+        Body ``{"action": "accept"|"decline"|"win"|"lose"|"update", "changes": {...}, "statusReason": "...",
+        "seller": {firstName, lastName, email, phoneNumber}}``. Accepting makes Microsoft's referral
+        Active/Accepted and adds the Microsoft seller to its team; declining closes it (Closed/Declined).
+        The partner's referrals in the engagement get ``related-referral-updated``. Answers the
+        engagement (as GET /_sandbox/engagements/{id})."""
+        doc = request.json()
+        if not isinstance(doc, dict):
+            raise _bad("The body must be a JSON object with 'action' and optional 'changes'.")
+        action = doc.get("action", "update")
+        presets = {
+            "accept": {"status": "Active", "substatus": "Accepted"},
+            "decline": {"status": "Closed", "substatus": "Declined"},
+            "win": {"status": "Closed", "substatus": "Won"},
+            "lose": {"status": "Closed", "substatus": "Lost"},
+            "update": {},
+        }
+        if action not in presets:
+            raise _bad(f"action must be one of {sorted(presets)}.")
+        engagement_id = request.params["eid"]
+        with self.lock:
+            docs = self._engagement(engagement_id)
+            if not docs:
+                raise HTTPError(404, "itemNotFound", f"Engagement '{engagement_id}' was not found.")
+            theirs = [d for d in docs if d.get("organizationId") == MICROSOFT_ORG_ID]
+            if not theirs:
+                raise HTTPError(409, "conflict", f"Microsoft has not been invited to engagement '{engagement_id}'.")
+            old = theirs[-1]
+            new = copy.deepcopy(old)
+            new.update(presets[action])
+            if action in ("decline", "lose") or doc.get("statusReason") is not None:
+                new["statusReason"] = str(doc.get("statusReason") or f"Microsoft: {action}")
+            if action == "accept":
+                seller = doc.get("seller") or {
+                    "firstName": "Morgan",
+                    "lastName": "Seller",
+                    "email": "morgan.seller@microsoft.example",
+                    "phoneNumber": "+1 425 555 0100",
+                }
+                new["team"] = [*(new.get("team") or []), seller]
+            _deep_merge(new, doc.get("changes") or {})
+            self._commit_update(old, new, "Microsoft")
+            return Response.json(
+                {"engagementId": engagement_id, "referrals": copy.deepcopy(self._engagement(engagement_id))}
+            )
+
     def _deliveries(self, request: Request) -> Response:
         with self.lock:
             return Response.json({"value": [d.summary() for d in self.dispatcher.deliveries.values()]})
@@ -842,6 +1026,13 @@ class PartnerCenterEmulator(EmulatorApp):
 
     def _redeliver(self, request: Request) -> Response:
         return Response.json({"redelivered": self.dispatcher.redeliver_parked()})
+
+
+def _targets_microsoft(doc: dict[str, Any]) -> bool:
+    return any(
+        isinstance(t, dict) and t.get("type") == "BusinessProfileLocation" and t.get("id") == MICROSOFT_ORG_ID
+        for t in doc.get("target") or []
+    )
 
 
 def _deep_merge(target: dict[str, Any], changes: dict[str, Any]) -> None:

@@ -52,6 +52,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from . import dataverse_batch as batch
+from . import dataverse_metadata as md
 from .entra import EntraEmulator
 from .odata import FilterOptions, ODataError, compile_filter, parse_orderby, sort_records
 from .seed import COMPANIES, CURRENCY, DEAL_NAMES, HELP_CODES, SOLUTIONS, person
@@ -75,16 +76,15 @@ _IDENTIFIER = re.compile(r"(?<![\w.'])([A-Za-z_]\w*)(?![\w'])")
 _STRING_LITERAL = re.compile(r"'(?:[^']|'')*'")
 
 WON, LOST, OPEN = 1, 2, 0
-STATE_NAMES = {OPEN: "Open", WON: "Won", LOST: "Lost"}
-STATUS_FOR_STATE = {OPEN: (1, 2), WON: (3,), LOST: (4, 5)}  # In Progress, On Hold | Won | Canceled, Out-Sold
-# statecode -> (its name, the statuscode values that fit it; the first is the default)
+# statecode -> (its name, the statuscode values that fit it; the first is the default), from the
+# tables' option sets (dataverse_metadata.CHOICES, the one place choice options are defined).
 STATES: dict[str, dict[int, tuple[str, tuple[int, ...]]]] = {
-    "opportunities": {state: (STATE_NAMES[state], STATUS_FOR_STATE[state]) for state in STATE_NAMES},
-    "accounts": {0: ("Active", (1,)), 1: ("Inactive", (2,))},
-    "contacts": {0: ("Active", (1,)), 1: ("Inactive", (2,))},
+    "opportunities": md.states("opportunity"),
+    "accounts": md.states("account"),
+    "contacts": md.states("contact"),
 }
-HELP_VALUES = {name: 100000000 + i for i, name in enumerate(HELP_CODES)}
-SYNC_STATUS = {"Synced": 100000000, "Pending": 100000001, "Error": 100000002}
+STATE_NAMES = {state: name for state, (name, _) in STATES["opportunities"].items()}
+STATUS_FOR_STATE = {state: statuses for state, (_, statuses) in STATES["opportunities"].items()}
 CURRENCIES = [
     ("USD", "US Dollar", "$", 1.0),
     ("EUR", "Euro", "€", 0.92),
@@ -109,7 +109,6 @@ class Column:
     name: str
     kind: str  # guid string memo money decimal int bigint choice bool date datetime lookup
     max_length: int | None = None
-    choices: tuple[int, ...] = ()
     required: bool = False
     target: str | None = None  # lookups: the entity set they point to
     nav: str | None = None  # lookups: the single-valued navigation property used with @odata.bind
@@ -180,9 +179,9 @@ OPPORTUNITIES = Table(
         Column("_transactioncurrencyid_value", "lookup", target="transactioncurrencies", nav="transactioncurrencyid"),
         Column("estimatedclosedate", "date"),
         Column("description", "memo", 2000),
-        Column("salesstage", "choice", choices=(0, 1, 2, 3)),
-        Column("statecode", "choice", choices=(0, 1, 2)),
-        Column("statuscode", "choice", choices=(1, 2, 3, 4, 5)),
+        Column("salesstage", "choice"),
+        Column("statecode", "choice"),
+        Column("statuscode", "choice"),
         Column("_parentaccountid_value", "lookup", target="accounts", nav="parentaccountid"),
         Column("_parentcontactid_value", "lookup", target="contacts", nav="parentcontactid"),
         Column("actualvalue", "money", minimum=0, maximum=MONEY_MAX),
@@ -190,10 +189,10 @@ OPPORTUNITIES = Table(
         Column("cosell_syncwithpartnercenter", "bool"),
         Column("cosell_referralid", "string", 100),
         Column("cosell_referrallink", "string", 500),
-        Column("cosell_howcanmicrosofthelp", "choice", choices=tuple(HELP_VALUES.values())),
+        Column("cosell_howcanmicrosofthelp", "choice"),
         Column("cosell_solutions", "string", 255),
         Column("cosell_audit", "memo", 1_048_576),  # the largest multiline text column Dataverse allows
-        Column("cosell_syncstatus", "choice", choices=tuple(SYNC_STATUS.values())),
+        Column("cosell_syncstatus", "choice"),
     ),
     alternate_key="cosell_referralid",
 )
@@ -204,8 +203,8 @@ ACCOUNTS = Table(
     (
         *_system("accountid"),
         Column("name", "string", 160, required=True),
-        Column("statecode", "choice", choices=(0, 1)),
-        Column("statuscode", "choice", choices=(1, 2)),
+        Column("statecode", "choice"),
+        Column("statuscode", "choice"),
         Column("address1_line1", "string", 250),
         Column("address1_city", "string", 80),
         Column("address1_stateorprovince", "string", 50),
@@ -221,8 +220,8 @@ CONTACTS = Table(
         *_system("contactid"),
         Column("firstname", "string", 50),
         Column("lastname", "string", 50, required=True),
-        Column("statecode", "choice", choices=(0, 1)),
-        Column("statuscode", "choice", choices=(1, 2)),
+        Column("statecode", "choice"),
+        Column("statuscode", "choice"),
         Column("emailaddress1", "string", 100),
         Column("telephone1", "string", 50),
         Column("_parentcustomerid_value", "lookup", target="accounts", nav="parentcustomerid_account"),
@@ -554,6 +553,9 @@ class DataverseConfig:
     # read-only when inactive); "reject" makes the sandbox refuse such writes instead.
     closed_opportunity_writes: str = "allow"
     delta_token_lifetime_seconds: float = DELTA_TOKEN_LIFETIME
+    # The option value base of the publisher's custom choice columns (cosell_*): their options are
+    # base + 0, base + 1, ... (a publisher's option value prefix x 10,000, e.g. 858,880,000).
+    choice_value_base: int = md.DEFAULT_CHOICE_BASE
 
 
 @dataclass
@@ -586,6 +588,7 @@ class DataverseEmulator(EmulatorApp):
         self.business_unit_id = str(uuid.uuid4())
         self.protection = ServiceProtection()
         self.config = DataverseConfig()
+        self.metadata = md.Metadata(list(TABLES.values()), lambda: self.config.choice_value_base, self.audience)
         self._secret = secrets.token_bytes(32)
         self._inner = Router()  # the API routes without auth/limits, for requests inside $batch
         self._local = threading.local()
@@ -614,6 +617,8 @@ class DataverseEmulator(EmulatorApp):
             ("GET", api + r"/?", self._service_document),
             ("GET", api + r"/WhoAmI(?:\(\))?", self._whoami),
             ("POST", api + r"/\$batch", self._batch),
+            ("GET", api + r"/EntityDefinitions(?P<rest>(?:\(.*|/.*)?)", self._entity_definitions),
+            ("GET", api + r"/GlobalOptionSetDefinitions(?P<rest>(?:\(.*)?)", self._global_option_sets),
             ("POST", api + r"/(?P<action>WinOpportunity|LoseOpportunity)", self._close_opportunity),
             (
                 "POST",
@@ -833,14 +838,16 @@ class DataverseEmulator(EmulatorApp):
         if kind in ("int", "bigint", "choice"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise _not_convertible(table, value, column)
-            if column.choices and value not in column.choices:
-                # PicklistValueOutOfRange 0x8004431A, with the platform's validation message.
+            choices = self.metadata.values(table.logical, column.name) if kind == "choice" else []
+            if choices and value not in choices:
+                # PicklistValueOutOfRange 0x8004431A, with the platform's validation message; the
+                # options come from the column's option set (dataverse_metadata.CHOICES).
                 raise _err(
                     400,
                     "0x8004431a",
                     f"A validation error occurred. The value {value} of '{column.name}' on record of type "
                     f"'{table.logical}' is outside the valid range. Accepted Values: "
-                    + ",".join(str(c) for c in column.choices),
+                    + ",".join(str(c) for c in choices),
                 )
             return value
         if kind == "bool":
@@ -1180,6 +1187,24 @@ class DataverseEmulator(EmulatorApp):
                 "OrganizationId": self.organization_id,
             }
         )
+
+    def _metadata_options(self, request: Request) -> dict[str, str]:
+        options: dict[str, str] = {}
+        for name, values in request.query.items():
+            if len(values) > 1 and name.startswith("$"):
+                raise _query_error(
+                    f"Query option '{name}' was specified more than once, but it must be specified at most once."
+                )
+            options[name] = values[0]
+        return options
+
+    def _entity_definitions(self, request: Request) -> Response:
+        with self.lock:
+            return _json(self.metadata.handle(request.params["rest"], self._metadata_options(request)))
+
+    def _global_option_sets(self, request: Request) -> Response:
+        with self.lock:
+            return _json(self.metadata.global_option_sets(request.params["rest"], self._metadata_options(request)))
 
     def _unknown(self, request: Request) -> Response:
         if self._inner.resolve(request.method, request.path) is None:  # raises 405 for a wrong method
@@ -1639,13 +1664,17 @@ class DataverseEmulator(EmulatorApp):
         }
 
     def configure(self, **changes: Any) -> dict[str, Any]:
-        """Behaviour switches: ``enforce_required`` (bool), ``closed_opportunity_writes`` ("allow"|"reject")."""
+        """Behaviour switches: ``enforce_required`` (bool), ``closed_opportunity_writes`` ("allow"|"reject"),
+        ``choice_value_base`` (int: the first option value of the publisher's ``cosell_*`` choice columns)."""
         current = asdict(self.config)
         unknown = set(changes) - set(current)
         if unknown:
             raise ValueError(f"unknown setting(s): {sorted(unknown)}")
         if changes.get("closed_opportunity_writes", "allow") not in ("allow", "reject"):
             raise ValueError("closed_opportunity_writes must be 'allow' or 'reject'")
+        base = changes.get("choice_value_base", md.DEFAULT_CHOICE_BASE)
+        if isinstance(base, bool) or not isinstance(base, int) or not 10_000 <= base <= 2_147_000_000:
+            raise ValueError("choice_value_base must be an integer option value (e.g. 858880000)")
         current.update(changes)
         self.config = DataverseConfig(**current)
         return asdict(self.config)
@@ -1738,7 +1767,11 @@ class DataverseEmulator(EmulatorApp):
                 if n in marked:
                     changes.update(
                         cosell_syncwithpartnercenter=True,
-                        cosell_howcanmicrosofthelp=HELP_VALUES[rng.choice(HELP_CODES)],
+                        cosell_howcanmicrosofthelp=self.metadata.value_of(
+                            "opportunity",
+                            "cosell_howcanmicrosofthelp",
+                            md.HELP_LABELS[HELP_CODES.index(rng.choice(HELP_CODES))],
+                        ),
                         cosell_solutions=rng.choice(SOLUTIONS)[0],
                     )
                 out["opportunities"].append(str(self._insert(OPPORTUNITIES, changes, trusted=True)["opportunityid"]))

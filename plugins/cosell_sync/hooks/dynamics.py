@@ -71,6 +71,14 @@ def primary_key(entity_set: str) -> str:
         raise ValueError(f"unknown entity set {entity_set!r}; known: {sorted(PRIMARY_KEYS)}") from None
 
 
+def keyed_create(request: BatchRequest) -> bool:
+    """Is ``request`` a POST to a known entity set whose body holds the new row's primary key?"""
+    if request.method.upper() != "POST" or not isinstance(request.body, Mapping):
+        return False
+    key = PRIMARY_KEYS.get(request.url.strip("/").partition("?")[0])
+    return key is not None and bool(request.body.get(key))
+
+
 @dataclass
 class Changes:
     """One change-tracking read: changed or new rows, deleted ids, and where to continue."""
@@ -381,8 +389,10 @@ class DynamicsHook(BaseHook):
         headers = {"Content-Type": content_type}
         if continue_on_error:
             headers["Prefer"] = "odata.continue-on-error"
+        # A create that names its row's primary key is safe to send again: a copy of one that
+        # landed (its answer lost) is refused as DuplicateRecord instead of making a second row.
         idempotent = all(
-            r.method.upper() in ("GET", "PATCH", "PUT", "DELETE")
+            r.method.upper() in ("GET", "PATCH", "PUT", "DELETE") or keyed_create(r)
             for item in items
             for r in (item.requests if isinstance(item, ChangeSet) else [item])
         )

@@ -654,8 +654,13 @@ class DynamicsSide(CrmWorkflow):
     ) -> None:
         """POST one new record per group (accounts by match key, contacts by e-mail) in
         ``$batch``: its id goes to ``found[key]`` (the id we generated when the answer has
-        none), or every row of the group fails with the part's error."""
+        none), or every row of the group fails with the part's error.
+
+        Each create names the id generated for it, so the hook sends the call again after a
+        lost answer; a create that landed on the earlier send is then refused as DuplicateRecord.
+        Such a record is read back by its id: found, it is the one we created."""
         request_of = {row.pos: request for row, request in creating}
+        duplicate: list[tuple[_Row, str]] = []
 
         def failed(first: _Row, message: str, code: str | None = None) -> None:
             key = key_of[first.pos]
@@ -663,12 +668,48 @@ class DynamicsSide(CrmWorkflow):
                 outcomes.fail(row, f"{describe(key)}: {message}", code)
 
         def answered(first: _Row, resp: BatchResponse) -> None:
+            generated = (request_of[first.pos].body or {}).get(pk)
             if resp.ok:
-                found[key_of[first.pos]] = resp.entity_id or str((request_of[first.pos].body or {})[pk])
+                found[key_of[first.pos]] = resp.entity_id or str(generated)
+            elif resp.error_code == DUPLICATE_RECORD and generated:
+                duplicate.append((first, str(generated).lower()))
             else:
                 failed(first, *_error_of(resp))
 
         self._run_batch(creating, answered, failed)
+        if duplicate:
+            self._landed(duplicate, request_of, pk, found, key_of, failed)
+
+    def _landed(
+        self,
+        duplicate: list[tuple[_Row, str]],
+        request_of: Mapping[int, BatchRequest],
+        pk: str,
+        found: dict[str, str],
+        key_of: Mapping[int, str],
+        failed: Callable[..., None],
+    ) -> None:
+        """Creates refused as DuplicateRecord: those whose generated id exists were ours (an
+        earlier send of the call landed); the others fail with the refusal."""
+        entity_set = request_of[duplicate[0][0].pos].url
+        ids = [row_id for _, row_id in duplicate]
+        exists: set[str] = set()
+        try:
+            for chunk in _chunks(ids, self.id_chunk):
+                flt = " or ".join(eq(pk, uuid.UUID(i)) for i in chunk)
+                exists |= {str(r[pk]).lower() for r in self.hook.query(entity_set, select=[pk], filter=flt)}
+        except Exception as exc:
+            if fails_the_task(exc):
+                raise
+            message, code = _exception_error(exc)
+            for first, _ in duplicate:
+                failed(first, f"reading back a create refused as a duplicate: {message}", code)
+            return
+        for first, row_id in duplicate:
+            if row_id in exists:
+                found[key_of[first.pos]] = row_id
+            else:
+                failed(first, "A record with matching key values already exists.", DUPLICATE_RECORD)
 
     def _nested_body(self, values: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
         """An account or contact row from canonical values (missing values left out)."""

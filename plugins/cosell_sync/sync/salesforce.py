@@ -63,6 +63,7 @@ DEFAULT_CLOSE_DAYS = 90  # CloseDate is required: a referral without one closes 
 DEFAULT_STAGE = "new"  # StageName is required: a referral without a stage starts at the mapping's "new"
 FALLBACK_STAGE = "Prospecting"  # ... or this, when the mapping does not map StageName at all
 SYNCED, ERROR = "Synced", "Error"
+ROLE_ATTEMPTS = 3  # tries of the primary contact roles of new opportunities (see _ensure_roles)
 AUDIT_VALUE_CHARS = 200  # long values (notes) are shortened in the audit line, so history is kept
 ERROR_CHARS = 2000  # Salesforce quotes the rejected value in some messages (a 1 MB description ...)
 CONTACT_ROLES = "OpportunityContactRoles"  # the child relationship from Opportunity
@@ -802,10 +803,45 @@ class SalesforceSide(CrmWorkflow):
                 rerun_failed = set(rerun)
                 wanted = [w for w in wanted if w[1] not in rerun_failed]
         todo = [(i, opp, contact) for i, opp, contact in wanted if str(opp)[:15] not in has_primary]
-        payloads = [{"OpportunityId": opp, "ContactId": contact, "IsPrimary": True} for _, opp, contact in todo]
-        for (i, _opp, _contact), outcome in zip(todo, self._write("create", ROLE_OBJECT, payloads), strict=True):
-            if not outcome.ok:
-                errors[i] = (f"primary contact role: {outcome.error or 'not created'}", outcome.code or "UNKNOWN")
+        for attempt in range(1, ROLE_ATTEMPTS + 1):
+            payloads = [{"OpportunityId": opp, "ContactId": contact, "IsPrimary": True} for _, opp, contact in todo]
+            failed = []
+            for item, outcome in zip(todo, self._write("create", ROLE_OBJECT, payloads), strict=True):
+                if outcome.ok:
+                    errors[item[0]] = None  # an earlier attempt's error is mended
+                else:
+                    failed.append(item)
+                    errors[item[0]] = (
+                        f"primary contact role: {outcome.error or 'not created'}",
+                        outcome.code or "UNKNOWN",
+                    )
+            if not failed or attempt == ROLE_ATTEMPTS:
+                return
+            # A role that failed is created nowhere else: once the opportunity is linked, the
+            # next run does not create it again. So it is tried again now, after looking which
+            # ones exist (a create whose answer was lost did create them).
+            try:
+                roles = self._query_in(
+                    ROLE_OBJECT,
+                    ["Id", "OpportunityId"],
+                    "OpportunityId",
+                    [opp for _, opp, _ in failed],
+                    extra=[Condition("IsPrimary", "=", True)],
+                )
+            except (AuthenticationError, ConfigurationError):
+                raise
+            except Exception:
+                log.warning("Salesforce: could not look for the contact roles that failed", exc_info=True)
+                return
+            landed = {str(r["OpportunityId"])[:15] for r in roles}
+            todo = []
+            for i, opp, contact in failed:
+                if str(opp)[:15] in landed:
+                    errors[i] = None
+                else:
+                    todo.append((i, opp, contact))
+            if not todo:
+                return
 
     # -- update ---------------------------------------------------------------------------------
     def version(self, record: Mapping[str, Any]) -> str | None:

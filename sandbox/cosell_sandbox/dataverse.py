@@ -10,6 +10,10 @@ messages, the UpsertMultiple action reference, service protection API limits, th
 service error codes, "Troubleshoot Dataverse Web API client errors") and, where those are
 silent, error texts observed from the real service. Each non-obvious rule carries a comment.
 
+Table definitions (``EntityDefinitions``, ``Attributes`` and their casts, option sets, ``Keys``) come
+from :mod:`cosell_sandbox.dataverse_metadata`, whose option sets also validate choice-column writes and
+label reads (``Prefer: odata.include-annotations``).
+
 Errors are ``{"error": {"code": "0x...", "message": "..."}}`` with
 ``Content-Type: application/json; odata.metadata=minimal``; every API response carries
 ``REQ_ID`` and ``OData-Version: 4.0``.
@@ -398,6 +402,33 @@ def _preferences(headers: Headers) -> Preferences:
     return prefs
 
 
+FORMATTED_VALUE = "OData.Community.Display.V1.FormattedValue"
+
+
+def _wants_formatted_values(headers: Headers) -> bool:
+    """``Prefer: odata.include-annotations="OData.Community.Display.V1.FormattedValue"`` (or ``"*"``, or a
+    namespace wildcard): reads carry ``<column>@OData.Community.Display.V1.FormattedValue`` (Microsoft
+    Learn, "Query data using the Web API: formatted values")."""
+    for key, raw in headers.items():
+        if key.lower() != "prefer":
+            continue
+        for item in re.findall(r'(?:[^,"]|"[^"]*")+', raw):
+            name, _, value = item.strip().partition("=")
+            if name.strip().lower() != "odata.include-annotations":
+                continue
+            for pattern in value.strip().strip('"').split(","):
+                pattern = pattern.strip()
+                if pattern.startswith("-"):
+                    continue
+                if (
+                    pattern == "*"
+                    or pattern == FORMATTED_VALUE
+                    or (pattern.endswith(".*") and FORMATTED_VALUE.startswith(pattern[:-1]))
+                ):
+                    return True
+    return False
+
+
 def _restore(store: dict[str, Any], key: str, value: Any) -> None:
     if value is None:
         store.pop(key, None)
@@ -657,6 +688,7 @@ class DataverseEmulator(EmulatorApp):
             user = str(claims.get("oid") or claims.get("appid") or "anonymous")
             entry = self.protection.enter(user)
             self._local.user = user
+            self._local.formatted = _wants_formatted_values(request.headers)
             started = time.monotonic()
             try:
                 response = handler(request)
@@ -798,11 +830,25 @@ class DataverseEmulator(EmulatorApp):
 
     def _public(self, table: Table, row: dict[str, Any], select: list[str] | None) -> dict[str, Any]:
         out: dict[str, Any] = {"@odata.etag": _etag(row)}
+        formatted = getattr(self._local, "formatted", False)
         for name in select if select is not None else table.names:
             if name != table.pk:
                 out[name] = row.get(name)
+                if formatted and row.get(name) is not None:
+                    label = self._formatted(table, name, row[name])
+                    if label is not None:
+                        out[f"{name}@{FORMATTED_VALUE}"] = label
         out[table.pk] = row[table.pk]
         return out
+
+    def _formatted(self, table: Table, name: str, value: Any) -> str | None:
+        """A choice column's option label (or Yes/No), as the FormattedValue annotation carries it."""
+        column = table.column(name)
+        if column is not None and column.kind == "choice":
+            return self.metadata.label(table.logical, name, value)
+        if column is not None and column.kind == "bool":
+            return "Yes" if value else "No"
+        return None
 
     def _context(self, table: Table, select: list[str] | None, suffix: str = "") -> str:
         columns = f"({','.join(select)})" if select else ""
@@ -1602,6 +1648,7 @@ class DataverseEmulator(EmulatorApp):
             if resolved is None:
                 raise _segment_not_found(inner.path.rstrip("/").rsplit("/", 1)[-1])
             handler, inner.params = resolved
+            self._local.formatted = _wants_formatted_values(inner.headers)
             response = handler(inner)
         except HTTPError as err:
             response = self._inner_error(err, inner)

@@ -289,3 +289,32 @@ def test_seeded_help_values_follow_the_base(pc: Any) -> None:
     pc.dataverse.seed(opportunities=20, flagged=20, seed=3)
     values = {r["cosell_howcanmicrosofthelp"] for r in pc.dataverse.rows("opportunities")}
     assert values and values <= set(range(CUSTOM_BASE, CUSTOM_BASE + len(HELP)))
+
+
+def test_formatted_values_carry_option_labels(pc: Any, api: Api) -> None:
+    pc.dataverse.configure(choice_value_base=CUSTOM_BASE)
+    row = pc.dataverse.create(
+        "opportunities", {"name": "Labelled", "cosell_howcanmicrosofthelp": CUSTOM_BASE + 3, "salesstage": 2}
+    )
+    key = f"opportunities({row['opportunityid']})"
+    select = {"$select": "name,salesstage,cosell_howcanmicrosofthelp,statecode,cosell_syncstatus"}
+    plain = ok(api.get(key, params=select))
+    assert not [k for k in plain if "FormattedValue" in k]
+    annotation = "@OData.Community.Display.V1.FormattedValue"
+    for prefer in (
+        'odata.include-annotations="OData.Community.Display.V1.FormattedValue"',
+        'odata.include-annotations="*"',
+    ):
+        body = ok(api.get(key, params=select, headers={"Prefer": prefer}))
+        assert body["cosell_howcanmicrosofthelp"] == CUSTOM_BASE + 3
+        assert body[f"cosell_howcanmicrosofthelp{annotation}"] == "Quotes or licensing"
+        assert body[f"salesstage{annotation}"] == "Propose" and body[f"statecode{annotation}"] == "Open"
+        assert f"cosell_syncstatus{annotation}" not in body  # null values carry no label
+    listed = ok(
+        api.get(
+            "opportunities",
+            params=select,
+            headers={"Prefer": 'odata.include-annotations="OData.Community.Display.V1.FormattedValue"'},
+        )
+    )["value"]
+    assert [r[f"cosell_howcanmicrosofthelp{annotation}"] for r in listed] == ["Quotes or licensing"]

@@ -14,6 +14,8 @@ SDK calls that run against the emulator (each exercised below):
 * ``client.records.create(table, [dict, ...])`` (``CreateMultiple``), choice columns given by label:
   the SDK reads ``EntityDefinitions(LogicalName=...)/Attributes/Microsoft.Dynamics.CRM.PicklistAttributeMetadata
   ?$select=LogicalName&$expand=OptionSet($select=Options)`` and writes the option values;
+* ``client.records.retrieve(table, id, select=[...], include_annotations="OData.Community.Display.V1.FormattedValue")``
+  (the option label beside the value);
 * ``client.records.update(table, [id, ...], [dict, ...])`` and ``(table, [id, ...], dict)`` (``UpdateMultiple``);
 * ``client.records.upsert(table, [UpsertItem(alternate_key={"cosell_referralid": ...}, record=...)])``
   (one item: PATCH ``opportunities(cosell_referralid='...')``; several: ``UpsertMultiple``);
@@ -152,6 +154,16 @@ def test_create_multiple_and_update_multiple(pc: Any, client: Any) -> None:
     assert set(stored) == set(ids)
     # The label was resolved to the org's option value (base 858,880,000: the third option).
     assert {r["cosell_howcanmicrosofthelp"] for r in stored.values()} == {CUSTOM_BASE + 2}
+    labelled = client.records.retrieve(
+        "opportunity",
+        ids[0],
+        select=["cosell_howcanmicrosofthelp"],
+        include_annotations="OData.Community.Display.V1.FormattedValue",
+    )
+    assert labelled is not None
+    assert (
+        labelled["cosell_howcanmicrosofthelp@OData.Community.Display.V1.FormattedValue"] == "Proof of concept or demo"
+    )
     create_multiple = pc.dataverse.requests_matching(
         "POST", "/api/data/v9.2/opportunities/Microsoft.Dynamics.CRM.CreateMultiple"
     )

@@ -442,3 +442,35 @@ def test_salesforce_contact_roles_of_new_opportunities_survive_a_failed_call(
     assert len(new) == planned
     roles = Counter(r["OpportunityId"] for r in pc.salesforce.list_records("OpportunityContactRole") if r["IsPrimary"])
     assert {o: roles[o] for o in new} == dict.fromkeys(new, 1)
+
+
+@pytest.mark.parametrize(("which", "fault"), [(1, "drop_after"), (1, "5xx"), (2, "drop_after"), (2, "5xx")])
+def test_salesforce_accounts_and_contacts_survive_a_failed_create_call(pc, conns, store, tmp_path, which, fault):
+    """The fault test, seed 3: the call creating a new referral's account lost its connection in
+    run 3 and again in run 4, so the referral was not imported within two runs. A create call
+    that fails as a whole is tried again in the run: what it created is looked up (and used), the
+    rest created. ``which``: the first create call (the accounts) or the second (the contacts)."""
+    seed(pc, "salesforce")
+    job = _steps_up_to_load("salesforce", store, tmp_path / "staging")
+    planned = len(runner.read_frame(job, "plan_crm_creates"))
+    pc.salesforce.faults.configure(
+        FaultConfig(
+            rate_5xx=1.0 if fault == "5xx" else 0.0,
+            status_5xx=500,
+            drop_after_rate=1.0 if fault == "drop_after" else 0.0,
+            max_faults=1,
+            after=which - 1,
+            methods=("POST",),
+            path_prefix="/services/data/v59.0/composite/sobjects",
+        )
+    )
+    outcome = runner.load_crm(job, quiet_sides("salesforce", job.mapping)[1])
+    assert pc.salesforce.faults.injected[fault] == 1
+    assert outcome["failed"] == 0, outcome
+    accounts = Counter(r["Name"] for r in pc.salesforce.list_records("Account"))
+    contacts = Counter(str(r["Email"]).lower() for r in pc.salesforce.list_records("Contact"))
+    assert max(accounts.values()) == 1 and max(contacts.values()) == 1, (accounts, contacts)
+    new = [r for r in pc.salesforce.list_records("Opportunity") if r.get("PC_Referral_Id__c")]
+    assert len(new) == planned and all(r.get("AccountId") for r in new)
+    roles = Counter(r["OpportunityId"] for r in pc.salesforce.list_records("OpportunityContactRole"))
+    assert all(roles[r["Id"]] == 1 for r in new)

@@ -64,6 +64,7 @@ DEFAULT_STAGE = "new"  # StageName is required: a referral without a stage start
 FALLBACK_STAGE = "Prospecting"  # ... or this, when the mapping does not map StageName at all
 SYNCED, ERROR = "Synced", "Error"
 ROLE_ATTEMPTS = 3  # tries of the primary contact roles of new opportunities (see _ensure_roles)
+CREATE_ATTEMPTS = 3  # tries of the accounts and contacts of new opportunities (see _tried_again)
 AUDIT_VALUE_CHARS = 200  # long values (notes) are shortened in the audit line, so history is kept
 ERROR_CHARS = 2000  # Salesforce quotes the rejected value in some messages (a 1 MB description ...)
 CONTACT_ROLES = "OpportunityContactRoles"  # the child relationship from Opportunity
@@ -588,20 +589,45 @@ class SalesforceSide(CrmWorkflow):
 
     def ensure_accounts(self, rows: list[Pending], ctx: RunContext) -> None:
         errors = [r.error for r in rows]
-        for row, account_id, error in zip(
-            rows, self._ensure_accounts([r.values for r in rows], errors), errors, strict=True
-        ):
+        account_ids = self._tried_again(self._ensure_accounts, [r.values for r in rows], errors)
+        for row, account_id, error in zip(rows, account_ids, errors, strict=True):
             row.account_id = account_id
             if error is not None:
                 row.fail(*error)
 
     def ensure_contacts(self, rows: list[Pending], ctx: RunContext) -> None:
         errors = [r.error for r in rows]
-        contact_ids = self._ensure_contacts([r.values for r in rows], errors, [r.account_id for r in rows])
+        contact_ids = self._tried_again(
+            self._ensure_contacts, [r.values for r in rows], errors, [r.account_id for r in rows]
+        )
         for row, contact_id, error in zip(rows, contact_ids, errors, strict=True):
             row.contact_id = contact_id
             if error is not None:
                 row.fail(*error)
+
+    @staticmethod
+    def _tried_again(
+        ensure: Callable[..., list[str | None]],
+        values: list[dict[str, Any]],
+        errors: list[tuple[str, str] | None],
+        *columns: list[Any],
+    ) -> list[str | None]:
+        """``ensure`` (match or create accounts, or contacts) for the rows, then again, up to
+        :data:`CREATE_ATTEMPTS` times in all, for the rows it failed: a create whose call failed
+        as a whole (a 500, a lost answer) is not sent again by the hook, as it may have landed;
+        the next try looks it up first (found, it is used) and creates only what is missing.
+        Without this, one transient fault costs the record a run."""
+        failed_before = [e is not None for e in errors]  # not ours to try again
+        ids = ensure(values, errors, *columns)
+        for _ in range(CREATE_ATTEMPTS - 1):
+            again = [i for i, e in enumerate(errors) if e is not None and not failed_before[i]]
+            if not again:
+                break
+            sub_errors: list[tuple[str, str] | None] = [None] * len(again)
+            sub_ids = ensure([values[i] for i in again], sub_errors, *([c[i] for i in again] for c in columns))
+            for k, i in enumerate(again):
+                ids[i], errors[i] = sub_ids[k], sub_errors[k]
+        return ids
 
     def upsert_opportunities(self, rows: list[Pending], ctx: RunContext) -> None:
         """One upsert per new opportunity, keyed by the referral id (an HTTP retry of the call

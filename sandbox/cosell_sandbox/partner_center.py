@@ -11,6 +11,12 @@ Real hosts and paths it stands in for:
 Both are served from one sandbox origin. List pages return ``@odata.nextLink`` in the
 documented odd shape: ``http://<host>/v1.0/referrals?$skiptoken=...`` (an ``http``
 scheme and no ``/engagements``), which this emulator also serves over HTTPS.
+
+Engagements: every referral has an ``engagementId``; a POST with the id of an existing engagement
+joins it, and a POST targeting ``BusinessProfileLocation``/``msft`` there creates Microsoft's own
+referral (organizationId ``msft``). ``GET /_sandbox/engagements/{id}`` shows an engagement and
+``POST /_sandbox/engagements/{id}/microsoft`` plays Microsoft (accept, decline, win, lose, update);
+the partner's referrals in the engagement then get ``related-referral-*`` events.
 """
 
 from __future__ import annotations

@@ -95,3 +95,31 @@ def with_paths(doc: dict, over: dict) -> dict:
             target = target.setdefault(key, {}) if isinstance(target, dict) else target[int(key)]
         target[keys[-1]] = value
     return doc
+
+
+# A Dataverse org as the pure tests picture it: the shipped mapping names its choices by label,
+# and this org's options carry the default publisher's values (100000000 ...).
+DV_ORG_CHOICES = {
+    "statecode": {"Open": 0, "Won": 1, "Lost": 2},
+    "salesstage": {"Qualify": 0, "Develop": 1, "Propose": 2, "Close": 3},
+    "cosell_howcanmicrosofthelp": {
+        label: 100000000 + i
+        for i, label in enumerate(
+            [
+                "General or other",
+                "Customer technical architecture",
+                "Proof of concept or demo",
+                "Quotes or licensing",
+                "Post-sales customer success",
+                "Workload-specific value proposition",
+            ]
+        )
+    },
+}
+
+
+def dynamics_org_mapping():
+    """The shipped Dynamics mapping in :data:`DV_ORG_CHOICES`' values."""
+    from cosell_sync.engine.mapping import load_mapping, resolve_choices
+
+    return resolve_choices(load_mapping("dynamics365"), DV_ORG_CHOICES)

@@ -81,8 +81,9 @@ def staging_root() -> ObjectStoragePath:
     return ObjectStoragePath(url)
 
 
-def sync_sides(crm: str, mapping: Any) -> tuple[Any, Any]:
-    """(Partner Center side, CRM side) on the default connections."""
+def sync_sides(crm: str, mapping: Any, choices: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """(Partner Center side, CRM side) on the default connections; ``choices``: the Dataverse
+    options ``prepare`` read (:func:`check_mapping`), else the side reads them."""
     from cosell_sync.hooks.partner_center import PartnerCenterHook
     from cosell_sync.sync.partner_center import PartnerCenterSide
 
@@ -95,8 +96,24 @@ def sync_sides(crm: str, mapping: Any) -> tuple[Any, Any]:
         from cosell_sync.hooks.dynamics import DynamicsHook
         from cosell_sync.sync.dynamics365 import DynamicsSide
 
-        crm_side = DynamicsSide(DynamicsHook(), mapping)
+        crm_side = DynamicsSide(DynamicsHook(), mapping, choices)
     return PartnerCenterSide(PartnerCenterHook(), mapping), crm_side
+
+
+def check_mapping(crm: str, mapping: Any) -> dict[str, dict[str, int]]:
+    """At the start of a run, the mapping's choice values against the CRM org's metadata (Dataverse
+    option sets, Salesforce picklists): a value the org lacks fails the run here, naming the file,
+    the field and the value. Returns the Dataverse options read, which travel in the run's spec so
+    that no later task reads the metadata again."""
+    if crm == "salesforce":
+        from cosell_sync.hooks.salesforce import SalesforceSyncHook
+        from cosell_sync.sync.salesforce import SalesforceSide
+
+        return SalesforceSide(SalesforceSyncHook(), mapping).check_mapping()
+    from cosell_sync.hooks.dynamics import DynamicsHook
+    from cosell_sync.sync.dynamics365 import check_choices
+
+    return check_choices(DynamicsHook(), mapping)
 
 
 def _job(spec: dict[str, Any]) -> Any:
@@ -325,6 +342,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
                 since_pc, since_crm = window(state_store(), dag_id, full_resync=bool(params["full_resync"]))
                 until = None
             ids = [str(i) for i in params.get("referral_ids") or []]
+            choices = check_mapping(crm, load_mapping(crm, mapping_path))
             spec = {
                 "crm": crm,
                 "dag_id": dag_id,
@@ -339,6 +357,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
                 "dry_run": bool(params["dry_run"]),
                 "backfill": backfill,
                 "lease_ttl": lease_ttl().total_seconds(),
+                "choices": choices,
             }
             if not spec["dry_run"]:  # a dry run commits nothing: it needs no lease and blocks no run
                 from cosell_sync.state import LeaseHeldError
@@ -356,7 +375,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
             from cosell_sync.sync import runner
 
             def step(job: Any, store: Any) -> dict[str, int]:
-                pc_side, _ = sync_sides(crm, job.mapping)
+                pc_side, _ = sync_sides(crm, job.mapping, spec.get("choices"))
                 return runner.extract_partner_center(job, pc_side, store)
 
             return run_step(spec, step)
@@ -367,7 +386,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
             from cosell_sync.sync import runner
 
             def step(job: Any, store: Any) -> dict[str, int]:
-                _, crm_side = sync_sides(crm, job.mapping)
+                _, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
                 return runner.extract_crm(job, crm_side, store)
 
             return run_step(spec, step)
@@ -378,7 +397,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
             from cosell_sync.sync import runner
 
             def step(job: Any, store: Any) -> dict[str, Any]:
-                pc_side, crm_side = sync_sides(crm, job.mapping)
+                pc_side, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
                 return runner.plan_run(job, store, pc_side, crm_side)
 
             return run_step(spec, step)
@@ -389,7 +408,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
             from cosell_sync.sync import runner
 
             def step(job: Any, store: Any) -> dict[str, int]:
-                _, crm_side = sync_sides(crm, job.mapping)
+                _, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
                 return runner.load_crm(job, crm_side)
 
             return run_step(spec, step)
@@ -400,7 +419,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
             from cosell_sync.sync import runner
 
             def step(job: Any, store: Any) -> dict[str, int]:
-                pc_side, crm_side = sync_sides(crm, job.mapping)
+                pc_side, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
                 return runner.load_partner_center(job, pc_side, crm_side)
 
             return run_step(spec, step)

@@ -27,7 +27,7 @@ from .server import HTTPError
 
 NS = "Microsoft.Dynamics.CRM"
 LANGUAGE = 1033  # English; the organization's base language
-DEFAULT_CHOICE_BASE = 100_000_000  # the default publisher's option value prefix (10000) x 10,000
+DEFAULT_CHOICE_BASE = 858_880_000  # a publisher option value prefix (85888) x 10,000, as a real org has
 _IDS = uuid.UUID("6f1c3f0e-3c0b-4d5e-9a55-8d1f6a7c2b10")  # namespace for stable MetadataIds
 
 

@@ -64,7 +64,8 @@ def preload() -> None:
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     """The DAG's ``prepare`` for a manual run: the window from the watermarks, and the CRM's
     lease unless ``spec["lease"]`` is false. Returns the spec every later step gets."""
-    from cosell_sync.dag_factory import state_store
+    from cosell_sync.dag_factory import check_mapping, state_store
+    from cosell_sync.engine.mapping import load_mapping
     from cosell_sync.sync.runner import window
 
     store = state_store()
@@ -81,6 +82,7 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
         "since_pc": since_pc.isoformat() if since_pc else None,
         "since_crm": since_crm.isoformat() if since_crm else None,
     }
+    out["choices"] = check_mapping(out["crm"], load_mapping(out["crm"], out["mapping_path"]))
     if spec.get("lease", True) and not out["dry_run"]:
         taken = store.acquire_lease(out["crm"], out["dag_id"], out["run_id"], timedelta(seconds=out["lease_ttl"]))
         out["lease_epoch"] = taken.epoch
@@ -99,7 +101,7 @@ def run_step(step: str, spec: dict[str, Any]) -> Any:
     fn = getattr(runner, step)
 
     def body(job: Any, store: Any) -> Any:
-        pc_side, crm_side = dag_factory.sync_sides(job.crm, job.mapping)
+        pc_side, crm_side = dag_factory.sync_sides(job.crm, job.mapping, spec.get("choices"))
         given = {
             "job": job,
             "store": store,

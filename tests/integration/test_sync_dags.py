@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from cosell_sandbox.dataverse_metadata import DEFAULT_CHOICE_BASE
 from cosell_sandbox.server import FaultConfig
 from cosell_sync.state import StateStore
-from cosell_sync.sync.dynamics365 import SYNC_STATUS
 from cosell_sync.sync.runner import initial_load_done
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,7 +199,7 @@ def test_first_sync_at_scale_then_quiet_then_only_changed_fields(pc, dags, store
             ref = refs_now[o["referral_id"]]
             assert ref["externalReferenceId"] == o["id"]
             assert o["referral_link"] and o["referral_id"] in o["referral_link"]
-            assert o["status"] in ("Synced", SYNC_STATUS["Synced"]), o  # Dataverse stores the choice's value
+            assert o["status"] in ("Synced", DEFAULT_CHOICE_BASE), o  # Dataverse stores the choice's value
     links = store.get_links(crm)
     assert len(links) == len(incoming) + len(flagged)
     assert links["crm_id"].is_unique and links["referral_id"].is_unique

@@ -11,17 +11,19 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 import pytest
 
+from cosell_sandbox.dataverse_metadata import DEFAULT_CHOICE_BASE
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import crm_frame, referrals_frame
 from cosell_sync.errors import TransportError
 from cosell_sync.hooks._batch import BatchRequest
 from cosell_sync.sync.base import RunContext
-from cosell_sync.sync.dynamics365 import SYNC_STATUS, DynamicsSide, match_key
+from cosell_sync.sync.dynamics365 import DynamicsSide, match_key
 from tests.helpers import with_paths
 
 DV = load_mapping("dynamics365")
 API = "/api/data/v9.2"
-SYNCED, ERROR = SYNC_STATUS["Synced"], SYNC_STATUS["Error"]
+# The sync status options (Synced, Pending, Error) in the emulator's publisher prefix.
+SYNCED, ERROR = DEFAULT_CHOICE_BASE, DEFAULT_CHOICE_BASE + 2
 NOW = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -128,7 +130,7 @@ def test_initial_load_extracts_every_opportunity_nested_and_normalizable(dv, sid
         assert record["transactioncurrency"]["isocurrencycode"] in {"USD", "GBP", "CAD", "AUD", "EUR"}
         assert "cosell_audit" in record and "@odata.etag" in record
 
-    normalized = crm_frame(records, DV, "opportunityid")
+    normalized = crm_frame(records, side.mapping, "opportunityid")  # choices in the org's values
     assert normalized.errors.empty, normalized.errors
     frame = normalized.frame.set_index("crm_id")
     assert len(frame) == 25 and int(frame["sync_flag"].sum()) == 5
@@ -272,7 +274,7 @@ def test_create_matches_and_creates_accounts_and_contacts_and_writes_link_and_au
         assert row["cosell_audit"].startswith("2026-11-02T09:30:00Z manual__1 pc_to_crm {")
         assert f'"name":"Deal {doc["id"]}"' in row["cosell_audit"]
         assert row["estimatedvalue"] == 1000 and row["estimatedclosedate"] == "2027-01-31"
-        assert row["cosell_howcanmicrosofthelp"] == 100000003 and row["salesstage"] == 1
+        assert row["cosell_howcanmicrosofthelp"] == DEFAULT_CHOICE_BASE + 3 and row["salesstage"] == 1
         assert row["cosell_solutions"] == "SOL-1;SOL-2" and row["description"] == f"notes for {doc['id']}"
     assert opps["PC-0000"]["_parentcontactid_value"] == existing_contact
     currencies = {c["transactioncurrencyid"]: c["isocurrencycode"] for c in dv.rows("transactioncurrencies")}
@@ -287,7 +289,7 @@ def test_create_matches_and_creates_accounts_and_contacts_and_writes_link_and_au
     assert all("statecode" not in b.body and "cosell_referralid" not in b.body for b in upserts)
 
     # what was created reads back as the same canonical deal
-    normalized = crm_frame(side.extract(), DV, "opportunityid")
+    normalized = crm_frame(side.extract(), side.mapping, "opportunityid")
     assert normalized.errors.empty, normalized.errors
     back = normalized.frame.set_index("referral_ref")
     source = creates.set_index("referral_id")

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 import requests
 
+from cosell_sandbox.dataverse_metadata import DEFAULT_CHOICE_BASE
+
 API = "/api/data/v9.2"
-CUSTOM_BASE = 858_880_000
+CUSTOM_BASE = 100_000_000  # another publisher's prefix than the emulator's default
 HELP = [
     "General or other",
     "Customer technical architecture",
@@ -256,12 +258,16 @@ def test_keys(api: Api) -> None:
 
 def test_choice_writes_use_the_option_sets(pc: Any, api: Api) -> None:
     default = api.request(
-        "POST", "opportunities", json={"name": "Default base", "cosell_howcanmicrosofthelp": 100000002}
+        "POST", "opportunities", json={"name": "Default base", "cosell_howcanmicrosofthelp": DEFAULT_CHOICE_BASE + 2}
     )
     assert default.status_code == 204, default.text
     wrong = api.request("POST", "opportunities", json={"name": "Wrong", "cosell_howcanmicrosofthelp": CUSTOM_BASE})
     status, code, message = error_of(wrong)
-    assert (status, code) == (400, "0x8004431a") and "outside the valid range" in message and "100000000" in message
+    assert (
+        (status, code) == (400, "0x8004431a")
+        and "outside the valid range" in message
+        and str(DEFAULT_CHOICE_BASE) in message
+    )
 
     # The setting lives in the control plane; it changes both the options served and the writes accepted.
     resp = requests.post(
@@ -270,7 +276,9 @@ def test_choice_writes_use_the_option_sets(pc: Any, api: Api) -> None:
     assert resp.status_code == 200 and resp.json()["choice_value_base"] == CUSTOM_BASE
     good = api.request("POST", "opportunities", json={"name": "Custom base", "cosell_syncstatus": CUSTOM_BASE + 2})
     assert good.status_code == 204, good.text
-    old = api.request("POST", "opportunities", json={"name": "Old", "cosell_howcanmicrosofthelp": 100000002})
+    old = api.request(
+        "POST", "opportunities", json={"name": "Old", "cosell_howcanmicrosofthelp": DEFAULT_CHOICE_BASE + 2}
+    )
     assert error_of(old)[:2] == (400, "0x8004431a")
     stage = api.request("POST", "opportunities", json={"name": "Stage", "salesstage": 4})
     assert error_of(stage)[:2] == (400, "0x8004431a")  # a system choice: its own fixed options
@@ -281,7 +289,7 @@ def test_choice_writes_use_the_option_sets(pc: Any, api: Api) -> None:
     bad = requests.post(f"{api.origin}/_sandbox/config", json={"choice_value_base": "x"}, verify=api.ca, timeout=30)
     assert bad.status_code == 400
     pc.dataverse.reset()
-    assert pc.dataverse.configure()["choice_value_base"] == 100_000_000  # reset restores the default
+    assert pc.dataverse.configure()["choice_value_base"] == DEFAULT_CHOICE_BASE  # reset restores the default
 
 
 def test_seeded_help_values_follow_the_base(pc: Any) -> None:

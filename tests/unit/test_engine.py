@@ -13,10 +13,10 @@ import yaml
 from cosell_sync.engine.mapping import DEFAULTS, MappingError, load_mapping, load_mapping_file, parse_mapping
 from cosell_sync.engine.normalize import crm_frame, referrals_frame, side_value
 from cosell_sync.engine.plan import plan
-from tests.helpers import with_paths
+from tests.helpers import dynamics_org_mapping, with_paths
 
 SF = load_mapping("salesforce")
-DV = load_mapping("dynamics365")
+DV = dynamics_org_mapping()
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 

@@ -19,10 +19,11 @@ from cosell_sync.engine.normalize import (
     iso_currencies,
     referrals_frame,
 )
+from tests.helpers import dynamics_org_mapping
 from tests.unit.test_engine import dv_opp, referral, sf_opp
 
 SF = load_mapping("salesforce")
-DV = load_mapping("dynamics365")
+DV = dynamics_org_mapping()
 MAPPINGS = {"salesforce": SF, "dynamics365": DV}
 
 

@@ -7,6 +7,7 @@ never reaches a run. The default files ship in ``cosell_sync/engine/mappings/``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
@@ -291,6 +292,95 @@ def parse_mapping(doc: Any, source: str = "<mapping>") -> SyncMapping:
         if required not in fields:
             raise _fail(source, f"fields.{required}", "is required (the deal needs a name and a stage)")
     return SyncMapping(crm=crm, records={k: str(v) for k, v in records.items()}, fields=fields, source=source)
+
+
+# -- choice columns named by label -------------------------------------------------------------------
+def pinned(value: str) -> bool:
+    """A CRM choice value given as its integer (pinned), not by its label."""
+    return value.strip().lstrip("-").isdigit()
+
+
+def _crm_side_values(vmap: ValueMap) -> list[str]:
+    values = [*vmap.read, *vmap.write.values()]
+    for held, overrides in vmap.write_from.items():
+        values += [held, *overrides.values()]
+    return values
+
+
+def choice_columns(mapping: SyncMapping, *, labelled_only: bool = False) -> dict[str, str]:
+    """CRM column -> canonical field of every enum field (``labelled_only``: only those whose CRM
+    values name a label somewhere rather than pinning an integer)."""
+    out = {}
+    for fm in mapping.fields.values():
+        if fm.type != "enum" or fm.crm_values is None:
+            continue
+        if labelled_only and all(pinned(v) or v == KEEP for v in _crm_side_values(fm.crm_values)):
+            continue
+        out[fm.crm] = fm.name
+    return out
+
+
+@dataclass
+class _Choices:
+    """One choice column's options in the org, and the problems found translating to them."""
+
+    column: str
+    labels: dict[str, int]  # label -> value
+    where: str
+    problems: list[str]
+
+    def shown(self) -> str:
+        ordered = sorted(self.labels.items(), key=lambda kv: kv[1])
+        return ", ".join(f"'{label}' ({value})" for label, value in ordered) or "none"
+
+    def value(self, raw: str, key: str) -> str:
+        """``raw`` (a label or a pinned integer) as the org's integer value, as text."""
+        if raw == KEEP:
+            return raw
+        if pinned(raw):
+            if int(raw) not in self.labels.values():
+                self.problems.append(
+                    f"{key}: {raw} is not a value of {self.column} in {self.where}; its options: {self.shown()}"
+                )
+            return str(int(raw))
+        folded = {label.casefold(): value for label, value in self.labels.items()}
+        found = self.labels.get(raw, folded.get(raw.casefold()))
+        if found is None:
+            self.problems.append(
+                f"{key}: the label '{raw}' is not an option of {self.column} in {self.where}; "
+                f"its options: {self.shown()}"
+            )
+            return raw
+        return str(found)
+
+
+def resolve_choices(
+    mapping: SyncMapping, options: MappingABC[str, MappingABC[str, int]], *, where: str = "the CRM"
+) -> SyncMapping:
+    """The mapping with each CRM choice value named by its label replaced by the org's integer value
+    (``options``: column -> {label: value}, as the CRM's metadata lists them). A label the org does
+    not have, or a pinned integer that is not one of its values, is a :class:`MappingError` naming
+    the mapping file, the field and the value, and listing the labels the org has."""
+    problems: list[str] = []
+    fields = dict(mapping.fields)
+    for name, fm in mapping.fields.items():
+        if fm.type != "enum" or fm.crm_values is None or fm.crm not in options:
+            continue
+        labels = {str(label): int(value) for label, value in options[fm.crm].items()}
+        choices = _Choices(fm.crm, labels, where, problems)
+        key, vmap = f"fields.{name}.values.crm", fm.crm_values
+        read = {choices.value(k, f"{key}.read.{k}"): v for k, v in vmap.read.items()}
+        write = {c: choices.value(v, f"{key}.write.{c}") for c, v in vmap.write.items()}
+        write_from = {
+            choices.value(held, f"{key}.write_from.{held}"): {
+                c: choices.value(v, f"{key}.write_from.{held}.{c}") for c, v in overrides.items()
+            }
+            for held, overrides in vmap.write_from.items()
+        }
+        fields[name] = dataclasses.replace(fm, crm_values=ValueMap(read, write, write_from))
+    if problems:
+        raise MappingError(f"mapping {mapping.source}: " + "; ".join(problems))
+    return dataclasses.replace(mapping, fields=fields)
 
 
 def load_mapping_file(path: str | os.PathLike[str]) -> SyncMapping:

@@ -60,6 +60,23 @@ PRIMARY_KEYS = {
     "transactioncurrencies": "transactioncurrencyid",
 }
 
+# entity set -> logical name (the metadata's key), for the tables the sync uses.
+LOGICAL_NAMES = {"opportunities": "opportunity", "accounts": "account", "contacts": "contact"}
+# The choice columns that are not picklists: their metadata type, for the cast that lists options.
+CHOICE_CASTS = {"statecode": "StateAttributeMetadata", "statuscode": "StatusAttributeMetadata"}
+_LOGICAL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _option_labels(option: Mapping[str, Any]) -> list[str]:
+    """Every label of an option: the calling user's language first, then each localized one (a
+    mapping written in English still matches in an org whose users read German)."""
+    label = option.get("Label") or {}
+    user = (label.get("UserLocalizedLabel") or {}).get("Label")
+    labels = [str(user)] if user else []
+    labels += [str(item["Label"]) for item in label.get("LocalizedLabels") or [] if item.get("Label")]
+    return list(dict.fromkeys(labels)) or [str(option.get("Value"))]
+
+
 _currencies: dict[str, dict[str, str]] = {}
 _currency_lock = threading.Lock()
 
@@ -483,6 +500,42 @@ class DynamicsHook(BaseHook):
                 f"Dataverse has no transactioncurrency with isocurrencycode {iso_code!r} "
                 f"(known: {', '.join(sorted(table)) or 'none'})"
             ) from None
+
+    def choice_options(self, entity_set: str, columns: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Each choice column's options, label -> value (every label of an option: the user's and
+        each localized one), read from the table's metadata: one call for its
+        ``PicklistAttributeMetadata`` columns and one per state/status column asked for. A column
+        that is not a choice column of the table raises :class:`ConfigurationError` naming it."""
+        logical = LOGICAL_NAMES.get(entity_set)
+        if logical is None:
+            raise ConfigurationError(f"unknown entity set {entity_set!r}; known: {sorted(LOGICAL_NAMES)}")
+        for column in columns:
+            if not _LOGICAL_NAME.fullmatch(column):
+                raise ConfigurationError(f"{column!r} is not a Dataverse column name")
+        table = f"EntityDefinitions(LogicalName={quote(logical)})/Attributes"
+        expand = {"$select": "LogicalName", "$expand": "OptionSet($select=Options)"}
+        wanted = set(columns)
+        found: dict[str, dict[str, int]] = {}
+        paths = []
+        if wanted - set(CHOICE_CASTS):
+            paths.append(f"{table}/Microsoft.Dynamics.CRM.PicklistAttributeMetadata")
+        paths += [
+            f"{table}(LogicalName={quote(c)})/Microsoft.Dynamics.CRM.{CHOICE_CASTS[c]}"
+            for c in sorted(wanted & set(CHOICE_CASTS))
+        ]
+        for path in paths:
+            body = self.api.request("GET", with_query(self._url(path), expand)).json()
+            for attribute in body.get("value", [body]):
+                name = str(attribute.get("LogicalName"))
+                if name in wanted:
+                    options = (attribute.get("OptionSet") or {}).get("Options") or []
+                    found[name] = {label: int(o["Value"]) for o in options for label in _option_labels(o)}
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise ConfigurationError(
+                f"Dataverse: {', '.join(f'{logical}.{c}' for c in missing)} is not a choice column of {logical}"
+            )
+        return found
 
     def whoami(self) -> dict[str, Any]:
         return dict(self.api.request("GET", self._url("WhoAmI")).json())

@@ -209,6 +209,11 @@ class SalesforceSyncHook(SalesforceHook):
         with salesforce_errors("login"):
             return super().conn
 
+    def describe(self, sobject: str) -> dict[str, Any]:
+        """The object's ``describe()`` (fields, picklist values ...)."""
+        with salesforce_errors(f"describe {sobject}"):
+            return dict(getattr(self.conn, sobject).describe())
+
     # -- queries ----------------------------------------------------------------------------
     def query_records(
         self, soql: str, *, batch_size: int | None = None, include_deleted: bool = False

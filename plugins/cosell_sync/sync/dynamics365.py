@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
+from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping, choice_columns, resolve_choices
 from cosell_sync.engine.normalize import crm_frame, side_value
 from cosell_sync.errors import ApiError, ConfigurationError, ThrottledError, TransportError
 from cosell_sync.hooks._batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResponse
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 ID_CHUNK = 50  # values per "$filter=x eq a or x eq b ..." read (keeps the URL short)
 # cosell_syncstatus choice values (Synced, Pending, Error)
-SYNC_STATUS = {"Synced": 100000000, "Pending": 100000001, "Error": 100000002}
+SYNC_STATUSES = ("Synced", "Pending", "Error")  # the sync status column's option labels
 ACCOUNT, CONTACT, CURRENCY = "account", "contact", "transactioncurrency"  # nested prefixes of crm paths
 ACCOUNT_LOOKUP, CONTACT_LOOKUP, CURRENCY_LOOKUP = "parentaccountid", "parentcontactid", "transactioncurrencyid"
 CONTACT_ACCOUNT_LOOKUP = "parentcustomerid_account"
@@ -188,20 +188,68 @@ class _Outcomes:
 _OUTCOMES = _Outcomes()
 
 
+def choice_options(hook: DynamicsHook, mapping: SyncMapping) -> dict[str, dict[str, int]]:
+    """The org's options (label -> value), from the opportunity table's metadata, of the choice
+    columns the mapping names by label and of the sync status column (its statuses are labels)."""
+    columns = {*choice_columns(mapping, labelled_only=True), mapping.records["sync_status_field"]}
+    return hook.choice_options(mapping.records["opportunity"], sorted(columns))
+
+
+def resolve_mapping(mapping: SyncMapping, options: Mapping[str, Mapping[str, int]]) -> SyncMapping:
+    """``mapping`` in this org's choice values; a label (or a pinned value) the org does not have is
+    a :class:`ConfigurationError` naming the file, the field and the value, listing the labels."""
+    try:
+        return resolve_choices(mapping, options, where="this Dataverse org")
+    except MappingError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def sync_statuses(mapping: SyncMapping, options: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """The sync status column's value for each status (Synced, Pending, Error), by its label."""
+    column = mapping.records["sync_status_field"]
+    labels = {label.casefold(): value for label, value in (options.get(column) or {}).items()}
+    missing = [status for status in SYNC_STATUSES if status.casefold() not in labels]
+    if missing:
+        raise ConfigurationError(
+            f"mapping {mapping.source}: records.sync_status_field: the choice column {column} of this Dataverse org "
+            f"has no option labelled {', '.join(repr(m) for m in missing)}; its options: "
+            f"{', '.join(repr(label) for label in options.get(column) or {}) or 'none'}"
+        )
+    return {status: int(labels[status.casefold()]) for status in SYNC_STATUSES}
+
+
+def check_choices(hook: DynamicsHook, mapping: SyncMapping) -> dict[str, dict[str, int]]:
+    """At the start of a run: every choice value of a column the mapping names by label (pinned
+    integers beside them too) is one the org has, and so are the sync statuses. Returns those
+    columns' options, for the run's other tasks to build their side with, without reading the
+    metadata again (``DynamicsSide(hook, mapping, choices=...)``)."""
+    options = choice_options(hook, mapping)
+    resolve_mapping(mapping, options)
+    sync_statuses(mapping, options)
+    return options
+
+
 class DynamicsSide(CrmWorkflow):
     """:class:`~cosell_sync.sync.base.CrmSide` for Dynamics 365 (Dataverse Web API), on the
     shared create/update sequence of :class:`cosell_sync.sync.crm.CrmWorkflow`."""
 
     crm = "dynamics365"
     id_field = "opportunityid"
-    sync_status_values: Mapping[str, int] = SYNC_STATUS
     id_chunk = ID_CHUNK
     batch_size = MAX_BATCH_REQUESTS
 
-    def __init__(self, hook: DynamicsHook, mapping: SyncMapping) -> None:
+    def __init__(
+        self, hook: DynamicsHook, mapping: SyncMapping, choices: Mapping[str, Mapping[str, int]] | None = None
+    ) -> None:
+        """``choices``: the org's options as :func:`check_choices` read them at the start of the run;
+        without them they are read from the metadata now."""
         if mapping.crm != self.crm:
             raise ConfigurationError(f"mapping {mapping.source}: crm is '{mapping.crm}', expected '{self.crm}'")
         self.hook = hook
+        if choices is None:
+            choices = choice_options(hook, mapping)
+        mapping = resolve_mapping(mapping, choices)  # choices named by label: this org's values
+        self.sync_status_values = sync_statuses(mapping, choices)
         self.mapping = mapping
         r = mapping.records
         self.opportunity_set, self.account_set, self.contact_set = r["opportunity"], r["account"], r["contact"]

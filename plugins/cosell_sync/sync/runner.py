@@ -232,7 +232,7 @@ def extract_crm(job: SyncJob, side: CrmSide, store: StateStore) -> dict[str, int
         seen = {str(r.get(id_field)) for r in records}
         retry = [k for k in _retry_ids(store, job, "crm") if k not in seen]
         records += [r for r in side.extract(crm_ids=retry) if str(r.get(id_field)) not in seen] if retry else []
-    result = crm_frame(records, job.mapping, id_field)
+    result = crm_frame(records, side.mapping, id_field)  # the side's: choices in this org's values
     write_frame(job, "crm", result.frame)
     write_frame(job, "crm_errors", result.errors)
     write_frame(job, "crm_create_errors", result.create_errors)
@@ -295,7 +295,7 @@ def fetch_counterparts(job: SyncJob, pc_side: PartnerCenterSide, crm_side: CrmSi
     if need_crm:
         id_field = CRM_ID_FIELD[job.crm]
         records = crm_side.extract(crm_ids=need_crm)
-        more = crm_frame(records, job.mapping, id_field)
+        more = crm_frame(records, crm_side.mapping, id_field)
         write_frame(job, "crm", _appended(crm, more.frame))
         write_frame(job, "crm_errors", concat_errors([crm_errors, more.errors]))
         try:

@@ -247,6 +247,40 @@ class SalesforceSide(CrmWorkflow):
         self.by_crm = {fm.crm.lower(): fm for fm in mapping.fields.values()}
         self._read_backs: dict[tuple[str, Any], Any] = {}  # (field, Salesforce value) -> canonical
 
+    def check_mapping(self) -> dict[str, Any]:
+        """At the start of a run: every picklist value the mapping names (read, write and
+        ``write_from``) is an active value of that Opportunity picklist in the org, as ``describe()``
+        lists it; else a :class:`ConfigurationError` naming the file, the field and the value, and
+        listing the org's values. One describe call; fields that are not picklists are not checked."""
+        enums = [fm for fm in self.opp_fields if fm.type == "enum" and fm.crm_values is not None]
+        if not enums:
+            return {}
+        described = self.hook.describe(self.opportunity)
+        picklists = {
+            str(f["name"]).lower(): [str(p["value"]) for p in f.get("picklistValues") or [] if p.get("active", True)]
+            for f in described.get("fields", [])
+            if f.get("type") in ("picklist", "multipicklist")
+        }
+        problems = []
+        for fm in enums:
+            values = picklists.get(fm.crm.lower())
+            if values is None:
+                continue
+            vmap = fm.crm_values
+            assert vmap is not None
+            named = [(f"read.{v}", v) for v in vmap.read]
+            named += [(f"write.{c}", v) for c, v in vmap.write.items()]
+            named += [(f"write_from.{h}.{c}", v) for h, o in vmap.write_from.items() for c, v in o.items()]
+            for where, value in named:
+                if value != KEEP and value not in values:
+                    problems.append(
+                        f"fields.{fm.name}.values.crm.{where}: '{value}' is not a value of the {fm.crm} picklist "
+                        f"in this Salesforce org; its values: {', '.join(repr(v) for v in values) or 'none'}"
+                    )
+        if problems:
+            raise ConfigurationError(f"mapping {self.mapping.source}: " + "; ".join(problems))
+        return {}
+
     def _check_name(self, key: str, value: str, *, dotted: bool) -> None:
         try:
             name(value)

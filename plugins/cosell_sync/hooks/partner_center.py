@@ -297,6 +297,10 @@ class PartnerCenterHook(BaseHook):
         flt = " or ".join(f"externalReferenceId eq {quote(v)}" for v in values)
         return list(self.list_referrals(filter=flt, orderby="createdDateTime asc"))
 
+    def engagement_referrals(self, engagement_id: str) -> list[dict[str, Any]]:
+        """Every referral of an engagement (what a referral's ``links.relatedReferrals`` lists)."""
+        return list(self.list_referrals(filter=f"engagementId eq {quote(engagement_id)}"))
+
     @staticmethod
     def _with_etag(resp: requests.Response) -> dict[str, Any]:
         """The referral without OData annotations, with the ETag header as ``eTag``."""
@@ -306,21 +310,34 @@ class PartnerCenterHook(BaseHook):
         return doc
 
     # -- referrals: writes -----------------------------------------------------------------
-    def create_referral(self, referral: Mapping[str, Any] | Referral) -> dict[str, Any]:
+    def create_referral(
+        self,
+        referral: Mapping[str, Any] | Referral,
+        *,
+        landed: Callable[[], Mapping[str, Any] | None] | None = None,
+    ) -> dict[str, Any]:
         """``POST`` a referral. Never creates twice: before any retry, the referral is looked
-        up by ``externalReferenceId`` and returned if the first attempt landed."""
+        up by ``externalReferenceId`` (or with ``landed``, for a body without one) and returned
+        if the first attempt landed."""
         body = referral.to_api() if isinstance(referral, Referral) else dict(referral)
         ext = body.get("externalReferenceId")
 
-        def landed() -> requests.Response | None:
+        def find() -> Mapping[str, Any] | None:
+            if landed is not None:
+                return landed()
             found = self.find_by_external_reference(ext) if ext else []
+            return found[0] if found else None
+
+        def before_retry() -> requests.Response | None:
+            found = find()
             if not found:
                 return None
-            self.log.warning("A retried create of %s had already landed as %s", ext, found[0].get("id"))
-            return self.referrals.request("GET", self._url(found[0]["id"]))
+            self.log.warning("A retried create (%s) had already landed as %s", ext or "no id", found.get("id"))
+            return self.referrals.request("GET", self._url(str(found["id"])))
 
+        retry_check = before_retry if ext or landed is not None else None
         resp = self.referrals.request(
-            "POST", self.settings.referrals_url, json=body, idempotent=False, before_retry=landed if ext else None
+            "POST", self.settings.referrals_url, json=body, idempotent=False, before_retry=retry_check
         )
         return self._with_etag(resp)
 

@@ -43,6 +43,31 @@ log = logging.getLogger(__name__)
 
 MAX_WORKERS = 8
 LOOKUP_CHUNK = 20  # externalReferenceIds per "$filter=... or ..." lookup (the filter travels in the URL)
+# Co-sell with Microsoft is two referrals in one engagement: the partner's Shared referral (target
+# its SolutionProfile), then one targeting Microsoft's business profile location "msft"
+# (API-NOTES, "Related values"; Microsoft Learn, "Create a referral", "Create a shared referral").
+MICROSOFT = {"type": "BusinessProfileLocation", "id": "msft"}
+NO_HELP = (None, "", "Unknown")  # "How can Microsoft help?" not answered
+# What the request to Microsoft carries over from the partner's referral.
+REQUEST_KEYS = ("name", "qualification", "customerProfile", "consent", "details", "inviteContext", "team")
+
+
+def microsoft_side(doc: Mapping[str, Any]) -> bool:
+    """The engagement's request to Microsoft (or Microsoft's own referral): part of a co-sell
+    engagement, never a deal of its own to sync with the CRM."""
+    targets = doc.get("target") or []
+    to_microsoft = any(
+        isinstance(t, Mapping) and t.get("type") == MICROSOFT["type"] and t.get("id") == MICROSOFT["id"]
+        for t in targets
+    )
+    return to_microsoft or doc.get("organizationId") == MICROSOFT["id"]
+
+
+def wants_microsoft(doc: Mapping[str, Any]) -> bool:
+    """A Shared referral asking for Microsoft's help (and not a private deal): co-sell."""
+    help_code = (doc.get("inviteContext") or {}).get("assistanceRequestCode")
+    consent = (doc.get("consent") or {}).get("consentToShareReferralWithMicrosoftSellers")
+    return doc.get("type") == "Shared" and help_code not in NO_HELP and consent is not False
 
 
 def _failed(result: WriteResult, exc: CosellError, prefix: str = "") -> WriteResult:
@@ -138,13 +163,14 @@ class PartnerCenterSide:
             ids = list(dict.fromkeys(referral_ids))
             with ThreadPoolExecutor(max_workers=max(1, min(self.max_workers, len(ids) or 1))) as pool:
                 found = list(pool.map(self._get_or_none, ids))
-            return [doc for doc in found if doc is not None]
+            return [doc for doc in found if doc is not None and not microsoft_side(doc)]
         clauses = []
         if since is not None:
             clauses.append(f"updatedDateTime gt {datetime_literal(since)}")
         if until is not None:
             clauses.append(f"updatedDateTime le {datetime_literal(until)}")
-        return list(self.hook.list_referrals(filter=" and ".join(clauses) or None, orderby="updatedDateTime asc"))
+        docs = self.hook.list_referrals(filter=" and ".join(clauses) or None, orderby="updatedDateTime asc")
+        return [doc for doc in docs if not microsoft_side(doc)]
 
     def _get_or_none(self, referral_id: str) -> dict[str, Any] | None:
         try:
@@ -208,6 +234,7 @@ class PartnerCenterSide:
                     raise
                 # A service that refuses "or" in $filter: one query per id instead.
                 docs = [d for one in chunk for d in self.hook.find_by_external_references([one])]
+            docs = [d for d in docs if not microsoft_side(d)]
             for doc in sorted(docs, key=lambda d: (str(d.get("createdDateTime") or ""), str(d.get("id")))):
                 ext = str(doc.get("externalReferenceId") or "")
                 if ext in chunk and doc.get("id"):
@@ -267,9 +294,36 @@ class PartnerCenterSide:
                         "opportunity %s has %d more referral(s): %s", crm_id, len(result.duplicates), result.duplicates
                     )
             result.referral_id, result.etag = str(found["id"]), found.get("eTag")
+            if wants_microsoft(found):
+                try:
+                    self.engage_microsoft(found)
+                except CosellError as exc:
+                    # The referral exists: the next run adopts it (externalReferenceId) and asks again.
+                    return _failed(result, exc, "asking Microsoft to co-sell: ")
             return result
 
         return self._parallel(rows, work)
+
+    # -- co-sell with Microsoft ---------------------------------------------------------------------
+    def engage_microsoft(self, referral: Mapping[str, Any]) -> str:
+        """The second step of co-selling: a referral targeting Microsoft in the referral's engagement,
+        unless the engagement has one already (an earlier try, run or person asked). Returns its id."""
+        engagement_id = str(referral.get("engagementId") or "")
+        if not engagement_id:
+            raise ValidationError("Partner Center", f"referral {referral.get('id')} has no engagementId")
+
+        def asked() -> Mapping[str, Any] | None:
+            return next((d for d in self.hook.engagement_referrals(engagement_id) if microsoft_side(d)), None)
+
+        found = asked()
+        if found is not None:
+            return str(found["id"])
+        request: dict[str, Any] = {k: referral[k] for k in REQUEST_KEYS if referral.get(k) is not None}
+        request.update(engagementId=engagement_id, type="Shared", status="New", substatus="Pending")
+        request["target"] = [dict(MICROSOFT)]
+        created = self.hook.create_referral(request, landed=asked)
+        log.info("referral %s: Microsoft asked to co-sell (engagement %s)", referral.get("id"), engagement_id)
+        return str(created["id"])
 
     # -- update -------------------------------------------------------------------------------------
     def operations(self, current: Mapping[str, Any], fields: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -279,7 +333,21 @@ class PartnerCenterSide:
             held = compile_path(fm.referral)(current)
             for path, value in referral_assignments(fm, canonical, held):
                 ops.append(patch_operations(current, path, value))
+        if self.asks_for_help(fields) and current.get("type") != "Shared":
+            # Help asked for on a partner-led referral: it becomes Shared, with its solution as the
+            # target, as a new co-sell referral is created (then Microsoft is asked, after the write).
+            solutions = [s for s in str(fields.get("solutions") or "").split(";") if s]
+            held = (current.get("details") or {}).get("requirements", {}).get("solutions") or []
+            solutions += [str(s.get("id")) for s in held if isinstance(s, Mapping) and s.get("id")]
+            if solutions:
+                ops.append(patch_operations(current, ["type"], "Shared"))
+                ops.append(patch_operations(current, ["target"], [{"type": "SolutionProfile", "id": solutions[0]}]))
         return ops
+
+    @staticmethod
+    def asks_for_help(fields: Mapping[str, Any]) -> bool:
+        """Whether an update sets "How can Microsoft help?" to an answer."""
+        return "help_code" in fields and fields["help_code"] not in (*NO_HELP, KEEP)
 
     def update(
         self, updates: pd.DataFrame, ctx: RunContext, current: Mapping[str, Mapping[str, Any]]
@@ -305,6 +373,10 @@ class PartnerCenterSide:
                     answer = self.hook.patch_referral(rid, self.operations(doc, fields), etag=doc.get("eTag"))
                     result.etag = (answer or {}).get("eTag")
                     result.fields = fields
+                    if self.asks_for_help(fields):  # help asked for (again): Microsoft too, once
+                        now = answer if answer and answer.get("engagementId") else self.hook.get_referral(rid)
+                        if wants_microsoft(now):
+                            self.engage_microsoft(now)
                     return result
                 except PreconditionFailedError as exc:
                     if attempt == 2:

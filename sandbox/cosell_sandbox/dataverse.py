@@ -119,6 +119,7 @@ class Column:
     minimum: float | None = None
     maximum: float | None = None
     system: bool = False  # server-owned; values sent by clients are ignored
+    default: Any = None  # the value a new row gets when the create leaves the column out
 
 
 EDM = {
@@ -195,6 +196,9 @@ OPPORTUNITIES = Table(
         Column("cosell_referrallink", "string", 500),
         Column("cosell_howcanmicrosofthelp", "choice"),
         Column("cosell_solutions", "string", 255),
+        # Yes: the referral is shared with Microsoft sellers; No: a private deal (Microsoft Learn,
+        # "Create a referral", "Deal types"). A Yes/No (Two Options) column whose default is Yes.
+        Column("cosell_sharewithmicrosoft", "bool", default=True),
         Column("cosell_audit", "memo", 1_048_576),  # the largest multiline text column Dataverse allows
         Column("cosell_syncstatus", "choice"),
     ),
@@ -986,6 +990,7 @@ class DataverseEmulator(EmulatorApp):
 
     def _defaults(self, table: Table) -> dict[str, Any]:
         row: dict[str, Any] = dict.fromkeys(table.names)
+        row.update({c.name: c.default for c in table.columns if c.default is not None})
         if table.set in STATES:
             row.update(statecode=0, statuscode=1)
         if table is OPPORTUNITIES:

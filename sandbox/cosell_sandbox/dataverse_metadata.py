@@ -242,6 +242,7 @@ _SCHEMA_NAMES = {
     "cosell_referrallink": "cosell_ReferralLink",
     "cosell_howcanmicrosofthelp": "cosell_HowCanMicrosoftHelp",
     "cosell_solutions": "cosell_Solutions",
+    "cosell_sharewithmicrosoft": "cosell_ShareWithMicrosoft",
     "cosell_audit": "cosell_Audit",
     "cosell_syncstatus": "cosell_SyncStatus",
 }
@@ -261,6 +262,7 @@ _DISPLAY_NAMES = {
     "cosell_referrallink": "Referral link",
     "cosell_howcanmicrosofthelp": "How can Microsoft help?",
     "cosell_solutions": "Solutions",
+    "cosell_sharewithmicrosoft": "Share with Microsoft",
     "cosell_audit": "Co-sell audit",
     "cosell_syncstatus": "Sync status",
     "parentcustomerid": "Company Name",
@@ -687,7 +689,7 @@ class Metadata:
         elif type_name == "BigIntAttributeMetadata":
             out.update(MaxValue=9223372036854775807, MinValue=-9223372036854775808)
         elif type_name == "BooleanAttributeMetadata":
-            out.update(DefaultValue=False)
+            out.update(DefaultValue=bool(column.default))
         elif type_name == "DateTimeAttributeMetadata":
             date_only = column.kind == "date"
             out.update(

@@ -340,6 +340,17 @@ def build_schema() -> Schema:
                 custom=True,
             ),
             _f("PC_Solutions__c", "string", "PC Solutions", length=255, custom=True),
+            # Checked: the referral is shared with Microsoft sellers (partner-led or co-sell);
+            # unchecked: a private deal (Microsoft Learn, "Create a referral", "Deal types").
+            _f(
+                "PC_Share_With_Microsoft__c",
+                "boolean",
+                "Share With Microsoft",
+                nillable=False,
+                defaulted_on_create=True,
+                default=True,
+                custom=True,
+            ),
             _f("PC_Audit__c", "textarea", "PC Audit", length=131072, custom=True),
             _f(
                 "PC_Sync_Status__c",

@@ -122,6 +122,7 @@ def test_default_mappings_load_and_define_the_synced_fields():
         "stage",
         "help_code",
         "solutions",
+        "share_with_microsoft",
     }
     assert "sales_stage" in DV.fields and DV.fields["stage"].crm_values.read["0"] == "*"
     assert SF.fields["customer_name"].sync == "create"

@@ -175,6 +175,23 @@ def _number(value: Any) -> float | None:
     return None
 
 
+# The spellings a boolean field reads (text compared without case and surrounding blanks). JSON
+# true/false, the 1/0 some CRMs and exports use (a Dataverse Two Options column's option values are
+# 1 and 0), and their text forms; anything else is a bad value, never guessed at.
+_BOOLEAN_TEXT = {"true": True, "false": False, "1": True, "0": False}
+
+
+def as_boolean(value: Any) -> bool | None:
+    """A boolean field's value as True/False; None for one that is not a boolean."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return _BOOLEAN_TEXT.get(value.strip().lower())
+    return None
+
+
 def _control_problem(text: str, multiline: bool) -> str | None:
     found = _CONTROL.search(text)
     if found:
@@ -266,6 +283,10 @@ def _normalize_column(
             return ";".join(cleaned) or None
 
         values = values.map(ids)
+    elif ftype == "boolean":
+        flags = values.map(as_boolean).astype(object)
+        bad(present & flags.isna(), "must be true or false")
+        values = flags
     elif ftype == "enum":
         vmap = fm.referral_values if side == "referral" else fm.crm_values
         assert vmap is not None

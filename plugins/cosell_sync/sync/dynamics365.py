@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping, choice_columns, resolve_choices
-from cosell_sync.engine.normalize import crm_frame, side_value
+from cosell_sync.engine.normalize import as_boolean, crm_frame, side_value
 from cosell_sync.errors import ApiError, ConfigurationError, ThrottledError, TransportError
 from cosell_sync.hooks._batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResponse
 from cosell_sync.hooks._odata import eq, quote, with_query
@@ -420,6 +420,11 @@ class DynamicsSide(CrmWorkflow):
                 known = ", ".join(sorted(fm.crm_values.write)) if fm.crm_values else ""
                 raise _RowError(f"{fm.name}: {canonical!r} has no Dynamics 365 value for {fm.crm} (known: {known})")
             return int(raw) if _INTEGER.fullmatch(raw) else raw
+        if fm.type == "boolean":  # a Yes/No (Two Options) column takes JSON true/false
+            flag = as_boolean(canonical)
+            if flag is None:
+                raise _RowError(f"{fm.name}: {canonical!r} is not true or false")
+            return flag
         if fm.type == "decimal":
             if isinstance(canonical, bool):
                 raise _RowError(f"{fm.name}: {canonical!r} is not a number")

@@ -41,7 +41,7 @@ import pandas as pd
 import requests
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping
-from cosell_sync.engine.normalize import _normalize_column, side_value
+from cosell_sync.engine.normalize import _normalize_column, as_boolean, side_value
 from cosell_sync.errors import (
     ApiError,
     AuthenticationError,
@@ -302,6 +302,11 @@ class SalesforceSide(CrmWorkflow):
             if fm.type == "enum":
                 raise ValueError(f"{fm.crm}: no Salesforce value for canonical {fm.name} '{canonical}'")
             return None
+        if fm.type == "boolean":  # a checkbox takes JSON true/false
+            flag = as_boolean(value)
+            if flag is None:
+                raise ValueError(f"{fm.crm}: {value!r} is not true or false")
+            return flag
         if fm.type == "decimal":
             return float(value)
         if fm.type == "date":

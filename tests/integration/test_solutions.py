@@ -80,7 +80,6 @@ def solutions_file(tmp_path, monkeypatch):
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="wiring pending")
 @pytest.mark.parametrize("crm", CRMS)
 def test_a_crm_edit_of_the_solutions_keeps_partner_centers_details(pc, conns, store, tmp_path, crm, solutions_file):
     seed(pc, crm)
@@ -124,7 +123,6 @@ def test_a_crm_edit_of_the_solutions_keeps_partner_centers_details(pc, conns, st
     assert crm_solutions(pc, crm, crm_id) == f"{NEW};{STAYS}"
 
 
-@pytest.mark.xfail(strict=True, reason="wiring pending")
 @pytest.mark.parametrize("crm", CRMS)
 def test_a_new_referral_gets_the_configured_details_or_the_id_alone(pc, conns, store, tmp_path, crm, solutions_file):
     seed(pc, crm)

@@ -10,7 +10,7 @@ import pytest
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import referrals_frame
 from cosell_sync.sync.base import RunContext
-from cosell_sync.sync.partner_center import PartnerCenterSide, patch_operations
+from cosell_sync.sync.partner_center import PartnerCenterSide, microsoft_side, patch_operations
 
 MAPPING = load_mapping("salesforce")
 
@@ -66,8 +66,11 @@ def test_extract_all_by_window_and_by_ids(pc, side):
 def test_create_referrals_from_crm_rows(pc, side):
     results = side.create(pd.DataFrame([crm_row("006A"), crm_row("006B", help_code=None)]), ctx())
     assert [r.ok for r in results] == [True, True]
-    docs = {d["externalReferenceId"]: d for d in pc.partner_center.referrals.values()}
+    docs = {d["externalReferenceId"]: d for d in pc.partner_center.referrals.values() if not microsoft_side(d)}
     shared = docs["006A"]
+    # Help asked for: Microsoft was asked too, in the same engagement (co-sell's second step).
+    asked = [d for d in pc.partner_center.referrals.values() if microsoft_side(d)]
+    assert [d["engagementId"] for d in asked] == [shared["engagementId"]]
     assert shared["type"] == "Shared" and shared["target"] == [{"type": "SolutionProfile", "id": "SOL-6115380-IPC"}]
     assert shared["inviteContext"]["assistanceRequestCode"] == "ProofOfConceptOrDemo"
     assert (shared["status"], shared["substatus"], shared["direction"]) == ("New", "Pending", "Outgoing")
@@ -87,7 +90,8 @@ def test_a_rejected_referral_fails_alone_with_the_services_error(pc, side):
     results = side.create(rows, ctx())
     assert [r.ok for r in results] == [True, False, True]
     assert "customerProfile.address.country" in results[1].error and results[1].error_code == "invalidRequest"
-    assert len(pc.partner_center.referrals) == 2
+    mine = [d for d in pc.partner_center.referrals.values() if not microsoft_side(d)]
+    assert len(mine) == 2 and len(pc.partner_center.referrals) == 4  # each co-sell one asked Microsoft too
 
 
 def test_update_patches_only_the_planned_fields(pc, side):

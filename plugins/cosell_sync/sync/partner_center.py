@@ -38,6 +38,7 @@ from cosell_sync.errors import (
 from cosell_sync.hooks._odata import datetime_literal
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 from cosell_sync.sync.base import RunContext, WriteResult, fails_the_task
+from cosell_sync.sync.solutions import with_solution_details
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class PartnerCenterSide:
             if row.get(fm.name) is None:
                 continue
             for path, value in referral_assignments(fm, row[fm.name]):
+                value = with_solution_details(path, value)  # solutions: configured details, or id alone
                 if value is None:
                     continue
                 if "team" in path and path[-1] != "team":  # customerProfile.team[0].x -> the first member
@@ -332,7 +334,8 @@ class PartnerCenterSide:
             fm = self.mapping.fields[name]
             held = compile_path(fm.referral)(current)
             for path, value in referral_assignments(fm, canonical, held):
-                ops.append(patch_operations(current, path, value))
+                # solutions: those that stay keep every detail the referral holds
+                ops.append(patch_operations(current, path, with_solution_details(path, value, current)))
         if self.asks_for_help(fields) and current.get("type") != "Shared":
             # Help asked for on a partner-led referral: it becomes Shared, with its solution as the
             # target, as a new co-sell referral is created (then Microsoft is asked, after the write).

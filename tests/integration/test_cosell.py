@@ -15,7 +15,7 @@ from cosell_sync.sync.partner_center import MICROSOFT, microsoft_side
 from tests.integration.test_sync_retries import CRMS, commit, new_job, run_load_crm, run_load_pc, up_to_load
 
 
-def seed(pc, crm: str, flagged: int = 4) -> None:
+def seed(pc, crm: str, flagged: int = 6) -> None:
     if crm == "salesforce":
         pc.salesforce.seed(opportunities=flagged + 2, accounts=3, flagged=flagged, seed=13)
     else:
@@ -61,7 +61,12 @@ def assert_cosell(pc, crm: str, seeded: set[str]) -> tuple[int, int]:
             continue
         opp = opps[str(doc.get("externalReferenceId"))]
         requests = [d for d in engagement if microsoft_side(d)]
-        if opp.get(help_field(crm)) is not None:
+        share = "PC_Share_With_Microsoft__c" if crm == "salesforce" else "cosell_sharewithmicrosoft"
+        if opp.get(share) is False:  # a private deal: not shared with Microsoft, whatever the help field
+            assert doc["type"] == "Independent" and not requests, engagement
+            assert doc["consent"]["consentToShareReferralWithMicrosoftSellers"] is False
+            partner_led += 1
+        elif opp.get(help_field(crm)) is not None:
             assert doc["type"] == "Shared" and doc["target"][0]["type"] == "SolutionProfile", doc
             assert len(requests) == 1, engagement
             assert requests[0]["target"] == [MICROSOFT]
@@ -84,12 +89,14 @@ def test_help_requested_engages_microsoft_once_across_retries_lost_answers_and_r
     flag = "PC_Sync_With_Partner_Center__c" if crm == "salesforce" else "cosell_syncwithpartnercenter"
     closed = (lambda r: r.get("IsClosed")) if crm == "salesforce" else (lambda r: r.get("statecode") != 0)
     flagged = [k for k, r in opps.items() if r.get(flag) and not closed(r)]  # each makes a referral
-    assert len(flagged) >= 3, flagged
-    no_help = flagged[0]  # one flagged opportunity asks for no help: partner-led
+    assert len(flagged) >= 4, flagged
+    no_help, private = flagged[:2]  # one asks for no help (partner-led), one is private (help or not)
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", no_help, {"PC_How_Can_Microsoft_Help__c": None})
+        pc.salesforce.user_edit("Opportunity", private, {"PC_Share_With_Microsoft__c": False})
     else:
         pc.dataverse.edit("opportunities", no_help, {"cosell_howcanmicrosofthelp": None})
+        pc.dataverse.edit("opportunities", private, {"cosell_sharewithmicrosoft": False})
     # The answer to the first request to Microsoft is lost (processed, connection dropped).
     pc.partner_center.faults.configure(
         FaultConfig(drop_after_rate=1.0, max_faults=1, methods=("POST",), after=len(flagged))
@@ -103,11 +110,12 @@ def test_help_requested_engages_microsoft_once_across_retries_lost_answers_and_r
     assert first["failed"] == 0, first
     assert pc.partner_center.faults.injected["drop_after"] == 1
     cosell, partner_led = assert_cosell(pc, crm, seeded)
-    assert (cosell, partner_led) == (len(flagged) - 1, 1)
+    assert (cosell, partner_led) == (len(flagged) - 2, 2)
     before = len(pc.partner_center.referrals)
 
     run_load_pc(job)  # a retry of the task, or "Clear task"
-    commit(job, store)
+    report = commit(job, store)
+    assert report["writes"]["partner_center"]["asked_microsoft"] == cosell, report["writes"]  # once each
     run(crm, store, staging)  # and the next run
     assert len(pc.partner_center.referrals) == before
     assert assert_cosell(pc, crm, seeded) == (cosell, partner_led)

@@ -111,6 +111,8 @@ class WriteResult:
     adopted: bool = False
     # Other records found for the same counterpart (duplicates made before; the oldest is kept).
     duplicates: list[str] = field(default_factory=list)
+    # Partner Center: this write also asked Microsoft to co-sell (a request referral was POSTed).
+    asked_microsoft: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +132,7 @@ def results_frame(results: list[WriteResult]) -> pd.DataFrame:
         "deferred",
         "adopted",
         "duplicates",
+        "asked_microsoft",
     ]
     return pd.DataFrame([r.as_dict() for r in results], columns=columns)
 

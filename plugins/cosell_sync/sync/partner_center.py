@@ -199,8 +199,10 @@ class PartnerCenterSide:
             doc["status"], doc["substatus"] = "New", "Pending"
         help_code = row.get("help_code")
         solutions = [s for s in str(row.get("solutions") or "").split(";") if s]
-        # Co-sell with Microsoft is asked for by setting "How can Microsoft help?".
-        if help_code and solutions:
+        # Co-sell with Microsoft is asked for by setting "How can Microsoft help?"; a private deal
+        # (not shared with Microsoft sellers: the mapping's share_with_microsoft) never is.
+        private = (doc.get("consent") or {}).get("consentToShareReferralWithMicrosoftSellers") is False
+        if help_code not in NO_HELP and help_code != KEEP and solutions and not private:
             doc["type"] = "Shared"
             doc["target"] = [{"type": "SolutionProfile", "id": solutions[0]}]
         else:
@@ -298,7 +300,7 @@ class PartnerCenterSide:
             result.referral_id, result.etag = str(found["id"]), found.get("eTag")
             if wants_microsoft(found):
                 try:
-                    self.engage_microsoft(found)
+                    result.asked_microsoft = self.engage_microsoft(found)[1]
                 except CosellError as exc:
                     # The referral exists: the next run adopts it (externalReferenceId) and asks again.
                     return _failed(result, exc, "asking Microsoft to co-sell: ")
@@ -307,9 +309,10 @@ class PartnerCenterSide:
         return self._parallel(rows, work)
 
     # -- co-sell with Microsoft ---------------------------------------------------------------------
-    def engage_microsoft(self, referral: Mapping[str, Any]) -> str:
+    def engage_microsoft(self, referral: Mapping[str, Any]) -> tuple[str, bool]:
         """The second step of co-selling: a referral targeting Microsoft in the referral's engagement,
-        unless the engagement has one already (an earlier try, run or person asked). Returns its id."""
+        unless the engagement has one already (an earlier try, run or person asked). Returns its id,
+        and whether this call created it."""
         engagement_id = str(referral.get("engagementId") or "")
         if not engagement_id:
             raise ValidationError("Partner Center", f"referral {referral.get('id')} has no engagementId")
@@ -319,13 +322,13 @@ class PartnerCenterSide:
 
         found = asked()
         if found is not None:
-            return str(found["id"])
+            return str(found["id"]), False
         request: dict[str, Any] = {k: referral[k] for k in REQUEST_KEYS if referral.get(k) is not None}
         request.update(engagementId=engagement_id, type="Shared", status="New", substatus="Pending")
         request["target"] = [dict(MICROSOFT)]
         created = self.hook.create_referral(request, landed=asked)
         log.info("referral %s: Microsoft asked to co-sell (engagement %s)", referral.get("id"), engagement_id)
-        return str(created["id"])
+        return str(created["id"]), True
 
     # -- update -------------------------------------------------------------------------------------
     def operations(self, current: Mapping[str, Any], fields: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -379,7 +382,7 @@ class PartnerCenterSide:
                     if self.asks_for_help(fields):  # help asked for (again): Microsoft too, once
                         now = answer if answer and answer.get("engagementId") else self.hook.get_referral(rid)
                         if wants_microsoft(now):
-                            self.engage_microsoft(now)
+                            result.asked_microsoft = self.engage_microsoft(now)[1]
                     return result
                 except PreconditionFailedError as exc:
                     if attempt == 2:

@@ -420,14 +420,18 @@ def load_crm(job: SyncJob, side: CrmSide) -> dict[str, int]:
 
 
 WRITES_LEDGER = "writes"
+# What a write did: the report's counts per target (asked_microsoft: co-sell requests POSTed).
+WRITE_KINDS = ("created", "updated", "linked", "asked_microsoft")
 
 
 def _write_counts(results: pd.DataFrame, stamps: pd.DataFrame) -> dict[str, int]:
     """The records a load actually wrote, from its per-record results: created, updated, linked."""
+    asked = results["asked_microsoft"].map(lambda v: v is True) if "asked_microsoft" in results else None
     return {
         "created": _written_count(results, ("create",)),
         "updated": _written_count(results, ("update", "win", "lose")),
         "linked": _written_count(stamps, ("link", "update")) if len(stamps) else 0,
+        "asked_microsoft": int(asked.sum()) if asked is not None else 0,  # co-sell requests POSTed
     }
 
 
@@ -439,7 +443,7 @@ def _ledger_writes(job: SyncJob) -> dict[str, dict[str, int]] | None:
         return None
     out = {}
     for target in ("partner_center", "crm"):
-        numbers = {k: int(ledger.get(target, {}).get(k, 0)) for k in ("created", "updated", "linked")}
+        numbers = {k: int(ledger.get(target, {}).get(k, 0)) for k in WRITE_KINDS}
         out[target] = numbers | {"total": sum(numbers.values())}
     return out
 
@@ -1027,7 +1031,7 @@ def format_report(dag_id: str, report: dict[str, Any], crm: str | None = None) -
         parts = []
         for target, label in (("partner_center", "Partner Center"), ("crm", crm_label)):
             w = written[target]
-            detail = ", ".join(f"{w[k]} {k}" for k in ("created", "updated", "linked") if w[k])
+            detail = ", ".join(f"{w[k]} {k.replace('_', ' ')}" for k in WRITE_KINDS if w[k])
             parts.append(f"{label} {w['total']}" + (f" ({detail})" if detail else ""))
         lines += ["", "Records written: " + " · ".join(parts) + "."]
     recovered = sum(report[d].get("recovered", 0) for d in ("pc_to_crm", "crm_to_pc"))

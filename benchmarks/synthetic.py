@@ -27,6 +27,7 @@ def _values(rng: np.random.Generator, n: int, prefix: str) -> dict[str, np.ndarr
         "solutions": rng.choice(np.array(["SOL-1", "SOL-1;SOL-2", None], dtype=object), n),
         "sales_stage": rng.choice(np.array(["qualify", "develop", "propose", "close"], dtype=object), n),
         "share_with_microsoft": rng.choice(np.array([True, True, False, None], dtype=object), n),
+        "microsoft_status": rng.choice(np.array(["requested", "accepted", None], dtype=object), n),
     }
 
 

@@ -199,6 +199,7 @@ OPPORTUNITIES = Table(
         # Yes: the referral is shared with Microsoft sellers; No: a private deal (Microsoft Learn,
         # "Create a referral", "Deal types"). A Yes/No (Two Options) column whose default is Yes.
         Column("cosell_sharewithmicrosoft", "bool", default=True),
+        Column("cosell_microsoftstatus", "string", 40),  # Microsoft's side of a co-sell engagement
         Column("cosell_audit", "memo", 1_048_576),  # the largest multiline text column Dataverse allows
         Column("cosell_syncstatus", "choice"),
     ),

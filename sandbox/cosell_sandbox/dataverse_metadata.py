@@ -243,6 +243,7 @@ _SCHEMA_NAMES = {
     "cosell_howcanmicrosofthelp": "cosell_HowCanMicrosoftHelp",
     "cosell_solutions": "cosell_Solutions",
     "cosell_sharewithmicrosoft": "cosell_ShareWithMicrosoft",
+    "cosell_microsoftstatus": "cosell_MicrosoftStatus",
     "cosell_audit": "cosell_Audit",
     "cosell_syncstatus": "cosell_SyncStatus",
 }
@@ -263,6 +264,7 @@ _DISPLAY_NAMES = {
     "cosell_howcanmicrosofthelp": "How can Microsoft help?",
     "cosell_solutions": "Solutions",
     "cosell_sharewithmicrosoft": "Share with Microsoft",
+    "cosell_microsoftstatus": "Microsoft status",
     "cosell_audit": "Co-sell audit",
     "cosell_syncstatus": "Sync status",
     "parentcustomerid": "Company Name",

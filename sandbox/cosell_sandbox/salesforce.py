@@ -351,6 +351,8 @@ def build_schema() -> Schema:
                 default=True,
                 custom=True,
             ),
+            # Microsoft's side of a co-sell engagement, as the sync last read it (read only for people).
+            _f("PC_Microsoft_Status__c", "string", "PC Microsoft Status", length=40, custom=True),
             _f("PC_Audit__c", "textarea", "PC Audit", length=131072, custom=True),
             _f(
                 "PC_Sync_Status__c",

@@ -6,13 +6,20 @@ partner-led; Microsoft's side of an engagement is never imported as a deal of it
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
+import requests
 
 from cosell_sandbox.server import FaultConfig
+from cosell_sync.hooks.partner_center import REFERRAL_EVENTS
+from cosell_sync.state import StateStore
 from cosell_sync.sync.partner_center import MICROSOFT, microsoft_side
+from tests.helpers import Receiver
+from tests.integration.sync_jobs import event_job
 from tests.integration.test_sync_retries import CRMS, commit, new_job, run_load_crm, run_load_pc, up_to_load
+from tests.integration.test_webhook_receiver import post
 
 
 def seed(pc, crm: str, flagged: int = 6) -> None:
@@ -124,3 +131,51 @@ def test_help_requested_engages_microsoft_once_across_retries_lost_answers_and_r
     held = Counter(str(r.get(link)) for r in opportunity_ids(pc, crm).values() if r.get(link))
     asked = {d["id"] for d in pc.partner_center.referrals.values() if microsoft_side(d)}
     assert asked and not asked & set(held) and max(held.values()) == 1
+
+
+@pytest.mark.parametrize("crm", CRMS)
+def test_microsoft_accepting_reaches_the_crm_through_the_webhook_path(
+    pc, conns, hook, client, state_url, tmp_path, crm
+):
+    """Microsoft accepts its side of the engagement (a sandbox Microsoft action): Partner Center sends
+    related-referral-updated for the partner's referral, the receiver stores it in the inbox, and
+    the event-driven run for that referral writes Microsoft's status to the opportunity."""
+    seed(pc, crm, flagged=1)
+    store = StateStore(state_url)
+    store.migrate()
+    staging = tmp_path / "staging"
+    run(crm, store, staging)
+    field = "PC_Microsoft_Status__c" if crm == "salesforce" else "cosell_microsoftstatus"
+    [(referral, request)] = [
+        (p, m) for e in engagements(pc).values() for p in e for m in e if not microsoft_side(p) and microsoft_side(m)
+    ]
+    opp_id = str(referral["externalReferenceId"])
+    run(crm, store, staging)  # the next run reads the engagement: Microsoft has been asked
+    assert opportunity_ids(pc, crm)[opp_id][field] == "Requested"
+
+    wire = Receiver(pc.pki.server_context())
+    try:
+        hook.create_webhook_registration(wire.url, list(REFERRAL_EVENTS))
+        requests.post(
+            f"{pc.origin('partner_center')}/_sandbox/engagements/{referral['engagementId']}/microsoft",
+            json={"action": "accept"},
+            verify=str(pc.pki.ca_cert),
+            timeout=10,
+        ).raise_for_status()
+        wire.wait_for(1)
+    finally:
+        wire.close()
+    headers, body = wire.received[0]
+    assert json.loads(body)["EventName"] == "related-referral-updated"
+    assert post(client, body, dict(headers)).status_code == 200
+    ids = [row["referral_id"] for row in store.inbox_pending()]
+    assert ids == [referral["id"]]  # the partner's referral, to re-read with its engagement
+
+    job = event_job(crm, staging, ids)
+    up_to_load(job, store)
+    run_load_crm(job)
+    run_load_pc(job)
+    report = commit(job, store)
+    assert opportunity_ids(pc, crm)[opp_id][field] == "Accepted", report
+    assert pc.partner_center.referrals[request["id"]]["status"] == "Active"
+    store.close()

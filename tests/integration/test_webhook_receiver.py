@@ -57,35 +57,6 @@ REFERRAL_ID = "3f1c2b9e-8d4a-4c55-9a57-1d2e3f4a5b6c"
 # --------------------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture
-def state_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    monkeypatch.setenv("AIRFLOW_CONN_COSELL_STATE", json.dumps({"conn_type": "generic", "host": url}))
-    return url
-
-
-@pytest.fixture
-def webhook_env(pc: Sandbox, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The AIRFLOW__COSELL__WEBHOOK_* lines ``cosell-sandbox env`` prints, set in the environment."""
-    env = {k: v for k, v in pc.env().items() if k.startswith("AIRFLOW__COSELL__")}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
-
-
-@pytest.fixture
-def app(webhook_env: dict[str, str], state_url: str) -> Iterator[FastAPI]:
-    application = create_app()  # settings from the environment, store from the connection
-    yield application
-    application.state.runtime.close()
-
-
-@pytest.fixture
-def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app, raise_server_exceptions=False) as c:
-        yield c
-
-
 def inbox(url: str) -> list[dict]:
     with StateStore(url) as st:
         st.migrate()

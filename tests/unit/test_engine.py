@@ -123,6 +123,7 @@ def test_default_mappings_load_and_define_the_synced_fields():
         "help_code",
         "solutions",
         "share_with_microsoft",
+        "microsoft_status",
     }
     assert "sales_stage" in DV.fields and DV.fields["stage"].crm_values.read["0"] == "*"
     assert SF.fields["customer_name"].sync == "create"

@@ -505,7 +505,7 @@ class DynamicsHook(BaseHook):
         """Each choice column's options, label -> value (every label of an option: the user's and
         each localized one), read from the table's metadata: one call for its
         ``PicklistAttributeMetadata`` columns and one per state/status column asked for. A column
-        that is not a choice column of the table raises :class:`ConfigurationError` naming it."""
+        that is not a choice column of the table (a text column an enum maps to) is left out."""
         logical = LOGICAL_NAMES.get(entity_set)
         if logical is None:
             raise ConfigurationError(f"unknown entity set {entity_set!r}; known: {sorted(LOGICAL_NAMES)}")
@@ -530,12 +530,7 @@ class DynamicsHook(BaseHook):
                 if name in wanted:
                     options = (attribute.get("OptionSet") or {}).get("Options") or []
                     found[name] = {label: int(o["Value"]) for o in options for label in _option_labels(o)}
-        missing = sorted(wanted - set(found))
-        if missing:
-            raise ConfigurationError(
-                f"Dataverse: {', '.join(f'{logical}.{c}' for c in missing)} is not a choice column of {logical}"
-            )
-        return found
+        return found  # a column asked for that is no choice column (text): its values are used as they are
 
     def whoami(self) -> dict[str, Any]:
         return dict(self.api.request("GET", self._url("WhoAmI")).json())

@@ -35,7 +35,7 @@ from cosell_sync.errors import (
     PreconditionFailedError,
     ValidationError,
 )
-from cosell_sync.hooks._odata import datetime_literal
+from cosell_sync.hooks._odata import datetime_literal, quote
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 from cosell_sync.sync.base import RunContext, WriteResult, fails_the_task
 from cosell_sync.sync.solutions import with_solution_details
@@ -51,6 +51,11 @@ MICROSOFT = {"type": "BusinessProfileLocation", "id": "msft"}
 NO_HELP = (None, "", "Unknown")  # "How can Microsoft help?" not answered
 # What the request to Microsoft carries over from the partner's referral.
 REQUEST_KEYS = ("name", "qualification", "customerProfile", "consent", "details", "inviteContext", "team")
+
+
+# Mapping paths under this key are read from the referral's engagement, not the referral itself:
+# ``_engagement.microsoft`` is Microsoft's side of a co-sell engagement (status, substatus, team).
+ENGAGEMENT = "_engagement."
 
 
 def microsoft_side(doc: Mapping[str, Any]) -> bool:
@@ -164,14 +169,36 @@ class PartnerCenterSide:
             ids = list(dict.fromkeys(referral_ids))
             with ThreadPoolExecutor(max_workers=max(1, min(self.max_workers, len(ids) or 1))) as pool:
                 found = list(pool.map(self._get_or_none, ids))
-            return [doc for doc in found if doc is not None and not microsoft_side(doc)]
+            return self.with_engagements([doc for doc in found if doc is not None and not microsoft_side(doc)])
         clauses = []
         if since is not None:
             clauses.append(f"updatedDateTime gt {datetime_literal(since)}")
         if until is not None:
             clauses.append(f"updatedDateTime le {datetime_literal(until)}")
         docs = self.hook.list_referrals(filter=" and ".join(clauses) or None, orderby="updatedDateTime asc")
-        return [doc for doc in docs if not microsoft_side(doc)]
+        return self.with_engagements([doc for doc in docs if not microsoft_side(doc)])
+
+    def with_engagements(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The referrals, each Shared one holding its engagement's Microsoft side under
+        ``_engagement.microsoft`` (status, substatus, team) when the mapping reads it: one list
+        query per :data:`LOOKUP_CHUNK` engagements."""
+        if not any(fm.referral.startswith(ENGAGEMENT) for fm in self.mapping.fields.values()):
+            return docs
+        shared = {str(d["engagementId"]) for d in docs if d.get("type") == "Shared" and d.get("engagementId")}
+        microsoft: dict[str, dict[str, Any]] = {}
+        ids = sorted(shared)
+        for start in range(0, len(ids), LOOKUP_CHUNK):
+            chunk = ids[start : start + LOOKUP_CHUNK]
+            flt = " or ".join(f"engagementId eq {quote(e)}" for e in chunk)
+            for other in self.hook.list_referrals(filter=flt):
+                if microsoft_side(other) and other.get("engagementId"):
+                    keep = {k: other.get(k) for k in ("id", "status", "substatus", "team", "updatedDateTime")}
+                    microsoft[str(other["engagementId"])] = keep
+        for doc in docs:
+            found = microsoft.get(str(doc.get("engagementId")))
+            if found is not None:
+                doc["_engagement"] = {"microsoft": found}
+        return docs
 
     def _get_or_none(self, referral_id: str) -> dict[str, Any] | None:
         try:
@@ -184,7 +211,7 @@ class PartnerCenterSide:
         """A new outgoing referral for a CRM opportunity (canonical row with ``crm_id``)."""
         doc: dict[str, Any] = {"externalReferenceId": str(row["crm_id"]), "qualification": "SalesQualified"}
         for fm in self.mapping.fields.values():
-            if row.get(fm.name) is None:
+            if row.get(fm.name) is None or fm.referral.startswith(ENGAGEMENT):
                 continue
             for path, value in referral_assignments(fm, row[fm.name]):
                 value = with_solution_details(path, value)  # solutions: configured details, or id alone
@@ -335,11 +362,15 @@ class PartnerCenterSide:
         ops = []
         for name, canonical in fields.items():
             fm = self.mapping.fields[name]
+            if fm.referral.startswith(ENGAGEMENT):  # read from the engagement, never written
+                continue
             held = compile_path(fm.referral)(current)
             for path, value in referral_assignments(fm, canonical, held):
                 # solutions: those that stay keep every detail the referral holds
                 ops.append(patch_operations(current, path, with_solution_details(path, value, current)))
-        if self.asks_for_help(fields) and current.get("type") != "Shared":
+        consent = (current.get("consent") or {}).get("consentToShareReferralWithMicrosoftSellers")
+        private = fields.get("share_with_microsoft", consent) is False  # a private deal never co-sells
+        if self.asks_for_help(fields) and current.get("type") != "Shared" and not private:
             # Help asked for on a partner-led referral: it becomes Shared, with its solution as the
             # target, as a new co-sell referral is created (then Microsoft is asked, after the write).
             solutions = [s for s in str(fields.get("solutions") or "").split(";") if s]

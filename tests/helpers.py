@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID
 from requests.structures import CaseInsensitiveDict
 
+from cosell_sandbox.dataverse_metadata import HELP_LABELS
+
 
 class Receiver:
     """A local HTTPS endpoint that records deliveries; it can fail the first N of them."""
@@ -102,19 +104,7 @@ def with_paths(doc: dict, over: dict) -> dict:
 DV_ORG_CHOICES = {
     "statecode": {"Open": 0, "Won": 1, "Lost": 2},
     "salesstage": {"Qualify": 0, "Develop": 1, "Propose": 2, "Close": 3},
-    "cosell_howcanmicrosofthelp": {
-        label: 100000000 + i
-        for i, label in enumerate(
-            [
-                "General or other",
-                "Customer technical architecture",
-                "Proof of concept or demo",
-                "Quotes or licensing",
-                "Post-sales customer success",
-                "Workload-specific value proposition",
-            ]
-        )
-    },
+    "cosell_howcanmicrosofthelp": {label: 100000000 + i for i, label in enumerate(HELP_LABELS)},
 }
 
 

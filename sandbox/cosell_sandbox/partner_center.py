@@ -63,6 +63,14 @@ TERMINAL_SUBSTATUS = frozenset(SUBSTATUS_FOR["Closed"])
 # https://learn.microsoft.com/partner-center/developer/create-a-referral). Microsoft's organization id
 # in the docs' examples is "msft" (inviteContext.invitedBy.organizationId).
 MICROSOFT_ORG_ID = "msft"
+# What a Microsoft seller can do to a referral (control plane): the status each action sets.
+MICROSOFT_ACTIONS: dict[str, dict[str, str]] = {
+    "accept": {"status": "Active", "substatus": "Accepted"},
+    "decline": {"status": "Closed", "substatus": "Declined"},
+    "win": {"status": "Closed", "substatus": "Won"},
+    "lose": {"status": "Closed", "substatus": "Lost"},
+    "update": {},
+}
 MICROSOFT_ORG_NAME = "Microsoft"
 PARTNER_ORG_NAME = "Sandbox Partner Ltd"
 ENUMS: dict[str, set[str]] = {
@@ -187,6 +195,14 @@ def _etag() -> str:
 
 def _bad(message: str) -> HTTPError:
     return HTTPError(400, "invalidRequest", message)
+
+
+def _microsoft_action(doc: dict[str, Any]) -> str:
+    """The control-plane action a Microsoft seller takes (one of :data:`MICROSOFT_ACTIONS`)."""
+    action = doc.get("action", "update")
+    if action not in MICROSOFT_ACTIONS:
+        raise _bad(f"action must be one of {sorted(MICROSOFT_ACTIONS)}.")
+    return str(action)
 
 
 def _field(doc: dict[str, Any], dotted: str) -> Any:
@@ -941,16 +957,8 @@ class PartnerCenterEmulator(EmulatorApp):
         doc = request.json()
         if not isinstance(doc, dict):
             raise _bad("The body must be a JSON object with 'action' and optional 'changes'.")
-        action = doc.get("action", "update")
-        presets = {
-            "accept": {"status": "Active", "substatus": "Accepted"},
-            "win": {"status": "Closed", "substatus": "Won"},
-            "lose": {"status": "Closed", "substatus": "Lost"},
-            "decline": {"status": "Closed", "substatus": "Declined"},
-            "update": {},
-        }
-        if action not in presets:
-            raise _bad(f"action must be one of {sorted(presets)}.")
+        action = _microsoft_action(doc)
+        presets = MICROSOFT_ACTIONS
         with self.lock:
             old = self._lookup(request.params["id"])
             new = copy.deepcopy(old)
@@ -978,16 +986,8 @@ class PartnerCenterEmulator(EmulatorApp):
         doc = request.json()
         if not isinstance(doc, dict):
             raise _bad("The body must be a JSON object with 'action' and optional 'changes'.")
-        action = doc.get("action", "update")
-        presets = {
-            "accept": {"status": "Active", "substatus": "Accepted"},
-            "decline": {"status": "Closed", "substatus": "Declined"},
-            "win": {"status": "Closed", "substatus": "Won"},
-            "lose": {"status": "Closed", "substatus": "Lost"},
-            "update": {},
-        }
-        if action not in presets:
-            raise _bad(f"action must be one of {sorted(presets)}.")
+        action = _microsoft_action(doc)
+        presets = MICROSOFT_ACTIONS
         engagement_id = request.params["eid"]
         with self.lock:
             docs = self._engagement(engagement_id)

@@ -18,6 +18,7 @@ from cosell_sync.state import StateStore
 from cosell_sync.sync.partner_center import MICROSOFT, microsoft_side
 from tests.helpers import Receiver
 from tests.integration.sync_jobs import event_job
+from tests.integration.test_sync_fuzz import run
 from tests.integration.test_sync_retries import CRMS, commit, new_job, run_load_crm, run_load_pc, up_to_load
 from tests.integration.test_webhook_receiver import post
 
@@ -34,14 +35,6 @@ def engagements(pc) -> dict[str, list[dict]]:
     for doc in pc.partner_center.referrals.values():
         out.setdefault(doc["engagementId"], []).append(doc)
     return out
-
-
-def run(crm: str, store, staging) -> dict:
-    job = new_job(crm, store, staging)
-    up_to_load(job, store)
-    run_load_crm(job)
-    run_load_pc(job)
-    return commit(job, store)
 
 
 def opportunity_ids(pc, crm: str) -> dict[str, dict]:

@@ -9,18 +9,11 @@ from typing import Any
 import pytest
 import requests
 
-from cosell_sandbox.dataverse_metadata import DEFAULT_CHOICE_BASE
+from cosell_sandbox.dataverse_metadata import DEFAULT_CHOICE_BASE, HELP_LABELS
 
 API = "/api/data/v9.2"
 CUSTOM_BASE = 100_000_000  # another publisher's prefix than the emulator's default
-HELP = [
-    "General or other",
-    "Customer technical architecture",
-    "Proof of concept or demo",
-    "Quotes or licensing",
-    "Post-sales customer success",
-    "Workload-specific value proposition",
-]
+HELP = list(HELP_LABELS)
 
 
 class Api:

@@ -46,6 +46,7 @@ import pytest
 from cosell_sandbox import dataverse as dataverse_emulator
 from cosell_sandbox import partner_center as partner_center_emulator
 from cosell_sync.state import StateStore
+from cosell_sync.sync.partner_center import microsoft_side
 
 pytestmark = pytest.mark.xdist_group("kill")
 
@@ -326,6 +327,8 @@ def link_problems(snap: dict[str, list[dict[str, Any]]], seeded: set[str], store
             holders.setdefault(str(o[link_field]).lower(), []).append(oid)
     problems = []
     for rid, r in referrals.items():
+        if microsoft_side(r):  # a co-sell request to Microsoft: part of its engagement, not a deal
+            continue
         ext = str(r.get("externalReferenceId") or "").lower()
         held_by = holders.get(rid, [])
         if rid not in seeded:  # created by the sync, for a flagged opportunity

@@ -197,12 +197,12 @@ def test_killed_load_partner_center_is_retried_without_duplicates(pc, conns, sto
     real_create = PartnerCenterHook.create_referral
     lock, calls = threading.Lock(), itertools.count(1)
 
-    def dying_create(self, referral):
+    def dying_create(self, referral, **kwargs):
         with lock:
             n = next(calls)
         if n > 3:
             raise Killed  # the process is gone: no POST
-        answer = real_create(self, referral)
+        answer = real_create(self, referral, **kwargs)
         if n == 3:
             raise Killed  # the POST landed, the answer was lost with the process
         return answer
@@ -459,7 +459,8 @@ def _crm_rows(n: int):
 
     from tests.integration.test_sync_partner_center_side import crm_row
 
-    return pd.DataFrame([crm_row(f"006LOOKUP{i:03d}") for i in range(n)])
+    # Partner-led (no help asked): the only list queries are the lookups by externalReferenceId.
+    return pd.DataFrame([crm_row(f"006LOOKUP{i:03d}", help_code=None) for i in range(n)])
 
 
 def _side():

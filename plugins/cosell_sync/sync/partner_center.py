@@ -69,6 +69,11 @@ def microsoft_side(doc: Mapping[str, Any]) -> bool:
     return to_microsoft or doc.get("organizationId") == MICROSOFT["id"]
 
 
+def _microsoft_summary(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """What a referral's ``_engagement.microsoft`` holds of Microsoft's side of its engagement."""
+    return {k: doc.get(k) for k in ("id", "status", "substatus", "team", "updatedDateTime")}
+
+
 def wants_microsoft(doc: Mapping[str, Any]) -> bool:
     """A Shared referral asking for Microsoft's help (and not a private deal): co-sell."""
     help_code = (doc.get("inviteContext") or {}).get("assistanceRequestCode")
@@ -192,8 +197,7 @@ class PartnerCenterSide:
             flt = " or ".join(f"engagementId eq {quote(e)}" for e in chunk)
             for other in self.hook.list_referrals(filter=flt):
                 if microsoft_side(other) and other.get("engagementId"):
-                    keep = {k: other.get(k) for k in ("id", "status", "substatus", "team", "updatedDateTime")}
-                    microsoft[str(other["engagementId"])] = keep
+                    microsoft[str(other["engagementId"])] = _microsoft_summary(other)
         for doc in docs:
             found = microsoft.get(str(doc.get("engagementId")))
             if found is not None:
@@ -327,18 +331,32 @@ class PartnerCenterSide:
             result.referral_id, result.etag = str(found["id"]), found.get("eTag")
             if wants_microsoft(found):
                 try:
-                    result.asked_microsoft = self.engage_microsoft(found)[1]
+                    request, result.asked_microsoft = self.engage_microsoft(found)
                 except CosellError as exc:
                     # The referral exists: the next run adopts it (externalReferenceId) and asks again.
                     return _failed(result, exc, "asking Microsoft to co-sell: ")
+                # The link's first base holds Microsoft's side as it is now (requested), so the next
+                # run writes it to the CRM only once Microsoft acts.
+                source = doc if not result.adopted else existing[crm_id]
+                seen = {**source, "id": crm_id, "_engagement": {"microsoft": _microsoft_summary(request)}}
+                result.fields = {**result.fields, **self._engagement_fields(seen)}
             return result
 
         return self._parallel(rows, work)
 
     # -- co-sell with Microsoft ---------------------------------------------------------------------
-    def engage_microsoft(self, referral: Mapping[str, Any]) -> tuple[str, bool]:
+    def _engagement_fields(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """The canonical values of the mapping's engagement fields (``_engagement.`` paths) for a
+        referral document carrying its ``_engagement``."""
+        names = [fm.name for fm in self.mapping.fields.values() if fm.referral.startswith(ENGAGEMENT)]
+        if not names:
+            return {}
+        values = self._canonical({str(doc["id"]): doc}).get(str(doc["id"])) or {}
+        return {name: values.get(name) for name in names}
+
+    def engage_microsoft(self, referral: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
         """The second step of co-selling: a referral targeting Microsoft in the referral's engagement,
-        unless the engagement has one already (an earlier try, run or person asked). Returns its id,
+        unless the engagement has one already (an earlier try, run or person asked). Returns it,
         and whether this call created it."""
         engagement_id = str(referral.get("engagementId") or "")
         if not engagement_id:
@@ -349,13 +367,13 @@ class PartnerCenterSide:
 
         found = asked()
         if found is not None:
-            return str(found["id"]), False
+            return found, False
         request: dict[str, Any] = {k: referral[k] for k in REQUEST_KEYS if referral.get(k) is not None}
         request.update(engagementId=engagement_id, type="Shared", status="New", substatus="Pending")
         request["target"] = [dict(MICROSOFT)]
         created = self.hook.create_referral(request, landed=asked)
         log.info("referral %s: Microsoft asked to co-sell (engagement %s)", referral.get("id"), engagement_id)
-        return str(created["id"]), True
+        return created, True
 
     # -- update -------------------------------------------------------------------------------------
     def operations(self, current: Mapping[str, Any], fields: Mapping[str, Any]) -> list[dict[str, Any]]:

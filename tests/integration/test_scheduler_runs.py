@@ -7,8 +7,9 @@ Runs, on both CRMs:
 
 * scheduled runs before the initial load wait for it (skipped, with a note saying so);
 * a manual dry run plans and writes nothing;
-* a run with a bad client secret fails, and its note names the failing task and the cause
-  (``AADSTS7000215``), not the upstream-failed tasks, and never the secret;
+* a run with a bad client secret fails at ``prepare`` (which reads the org's choice options), and
+  its note names that task and the cause (``AADSTS7000215``), not the upstream-failed tasks, and
+  never the secret;
 * manual real runs (the initial load), then a scheduled run that really syncs;
 * a manual run with ``referral_ids``, and one with a misspelt conf key, which fails at
   ``prepare`` listing the allowed keys;
@@ -133,7 +134,8 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         assert failed["state"] == "failed"
         note = failed["note"]
         assert note.startswith(f"**{DYN}** · run failed"), note
-        assert "`extract_crm`" in note and "AADSTS7000215" in note, note
+        # prepare checks the mapping's choices against the org first: a bad secret stops the run there.
+        assert "`prepare`" in note and "AADSTS7000215" in note, note
         upstream_failed = [t for t, s in c.failed_tasks(DYN, bad_id).items() if s == "upstream_failed"]
         assert upstream_failed and not any(f"`{t}`" in note for t in upstream_failed), note
         assert BAD_SECRET not in note and dynamics["password"] not in note

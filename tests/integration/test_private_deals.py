@@ -9,36 +9,22 @@ by default."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
 from cosell_sync.dag_factory import sync_sides
-from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.hooks._odata import with_query
 from cosell_sync.hooks.dynamics import DynamicsHook
 from cosell_sync.state import StateStore
-from cosell_sync.sync.runner import SyncJob, sync, window
+from cosell_sync.sync.runner import sync
+from tests.integration.sync_jobs import scheduled_job
 
 CONSENT = "consentToShareReferralWithMicrosoftSellers"
 COLUMN = {"salesforce": "PC_Share_With_Microsoft__c", "dynamics365": "cosell_sharewithmicrosoft"}
-_runs = itertools.count(1)
 
 
 def run_sync(crm: str, store: StateStore, staging) -> dict:
-    mapping = load_mapping(crm)
-    dag_id = f"cosell_sync_{crm}"
-    since_pc, since_crm = window(store, dag_id)
-    job = SyncJob(
-        crm=crm,
-        dag_id=dag_id,
-        run_id=f"manual__private{next(_runs)}",
-        mapping=mapping,
-        staging=staging,
-        since_pc=since_pc,
-        since_crm=since_crm,
-    )
-    return sync(job, *sync_sides(crm, mapping), store)
+    job = scheduled_job(crm, store, staging, prefix="manual")
+    return sync(job, *sync_sides(crm, job.mapping), store)
 
 
 def writes(summary: dict) -> int:

@@ -28,6 +28,26 @@ os.environ.setdefault("AIRFLOW__COSELL__TASK_RETRY_DELAY", "1")
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 
+from tests import services  # noqa: E402
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, naming the service and how to start it, when PostgreSQL or Redis is down:
+    the suite never skips their tests silently (SPEC §8). Only the controller checks (not
+    each xdist worker), and only when tests will run."""
+    if hasattr(session.config, "workerinput") or session.config.option.collectonly:
+        return
+    missing = services.missing_services()
+    if missing:
+        pytest.exit("make test needs the local services:\n" + "\n".join(missing), returncode=3)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database for this test (dropped afterwards)."""
+    with services.fresh_database() as url:
+        yield url
+
 
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:

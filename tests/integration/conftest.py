@@ -1,5 +1,6 @@
-"""Fixtures the integration tests share: a fresh SQLite state DB, every sandbox connection, and
-the webhook receiver app (in-process, configured as an Airflow deployment has it)."""
+"""Fixtures the integration tests share: a fresh state DB (SQLite; PostgreSQL when a test
+parametrizes ``state_backend``), every sandbox connection, and the webhook receiver app
+(in-process, configured as an Airflow deployment has it)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,36 @@ from fastapi.testclient import TestClient
 from cosell_sandbox.runtime import Sandbox
 from cosell_sync.state import StateStore
 from cosell_sync.webhooks.receiver import create_app
+from tests import services
 
 
 @pytest.fixture
-def store(tmp_path) -> StateStore:
+def state_backend() -> str:
+    """The state DB's backend for ``store`` and ``state_url``: SQLite unless a test parametrizes
+    ``state_backend`` (``@pytest.mark.parametrize("state_backend", ["sqlite", "postgresql"])``)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def state_db_url(state_backend: str, tmp_path: Path) -> Iterator[str]:
+    """The test's own state DB: a SQLite file under tmp_path, or a fresh PostgreSQL database
+    (dropped afterwards)."""
+    if state_backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+    elif state_backend == "postgresql":
+        with services.fresh_database("cosell_state_test") as url:
+            yield url
+    else:
+        raise ValueError(f"state_backend must be sqlite or postgresql, not {state_backend!r}")
+
+
+@pytest.fixture
+def store(state_db_url: str) -> Iterator[StateStore]:
     """A migrated state DB of the test's own (a module may define its own ``store`` instead)."""
-    s = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    s = StateStore(state_db_url)
     s.migrate()
-    return s
+    yield s
+    s.close()
 
 
 @pytest.fixture
@@ -31,8 +54,9 @@ def conns(pc_conn, dyn_conn, sf_conn):
 
 
 @pytest.fixture
-def state_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+def state_url(state_db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The state DB's URL, also set as Airflow's ``cosell_state`` connection."""
+    url = state_db_url
     monkeypatch.setenv("AIRFLOW_CONN_COSELL_STATE", json.dumps({"conn_type": "generic", "host": url}))
     return url
 

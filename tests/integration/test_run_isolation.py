@@ -1,14 +1,15 @@
 """Isolated runs (issue 11, case 2): two runs on the same CRM never interleave between reading
 the base and committing it, through the runner's steps, the event task and a DAG run,
-against the sandbox."""
+against the sandbox. Every test runs with the state DB on SQLite and on PostgreSQL (a fresh
+database per test), the DAG run included (issue 14)."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from tests.integration.test_sync_runner import run_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 CRMS = ["salesforce", "dynamics365"]
+BACKENDS = ["sqlite", "postgresql"]
+both_databases = pytest.mark.parametrize("state_backend", BACKENDS)
 _runs = itertools.count(1)
 
 
@@ -54,6 +57,7 @@ def _step(job: SyncJob, store: StateStore, *names: str) -> object:
     return result
 
 
+@both_databases
 @pytest.mark.parametrize("crm", CRMS)
 def test_a_second_run_waits_for_the_first_commit_and_then_plans_on_its_base(pc, conns, store, tmp_path, crm):
     seed(pc, crm, referrals=16, opportunities=6, accounts=3, flagged=2, seed=41)
@@ -99,6 +103,7 @@ def test_a_second_run_waits_for_the_first_commit_and_then_plans_on_its_base(pc, 
     assert not store.get_lease(crm).live()
 
 
+@both_databases
 def test_a_run_whose_lease_passed_to_another_run_cannot_commit_its_stale_plan(pc, conns, store, tmp_path):
     crm = "salesforce"
     seed(pc, crm, referrals=16, opportunities=6, accounts=3, flagged=2, seed=41)
@@ -133,6 +138,7 @@ def test_a_run_whose_lease_passed_to_another_run_cannot_commit_its_stale_plan(pc
     assert base_of(store, crm, row.referral_id)["deal_value"] == 777.0  # not moved back
 
 
+@both_databases
 def test_a_dry_run_takes_no_lease_and_is_not_blocked(pc, conns, store, tmp_path):
     crm = "salesforce"
     seed(pc, crm, referrals=16, opportunities=6, accounts=3, flagged=2, seed=41)
@@ -148,16 +154,17 @@ def test_a_dry_run_takes_no_lease_and_is_not_blocked(pc, conns, store, tmp_path)
 
 
 @pytest.fixture
-def airflow_env(pc_conn, sf_conn, monkeypatch, tmp_path) -> StateStore:
+def airflow_env(pc_conn, sf_conn, state_url, monkeypatch, tmp_path) -> Iterator[StateStore]:
+    """The sandbox connections and the state DB as Airflow's ``cosell_state`` connection (its URL in
+    the host: a SQLite file or a PostgreSQL database, see ``state_backend``), migrated."""
     monkeypatch.setenv("COSELL_STAGING_URL", f"file://{tmp_path / 'staging'}")
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_COSELL_STATE", json.dumps({"conn_type": "generic", "host": f"sqlite:///{tmp_path}/state.db"})
-    )
     monkeypatch.setenv("AIRFLOW__COSELL__EVENT_CRMS", "salesforce")
     monkeypatch.setenv("AIRFLOW__COSELL__LEASE_POLL_INTERVAL", "1")
     s = StateStore.from_airflow()
+    assert s.dialect == state_url.split(":")[0].split("+")[0]
     s.migrate()
-    return s
+    yield s
+    s.close()
 
 
 class _TI:
@@ -168,6 +175,7 @@ class _TI:
         return self.first
 
 
+@both_databases
 def test_the_event_task_hands_its_events_back_and_is_rescheduled_while_a_crm_is_leased(pc, airflow_env, monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
 
@@ -200,6 +208,7 @@ def test_the_event_task_hands_its_events_back_and_is_rescheduled_while_a_crm_is_
     assert after.run_id == "asset_triggered__1" and not after.live()  # released by the commit
 
 
+@both_databases
 def test_a_dag_run_waiting_for_the_lease_is_rescheduled_not_failed(pc, airflow_env, airflow_db, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.taskinstance import TaskInstance
@@ -264,6 +273,7 @@ def test_a_dag_run_waiting_for_the_lease_is_rescheduled_not_failed(pc, airflow_e
     assert done.run_id == dag_run.run_id and not done.live()  # taken after the holder let go, released at commit
 
 
+@both_databases
 def test_a_lease_released_after_a_failure_is_not_taken_back_by_a_parallel_first_try(store, tmp_path):
     job = SyncJob(
         crm="salesforce",

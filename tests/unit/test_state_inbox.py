@@ -1,15 +1,13 @@
 """The state DB's webhook inbox: migration v2, dedup on insert, claim / done / release, concurrency.
 
-SQLite files under tmp_path, without Airflow; ``COSELL_TEST_POSTGRES_URL`` adds PostgreSQL
-(see test_state_store.py).
+Each test runs on SQLite and on PostgreSQL (a fresh database per test; tests/unit/conftest.py),
+without Airflow.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,27 +16,7 @@ import sqlalchemy as sa
 from cosell_sync.state import SCHEMA_VERSION, StateStore
 from cosell_sync.state import store as store_module
 
-PG_URL = os.environ.get("COSELL_TEST_POSTGRES_URL")
-BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    engine = sa.create_engine(PG_URL)
-    with engine.begin() as conn:
-        store_module.metadata.drop_all(conn)
-    engine.dispose()
-    return PG_URL
-
-
-@pytest.fixture
-def store(db_url: str):
-    with StateStore(db_url) as st:
-        st.migrate()
-        yield st
 
 
 def _event(i: int, **kw: object) -> dict:

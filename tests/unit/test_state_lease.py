@@ -1,15 +1,13 @@
 """Run leases in the state DB (isolated runs): acquire, re-enter, refuse, expire, renew, release, fence.
 
-SQLite files under tmp_path, without Airflow; ``COSELL_TEST_POSTGRES_URL`` adds PostgreSQL
-(see tests/unit/test_state_store.py).
+Each test runs on SQLite and on PostgreSQL (a fresh database per test; tests/unit/conftest.py),
+without Airflow.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,30 +16,10 @@ import sqlalchemy as sa
 from cosell_sync.state import SCHEMA_VERSION, LeaseHeldError, LeaseLostError, StateStore
 from cosell_sync.state import store as store_module
 
-PG_URL = os.environ.get("COSELL_TEST_POSTGRES_URL")
-BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 SF, DYN = "salesforce", "dynamics365"
 SCHED, EVENTS = "cosell_sync_salesforce", "cosell_referral_events.salesforce"
 TTL = timedelta(minutes=30)
 T0 = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    engine = sa.create_engine(PG_URL)
-    with engine.begin() as conn:
-        store_module.metadata.drop_all(conn)
-    engine.dispose()
-    return PG_URL
-
-
-@pytest.fixture
-def store(db_url: str):
-    with StateStore(db_url) as st:
-        st.migrate()
-        yield st
 
 
 @pytest.fixture

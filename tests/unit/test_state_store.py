@@ -1,9 +1,9 @@
 """The state DB (cosell_sync.state): schema, links, watermarks, audit, dead letter, atomic commits, concurrency.
 
-Runs on SQLite files under tmp_path, without Airflow (only the two ``from_airflow`` tests
-import it). Set ``COSELL_TEST_POSTGRES_URL`` (an empty database that the tests may fill and
-empty, e.g. ``postgresql+psycopg2://postgres@127.0.0.1:5432/cosell_state_test``) to run the
-backend-neutral tests on PostgreSQL as well.
+Every test that takes ``db_url`` or ``store`` runs on SQLite (a file under tmp_path) and on
+PostgreSQL (a fresh database of its own): see tests/unit/conftest.py. Tests named ``sqlite_``
+check SQLite's own settings; ``postgresql_`` ones check PostgreSQL's. Without Airflow (only the
+``from_airflow`` tests import it).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,40 +25,9 @@ import sqlalchemy as sa
 from cosell_sync.state import SCHEMA_VERSION, LinkConflictError, StateStore, sqlalchemy_url_from_connection
 from cosell_sync.state import store as store_module
 
-PG_URL = os.environ.get("COSELL_TEST_POSTGRES_URL")
-BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 CRM = "salesforce"
 DAG = "cosell_sync_salesforce"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def _reset_postgres(url: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        store_module.metadata.drop_all(conn)
-    engine.dispose()
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    _reset_postgres(PG_URL)
-    return PG_URL
-
-
-@pytest.fixture
-def store(db_url: str):
-    with StateStore(db_url, max_attempts=3) as st:
-        assert st.migrate() == SCHEMA_VERSION
-        yield st
-
-
-@pytest.fixture
-def sqlite_store(tmp_path: Path):
-    with StateStore(f"sqlite:///{tmp_path / 'state.db'}") as st:
-        st.migrate()
-        yield st
 
 
 def _links(*pairs: tuple[str, str], **base: object) -> pd.DataFrame:
@@ -632,6 +601,117 @@ def test_concurrent_runs_from_four_processes(db_url: str):
         assert dead == expected
         assert st.get_watermark(DAG, "crm") == T0 + timedelta(minutes=(PROCS - 1) * 1000 + RUNS - 1)
         assert _count(st, store_module.runs_t) == PROCS * RUNS
+
+
+def _holding_commit_worker(url: str, holding, go_on, results) -> None:
+    """Commit R1 -> C1, pausing inside the transaction (links written, not committed) until ``go_on``."""
+    try:
+        real = StateStore._write_audit
+
+        def paused(conn, rows):
+            holding.set()
+            if not go_on.wait(timeout=60):
+                raise TimeoutError("the test never let the commit go on")
+            return real(conn, rows)
+
+        StateStore._write_audit = staticmethod(paused)
+        with StateStore(url) as st:
+            st.commit_run(dag_id=DAG, run_id="run-a", crm=CRM, links=_links(("R1", "C1")))
+        results.put(("a", "committed"))
+    except BaseException as exc:
+        results.put(("a", repr(exc)))
+
+
+def _second_writer_worker(url: str, results) -> None:
+    """Link R2 to the CRM record C1 (the first writer's): a conflict, once it sees that commit."""
+    try:
+        with StateStore(url) as st:
+            st.upsert_links(CRM, _links(("R2", "C1")), "run-b")
+        results.put(("b", "written"))
+    except LinkConflictError as exc:
+        results.put(("b", f"conflict with {exc.existing_referral_id}"))
+    except BaseException as exc:
+        results.put(("b", repr(exc)))
+
+
+def _waiting_advisory_locks(store: StateStore) -> int:
+    query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = ("
+    query += "SELECT oid FROM pg_database WHERE datname = current_database())"
+    with store.engine.connect() as conn:
+        return conn.exec_driver_sql(query).scalar_one()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_postgresql_link_writers_of_one_crm_wait_for_each_other_on_the_advisory_lock(db_url: str, store: StateStore):
+    """PostgreSQL's counterpart of SQLite's BEGIN IMMEDIATE: a second writer of the CRM's links
+    blocks on the advisory lock until the first commits, then checks for conflicts against the
+    committed links (without the lock it would check too early, then fail on the unique index)."""
+    ctx = multiprocessing.get_context("spawn")
+    holding, go_on, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    first = ctx.Process(target=_holding_commit_worker, args=(db_url, holding, go_on, results))
+    first.start()
+    second = None
+    try:
+        assert holding.wait(timeout=60), "the first writer never reached its commit"
+        second = ctx.Process(target=_second_writer_worker, args=(db_url, results))
+        second.start()
+        deadline = time.monotonic() + 30
+        while _waiting_advisory_locks(store) == 0:
+            assert second.is_alive(), f"the second writer did not wait: {results.get(timeout=5)}"
+            assert time.monotonic() < deadline, "the second writer never waited on the advisory lock"
+            time.sleep(0.05)
+        assert results.empty()  # both still in flight: the second one is blocked
+        # another CRM's links have their own lock: not blocked by the first writer
+        assert store.upsert_links("dynamics365", _links(("R2", "C1")), "run-c") == 1
+        assert store.get_links(CRM).empty  # the first commit is not visible yet
+        time.sleep(0.3)
+        assert second.is_alive() and results.empty()  # still waiting
+    finally:
+        go_on.set()
+    outcomes = dict(results.get(timeout=60) for _ in range(2))
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert outcomes == {"a": "committed", "b": "conflict with R1"}
+    assert (first.exitcode, second.exitcode) == (0, 0)
+    assert store.get_links(CRM)[["referral_id", "crm_id"]].values.tolist() == [["R1", "C1"]]
+
+
+class _PgError(Exception):
+    def __init__(self, pgcode: str) -> None:
+        super().__init__(f"pgcode {pgcode}")
+        self.pgcode = pgcode
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_postgresql_deadlocks_and_serialisation_failures_are_retried_as_a_whole(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+):
+    real = StateStore._write_audit
+    calls = []
+
+    def flaky(conn, rows):
+        real(conn, rows)  # written, then rolled back by the failure below
+        calls.append(len(rows))
+        if len(calls) <= 2:
+            code = "40P01" if len(calls) == 1 else "40001"
+            raise sa.exc.OperationalError("INSERT", {}, _PgError(code))
+        return len(rows)
+
+    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(flaky))
+    assert store.append_audit([_audit_entry(1), _audit_entry(2)]) == 2
+    assert calls == [2, 2, 2]
+    assert len(store.audit()) == 2
+
+    def unique_violation(conn, rows):
+        calls.append(-1)
+        raise sa.exc.IntegrityError("INSERT", {}, _PgError("23505"))
+
+    calls.clear()
+    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(unique_violation))
+    with pytest.raises(sa.exc.IntegrityError):
+        store.append_audit([_audit_entry(3)])
+    assert calls == [-1]  # not retried
+    assert len(store.audit()) == 2
 
 
 # --------------------------------------------------------------------------- Airflow connection

@@ -173,10 +173,14 @@ def lease_ttl() -> timedelta:
     return _seconds("lease_ttl", LEASE_TTL)
 
 
-def task_retry_args() -> dict[str, Any]:
-    """The retry arguments of every task of the sync and event DAGs, from ``[cosell]
-    task_retries``, ``task_retry_delay`` and ``task_max_retry_delay`` (read when the DAG file
-    is parsed; a bad value is an import error naming the setting)."""
+def task_default_args() -> dict[str, Any]:
+    """The default arguments of every task of the sync and event DAGs (read when the DAG file
+    is parsed; a bad value is an import error naming the setting):
+
+    * retries, from ``[cosell] task_retries``, ``task_retry_delay`` and ``task_max_retry_delay``;
+    * the Celery queue, from ``[cosell] queue`` when set (SPEC §8: a worker dedicated to the
+      sync, ``airflow celery worker --queues <queue>``); Airflow's ``[operators] default_queue``
+      otherwise."""
     raw = _setting("task_retries", str(TASK_RETRIES)).strip()
     try:
         retries = int(raw)
@@ -186,7 +190,7 @@ def task_retry_args() -> dict[str, Any]:
         raise ValueError(f"[cosell] task_retries must be a whole number >= 0, got {raw!r}")
     delay = _seconds("task_retry_delay", TASK_RETRY_DELAY)
     max_delay = _seconds("task_max_retry_delay", TASK_MAX_RETRY_DELAY)
-    return {
+    args: dict[str, Any] = {
         "retries": retries,
         "retry_delay": delay,
         "retry_exponential_backoff": RETRY_BACKOFF,
@@ -195,6 +199,10 @@ def task_retry_args() -> dict[str, Any]:
             rules=[RetryRule(exception=list(NO_RETRY), action=RetryAction.FAIL, reason="not mended by another try")]
         ),
     }
+    queue = _setting("queue", "").strip()
+    if queue:
+        args["queue"] = queue
+    return args
 
 
 def wait_for_lease(busy: Exception, context: Any) -> NoReturn:
@@ -299,7 +307,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
         max_active_runs=1,
         tags=["cosell", crm],
         doc_md=__doc__,
-        default_args=task_retry_args(),
+        default_args=task_default_args(),
         params={
             "dry_run": Param(False, type="boolean", description="Plan and report; write nothing."),
             "referral_ids": Param(

@@ -143,7 +143,7 @@ def _rearm(store: Any) -> None:
 
 
 def build_events_dag() -> DAG:
-    from cosell_sync.dag_factory import task_retry_args
+    from cosell_sync.dag_factory import task_default_args
 
     with DAG(
         dag_id=DAG_ID,
@@ -153,7 +153,7 @@ def build_events_dag() -> DAG:
         catchup=False,
         tags=["cosell", "webhooks"],
         doc_md=__doc__,
-        default_args=task_retry_args(),
+        default_args=task_default_args(),
     ) as dag:
 
         @task(task_id="sync_events")

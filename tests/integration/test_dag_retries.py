@@ -73,7 +73,20 @@ def test_retries_and_delays_come_from_the_cosell_settings(monkeypatch):
         assert _retry_settings(dagbag, dag_id) == {(5, 2.0, timedelta(seconds=7), timedelta(seconds=120))}, dag_id
 
     monkeypatch.setenv("AIRFLOW__COSELL__TASK_RETRIES", "0")  # retries off
-    assert dag_factory.task_retry_args()["retries"] == 0
+    assert dag_factory.task_default_args()["retries"] == 0
+
+
+def test_the_tasks_go_to_the_cosell_queue_when_one_is_set(monkeypatch):
+    from airflow.configuration import conf
+
+    default_queue = conf.get("operators", "default_queue")
+    monkeypatch.delenv("AIRFLOW__COSELL__QUEUE", raising=False)
+    for dag_id in RETRIED_DAGS:
+        assert {t.queue for t in _dagbag().dags[dag_id].tasks} == {default_queue}, dag_id
+    monkeypatch.setenv("AIRFLOW__COSELL__QUEUE", "cosell")
+    dagbag = _dagbag()
+    for dag_id in RETRIED_DAGS:
+        assert {t.queue for t in dagbag.dags[dag_id].tasks} == {"cosell"}, dag_id
 
 
 @pytest.mark.parametrize(
@@ -88,7 +101,7 @@ def test_retries_and_delays_come_from_the_cosell_settings(monkeypatch):
 def test_a_bad_setting_is_an_error_naming_it(monkeypatch, key, value, message):
     monkeypatch.setenv(f"AIRFLOW__COSELL__{key}", value)
     with pytest.raises((ValueError, AirflowFailException), match=message):
-        dag_factory.task_retry_args()
+        dag_factory.task_default_args()
 
 
 class TestLeaseAcrossRetries:

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 
 from cosell_sync.state import SCHEMA_VERSION, LinkConflictError, StateStore, sqlalchemy_url_from_connection
 from cosell_sync.state import store as store_module
+from tests import services
 
 CRM = "salesforce"
 DAG = "cosell_sync_salesforce"
@@ -543,6 +545,89 @@ def test_record_run_and_last_run(store: StateStore):
     store.record_run(dag_id=DAG, run_id="run-1", crm=CRM, summary={"created": 5})  # a retry of run-1
     assert store.last_run(DAG)["run_id"] == "run-1"
     assert store.last_run(DAG)["summary"] == {"created": 5}
+
+
+# --------------------------------------------------------------------------- what PostgreSQL does otherwise
+
+TRICKY_IDS = ["rb", "R_3", "R1", "Ra", "r0", "R-2"]  # an en-US collation orders these otherwise
+
+
+@pytest.fixture
+def en_us_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A state DB whose default collation is not by code point (PostgreSQL: ICU en-US), dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    name = services.unique_name("cosell_state_en_us")
+    admin = sa.create_engine(services.pg_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(
+                f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+            )
+        yield services.pg_url(name)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def test_text_is_ordered_by_code_point_whatever_the_database_collation(en_us_url: str, monkeypatch: pytest.MonkeyPatch):
+    with StateStore(en_us_url) as st:
+        st.migrate()
+        if st.dialect == "postgresql":  # the database really orders otherwise
+            with st.engine.connect() as conn:
+                query = sa.text("SELECT v FROM unnest(CAST(:ids AS text[])) AS t(v) ORDER BY v")
+                collated = conn.execute(query, {"ids": TRICKY_IDS}).scalars().all()
+            assert collated != sorted(TRICKY_IDS)
+        st.upsert_links(CRM, _links(*[(r, f"C{r}") for r in TRICKY_IDS]), "run-1")
+        assert st.get_links(CRM)["referral_id"].tolist() == sorted(TRICKY_IDS)
+        assert st.get_links(CRM, referral_ids=TRICKY_IDS)["referral_id"].tolist() == sorted(TRICKY_IDS)
+        monkeypatch.setattr(store_module, "_now", lambda: T0)  # one time for all: the text decides the order
+        st.record_failures(CRM, "pc_to_crm", [_failure(r) for r in TRICKY_IDS], "run-1")
+        assert st.retryable_failures(CRM, "pc_to_crm")["record_key"].tolist() == sorted(TRICKY_IDS)
+        assert st.dead_letter()["record_key"].tolist() == sorted(TRICKY_IDS)
+        for run_id in TRICKY_IDS:
+            st.record_run(dag_id=DAG, run_id=run_id, crm=CRM, summary={})
+        assert st.last_run(DAG)["run_id"] == max(TRICKY_IDS)
+
+
+def test_free_text_from_elsewhere_is_stored_on_both_backends(store: StateStore):
+    """NUL characters and over-long codes in error messages, audit details and webhook URIs: stored,
+    not a failed commit (PostgreSQL text holds no NUL and enforces VARCHAR lengths; SQLite does neither)."""
+    failure = _failure("R1", "HTTP 500: \x00\x00binary body", error_code="E" * 300)
+    store.record_failures(CRM, "pc_to_crm", [failure], "run-1")
+    store.commit_run(
+        dag_id=DAG,
+        run_id="run-1",
+        crm=CRM,
+        audit=[{"direction": "pc_to_crm", "action": "fail", "field": "f" * 300, "detail": "bad\x00byte"}],
+    )
+    assert store.inbox_add([{"dedup_key": "k", "event_name": "e", "referral_id": "R1", "resource_uri": "u\x00"}])
+    row = store.dead_letter().iloc[0]
+    entry = store.audit().iloc[0]
+    uri = store.inbox_pending()[0]["resource_uri"]
+    if store.dialect == "postgresql":
+        assert row["last_error"] == "HTTP 500: \ufffd\ufffdbinary body"
+        assert row["error_code"] == "E" * 255 and entry["field"] == "f" * 255
+        assert entry["detail"] == "bad\ufffdbyte" and uri == "u\ufffd"
+    else:  # as it was given
+        assert row["last_error"] == failure["error"] and row["error_code"] == "E" * 300
+        assert entry["field"] == "f" * 300 and entry["detail"] == "bad\x00byte" and uri == "u\x00"
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_postgresql_sessions_run_in_utc_whatever_the_server_time_zone(db_url: str):
+    """A server (here: the URL's session option) west of UTC would hand 0001-01-01 UTC back in year 0."""
+    with StateStore(f"{db_url}?options=-c%20timezone%3DAmerica/New_York") as st:
+        st.migrate()
+        with st.engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW TIME ZONE").scalar_one() == "UTC"
+        earliest = datetime(1, 1, 1, tzinfo=UTC)
+        assert st.set_watermark(DAG, "crm", earliest, "run-1") == earliest
+        assert st.get_watermark(DAG, "crm") == earliest
+        st.set_watermark(DAG, "partner_center", T0, "run-1")
+        assert st.get_watermark(DAG, "partner_center") == T0
 
 
 # --------------------------------------------------------------------------- concurrency

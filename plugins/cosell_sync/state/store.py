@@ -38,8 +38,14 @@ committed row survives a crash of any process but not necessarily a power loss o
 production deployments that need that use PostgreSQL.
 
 Timestamps are stored in UTC and always come back timezone-aware (SQLite hands back naive
-values; they are UTC by construction). JSON is stored as text, so dicts round-trip on any
-backend.
+values; they are UTC by construction; PostgreSQL sessions run with ``TimeZone = UTC``, whatever
+the server's default). JSON is stored as text, so dicts round-trip on any backend.
+
+PostgreSQL differs from SQLite in ways the store evens out: text is ordered by code point
+(``COLLATE "C"``, as SQLite and Python order it) whatever the database's collation; free text
+that comes from elsewhere (error messages and codes, audit details and field names, webhook
+URIs) has NUL characters replaced (PostgreSQL text cannot hold them) and is cut to its
+column's length, where SQLite would store it as it is.
 """
 
 from __future__ import annotations
@@ -248,6 +254,27 @@ class JSONText(sa.types.TypeDecorator):
         return None if value is None else json.loads(value)
 
 
+class FreeText(sa.types.TypeDecorator):
+    """Text that comes from elsewhere (an error message, a URI): on PostgreSQL, NUL characters
+    become U+FFFD and a value longer than the column is cut, so it is stored instead of failing
+    the whole transaction. SQLite stores it unchanged. The DDL is the plain ``impl`` type."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def __init__(self, length: int | None = None) -> None:
+        super().__init__()
+        self.length = length
+        if length is not None:
+            self.impl = sa.String(length)
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> str | None:
+        if value is None or dialect.name != "postgresql":
+            return value
+        value = str(value).replace("\x00", "\ufffd")
+        return value if self.length is None else value[: self.length]
+
+
 # --------------------------------------------------------------------------- schema
 
 metadata = sa.MetaData()
@@ -300,10 +327,10 @@ audit_t = sa.Table(
     sa.Column("referral_id", sa.String(_ID), nullable=True),
     sa.Column("crm_id", sa.String(_ID), nullable=True),
     sa.Column("action", sa.String(16), nullable=False),
-    sa.Column("field", sa.String(_ID), nullable=True),
+    sa.Column("field", FreeText(_ID), nullable=True),
     sa.Column("old_value", sa.Text, nullable=True),  # JSON text, encoded/decoded here
     sa.Column("new_value", sa.Text, nullable=True),
-    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("detail", FreeText(), nullable=True),
     sa.Index("ix_cosell_audit_crm_referral", "crm", "referral_id"),
     sa.Index("ix_cosell_audit_run_id", "run_id"),
     sa.Index("ix_cosell_audit_at", "at"),
@@ -319,8 +346,8 @@ dead_letter_t = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("first_seen", UTCDateTime, nullable=False),
     sa.Column("last_seen", UTCDateTime, nullable=False),
-    sa.Column("last_error", sa.Text, nullable=False),
-    sa.Column("error_code", sa.String(_ID), nullable=True),
+    sa.Column("last_error", FreeText(), nullable=False),
+    sa.Column("error_code", FreeText(_ID), nullable=True),
     sa.Column("last_run_id", sa.String(_RUN_ID), nullable=True),
 )
 
@@ -343,7 +370,7 @@ inbox_t = sa.Table(
     sa.Column("dedup_key", sa.String(64), nullable=False),
     sa.Column("event_name", sa.String(64), nullable=False),
     sa.Column("referral_id", sa.String(_ID), nullable=False),
-    sa.Column("resource_uri", sa.Text, nullable=False),
+    sa.Column("resource_uri", FreeText(), nullable=False),
     sa.Column("change_date", UTCDateTime, nullable=True),
     sa.Column("received_at", UTCDateTime, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
@@ -583,6 +610,7 @@ class StateStore:
         else:
             kwargs["pool_pre_ping"] = True
             self._engine = sa.create_engine(parsed, **kwargs)
+            _configure_postgresql(self._engine)
         self._dialect = self._engine.dialect.name
 
     @classmethod
@@ -660,6 +688,11 @@ class StateStore:
         if self._dialect == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(name)})
 
+    def _by_code_point(self, column: Any) -> Any:
+        """``column`` for ORDER BY: PostgreSQL compares text by code point (``COLLATE "C"``), as
+        SQLite and Python do, whatever the database's collation."""
+        return column.collate("C") if self._dialect == "postgresql" else column
+
     def _insert(self, table: sa.Table) -> Any:
         if self._dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
@@ -731,7 +764,8 @@ class StateStore:
         def work(conn: Connection) -> list[dict[str, Any]]:
             base = sa.select(*cols).where(links_t.c.crm == crm)
             if refs is None and cids is None:
-                return [dict(r._mapping) for r in conn.execute(base.order_by(links_t.c.referral_id))]
+                ordered = base.order_by(self._by_code_point(links_t.c.referral_id))
+                return [dict(r._mapping) for r in conn.execute(ordered)]
             found: dict[str, dict[str, Any]] = {}
             for column, ids in ((links_t.c.referral_id, refs), (links_t.c.crm_id, cids)):
                 for chunk in _chunks(ids or []):
@@ -1042,7 +1076,7 @@ class StateStore:
         query = (
             sa.select(*[t.c[name] for name in RETRYABLE_COLUMNS])
             .where(t.c.crm == crm, t.c.direction == direction, t.c.attempts < self.max_attempts)
-            .order_by(t.c.first_seen, t.c.record_key)
+            .order_by(t.c.first_seen, self._by_code_point(t.c.record_key))
         )
         frame = _frame(self._failures(query), RETRYABLE_COLUMNS, times=["first_seen", "last_seen"])
         return frame.astype({"attempts": "int64"})
@@ -1055,7 +1089,12 @@ class StateStore:
             query = query.where(t.c.crm == _check(crm, CRMS, "crm"))
         if not include_retryable:
             query = query.where(t.c.attempts >= self.max_attempts)
-        query = query.order_by(t.c.crm, t.c.direction, t.c.first_seen, t.c.record_key)
+        query = query.order_by(
+            self._by_code_point(t.c.crm),
+            self._by_code_point(t.c.direction),
+            t.c.first_seen,
+            self._by_code_point(t.c.record_key),
+        )
         frame = _frame(self._failures(query), DEAD_LETTER_COLUMNS, times=["first_seen", "last_seen"])
         return frame.astype({"attempts": "int64", "exhausted": bool})
 
@@ -1248,7 +1287,7 @@ class StateStore:
         query = (
             sa.select(runs_t)
             .where(runs_t.c.dag_id == dag_id)
-            .order_by(runs_t.c.finished_at.desc(), runs_t.c.run_id.desc())
+            .order_by(runs_t.c.finished_at.desc(), self._by_code_point(runs_t.c.run_id).desc())
             .limit(1)
         )
         row = self._read(lambda conn: conn.execute(query).first())
@@ -1393,6 +1432,22 @@ class StateStore:
         for status, count in self._read(lambda conn: conn.execute(query).all()):
             counts[status] = int(count)
         return counts
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    """Every session in UTC: timestamps come back in UTC whatever the server's ``TimeZone``
+    (in a zone west of UTC, 0001-01-01 UTC would come back in year 0, which Python rejects)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True  # SET outside a transaction: it stays for the session
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SET TIME ZONE 'UTC'")
+        finally:
+            cursor.close()
+            dbapi_connection.autocommit = autocommit
 
 
 def _configure_sqlite(engine: Engine, *, wal: bool) -> None:

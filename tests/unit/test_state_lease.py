@@ -6,7 +6,9 @@ without Airflow.
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -170,3 +172,57 @@ def test_concurrent_acquirers_get_one_lease(db_url: str, store: StateStore):
         st.close()
     assert len(won) == 1 and len(refused) == len(stores) - 1
     assert set(refused) == set(won) and store.get_lease(SF).run_id == won[0]
+
+
+LEASE_PROCS, LEASE_ROUNDS = 3, 8
+
+
+def _leased_increment_worker(url: str, proc: int, barrier, results) -> None:
+    """Each round: take the lease (waiting while another run holds it), read R1's base, commit it
+    plus one under the lease's epoch, release."""
+    try:
+        with StateStore(url) as st:
+            barrier.wait(timeout=60)
+            waited = 0
+            for i in range(LEASE_ROUNDS):
+                run_id = f"p{proc}-run{i}"
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        lease = st.acquire_lease(SF, SCHED, run_id, TTL)
+                        break
+                    except LeaseHeldError:
+                        waited += 1
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.005)
+                n = st.get_links(SF, referral_ids=["R1"])["base"].iloc[0]["n"]
+                row = {"referral_id": "R1", "crm_id": "C1", "base": {"n": n + 1}}
+                st.commit_run(dag_id=SCHED, run_id=run_id, crm=SF, links=pd.DataFrame([row]), lease_epoch=lease.epoch)
+                assert st.release_lease(SF, SCHED, run_id)
+        results.put((proc, waited))
+    except BaseException as exc:
+        results.put((proc, repr(exc)))
+
+
+def test_leased_read_and_commit_from_three_processes_loses_no_update(db_url: str, store: StateStore):
+    """Run isolation across processes: every run reads the base under the lease and commits on it, so
+    no run's update is lost (without the lease, two runs reading the same base would lose one)."""
+    store.upsert_links(SF, pd.DataFrame([{"referral_id": "R1", "crm_id": "C1", "base": {"n": 0}}]), "seed")
+    store.acquire_lease(SF, SCHED, "seed", TTL)  # the lease row exists: every run takes it over
+    assert store.release_lease(SF, SCHED, "seed")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(LEASE_PROCS), ctx.Queue()
+    procs = [
+        ctx.Process(target=_leased_increment_worker, args=(db_url, n, barrier, results)) for n in range(LEASE_PROCS)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = dict(results.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(isinstance(v, int) for v in outcomes.values()), outcomes
+    assert [p.exitcode for p in procs] == [0] * LEASE_PROCS
+    assert store.get_links(SF)["base"].tolist() == [{"n": LEASE_PROCS * LEASE_ROUNDS}]
+    lease = store.get_lease(SF)
+    assert lease.epoch == 1 + LEASE_PROCS * LEASE_ROUNDS and not lease.live()  # each run took it over once

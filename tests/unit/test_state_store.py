@@ -91,7 +91,7 @@ def test_sqlite_writes_begin_immediate_and_reads_begin_deferred(sqlite_store: St
     assert statements[0] == "BEGIN"
 
 
-def test_a_locked_write_is_retried_as_a_whole(sqlite_store: StateStore, monkeypatch: pytest.MonkeyPatch):
+def test_sqlite_a_locked_write_is_retried_as_a_whole(sqlite_store: StateStore, monkeypatch: pytest.MonkeyPatch):
     real = StateStore._write_audit
     calls = []
 
@@ -108,7 +108,7 @@ def test_a_locked_write_is_retried_as_a_whole(sqlite_store: StateStore, monkeypa
     assert len(sqlite_store.audit()) == 2
 
 
-def test_a_non_lock_error_is_not_retried(sqlite_store: StateStore, monkeypatch: pytest.MonkeyPatch):
+def test_sqlite_a_non_lock_error_is_not_retried(sqlite_store: StateStore, monkeypatch: pytest.MonkeyPatch):
     calls = []
 
     def broken(conn, rows):

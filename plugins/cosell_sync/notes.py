@@ -94,12 +94,27 @@ def records_failure(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+COSELL_PAGE = "/cosell/ui/"  # the Co-sell page (cosell_sync.ui), where a note too long for Airflow is read in full
+
+
+def page_link(dag_id: str, run_id: str | None = None, base: str = "") -> str:
+    """Where the whole report of a run is shown: the Co-sell page's run report, or the page."""
+    from urllib.parse import quote
+
+    root = base.rstrip("/") + COSELL_PAGE.rstrip("/")
+    if run_id:
+        return f"{root}/runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}"
+    return root + "/"
+
+
 def compose(
     dag_id: str,
     notes: Sequence[str],
     failed_tasks: Mapping[str, str | None],
     *,
     failed: bool,
+    run_id: str | None = None,
+    base: str = "",
 ) -> str | None:
     """The note of a finished run. ``notes``: what its tasks reported (in order);
     ``failed_tasks``: task id -> recorded cause (None when the task could not record one,
@@ -117,7 +132,9 @@ def compose(
             lines += ["", "Nothing was committed by this run: the next run does the work again."]
         parts.append("\n".join(lines))
     parts.extend(notes)
-    return truncate("\n\n".join(parts)) if parts else None
+    if not parts:
+        return None
+    return truncate("\n\n".join(parts), link=page_link(dag_id, run_id, base))
 
 
 def _inline(text: str) -> str:
@@ -125,13 +142,17 @@ def _inline(text: str) -> str:
     return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", text)
 
 
-def truncate(text: str, limit: int = NOTE_LIMIT) -> str:
-    """At most ``limit`` characters, cut at a line break so a table is never half a row."""
+def truncate(text: str, limit: int = NOTE_LIMIT, link: str | None = None) -> str:
+    """At most ``limit`` characters, cut at a line break so a table is never half a row; with
+    ``link``, the cut note ends with a Markdown link to where the whole text is shown."""
     if len(text) <= limit:
         return text
-    cut = text[: limit - 2]
+    tail = f"\n\n… [The whole report is on the Co-sell page]({link})" if link else "\n…"
+    if len(tail) > limit // 2:  # a link this long cannot be kept
+        tail = "\n…"
+    cut = text[: limit - len(tail)]
     cut = cut[: cut.rfind("\n")] if "\n" in cut else cut
-    return cut.rstrip() + "\n…"
+    return cut.rstrip() + tail
 
 
 def ours(note: str | None, dag_id: str) -> bool:

@@ -116,3 +116,24 @@ def test_a_persons_note_is_never_overwritten():
     assert ours("**cosell_referral_events** · 3 webhook event(s)", "cosell_referral_events")
     assert ours("run failed in: load_crm", "cosell_sync_salesforce")  # an older version's note
     assert not ours("Paused while the CRM admin fixes the picklist", "cosell_sync_salesforce")
+
+
+def test_a_note_too_long_for_airflow_is_cut_with_a_link_to_the_cosell_page():
+    """Airflow stores at most 1,000 characters of a run's note: a report with many failures
+    (every task failed, a long skip list) is cut at a line and ends with a link to the run's
+    whole report on the Co-sell page."""
+    report = REPORT | {"skipped": {f"crm.reason_number_{i}": i for i in range(60)}}
+    text = format_report("cosell_sync_salesforce", report, "salesforce")
+    assert len(text) > NOTE_LIMIT
+    causes = {f"task_{i}": f"HTTPError: 500 Server Error for record {i} " + "x" * 80 for i in range(20)}
+    run_id = "manual__2026-03-01T12:00:00+00:00"
+    note = compose("cosell_sync_salesforce", [text], causes, failed=True, run_id=run_id)
+    assert note is not None and len(note) <= NOTE_LIMIT
+    link = "/cosell/ui/runs/cosell_sync_salesforce/manual__2026-03-01T12%3A00%3A00%2B00%3A00"
+    assert note.endswith(f"[The whole report is on the Co-sell page]({link})")
+    assert note.startswith("**cosell_sync_salesforce** · run failed in") and ours(note, "cosell_sync_salesforce")
+    behind = compose("cosell_sync_salesforce", [text], {}, failed=False, run_id="r1", base="/airflow/")
+    assert behind is not None and len(behind) <= NOTE_LIMIT
+    assert behind.endswith("(/airflow/cosell/ui/runs/cosell_sync_salesforce/r1)")
+    short = compose("cosell_sync_salesforce", ["**cosell_sync_salesforce** · 1 created"], {}, failed=False, run_id="r1")
+    assert short == "**cosell_sync_salesforce** · 1 created"  # a note that fits is left whole, with no link

@@ -135,12 +135,24 @@ def _write_note(dag_run_pk: int, failed: bool, settle_timeout: float) -> str | N
                 )
             ).all()
             failed_tasks = {task_id: causes.get(task_id) for task_id in failed_ids}
-        text = compose(run.dag_id, notes, failed_tasks, failed=failed)
+        text = compose(run.dag_id, notes, failed_tasks, failed=failed, run_id=run.run_id, base=_base_path())
         if not text or not ours(run.note, run.dag_id) or run.note == text:
             return None
         run.note = text
         session.commit()
         return text
+
+
+def _base_path() -> str:
+    """The API server's path prefix (``[api] base_url``), so a note's link to the Co-sell page works behind one."""
+    try:
+        from urllib.parse import urlsplit
+
+        from airflow.configuration import conf
+
+        return urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
+    except Exception:
+        return ""
 
 
 @hookimpl

@@ -43,6 +43,7 @@ from typing import Any, NoReturn, TypeVar
 
 from airflow.sdk import (
     DAG,
+    Asset,
     CronDataIntervalTimetable,
     ExceptionRetryPolicy,
     ObjectStoragePath,
@@ -70,6 +71,16 @@ TASK_MAX_RETRY_DELAY = timedelta(minutes=10)
 NO_RETRY: tuple[type[BaseException], ...] = (AuthenticationError, ConfigurationError)
 RETRY_BACKOFF = 2.0  # Airflow 3's retry_exponential_backoff is the multiplier (True would mean 1: constant)
 DIRECTION_CHOICES = {"both": ("pc_to_crm", "crm_to_pc"), "pc_to_crm": ("pc_to_crm",), "crm_to_pc": ("crm_to_pc",)}
+
+
+# Lineage: what the sync DAGs read and write, so Airflow's asset graph shows it. The extract
+# tasks declare what they read (inlets), the load tasks what they write (outlets).
+REFERRALS_ASSET = Asset(name="partner_center_referrals", uri="cosell://partner-center/referrals", group="cosell")
+
+
+def opportunities_asset(crm: str) -> Asset:
+    """The CRM's opportunities, as an Asset (``cosell://<crm>/opportunities``)."""
+    return Asset(name=f"{crm}_opportunities", uri=f"cosell://{crm}/opportunities", group="cosell")
 
 
 def staging_root() -> ObjectStoragePath:
@@ -297,6 +308,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
     schedule = schedule or _setting("sync_schedule", SCHEDULE)
     dag_id = f"cosell_sync_{crm}"
     label = {"dynamics365": "Dynamics 365", "salesforce": "Salesforce"}[crm]
+    opportunities = opportunities_asset(crm)
 
     with DAG(
         dag_id=dag_id,
@@ -377,7 +389,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
                 spec["lease_epoch"] = taken.epoch
             return spec
 
-        @task
+        @task(inlets=[REFERRALS_ASSET])
         @records_failure
         def extract_partner_center(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
@@ -388,7 +400,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
 
             return run_step(spec, step)
 
-        @task
+        @task(inlets=[opportunities])
         @records_failure
         def extract_crm(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
@@ -410,7 +422,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
 
             return run_step(spec, step)
 
-        @task
+        @task(inlets=[REFERRALS_ASSET], outlets=[opportunities])
         @records_failure
         def load_crm(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner
@@ -421,7 +433,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
 
             return run_step(spec, step)
 
-        @task
+        @task(inlets=[opportunities], outlets=[REFERRALS_ASSET])
         @records_failure
         def load_partner_center(spec: dict[str, Any]) -> dict[str, int]:
             from cosell_sync.sync import runner

@@ -1,5 +1,14 @@
 """Real Airflow components as child processes: API server, scheduler, DAG processor and
-triggerer (LocalExecutor, SQLite), in their own AIRFLOW_HOME, for end-to-end tests and the demo.
+triggerer, in their own AIRFLOW_HOME, for end-to-end tests and the demo.
+
+Two topologies:
+
+* the default, as ``make airflow`` runs: the LocalExecutor with Airflow's metadata in SQLite;
+* the distributed one (SPEC §8), as ``docker-compose.yml`` runs it: Airflow's metadata on
+  PostgreSQL (``metadata_url``) and the CeleryExecutor (``celery``), with Redis as broker,
+  PostgreSQL as result backend and ``airflow celery worker`` processes, each with its own
+  Celery hostname and the hostname it reports for its task instances (``worker_hostname``),
+  so a test can tell which worker ran what.
 
 What needs the scheduler itself (backfills, the event-driven DAG, the webhook route on the
 API server) uses this; everything else runs DAGs with ``dag.test()``. Every process is
@@ -10,6 +19,7 @@ Center's webhook deliveries require.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +28,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +37,33 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: dags/ and plugins/ live there
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+FINISHED = ("success", "failed")
+# Airflow's SQLite connections wait this long for a lock held by another component (the
+# sqlite3 default is 5 s, which a busy scheduler outlasts: "database is locked").
+SQLITE_CONNECT_ARGS = {"timeout": 60}
+WORKER_HOSTNAME_ENV = "COSELL_WORKER_HOSTNAME"
+
+
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` for the cluster: a Celery worker reports the name it was
+    started with (so two workers on one machine can be told apart); other processes the FQDN."""
+    return os.environ.get(WORKER_HOSTNAME_ENV) or socket.getfqdn()
+
+
+@dataclass(frozen=True)
+class Celery:
+    """The CeleryExecutor's wiring: ``workers`` worker processes serving ``queue`` (one queue
+    per cluster, and every broker key under ``key_prefix``, so clusters never share work)."""
+
+    broker_url: str
+    result_backend: str
+    queue: str
+    key_prefix: str
+    workers: int = 2
+    concurrency: int = 2
+
+    def worker_names(self) -> list[str]:
+        return [f"worker-{n}" for n in range(1, self.workers + 1)]
 
 
 def free_port() -> int:
@@ -45,14 +84,20 @@ class AirflowCluster:
         components: tuple[str, ...] = COMPONENTS,
         *,
         tls: tuple[Path, Path, Path] | None = None,
+        metadata_url: str | None = None,
+        celery: Celery | None = None,
     ) -> None:
         """``tls``: (certificate, key, CA file): the API server serves HTTPS with them, and
-        task processes trust the CA for the execution API."""
+        task processes trust the CA for the execution API. ``metadata_url``: Airflow's
+        metadata DB (a PostgreSQL SQLAlchemy URL; SQLite in ``home`` when None). ``celery``:
+        the CeleryExecutor and its workers instead of the LocalExecutor."""
         self.home = home
+        self.metadata_url = metadata_url or f"sqlite:///{home / 'airflow.db'}"
+        self.celery = celery
         self.port = free_port()
         self.scheme = "https" if tls else "http"
         self.ca = str(tls[2]) if tls else None
-        self.components = components
+        self.components = components + tuple(f"celery-{name}" for name in (celery.worker_names() if celery else ()))
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         base = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
@@ -63,7 +108,9 @@ class AirflowCluster:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if celery else "LocalExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.metadata_url,
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.worker_hostname",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
@@ -79,6 +126,16 @@ class AirflowCluster:
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             **env,
         }
+        if self.metadata_url.startswith("sqlite"):
+            self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = f"{__name__}.SQLITE_CONNECT_ARGS"
+        if celery:
+            self.env |= {
+                "AIRFLOW__CELERY__BROKER_URL": celery.broker_url,
+                "AIRFLOW__CELERY__RESULT_BACKEND": celery.result_backend,
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(celery.concurrency),
+                "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": celery.key_prefix,
+                "AIRFLOW__OPERATORS__DEFAULT_QUEUE": celery.queue,
+            }
         if tls:
             cert, key, ca = tls
             self.env |= {
@@ -122,15 +179,30 @@ class AirflowCluster:
         return self
 
     def start_component(self, name: str) -> None:
+        """Start one component: ``api-server``, ``scheduler``, ... or ``celery-worker-N``."""
         self.logs[name] = self.home / f"{name}.log"
+        args, env = [name], self.env
+        if name.startswith("celery-"):
+            assert self.celery is not None, f"{name} needs the CeleryExecutor"
+            worker = name.removeprefix("celery-")
+            args = ["celery", "worker", "--celery-hostname", f"{worker}@%h", "--queues", self.celery.queue]
+            args += ["--concurrency", str(self.celery.concurrency), "--skip-serve-logs", "--without-gossip"]
+            env = self.env | {WORKER_HOSTNAME_ENV: worker}
         with open(self.logs[name], "ab") as out:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", name],
-                env=self.env,
+                [sys.executable, "-m", "airflow", *args],
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def kill_component(self, name: str) -> None:
+        """SIGKILL one component's whole process group (a worker and the tasks it runs), as a
+        machine that dies would; the cluster then runs on without it."""
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
     def stop_component(self, name: str, timeout: float = 30) -> None:
         """Stop one component (its whole process group), e.g. to show what survives a scheduler outage."""
@@ -162,6 +234,8 @@ class AirflowCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         self.procs.clear()
+        if hasattr(self, "_engine"):
+            self._engine.dispose()
 
     def __enter__(self) -> AirflowCluster:
         try:
@@ -194,8 +268,19 @@ class AirflowCluster:
 
     # -- the metadata DB (read-only peeks) ---------------------------------------------------------------
     def query(self, sql: str, *params: Any) -> list[tuple]:
-        with sqlite3.connect(f"file:{self.home / 'airflow.db'}?mode=ro", uri=True, timeout=30) as db:
-            return db.execute(sql, params).fetchall()
+        """Rows of ``sql`` (``?`` placeholders) from Airflow's metadata DB, SQLite or PostgreSQL."""
+        if self.metadata_url.startswith("sqlite"):
+            with sqlite3.connect(f"file:{self.home / 'airflow.db'}?mode=ro", uri=True, timeout=30) as db:
+                return db.execute(sql, params).fetchall()
+        import sqlalchemy as sa
+
+        if not hasattr(self, "_engine"):
+            self._engine = sa.create_engine(self.metadata_url, pool_size=1)
+        names = {f"p{n}": value for n, value in enumerate(params)}
+        parts = sql.split("?")
+        text = "".join(part + (f":p{n}" if n < len(params) else "") for n, part in enumerate(parts))
+        with self._engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sa.text(text), names)]
 
     def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
         rows = self.query(
@@ -208,3 +293,53 @@ class AirflowCluster:
 
     def dag_serialized(self, dag_id: str) -> bool:
         return bool(self.query("select 1 from serialized_dag where dag_id = ?", dag_id))
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Each task instance of a run: task id, state, try number and the hostname it ran on."""
+        rows = self.query(
+            "select task_id, state, try_number, hostname from task_instance where dag_id = ? and run_id = ?"
+            " order by task_id",
+            dag_id,
+            run_id,
+        )
+        return [dict(zip(("task_id", "state", "try_number", "hostname"), row, strict=True)) for row in rows]
+
+    # -- DAG runs ----------------------------------------------------------------------------------------
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        """``airflow dags trigger`` with a fresh run id (returned)."""
+        self._triggered = getattr(self, "_triggered", 0) + 1
+        run_id = f"manual__test_{self._triggered}_{datetime.now(UTC):%H%M%S%f}"
+        args = ["dags", "trigger", dag_id, "--run-id", run_id]
+        if conf is not None:
+            args += ["--conf", json.dumps(conf)]
+        self.cli(*args)
+        return run_id
+
+    def run(self, dag_id: str, run_id: str) -> dict | None:
+        """The run (id, type, state, note, start date), or None while it does not exist."""
+        rows = self.query(
+            "select r.run_id, r.run_type, r.state, n.content, r.start_date from dag_run r"
+            " left join dag_run_note n on n.dag_run_id = r.id where r.dag_id = ? and r.run_id = ?",
+            dag_id,
+            run_id,
+        )
+        if not rows:
+            return None
+        keys = ("run_id", "run_type", "state", "note", "start_date")
+        return dict(zip(keys, rows[0], strict=True))
+
+    def finished(self, dag_id: str, run_id: str, timeout: float = 240) -> dict:
+        """Wait until the run has ended and its note is written; returns the run."""
+
+        def done() -> dict | None:
+            run = self.run(dag_id, run_id)
+            return run if run and run["state"] in FINISHED and run["note"] else None
+
+        return self.wait_for(done, timeout, f"{dag_id} {run_id} to finish with its note", interval=1)
+
+    def failed_tasks(self, dag_id: str, run_id: str) -> dict[str, str]:
+        return {
+            t["task_id"]: t["state"]
+            for t in self.task_instances(dag_id, run_id)
+            if t["state"] in ("failed", "upstream_failed")
+        }

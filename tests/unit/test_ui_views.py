@@ -185,18 +185,15 @@ def test_dismiss_removes_the_row_and_audits_who(store):
 
 def _page(store: StateStore, crm_hosts=None) -> str:
     links = Links("/cosell/ui", "", crm_hosts or {"salesforce": "https://acme.my.salesforce.com"}, {})
+    overview = queries.overview(store.engine, ["salesforce"])
+    for o in overview["crms"].values():
+        o.update(airflow_run={"run_id": "manual__r2", "state": "success"}, report="report")
     return render(
         "index.html",
         links,
         user="alice",
         crms=["salesforce"],
-        overview={
-            **queries.overview(store.engine, ["salesforce"]),
-            "crms": {
-                k: {**v, "airflow_run": {"run_id": "manual__r2", "state": "success"}, "report": "report"}
-                for k, v in queries.overview(store.engine, ["salesforce"])["crms"].items()
-            },
-        },
+        overview=overview,
         extra_runs={},
         links=queries.links_page(store.engine, "salesforce", q="ref-0004"),
         dead=queries.dead_letter_page(store.engine, ["salesforce"]),

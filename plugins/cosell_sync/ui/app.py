@@ -291,8 +291,9 @@ def create_app(store_factory: Callable[[], StateStore] | None = None) -> FastAPI
         flash_kind: str = "ok",
     ) -> HTMLResponse:
         crms = readable_crms(request, user)
-        link_crm = crm if crm in crms else crms[0]
         data, extra = overview_data(request, crms)
+        with_links = [c for c in crms if data["crms"][c]["links"]]  # by default, the first CRM with links
+        link_crm = crm if crm in crms else (with_links or crms)[0]
         page = render(
             "index.html",
             _links(request, state),

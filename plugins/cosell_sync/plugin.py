@@ -7,9 +7,10 @@ receiver app is built on its first request, so loading the plugin imports no Fas
 touches neither the network nor the state DB.
 
 It also adds the Co-sell page (:mod:`cosell_sync.ui`): a FastAPI app at ``/cosell/ui``,
-behind Airflow's authentication, listed in Airflow's navigation as "Co-sell". It is mounted
-before the receiver: Starlette matches mounts in order, and ``/cosell`` would take
-``/cosell/ui`` too.
+behind Airflow's authentication, listed in Airflow's navigation as "Co-sell". Both share the
+plugin's one ``/cosell`` mount (:class:`cosell_sync.ui.CosellMount` sends ``/cosell/ui...`` to
+the page, the rest to the receiver): Starlette matches mounts by prefix, in order, so a
+second mount at ``/cosell/ui`` would be shadowed by ``/cosell``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from cosell_sync.webhooks.receiver import URL_PREFIX, ReceiverApp
 class CosellSyncPlugin(AirflowPlugin):
     name = "cosell_sync"
     listeners = [run_notes]
+    # one app at /cosell: /cosell/ui is the Co-sell page, the rest the webhook receiver as before
     fastapi_apps = [
-        {"app": ui.UiApp(), "url_prefix": ui.URL_PREFIX, "name": "cosell-sync Co-sell page"},
-        {"app": ReceiverApp(), "url_prefix": URL_PREFIX, "name": "cosell-sync webhooks"},
+        {
+            "app": ui.CosellMount(ui=ui.UiApp(), other=ReceiverApp()),
+            "url_prefix": URL_PREFIX,
+            "name": "cosell-sync webhooks and Co-sell page",
+        }
     ]
     external_views = [ui.EXTERNAL_VIEW]

@@ -44,3 +44,26 @@ class UiApp:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
+
+
+class CosellMount:
+    """One ASGI app for the plugin's ``/cosell`` prefix: ``/cosell/ui...`` goes to the Co-sell
+    page (``ui``), everything else to ``other`` (the webhook receiver), as it was.
+
+    Airflow mounts each plugin app with Starlette's ``Mount``, which matches by prefix in
+    order, so a separate ``/cosell/ui`` mount would be shadowed by ``/cosell`` (or would have
+    to come first). Dispatching here keeps the receiver the plugin's one ``/cosell`` app."""
+
+    def __init__(self, ui: Any, other: Any, sub: str = "/ui") -> None:
+        self.ui = ui
+        self.other = other
+        self.sub = sub
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") in ("http", "websocket"):
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            route = path[len(root) :] if root and path.startswith(root) else path
+            if route == self.sub or route.startswith(self.sub + "/"):
+                await self.ui({**scope, "root_path": root + self.sub}, receive, send)
+                return
+        await self.other(scope, receive, send)

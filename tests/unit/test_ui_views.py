@@ -213,7 +213,7 @@ def test_page_has_the_labels_links_and_escapes_everything(store):
     assert EVIL not in html and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&amp;" in html
     assert 'href="https://partner.microsoft.com/dashboard/referrals/v2/leads/ref-0004"' in html
     assert 'href="https://acme.my.salesforce.com/lightning/r/Opportunity/006000000000000004/view"' in html
-    assert 'href="/dags/cosell_sync_salesforce/runs/manual__r2"' in html
+    assert 'href="/dags/cosell_sync_salesforce/runs/manual__r2" target="_top"' in html
     assert 'name="csrf" value="tok"' in html
 
 

@@ -1,6 +1,6 @@
 """The Co-sell page's HTML: Jinja2 templates rendered on the server, every value escaped
-(``autoescape`` on; nothing is marked safe), plain CSS, no JavaScript but a confirm() on
-Dismiss. Pure functions of the data :mod:`cosell_sync.ui.queries` returns."""
+(``autoescape`` on; nothing is marked safe), plain CSS, no JavaScript (Dismiss asks for no
+confirm() dialog: the row is kept in the audit). Pure functions of the data :mod:`cosell_sync.ui.queries` returns."""
 
 from __future__ import annotations
 

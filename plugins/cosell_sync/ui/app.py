@@ -227,7 +227,7 @@ class _State:
 def _links(request: Request, state: _State) -> Links:
     root = request.scope.get("root_path", "") or ""
     airflow_root = root[: -len(URL_PREFIX)] if root.endswith(URL_PREFIX) else ""
-    query = {k: v for k, v in request.query_params.items()}
+    query = {k: v for k, v in request.query_params.items() if k not in ("flash", "flash_kind")}
     return Links(root or URL_PREFIX, airflow_root, state.crm_hosts(), query)
 
 

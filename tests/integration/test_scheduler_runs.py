@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime
 
 import pytest
 
@@ -35,49 +34,6 @@ from cosell_sync.state import StateStore
 pytestmark = pytest.mark.xdist_group("airflow-cluster")
 SF, DYN, EVENTS = "cosell_sync_salesforce", "cosell_sync_dynamics365", "cosell_referral_events"
 BAD_SECRET = "not-the-secret-7f3a9c"
-FINISHED = ("success", "failed")
-
-
-class Cluster:
-    """Thin helpers over :class:`AirflowCluster` for this story."""
-
-    def __init__(self, af: AirflowCluster) -> None:
-        self.af = af
-        self.count = 0
-
-    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
-        self.count += 1
-        run_id = f"manual__test_{self.count}_{datetime.now(UTC):%H%M%S%f}"
-        args = ["dags", "trigger", dag_id, "--run-id", run_id]
-        if conf is not None:
-            args += ["--conf", json.dumps(conf)]
-        self.af.cli(*args)
-        return run_id
-
-    def run(self, dag_id: str, run_id: str) -> dict | None:
-        rows = self.af.query(
-            "select r.run_id, r.run_type, r.state, n.content, r.start_date from dag_run r"
-            " left join dag_run_note n on n.dag_run_id = r.id where r.dag_id = ? and r.run_id = ?",
-            dag_id,
-            run_id,
-        )
-        if not rows:
-            return None
-        keys = ("run_id", "run_type", "state", "note", "start_date")
-        return dict(zip(keys, rows[0], strict=True))
-
-    def finished(self, dag_id: str, run_id: str, timeout: float = 240) -> dict:
-        """Wait until the run has ended and its note is written; returns the run."""
-
-        def done() -> dict | None:
-            run = self.run(dag_id, run_id)
-            return run if run and run["state"] in FINISHED and run["note"] else None
-
-        return self.af.wait_for(done, timeout, f"{dag_id} {run_id} to finish with its note", interval=1)
-
-    def failed_tasks(self, dag_id: str, run_id: str) -> dict[str, str]:
-        rows = self.af.query("select task_id, state from task_instance where dag_id = ? and run_id = ?", dag_id, run_id)
-        return {task_id: state for task_id, state in rows if state in ("failed", "upstream_failed")}
 
 
 def crm_writes(pc) -> int:
@@ -105,7 +61,6 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
     }
     home = tmp_path / "airflow"
     with AirflowCluster(home, env) as af:
-        c = Cluster(af)
         for dag_id in (SF, DYN, EVENTS):
             af.wait_for(lambda dag_id=dag_id: af.dag_serialized(dag_id), 180, f"{dag_id} to be parsed")
         bad = dynamics | {"password": BAD_SECRET}
@@ -119,24 +74,24 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         scheduled = af.wait_for(
             lambda: [r for r in af.dag_runs(SF) if r["run_type"] == "scheduled"], 120, "a scheduled run"
         )[0]
-        waiting = c.finished(SF, scheduled["run_id"])
+        waiting = af.finished(SF, scheduled["run_id"])
         assert waiting["state"] == "success", waiting
         assert waiting["note"].startswith(f"**{SF}** · waiting for the initial load"), waiting["note"]
 
         # A dry run (Salesforce) and a run with a bad client secret (Dynamics), side by side.
-        dry_id = c.trigger(SF, {"dry_run": True})
-        bad_id = c.trigger(DYN)
-        dry = c.finished(SF, dry_id)
+        dry_id = af.trigger(SF, {"dry_run": True})
+        bad_id = af.trigger(DYN)
+        dry = af.finished(SF, dry_id)
         assert dry["state"] == "success", dry
         assert dry["note"].startswith(f"**{SF}** · dry run: the plan only, nothing was written"), dry["note"]
         assert "| Partner Center → Salesforce | " in dry["note"]
-        failed = c.finished(DYN, bad_id)
+        failed = af.finished(DYN, bad_id)
         assert failed["state"] == "failed"
         note = failed["note"]
         assert note.startswith(f"**{DYN}** · run failed"), note
         # prepare checks the mapping's choices against the org first: a bad secret stops the run there.
         assert "`prepare`" in note and "AADSTS7000215" in note, note
-        upstream_failed = [t for t, s in c.failed_tasks(DYN, bad_id).items() if s == "upstream_failed"]
+        upstream_failed = [t for t, s in af.failed_tasks(DYN, bad_id).items() if s == "upstream_failed"]
         assert upstream_failed and not any(f"`{t}`" in note for t in upstream_failed), note
         assert BAD_SECRET not in note and dynamics["password"] not in note
         assert crm_writes(pc) == 0, "a dry run, a failed run and waiting scheduled runs wrote to a CRM"
@@ -144,12 +99,12 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         # The connection is fixed; both CRMs do their initial load through manual runs.
         af.cli("connections", "delete", "dynamics_default")
         af.cli("connections", "add", "dynamics_default", "--conn-json", json.dumps(dynamics))
-        loads = {SF: c.trigger(SF), DYN: c.trigger(DYN)}
+        loads = {SF: af.trigger(SF), DYN: af.trigger(DYN)}
         for dag_id, run_id in loads.items():
-            run = c.finished(dag_id, run_id)
+            run = af.finished(dag_id, run_id)
             assert run["state"] == "success", (dag_id, run)
             assert run["note"].startswith(f"**{dag_id}** · ") and " created, " in run["note"], run["note"]
-        loaded_at = max(c.run(d, r)["start_date"] for d, r in loads.items())
+        loaded_at = max(af.run(d, r)["start_date"] for d, r in loads.items())
         store = StateStore(f"sqlite:///{home / 'cosell_state.db'}")
         links = store.get_links("salesforce")
         assert len(links) and len(store.get_links("dynamics365"))
@@ -157,24 +112,24 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         # Now the schedule syncs for real: a scheduled run started after the initial load.
         def a_real_scheduled_run() -> dict | None:
             for r in af.dag_runs(SF):
-                run = c.run(SF, r["run_id"])
+                run = af.run(SF, r["run_id"])
                 if r["run_type"] == "scheduled" and run["start_date"] and run["start_date"] > loaded_at:
                     return run
             return None
 
         later = af.wait_for(a_real_scheduled_run, 180, "a scheduled run after the initial load", interval=2)
-        later = c.finished(SF, later["run_id"])
+        later = af.finished(SF, later["run_id"])
         assert later["state"] == "success", later
         assert later["note"].startswith(f"**{SF}** · ") and " created, " in later["note"], later
 
         # A run for one referral, and a run with a misspelt conf key.
         referral_id = str(links["referral_id"].iloc[0])
-        one = c.finished(SF, c.trigger(SF, {"referral_ids": [referral_id]}))
+        one = af.finished(SF, af.trigger(SF, {"referral_ids": [referral_id]}))
         assert one["state"] == "success" and one["note"].startswith(f"**{SF}** · ") and " created, " in one["note"], one
-        typo_id = c.trigger(SF, {"referal_ids": [referral_id]})
-        typo = c.finished(SF, typo_id)
+        typo_id = af.trigger(SF, {"referal_ids": [referral_id]})
+        typo = af.finished(SF, typo_id)
         assert typo["state"] == "failed"
-        assert set(c.failed_tasks(SF, typo_id)) >= {"prepare"}
+        assert set(af.failed_tasks(SF, typo_id)) >= {"prepare"}
         assert "`prepare`" in typo["note"] and "referal\\_ids" in typo["note"], typo["note"]
         assert "Allowed keys: dry\\_run, referral\\_ids, full\\_resync, directions" in typo["note"], typo["note"]
 
@@ -196,7 +151,7 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
             ]
         )
         event_run = af.wait_for(lambda: af.dag_runs(EVENTS), 120, "the event DAG to run")[0]
-        event = c.finished(EVENTS, event_run["run_id"])
+        event = af.finished(EVENTS, event_run["run_id"])
         assert event["state"] == "success", event
         assert event["note"].startswith(f"**{EVENTS}** · 1 webhook event(s) for 1 referral(s)"), event["note"]
         assert f"**{EVENTS}.salesforce**" in event["note"]
@@ -210,7 +165,7 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         missing = [(d, r) for d, r, _, content in rows if not content]
         if missing:  # a run that has just finished may still be getting its note
             for dag_id, run_id in missing:
-                c.finished(dag_id, run_id, timeout=30)
+                af.finished(dag_id, run_id, timeout=30)
         assert all(len(content or "") <= 1000 for *_, content in rows)
         assert af.procs["scheduler"].poll() is None, af.tail()
         scheduler_log = af.logs["scheduler"].read_text(errors="replace")

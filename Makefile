@@ -14,7 +14,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export COSELL_SANDBOX_HOME ?= $(CURDIR)/.sandbox
 
-.PHONY: venv test test-fast lint demo tour airflow bench clean
+.PHONY: venv browser test test-fast lint demo tour airflow bench clean
 
 $(UV):
 	$(PY) -m venv $(TOOLS)
@@ -26,6 +26,24 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 
 venv: $(VENV)/.synced
 
+# The real-browser UI test (tests/ui) drives Debian's Chromium through Playwright. Browsers cannot be
+# downloaded at install time here, so Playwright's own are never used (no `playwright install`):
+# where /usr/bin/chromium is missing, this installs Debian's package, and says so.
+CHROMIUM := /usr/bin/chromium
+
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; else sudo=none; fi; \
+		if [ "$$sudo" = none ] || ! command -v apt-get >/dev/null \
+			|| ! { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium; } \
+			|| [ ! -x $(CHROMIUM) ]; then \
+			echo "could not install chromium: the browser tests need Debian's chromium at $(CHROMIUM)." >&2; \
+			echo "Install it as root: apt-get update && apt-get install -y chromium (never 'playwright install')." >&2; \
+			exit 1; \
+		fi; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check .
 
@@ -33,7 +51,7 @@ lint: venv
 # with each other keep to one worker by xdist_group: those that start real Airflow components
 # ("airflow-cluster"), the kill test ("kill") and the race tests ("races"); the rest is spread
 # over both. The 15 slowest tests are listed at the end, to see where the time goes.
-test: venv lint
+test: venv lint browser
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
 # The fast tier: pure logic and the emulators, no Airflow components, under a minute.

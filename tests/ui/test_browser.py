@@ -159,7 +159,7 @@ def test_a_user_signs_in_dry_runs_the_sync_and_works_the_dead_letter(
 ):
     ui = airflow_ui
     bad = seed(pc)
-    context = browser.new_context(base_url=ui.url, viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(base_url=ui.url, viewport={"width": 1400, "height": 1400})
     context.set_default_timeout(30_000)
     page = context.new_page()
     screens.page = page

@@ -124,7 +124,7 @@ def test_sqlite_a_non_lock_error_is_not_retried(sqlite_store: StateStore, monkey
 def test_migrate_twice_is_a_noop(db_url: str):
     with StateStore(db_url) as st:
         assert st.schema_version() == 0
-        assert st.migrate() == SCHEMA_VERSION == 3
+        assert st.migrate() == SCHEMA_VERSION == 4
         st.upsert_links(CRM, _links(("R1", "C1")), "run-1")
         tables = set(sa.inspect(st.engine).get_table_names())
         assert st.migrate() == SCHEMA_VERSION
@@ -139,7 +139,7 @@ def test_migrate_twice_is_a_noop(db_url: str):
             "cosell_inbox",
             "cosell_leases",
         } <= tables
-        assert _count(st, store_module.schema_version_t) == 3
+        assert _count(st, store_module.schema_version_t) == 4
         assert st.get_links(CRM)["referral_id"].tolist() == ["R1"]
 
 
@@ -157,12 +157,33 @@ def test_migrate_applies_only_the_missing_steps(db_url: str, monkeypatch: pytest
         assert st.schema_version() == nxt
 
 
+def test_a_version_3_database_gets_the_audit_index_of_version_4(db_url: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:3])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(
+        store_module.audit_t,
+        "indexes",
+        {ix for ix in store_module.audit_t.indexes if ix.name != "ix_cosell_audit_crm_action_at"},
+    )
+    with StateStore(db_url) as st:
+        assert st.migrate() == 3
+        st.append_audit([_audit_entry(1)])
+    monkeypatch.undo()
+    with StateStore(db_url) as st:
+        names = {ix["name"] for ix in sa.inspect(st.engine).get_indexes("cosell_audit")}
+        assert "ix_cosell_audit_crm_action_at" not in names
+        assert st.migrate() == 4
+        names = {ix["name"] for ix in sa.inspect(st.engine).get_indexes("cosell_audit")}
+        assert "ix_cosell_audit_crm_action_at" in names
+        assert len(st.audit()) == 1
+
+
 def test_indexes(store: StateStore):
     inspector = sa.inspect(store.engine)
     links = {tuple(ix["column_names"]): ix["unique"] for ix in inspector.get_indexes("cosell_links")}
     assert links[("crm", "crm_id")]
     audit = {tuple(ix["column_names"]) for ix in inspector.get_indexes("cosell_audit")}
-    assert {("crm", "referral_id"), ("run_id",)} <= audit
+    assert {("crm", "referral_id"), ("run_id",), ("crm", "action", "at")} <= audit
     pk = inspector.get_pk_constraint("cosell_dead_letter")["constrained_columns"]
     assert pk == ["crm", "direction", "record_key"]
 

@@ -96,7 +96,7 @@ SIDES = frozenset({"partner_center", "crm", "inbox", "full_sync"})
 # "inbox": the newest webhook event signalled to a DAG; "full_sync": when a window sync (not a
 # dry run, backfill or referral_ids run) last committed: the first one is the initial load
 DIRECTIONS = frozenset({"pc_to_crm", "crm_to_pc"})
-ACTIONS = frozenset({"create", "update", "conflict", "skip", "fail", "win", "lose", "deferred"})
+ACTIONS = frozenset({"create", "update", "conflict", "skip", "fail", "win", "lose", "deferred", "dismiss"})
 INBOX_STATUSES = ("pending", "claimed", "done")
 
 DEFAULT_CONN_ID = "cosell_state"
@@ -334,6 +334,8 @@ audit_t = sa.Table(
     sa.Index("ix_cosell_audit_crm_referral", "crm", "referral_id"),
     sa.Index("ix_cosell_audit_run_id", "run_id"),
     sa.Index("ix_cosell_audit_at", "at"),
+    # The Co-sell page's conflict counts and lists: one CRM's rows of one action, newest first.
+    sa.Index("ix_cosell_audit_crm_action_at", "crm", "action", "at"),
 )
 
 dead_letter_t = sa.Table(
@@ -409,6 +411,12 @@ def _migration_v3(conn: Connection) -> None:
     metadata.create_all(conn, tables=[leases_t], checkfirst=True)
 
 
+def _migration_v4(conn: Connection) -> None:
+    for index in audit_t.indexes:
+        if index.name == "ix_cosell_audit_crm_action_at":
+            index.create(conn, checkfirst=True)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -420,6 +428,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: links, watermarks, audit, dead letter, runs", _migration_v1),
     Migration(2, "webhook inbox", _migration_v2),
     Migration(3, "run leases", _migration_v3),
+    Migration(4, "audit index by CRM, action and time (the Co-sell page)", _migration_v4),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

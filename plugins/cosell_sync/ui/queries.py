@@ -29,7 +29,7 @@ from cosell_sync.state.store import CRMS, DIRECTIONS, audit_t, dead_letter_t, in
 PAGE_SIZE = 50
 MAX_PAGE = 10_000
 DISMISS_RUN_ID = "cosell-ui"  # the audit row of a dismissal names no DAG run: this says where it came from
-DISMISS_ACTION = "skip"  # an action every reader of the audit knows; the detail says "dismissed by ..."
+DISMISS_ACTION = "dismiss"  # the detail says who dismissed the row, when, and its last error
 SEARCH_MAX = 200
 
 

@@ -119,6 +119,109 @@ def bench_planner() -> list[dict[str, object]]:
     return rows
 
 
+UI_AUDIT_ROWS = int(os.environ.get("BENCH_UI_AUDIT_ROWS", "100000"))
+
+
+def _ui_page_seconds(url: str) -> dict[str, float]:
+    """The Co-sell page's views over a state DB with UI_AUDIT_ROWS audit rows (median of 3):
+    the whole page (overview, a links search, dead letter, conflicts), a deep timeline page and a
+    deep conflicts page, queries and HTML together."""
+    from datetime import UTC, datetime, timedelta
+
+    import pandas as pd
+
+    from cosell_sync.state import StateStore
+    from cosell_sync.state.store import audit_t
+    from cosell_sync.ui import queries
+    from cosell_sync.ui.render import Links, render
+
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    store = StateStore(url)
+    store.migrate()
+    ids = [f"ref-{i:04d}" for i in range(1000)]
+    links = pd.DataFrame({"referral_id": ids, "crm_id": [f"006{i:015d}" for i in range(1000)]})
+    links["base"] = [{"name": f"Deal {i}", "customer_name": f"Fabrikam {i}"} for i in range(1000)]
+    store.upsert_links("salesforce", links, "run-1")
+    rows = [
+        {
+            "at": t0 + timedelta(seconds=i),
+            "dag_id": "cosell_sync_salesforce",
+            "run_id": f"scheduled__{i // 500}",
+            "crm": "salesforce",
+            "direction": "pc_to_crm" if i % 2 else "crm_to_pc",
+            "referral_id": ids[i % 1000],
+            "crm_id": None,
+            "action": "conflict" if i % 50 == 0 else "update",
+            "field": "deal_value",
+            "old_value": "1",
+            "new_value": "2",
+            "detail": "partner_center=1 crm=2; crm wins" if i % 50 == 0 else None,
+        }
+        for i in range(UI_AUDIT_ROWS)
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(audit_t.insert(), rows)
+    urls = Links("/cosell/ui", "", {"salesforce": "https://acme.my.salesforce.com"}, {})
+
+    def whole_page() -> str:
+        overview = queries.overview(store.engine, ["salesforce"])
+        for crm in overview["crms"].values():  # the app adds what Airflow's DB says of the last run
+            crm.update(airflow_run={"run_id": "scheduled__199", "state": "success"}, report=None)
+        return render(
+            "index.html",
+            urls,
+            user="bench",
+            crms=["salesforce"],
+            overview=overview,
+            extra_runs={},
+            links=queries.links_page(store.engine, "salesforce", q="Fabrikam 42"),
+            dead=queries.dead_letter_page(store.engine, ["salesforce"]),
+            conflicts=queries.conflicts_page(store.engine, ["salesforce"]),
+            actionable={"salesforce"},
+            csrf="bench",
+        )
+
+    def timeline() -> str:
+        page = queries.timeline_page(store.engine, "salesforce", referral_id="ref-0003", page=2)
+        return render("timeline.html", urls, user="bench", t=page)
+
+    views = {
+        "page": whole_page,
+        "timeline_p2": timeline,
+        "conflicts_p20": lambda: queries.conflicts_page(store.engine, ["salesforce"], page=20),
+    }
+    try:
+        return {name: statistics.median(timed(fn)[0] for _ in range(3)) for name, fn in views.items()}
+    finally:
+        store.close()
+
+
+def bench_ui_pages() -> dict[str, dict[str, float]]:
+    """The Co-sell page with 100,000 audit rows on SQLite and on the local PostgreSQL (SPEC §9:
+    under 1 s)."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    figures = {"SQLite": _ui_page_seconds(f"sqlite:///{_TMP / 'ui-bench.db'}")}
+    name = f"cosell_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        figures["PostgreSQL"] = _ui_page_seconds(f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
+    except sa.exc.OperationalError as exc:
+        print(f"ui      PostgreSQL not reachable ({exc.orig}); SQLite only", flush=True)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    for db, views in figures.items():
+        shown = ", ".join(f"{view} {seconds * 1000:.0f} ms" for view, seconds in views.items())
+        print(f"ui      Co-sell page, {UI_AUDIT_ROWS:,} audit rows, {db}: {shown} (target < 1 s)", flush=True)
+    return figures
+
+
 WEBHOOK_LATENCY_TESTS = {
     # topology -> (the end-to-end test that measures it, the env var it writes its figures to)
     "LocalExecutor, SQLite": ("tests/integration/test_webhooks_end_to_end.py", "COSELL_LATENCY_OUT"),
@@ -229,6 +332,7 @@ def main() -> int:
             "token_grants": sb.entra.grants["refresh_token"] - grants_before,
         }
     results["planner"] = bench_planner()
+    results["ui_pages_s"] = bench_ui_pages()
     results["webhook_latency"] = bench_webhook_latency()
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

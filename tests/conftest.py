@@ -27,7 +27,6 @@ os.environ["COSELL_SANDBOX_HOME"] = str(_HOME / "sandbox")
 os.environ.setdefault("AIRFLOW__COSELL__TASK_RETRY_DELAY", "1")
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
-
 from tests import services  # noqa: E402
 
 

@@ -34,7 +34,9 @@ def reference_plan(
     conflicts: set[tuple[Any, ...]] = set()
     linked_refs, linked_crm = set(), set()
     for link in links:
-        rid, cid, base = link["referral_id"], link["crm_id"], link["base"] or {}
+        rid, cid = link["referral_id"], link["crm_id"]
+        # a link's base: a dict, or (columnar links) its base.<field> keys
+        base = (link["base"] or {}) if "base" in link else {k[5:]: v for k, v in link.items() if k.startswith("base.")}
         linked_refs.add(rid)
         linked_crm.add(cid)
         p_row, c_row = pc_by.get(rid), crm_by.get(cid)

@@ -39,9 +39,11 @@ def make_case(
     changed: float = 0.1,
     both: float = 0.02,
     unlinked: float = 0.05,
+    columnar: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(pc, crm, links): ``n_pairs`` linked pairs with edits on either or both sides, plus
-    unlinked records on each side."""
+    unlinked records on each side. ``links`` carries each base as ``base.<field>`` columns
+    (``columnar``), or as a dict per link in ``base`` (the older form)."""
     rng = np.random.default_rng(seed)
     fields = list(mapping.fields)
     synced = [f.name for f in mapping.synced_fields()]
@@ -73,9 +75,14 @@ def make_case(
     crm["sync_flag"] = True
     crm["closed"] = crm["stage"].isin(["won", "lost"])
     crm["modified_at"] = stamp + pd.to_timedelta(rng.integers(0, 7200, n_pairs), unit="s")
-    base_records = base[fields].astype(object).where(base[fields].notna(), None).to_dict("records")
-    links = pd.DataFrame({"referral_id": referral_ids, "crm_id": crm_ids, "base": base_records,
-                          "synced_at": pd.Timestamp(T0) - timedelta(hours=1)})  # fmt: skip
+    base_values = base[fields].astype(object).where(base[fields].notna(), None)
+    links = pd.DataFrame({"referral_id": referral_ids, "crm_id": crm_ids})
+    if columnar:
+        for f in fields:
+            links[f"base.{f}"] = base_values[f].to_numpy(dtype=object)
+    else:
+        links["base"] = base_values.to_dict("records")
+    links["synced_at"] = pd.Timestamp(T0) - timedelta(hours=1)
     n_lone = int(n_pairs * unlinked)
     if n_lone:
         lone_pc = pc.iloc[:n_lone].copy()

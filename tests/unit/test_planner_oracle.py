@@ -17,11 +17,12 @@ def _value(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
+@pytest.mark.parametrize("columnar", [True, False], ids=["columnar_base", "dict_base"])
 @pytest.mark.parametrize("crm", ["salesforce", "dynamics365"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_planner_matches_the_per_record_reference(crm, seed):
+def test_planner_matches_the_per_record_reference(crm, seed, columnar):
     mapping = load_mapping(crm)
-    pc, crm_rows, links = make_case(3000, mapping, seed=seed, changed=0.15, both=0.05)
+    pc, crm_rows, links = make_case(3000, mapping, seed=seed, changed=0.15, both=0.05, columnar=columnar)
     result = plan(pc, crm_rows, links, mapping)
     expected = reference_plan(pc.to_dict("records"), crm_rows.to_dict("records"), links.to_dict("records"), mapping)
 

@@ -44,7 +44,9 @@ class Plan:
     changes: pd.DataFrame  # long form: one row per field to write (CHANGE_COLUMNS)
     conflicts: pd.DataFrame  # CONFLICT_COLUMNS
     skips: pd.DataFrame  # SKIP_COLUMNS
-    new_base: pd.DataFrame  # referral_id, crm_id, base (dict) for each link whose synced values moved
+    # referral_id, crm_id and the base for each link whose synced values moved: ``base`` (a dict
+    # per link) when the links came so, else ``base.<field>`` columns (see with_base_dicts)
+    new_base: pd.DataFrame
     recovered_links: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["referral_id", "crm_id"]))
 
     def updates(self, target: str) -> pd.DataFrame:
@@ -108,6 +110,14 @@ def _take_time(frame: pd.DataFrame, column: str, pos: np.ndarray, present: np.nd
     return out
 
 
+def _objects(column: pd.Series) -> np.ndarray:
+    """A column as an object array, missing values as None (Arrow, string and float columns)."""
+    out = column.to_numpy(dtype=object)
+    if column.dtype != object:
+        out[pd.isna(out)] = None
+    return out
+
+
 def _marked(size: int, positions: np.ndarray) -> np.ndarray:
     """A boolean mask of ``size`` with True at the (non-negative) ``positions``."""
     mask = np.zeros(size, dtype=bool)
@@ -115,8 +125,12 @@ def _marked(size: int, positions: np.ndarray) -> np.ndarray:
     return mask
 
 
+BASE_PREFIX = "base."
+
+
 def _base_columns(bases: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-    """The last synced values, one object array per field, from the links' base dicts."""
+    """The last synced values, one object array per field, from links' base dicts (the older
+    form of ``links``; columnar links carry ``base.<field>`` columns instead)."""
     empty = (None,) * len(names)
     pick = operator.itemgetter(*names) if len(names) > 1 else (lambda d: (d[names[0]],))
 
@@ -129,9 +143,28 @@ def _base_columns(bases: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
             return tuple(b.get(k) for k in names)
 
     table = np.empty((len(bases), len(names)), dtype=object)
-    if len(bases):
+    if len(bases) and names:
         table[:] = [row(b) for b in bases]
     return {name: table[:, i] for i, name in enumerate(names)}
+
+
+def columnar_links(links: pd.DataFrame) -> bool:
+    """True when ``links`` carries its bases as ``base.<field>`` columns."""
+    return any(isinstance(c, str) and c.startswith(BASE_PREFIX) for c in links.columns)
+
+
+def with_base_dicts(links: pd.DataFrame) -> pd.DataFrame:
+    """``links`` with ``base`` as a dict per row (what the state store writes): built from its
+    ``base.<field>`` columns when it is columnar, else ``links`` as it is."""
+    if not columnar_links(links):
+        return links
+    prefixed = [c for c in links.columns if str(c).startswith(BASE_PREFIX)]
+    names = [c[len(BASE_PREFIX) :] for c in prefixed]
+    columns = [_objects(links[c]) for c in prefixed]
+    out = links.drop(columns=prefixed)
+    out["base"] = pd.Series([dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)],
+                            index=links.index, dtype=object)  # fmt: skip
+    return out
 
 
 def plan(
@@ -188,7 +221,18 @@ def plan(
 
     ref_all = np.concatenate([link_refs.to_numpy(), recovered["referral_id"].to_numpy(dtype=object)])
     cid_all = np.concatenate([link_crm.to_numpy(), recovered["crm_id"].to_numpy(dtype=object)])
-    base_all = np.concatenate([links["base"].to_numpy(dtype=object), np.full(len(recovered), None, dtype=object)])
+    # The links' bases, one column per field: given so (``base.<field>``), or unpacked once
+    # from the older form (a dict per link) for the fields the merge reads.
+    columnar = columnar_links(links)
+    n_new = len(recovered)
+    if columnar:
+        link_base = {c[len(BASE_PREFIX) :]: _objects(links[c]) for c in links.columns if str(c).startswith(BASE_PREFIX)}
+        link_has_base = np.ones(len(links), dtype=bool)
+        base_all = None
+    else:
+        base_all = np.concatenate([links["base"].to_numpy(dtype=object), np.full(n_new, None, dtype=object)])
+        link_has_base = np.fromiter((isinstance(b, dict) for b in base_all[: len(links)]), dtype=bool, count=len(links))
+        link_base = _base_columns(base_all[: len(links)], list(dict.fromkeys(["stage", *(f.name for f in synced)])))
     synced_all = np.concatenate(
         [
             pd.to_datetime(links["synced_at"], utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[us]"),
@@ -198,16 +242,19 @@ def plan(
     pc_pos_all = pc_index.get_indexer(ref_all)
     crm_pos_all = crm_index.get_indexer(cid_all)
     in_run = (pc_pos_all >= 0) | (crm_pos_all >= 0)
-    rid_a, cid_a, base_list = ref_all[in_run], cid_all[in_run], base_all[in_run]
+    rid_a, cid_a = ref_all[in_run], cid_all[in_run]
+    base_list = base_all[in_run] if base_all is not None else None
     pc_pos, crm_pos, synced_at = pc_pos_all[in_run], crm_pos_all[in_run], synced_all[in_run]
     n = len(rid_a)
     has_pc_a, has_crm_a = pc_pos >= 0, crm_pos >= 0
-    has_base_a = np.fromiter((isinstance(b, dict) for b in base_list), dtype=bool, count=n)
+    has_base_a = np.concatenate([link_has_base, np.zeros(n_new, dtype=bool)])[in_run]
+    base_cols = {k: np.concatenate([v, np.full(n_new, None, dtype=object)])[in_run] for k, v in link_base.items()}
+    no_base = np.full(n, None, dtype=object)
     p_updated = _take_time(pc, "updated_at", pc_pos, has_pc_a)
     c_modified = _take_time(crm, "modified_at", crm_pos, has_crm_a)
     pc_newer = p_updated > c_modified
     # A referral not read this run is judged by the stage last synced: won/lost means Closed.
-    base_stage = _base_columns(base_list, ["stage"])["stage"]
+    base_stage = base_cols.get("stage", no_base)
     pc_closed = np.where(
         has_pc_a, _take(pc, "status", pc_pos, has_pc_a) == "Closed", np.isin(base_stage, ["won", "lost"])
     )
@@ -221,9 +268,8 @@ def plan(
     touched = np.zeros(n, dtype=bool)
     new_base_cols: dict[str, np.ndarray] = {}
 
-    base_cols = _base_columns(base_list, [fm.name for fm in synced])
     for fm in synced:
-        b_raw = base_cols[fm.name]
+        b_raw = base_cols.get(fm.name, no_base)
         b_raw = np.where(b_raw == KEEP, None, b_raw)  # "no opinion" is never a synced value
         codes, uniques = pd.factorize(
             np.concatenate([b_raw, _take(pc, fm.name, pc_pos, has_pc_a), _take(crm, fm.name, crm_pos, has_crm_a)])
@@ -352,12 +398,18 @@ def plan(
     # Links to (re)write: where the agreed values moved, and links found on the records.
     rows = np.flatnonzero(moved)
     names = list(new_base_cols)
-    base_records = []
-    for i, agreed in zip(rows, zip(*(new_base_cols[name][rows] for name in names), strict=True), strict=True):
-        record = dict(base_list[i]) if isinstance(base_list[i], dict) else {}
-        record.update(zip(names, agreed, strict=True))
-        base_records.append(record)
-    base_frame = pd.DataFrame({"referral_id": rid_a[rows], "crm_id": cid_a[rows], "base": base_records})
+    if base_list is None:  # columnar in, columnar out: the old base's columns, the agreed values over them
+        agreed = {k: v[rows] for k, v in base_cols.items()} | {name: new_base_cols[name][rows] for name in names}
+        base_frame = pd.DataFrame({"referral_id": rid_a[rows], "crm_id": cid_a[rows]})
+        for name, column in agreed.items():
+            base_frame[f"{BASE_PREFIX}{name}"] = pd.Series(column, dtype=object)
+    else:
+        moved_base = []
+        for i, agreed in zip(rows, zip(*(new_base_cols[name][rows] for name in names), strict=True), strict=True):
+            record = dict(base_list[i]) if isinstance(base_list[i], dict) else {}
+            record.update(zip(names, agreed, strict=True))
+            moved_base.append(record)
+        base_frame = pd.DataFrame({"referral_id": rid_a[rows], "crm_id": cid_a[rows], "base": moved_base})
 
     # -- records with no link: creates, or skips with their reason -----------------------------
     lone_pc = pc[~_marked(len(pc), pc_pos_all)]

@@ -27,7 +27,7 @@ from cosell_sync.engine.normalize import (
     incomplete_creates,
     referrals_frame,
 )
-from cosell_sync.engine.plan import Plan, plan
+from cosell_sync.engine.plan import Plan, plan, with_base_dicts
 from cosell_sync.state import StateStore
 from cosell_sync.sync import lease
 from cosell_sync.sync.base import CrmSide, RunContext, WriteResult, plain, results_frame
@@ -606,7 +606,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     for r in results.itertuples():
         if r.ok and isinstance(getattr(r, "deferred", None), list) and r.deferred:
             deferred.setdefault(_pair(r.referral_id, r.crm_id), set()).update(r.deferred)
-    base = the_plan.new_base
+    base = with_base_dicts(the_plan.new_base)  # columnar links plan a columnar new base
     landed = np.array(
         [_pair(r, c) not in failed_pairs for r, c in zip(base["referral_id"], base["crm_id"], strict=True)], dtype=bool
     )

@@ -63,57 +63,94 @@ def peak_memory(fn) -> tuple[int, object]:
         tracemalloc.stop()
 
 
+PLANNER_RUNS = int(os.environ.get("BENCH_PLANNER_RUNS", "3"))  # median of these
+LOOP_RUNS = int(os.environ.get("BENCH_LOOP_RUNS", "3"))  # the per-record loop: median of these
+_PLANNER_CHILD = """
+import ctypes, gc, json, sys, time
+from benchmarks.synthetic import make_case
+from cosell_sync.engine.mapping import load_mapping
+from cosell_sync.engine.plan import plan
+
+size, runs = int(sys.argv[1]), int(sys.argv[2])
+mapping = load_mapping("salesforce")
+pc, crm, links = make_case(size, mapping, seed=7)
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # make_case's garbage back to the system: the inputs' own RSS
+
+
+def status():
+    return dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+
+
+inputs_kib = int(status()["VmRSS"].split()[0])
+with open("/proc/self/clear_refs", "w") as fh:  # the peak from here on: the inputs held, and plan()
+    fh.write("5")
+seconds, changes = [], 0
+for _ in range(runs):
+    start = time.perf_counter()
+    changes = len(plan(pc, crm, links, mapping).changes)
+    seconds.append(time.perf_counter() - start)
+peak_kib = int(status()["VmHWM"].split()[0])
+print(json.dumps({"seconds": seconds, "changes": changes, "peak_rss_mib": peak_kib / 1024,
+                  "inputs_rss_mib": inputs_kib / 1024}))
+"""
+
+
+def _planner_in_fresh_process(size: int) -> dict[str, object]:
+    """plan() PLANNER_RUNS times on ``size`` synthetic pairs in a fresh process: its times, and
+    its peak RSS (reset once the input frames are built, so it is plan()'s on top of its inputs)."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "plugins")]))
+    done = subprocess.run(  # our own interpreter, on our own code
+        [sys.executable, "-c", _PLANNER_CHILD, str(size), str(PLANNER_RUNS)],
+        capture_output=True, text=True, env=env, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"the planner benchmark process failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bench_planner() -> list[dict[str, object]]:
-    """The vectorized planner vs a plain per-record loop, on the same synthetic pairs."""
+    """The vectorized planner (median of PLANNER_RUNS, in a fresh process for its peak RSS) vs a
+    plain per-record loop that builds its records from the same frames (median of LOOP_RUNS)."""
     from benchmarks.reference_planner import reference_plan
     from benchmarks.synthetic import make_case
     from cosell_sync.engine.mapping import load_mapping
-    from cosell_sync.engine.plan import plan
 
     mapping = load_mapping("salesforce")
     rows = []
     for size in PLANNER_SIZES:
+        planner = _planner_in_fresh_process(size)
         pc, crm, links = make_case(size, mapping, seed=7)
-        records = (pc.to_dict("records"), crm.to_dict("records"), links.to_dict("records"))
-        plan_t, planned = timed(lambda pc=pc, crm=crm, links=links: plan(pc, crm, links, mapping))
-        loop_t, looped = timed(lambda records=records: reference_plan(*records, mapping))
-        assert len(planned.changes) == len(looped["changes"]), "planner and loop disagree"
-        plan_peak, _ = peak_memory(lambda pc=pc, crm=crm, links=links: plan(pc, crm, links, mapping))
-        loop_peak, _ = peak_memory(lambda records=records: reference_plan(*records, mapping))
-        # The loop's input is Python dicts made before it is measured; from the same frames as
-        # the planner, the conversion is part of its cost:
-        loop_from_frames_t, _ = timed(
-            lambda pc=pc, crm=crm, links=links: reference_plan(
-                pc.to_dict("records"), crm.to_dict("records"), links.to_dict("records"), mapping
+        loop_times, looped = [], None
+        for _ in range(LOOP_RUNS):
+            t, looped = timed(
+                lambda pc=pc, crm=crm, links=links: reference_plan(
+                    pc.to_dict("records"), crm.to_dict("records"), links.to_dict("records"), mapping
+                )
             )
-        )
-        loop_from_frames_peak, _ = peak_memory(
-            lambda pc=pc, crm=crm, links=links: reference_plan(
-                pc.to_dict("records"), crm.to_dict("records"), links.to_dict("records"), mapping
-            )
-        )
+            loop_times.append(t)
+        assert planner["changes"] == len(looped["changes"]), "planner and loop disagree"
+        plan_s, loop_s = statistics.median(planner["seconds"]), statistics.median(loop_times)
         rows.append(
             {
                 "pairs": size,
-                "changes": len(planned.changes),
-                "planner_s": plan_t,
-                "loop_s": loop_t,
-                "speedup_vs_loop": loop_t / plan_t,
-                "planner_peak_bytes": plan_peak,
-                "loop_peak_bytes": loop_peak,
-                "loop_from_frames_s": loop_from_frames_t,
-                "loop_from_frames_peak_bytes": loop_from_frames_peak,
+                "seconds": plan_s,
+                "loop_from_frames_seconds": loop_s,
+                "peak_rss_mib": planner["peak_rss_mib"],  # the whole process: input frames included
+                "inputs_rss_mib": planner["inputs_rss_mib"],  # the input frames alone, before plan()
+                "planner_rss_over_inputs_mib": planner["peak_rss_mib"] - planner["inputs_rss_mib"],
+                "speedup": loop_s / plan_s,
+                "runs": {"planner": planner["seconds"], "loop_from_frames": loop_times},
+                "changes": planner["changes"],
             }
         )
         print(
-            f"planner {size:>9,} pairs: {plan_t:6.2f}s vs per-record loop {loop_t:6.2f}s -> "
-            f"{loop_t / plan_t:.2f}x; peak memory {plan_peak / 2**20:,.0f} MiB vs {loop_peak / 2**20:,.0f} MiB; "
-            f"{len(planned.changes):,} field writes planned",
-            flush=True,
-        )
-        print(
-            f"        the loop from the same frames (records built inside): {loop_from_frames_t:6.2f}s -> "
-            f"{loop_from_frames_t / plan_t:.2f}x; peak memory {loop_from_frames_peak / 2**20:,.0f} MiB",
+            f"planner {size:>9,} pairs: {plan_s:6.2f}s median of {PLANNER_RUNS} (target <= 3 s at 1M), peak RSS "
+            f"{planner['peak_rss_mib']:,.0f} MiB (target <= 1,536; its inputs {planner['inputs_rss_mib']:,.0f} MiB); "
+            f"the per-record loop from the same frames "
+            f"{loop_s:6.2f}s -> {loop_s / plan_s:.1f}x (target >= 10x); {planner['changes']:,} field writes planned",
             flush=True,
         )
     return rows

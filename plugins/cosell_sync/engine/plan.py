@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pac
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
 
@@ -118,6 +120,120 @@ def _objects(column: pd.Series) -> np.ndarray:
     return out
 
 
+def _text(values: object) -> pa.Array | None:
+    """``values`` as an Arrow large_string array (missing values null); None unless they are
+    all text or missing."""
+    try:
+        arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        return None
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_null(arr.type):
+        return arr.cast(pa.string())
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return arr
+    return None
+
+
+def _same_type(arrays: list[pa.Array]) -> list[pa.Array]:
+    """Text arrays cast to one type (string, or large_string when any is large)."""
+    kinds = {a.type for a in arrays}
+    if len(kinds) <= 1:
+        return arrays
+    return [a.cast(pa.large_string()) for a in arrays]
+
+
+def _arrow(values: object) -> pa.Array | None:
+    """``values`` as an Arrow array of one plain type (text, float, integer or boolean; missing
+    values null), or None when they are of mixed or other types."""
+    text = _text(values)
+    if text is not None:
+        return text
+    try:
+        arr = pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        return None
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_floating(arr.type):
+        return pac.add(arr.cast(pa.float64()), 0.0)  # -0.0 is 0.0, as Python compares them
+    if pa.types.is_integer(arr.type):
+        return arr.cast(pa.int64())
+    if pa.types.is_boolean(arr.type):
+        return arr
+    return None
+
+
+def _indexer(keys: object, values: object) -> np.ndarray:
+    """The position in ``keys`` of each of ``values`` (-1: absent or missing), as
+    ``Index.get_indexer``: hashed by Arrow when both are text, by pandas otherwise."""
+    k, v = _text(keys), _text(values)
+    if k is None or v is None:
+        index = pd.Index(np.asarray(keys, dtype=object), dtype=object)
+        return index.get_indexer(np.asarray(values, dtype=object))
+    k, v = _same_type([k, v])
+    if 8 * len(v) >= len(k):
+        found = pac.index_in(v, value_set=k, skip_nulls=True).fill_null(-1)
+        return found.to_numpy(zero_copy_only=False).astype(np.intp)
+    # A few values among many keys: hash the values, not the keys, and scan the keys once.
+    unique = pac.unique(v.drop_null())
+    key_to_unique = pac.index_in(k, value_set=unique).fill_null(-1).to_numpy(zero_copy_only=False)
+    hits = np.flatnonzero(key_to_unique >= 0)[::-1]  # reversed: the first of equal keys wins
+    unique_pos = np.full(len(unique) + 1, -1, dtype=np.intp)
+    unique_pos[key_to_unique[hits]] = hits
+    value_to_unique = pac.index_in(v, value_set=unique, skip_nulls=True).fill_null(-1)
+    return unique_pos[value_to_unique.to_numpy(zero_copy_only=False)]
+
+
+def _pair_objects(column: pd.Series | None, pos: np.ndarray) -> np.ndarray:
+    """``column`` aligned by ``pos`` as an object array; None where ``pos`` < 0, missing, or no column."""
+    out = np.full(len(pos), None, dtype=object)
+    if column is not None and len(column):
+        text = _text(column)
+        if text is not None:
+            return text.take(pa.array(pos, mask=pos < 0)).to_numpy(zero_copy_only=False)
+        out[pos >= 0] = _objects(column)[pos[pos >= 0]]
+    return out
+
+
+def _factorize(
+    base: pd.Series | None,
+    link_pos: np.ndarray,
+    pc_col: pd.Series | None,
+    pc_pos: np.ndarray,
+    crm_col: pd.Series | None,
+    crm_pos: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (base, then Partner Center, then CRM, each aligned to the pairs; -1 missing) and
+    the values they stand for, of one field. The base's "no opinion" marker counts as missing
+    (it is never a synced value). Values of one plain type are encoded by Arrow; mixed ones by pandas."""
+    n = len(link_pos)
+    parts = [(base, link_pos), (pc_col, pc_pos), (crm_col, crm_pos)]
+    arrays = [pa.nulls(0) if col is None else _arrow(col) for col, _ in parts]
+    kinds = {a.type for a in arrays if a is not None and not pa.types.is_null(a.type) and len(a)}
+    if kinds <= {pa.string(), pa.large_string()} and len(kinds) > 1:
+        kinds = {pa.large_string()}
+    if all(a is not None for a in arrays) and len(kinds) <= 1:
+        kind = kinds.pop() if kinds else pa.string()
+        taken = [
+            a.cast(kind).take(pa.array(pos, mask=pos < 0)) if len(a) else pa.nulls(n, kind)
+            for (_, pos), a in zip(parts, arrays, strict=True)
+        ]
+        encoded = pa.concat_arrays(taken).dictionary_encode()
+        codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.intp)
+        uniques = encoded.dictionary.to_numpy(zero_copy_only=False).astype(object)
+        keep = np.flatnonzero(uniques == KEEP)
+        if keep.size:
+            b = codes[:n]
+            b[b == keep[0]] = -1
+        return codes, uniques
+    columns = [_pair_objects(col, pos) for col, pos in parts]
+    columns[0] = np.where(columns[0] == KEEP, None, columns[0])
+    codes, uniques = pd.factorize(np.concatenate(columns))
+    return codes, np.asarray(uniques, dtype=object)
+
+
 def _marked(size: int, positions: np.ndarray) -> np.ndarray:
     """A boolean mask of ``size`` with True at the (non-negative) ``positions``."""
     mask = np.zeros(size, dtype=bool)
@@ -195,73 +311,80 @@ def plan(
         links = _frame(["referral_id", "crm_id", "base", "synced_at"])
 
     # -- pairs: known links, plus links recovered from the records themselves ---------------
-    # Rows are aligned by position (Index.get_indexer), never by merging whole frames.
-    pc_index = pd.Index(pc["referral_id"].to_numpy(dtype=object), dtype=object)
-    crm_index = pd.Index(crm["crm_id"].to_numpy(dtype=object), dtype=object)
-    link_refs = pd.Index(links["referral_id"].to_numpy(dtype=object), dtype=object)
-    link_crm = pd.Index(links["crm_id"].to_numpy(dtype=object), dtype=object)
-    pc_ref = pc["crm_ref"].to_numpy(dtype=object)
-    crm_ref = crm["referral_ref"].to_numpy(dtype=object)
-    pc_linked = _marked(len(pc), pc_index.get_indexer(link_refs))
-    crm_linked = _marked(len(crm), crm_index.get_indexer(link_crm))
+    # Rows are aligned by position (ids hashed by Arrow), never by merging whole frames.
+    link_pc_pos = _indexer(pc["referral_id"], links["referral_id"])
+    link_crm_pos = _indexer(crm["crm_id"], links["crm_id"])
+    pc_linked = _marked(len(pc), link_pc_pos)
+    crm_linked = _marked(len(crm), link_crm_pos)
     # Only unlinked records that name the other side can recover a link: look up just those.
-    cand_pc = np.flatnonzero(pd.notna(pc_ref) & ~pc_linked)
-    cand_pc = cand_pc[crm_index.get_indexer(pc_ref[cand_pc]) >= 0]
-    cand_crm = np.flatnonzero(pd.notna(crm_ref) & ~crm_linked)
-    cand_crm = cand_crm[pc_index.get_indexer(crm_ref[cand_crm]) >= 0]
+    cand_pc = np.flatnonzero(pc["crm_ref"].notna().to_numpy(dtype=bool) & ~pc_linked)
+    pc_ref = pc["crm_ref"].to_numpy(dtype=object)[cand_pc]
+    found = _indexer(crm["crm_id"], pc_ref) >= 0
+    cand_pc, pc_ref = cand_pc[found], pc_ref[found]
+    cand_crm = np.flatnonzero(crm["referral_ref"].notna().to_numpy(dtype=bool) & ~crm_linked)
+    crm_ref = crm["referral_ref"].to_numpy(dtype=object)[cand_crm]
+    found = _indexer(pc["referral_id"], crm_ref) >= 0
+    cand_crm, crm_ref = cand_crm[found], crm_ref[found]
     recovered = pd.DataFrame(
         {
-            "referral_id": np.concatenate([pc_index.to_numpy()[cand_pc], crm_ref[cand_crm]]),
-            "crm_id": np.concatenate([pc_ref[cand_pc], crm_index.to_numpy()[cand_crm]]),
+            "referral_id": np.concatenate([pc["referral_id"].to_numpy(dtype=object)[cand_pc], crm_ref]),
+            "crm_id": np.concatenate([pc_ref, crm["crm_id"].to_numpy(dtype=object)[cand_crm]]),
         },
         dtype=object,
     ).drop_duplicates()
-    recovered = recovered[~recovered["referral_id"].isin(link_refs) & ~recovered["crm_id"].isin(link_crm)]
+    recovered = recovered[
+        (_indexer(links["referral_id"], recovered["referral_id"]) < 0)
+        & (_indexer(links["crm_id"], recovered["crm_id"]) < 0)
+    ]
     recovered = recovered.drop_duplicates("referral_id").drop_duplicates("crm_id").reset_index(drop=True)
+    rec_refs = recovered["referral_id"].to_numpy(dtype=object)
+    rec_cids = recovered["crm_id"].to_numpy(dtype=object)
 
-    ref_all = np.concatenate([link_refs.to_numpy(), recovered["referral_id"].to_numpy(dtype=object)])
-    cid_all = np.concatenate([link_crm.to_numpy(), recovered["crm_id"].to_numpy(dtype=object)])
     # The links' bases, one column per field: given so (``base.<field>``), or unpacked once
     # from the older form (a dict per link) for the fields the merge reads.
     columnar = columnar_links(links)
     n_new = len(recovered)
     if columnar:
-        link_base = {c[len(BASE_PREFIX) :]: _objects(links[c]) for c in links.columns if str(c).startswith(BASE_PREFIX)}
+        link_base = {c[len(BASE_PREFIX) :]: links[c] for c in links.columns if str(c).startswith(BASE_PREFIX)}
         link_has_base = np.ones(len(links), dtype=bool)
         base_all = None
     else:
         base_all = np.concatenate([links["base"].to_numpy(dtype=object), np.full(n_new, None, dtype=object)])
         link_has_base = np.fromiter((isinstance(b, dict) for b in base_all[: len(links)]), dtype=bool, count=len(links))
-        link_base = _base_columns(base_all[: len(links)], list(dict.fromkeys(["stage", *(f.name for f in synced)])))
+        unpacked = _base_columns(base_all[: len(links)], list(dict.fromkeys(["stage", *(f.name for f in synced)])))
+        link_base = {k: pd.Series(v, dtype=object) for k, v in unpacked.items()}
     synced_all = np.concatenate(
         [
             pd.to_datetime(links["synced_at"], utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[us]"),
             np.full(len(recovered), np.datetime64("NaT"), dtype="datetime64[us]"),
         ]
     )
-    pc_pos_all = pc_index.get_indexer(ref_all)
-    crm_pos_all = crm_index.get_indexer(cid_all)
+    pc_pos_all = np.concatenate([link_pc_pos, _indexer(pc["referral_id"], rec_refs)])
+    crm_pos_all = np.concatenate([link_crm_pos, _indexer(crm["crm_id"], rec_cids)])
     in_run = (pc_pos_all >= 0) | (crm_pos_all >= 0)
-    rid_a, cid_a = ref_all[in_run], cid_all[in_run]
+    # each pair's row in ``links`` (-1: a recovered link)
+    link_pos = np.concatenate([np.arange(len(links)), np.full(n_new, -1)])[in_run]
+    rid_a = np.concatenate([links["referral_id"].to_numpy(dtype=object), rec_refs])[in_run]
+    cid_a = np.concatenate([links["crm_id"].to_numpy(dtype=object), rec_cids])[in_run]
     base_list = base_all[in_run] if base_all is not None else None
     pc_pos, crm_pos, synced_at = pc_pos_all[in_run], crm_pos_all[in_run], synced_all[in_run]
     n = len(rid_a)
     has_pc_a, has_crm_a = pc_pos >= 0, crm_pos >= 0
     has_base_a = np.concatenate([link_has_base, np.zeros(n_new, dtype=bool)])[in_run]
-    base_cols = {k: np.concatenate([v, np.full(n_new, None, dtype=object)])[in_run] for k, v in link_base.items()}
-    no_base = np.full(n, None, dtype=object)
     p_updated = _take_time(pc, "updated_at", pc_pos, has_pc_a)
     c_modified = _take_time(crm, "modified_at", crm_pos, has_crm_a)
     pc_newer = p_updated > c_modified
     # A referral not read this run is judged by the stage last synced: won/lost means Closed.
-    base_stage = base_cols.get("stage", no_base)
     pc_closed = np.where(
-        has_pc_a, _take(pc, "status", pc_pos, has_pc_a) == "Closed", np.isin(base_stage, ["won", "lost"])
+        has_pc_a,
+        _take(pc, "status", pc_pos, has_pc_a) == "Closed",
+        np.isin(_pair_objects(link_base.get("stage"), link_pos), ["won", "lost"]),
     )
 
     # -- merge, field by field, on integer codes ---------------------------------------------
-    # Each field's three versions (base, Partner Center, CRM) are factorized together once;
-    # the merge is then numpy arithmetic on codes (-1 = missing), not object comparisons.
+    # Each field's three versions (base, Partner Center, CRM) are factorized together once
+    # (by Arrow for text, else by pandas); the merge is then numpy arithmetic on codes
+    # (-1 = missing), not object comparisons.
     changes: list[pd.DataFrame] = []
     conflicts: list[pd.DataFrame] = []
     moved = ~has_base_a
@@ -269,12 +392,9 @@ def plan(
     new_base_cols: dict[str, np.ndarray] = {}
 
     for fm in synced:
-        b_raw = base_cols.get(fm.name, no_base)
-        b_raw = np.where(b_raw == KEEP, None, b_raw)  # "no opinion" is never a synced value
-        codes, uniques = pd.factorize(
-            np.concatenate([b_raw, _take(pc, fm.name, pc_pos, has_pc_a), _take(crm, fm.name, crm_pos, has_crm_a)])
+        codes, uniques = _factorize(
+            link_base.get(fm.name), link_pos, pc.get(fm.name), pc_pos, crm.get(fm.name), crm_pos
         )
-        uniques = np.asarray(uniques, dtype=object)
         values = np.append(uniques, None)  # code -1 -> None
         b, p, c = codes[:n], codes[n : 2 * n], codes[2 * n :]
         p = np.where(has_pc_a, p, b)
@@ -399,7 +519,8 @@ def plan(
     rows = np.flatnonzero(moved)
     names = list(new_base_cols)
     if base_list is None:  # columnar in, columnar out: the old base's columns, the agreed values over them
-        agreed = {k: v[rows] for k, v in base_cols.items()} | {name: new_base_cols[name][rows] for name in names}
+        agreed = {k: _pair_objects(v, link_pos[rows]) for k, v in link_base.items()}
+        agreed |= {name: new_base_cols[name][rows] for name in names}
         base_frame = pd.DataFrame({"referral_id": rid_a[rows], "crm_id": cid_a[rows]})
         for name, column in agreed.items():
             base_frame[f"{BASE_PREFIX}{name}"] = pd.Series(column, dtype=object)

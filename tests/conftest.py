@@ -29,6 +29,8 @@ os.environ.setdefault("AIRFLOW__COSELL__TASK_RETRY_DELAY", "1")
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from tests import services  # noqa: E402
 
+pytest_plugins = ["tests.xdist_groups"]
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Stop at once, naming the service and how to start it, when PostgreSQL or Redis is down:

@@ -156,6 +156,76 @@ def bench_planner() -> list[dict[str, object]]:
     return rows
 
 
+QUIET_REFERRALS = int(os.environ.get("BENCH_QUIET_REFERRALS", "600"))
+TOKEN_PATHS = ("/services/oauth2/",)  # the Salesforce emulator's token endpoint: auth, not API reads
+
+
+def _api_calls(emulator) -> dict[str, int]:
+    """Reads (GET) and writes (anything else) the emulator served, without its control plane and
+    token endpoint."""
+    calls = [r for r in emulator.requests_matching() if not r.path.startswith(("/_sandbox", *TOKEN_PATHS))]
+    return {"reads": sum(r.method == "GET" for r in calls), "writes": sum(r.method != "GET" for r in calls)}
+
+
+def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
+    """A quiet incremental run (SPEC §10: <= 3 read calls per system, 0 writes): a first sync,
+    then a second with nothing changed in between, whose API calls are counted per system."""
+    from cosell_sync.dag_factory import sync_sides
+    from cosell_sync.engine.mapping import load_mapping
+    from cosell_sync.hooks._msal import forget_tokens
+    from cosell_sync.state import StateStore
+    from cosell_sync.sync.runner import SyncJob, sync, window
+
+    conns = sb.connections()
+    for conn_id in ("partner_center_default", "dynamics_default", "salesforce_default"):
+        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conns[conn_id])
+    figures = {}
+    for crm in ("salesforce", "dynamics365"):
+        sb.reset()
+        forget_tokens()
+        sb.partner_center.seed(QUIET_REFERRALS, seed=16)
+        crm_emulator = sb.salesforce if crm == "salesforce" else sb.dataverse
+        crm_emulator.seed(opportunities=QUIET_REFERRALS // 3, accounts=40, flagged=QUIET_REFERRALS // 6, seed=16)
+        store = StateStore(f"sqlite:///{_TMP / f'quiet-{crm}.db'}")
+        store.migrate()
+        mapping, dag_id = load_mapping(crm), f"cosell_sync_{crm}"
+
+        def run(n: int, *, mapping=mapping, dag_id=dag_id, crm=crm, store=store) -> dict:
+            since_pc, since_crm = window(store, dag_id)
+            job = SyncJob(
+                crm=crm,
+                dag_id=dag_id,
+                run_id=f"manual__quiet_{n}",
+                mapping=mapping,
+                staging=_TMP / "quiet-staging",
+                since_pc=since_pc,
+                since_crm=since_crm,
+            )
+            return sync(job, *sync_sides(crm, mapping, None), store)
+
+        run(1)
+        for emulator in (sb.partner_center, crm_emulator):
+            emulator.log.clear()
+        grants = dict(sb.entra.grants)
+        report = run(2)
+        figures[crm] = {
+            "partner_center": _api_calls(sb.partner_center),
+            crm: _api_calls(crm_emulator),
+            "token_grants": sum(sb.entra.grants.values()) - sum(grants.values()),
+            "changes": {
+                d: {k: report[d][k] for k in ("created", "updated", "failed")} for d in ("pc_to_crm", "crm_to_pc")
+            },
+        }
+        store.close()
+        pc_calls, crm_calls = figures[crm]["partner_center"], figures[crm][crm]
+        print(
+            f"quiet   {crm}: Partner Center {pc_calls['reads']} reads / {pc_calls['writes']} writes, "
+            f"{crm} {crm_calls['reads']} reads / {crm_calls['writes']} writes (target <= 3 reads each, 0 writes)",
+            flush=True,
+        )
+    return figures
+
+
 UI_AUDIT_ROWS = int(os.environ.get("BENCH_UI_AUDIT_ROWS", "100000"))
 
 
@@ -368,6 +438,7 @@ def main() -> int:
             "expected_pages": -(-N_REFERRALS // 100),
             "token_grants": sb.entra.grants["refresh_token"] - grants_before,
         }
+        results["quiet_run"] = bench_quiet_run(sb)
     results["planner"] = bench_planner()
     results["ui_pages_s"] = bench_ui_pages()
     topologies = bench_webhook_latency()

@@ -171,10 +171,9 @@ def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
     """A quiet incremental run (SPEC §10: <= 3 read calls per system, 0 writes): a first sync,
     then a second with nothing changed in between, whose API calls are counted per system."""
     from cosell_sync.dag_factory import sync_sides
-    from cosell_sync.engine.mapping import load_mapping
     from cosell_sync.hooks._msal import forget_tokens
     from cosell_sync.state import StateStore
-    from cosell_sync.sync.runner import SyncJob, sync, window
+    from cosell_sync.sync.runner import sync, window_job
 
     conns = sb.connections()
     for conn_id in ("partner_center_default", "dynamics_default", "salesforce_default"):
@@ -188,20 +187,10 @@ def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
         crm_emulator.seed(opportunities=QUIET_REFERRALS // 3, accounts=40, flagged=QUIET_REFERRALS // 6, seed=16)
         store = StateStore(f"sqlite:///{_TMP / f'quiet-{crm}.db'}")
         store.migrate()
-        mapping, dag_id = load_mapping(crm), f"cosell_sync_{crm}"
 
-        def run(n: int, *, mapping=mapping, dag_id=dag_id, crm=crm, store=store) -> dict:
-            since_pc, since_crm = window(store, dag_id)
-            job = SyncJob(
-                crm=crm,
-                dag_id=dag_id,
-                run_id=f"manual__quiet_{n}",
-                mapping=mapping,
-                staging=_TMP / "quiet-staging",
-                since_pc=since_pc,
-                since_crm=since_crm,
-            )
-            return sync(job, *sync_sides(crm, mapping, None), store)
+        def run(n: int, *, crm=crm, store=store) -> dict:
+            job = window_job(crm, store, _TMP / "quiet-staging", f"manual__quiet_{n}")
+            return sync(job, *sync_sides(crm, job.mapping, None), store)
 
         run(1)
         for emulator in (sb.partner_center, crm_emulator):
@@ -240,7 +229,7 @@ def _ui_page_seconds(url: str) -> dict[str, float]:
     from cosell_sync.state import StateStore
     from cosell_sync.state.store import audit_t
     from cosell_sync.ui import queries
-    from cosell_sync.ui.render import Links, render
+    from cosell_sync.ui.render import Links, render, render_index
 
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     store = StateStore(url)
@@ -274,16 +263,15 @@ def _ui_page_seconds(url: str) -> dict[str, float]:
         overview = queries.overview(store.engine, ["salesforce"])
         for crm in overview["crms"].values():  # the app adds what Airflow's DB says of the last run
             crm.update(airflow_run={"run_id": "scheduled__199", "state": "success"}, report=None)
-        return render(
-            "index.html",
+        return render_index(
+            store.engine,
             urls,
-            user="bench",
             crms=["salesforce"],
             overview=overview,
+            link_crm="salesforce",
+            q="Fabrikam 42",
+            user="bench",
             extra_runs={},
-            links=queries.links_page(store.engine, "salesforce", q="Fabrikam 42"),
-            dead=queries.dead_letter_page(store.engine, ["salesforce"]),
-            conflicts=queries.conflicts_page(store.engine, ["salesforce"]),
             actionable={"salesforce"},
             csrf="bench",
         )

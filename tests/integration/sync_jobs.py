@@ -13,7 +13,7 @@ from cosell_sync.hooks.salesforce import SalesforceSyncHook
 from cosell_sync.state import StateStore
 from cosell_sync.sync.dynamics365 import DynamicsSide
 from cosell_sync.sync.partner_center import PartnerCenterSide
-from cosell_sync.sync.runner import SyncJob, window
+from cosell_sync.sync.runner import SyncJob, window_job
 from cosell_sync.sync.salesforce import SalesforceSide
 
 EVENTS = "cosell_referral_events"
@@ -35,17 +35,7 @@ def quiet_sides(crm: str, mapping: Any) -> tuple[PartnerCenterSide, Any]:
 def scheduled_job(crm: str, store: StateStore, staging: Any, *, prefix: str = "scheduled", **kwargs: Any) -> SyncJob:
     """A run of ``cosell_sync_<crm>`` whose window starts at the committed watermarks (as
     ``prepare`` reads them); ``kwargs`` override any field (a backfill's interval ...)."""
-    dag_id = f"cosell_sync_{crm}"
-    since_pc, since_crm = window(store, dag_id)
-    fields = {"since_pc": since_pc, "since_crm": since_crm} | kwargs
-    return SyncJob(
-        crm=crm,
-        dag_id=dag_id,
-        run_id=f"{prefix}__{next(_runs)}",
-        mapping=load_mapping(crm),
-        staging=staging,
-        **fields,
-    )
+    return window_job(crm, store, staging, f"{prefix}__{next(_runs)}", **kwargs)
 
 
 def event_job(crm: str, staging: Any, referral_ids: list[str]) -> SyncJob:

@@ -7,28 +7,15 @@ import itertools
 import pytest
 
 from cosell_sync.dag_factory import sync_sides
-from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.state import StateStore
-from cosell_sync.sync.runner import SyncJob, sync, window
+from cosell_sync.sync.runner import sync, window_job
 
 _runs = itertools.count(1)
 
 
 def run_sync(crm: str, store: StateStore, staging, **job_kwargs) -> dict:
-    mapping = load_mapping(crm)
-    dag_id = f"cosell_sync_{crm}"
-    since_pc, since_crm = window(store, dag_id)
-    job = SyncJob(
-        crm=crm,
-        dag_id=dag_id,
-        run_id=f"manual__{next(_runs)}",
-        mapping=mapping,
-        staging=staging,
-        since_pc=since_pc,
-        since_crm=since_crm,
-        **job_kwargs,
-    )
-    return sync(job, *sync_sides(crm, mapping), store)
+    job = window_job(crm, store, staging, f"manual__{next(_runs)}", **job_kwargs)
+    return sync(job, *sync_sides(crm, job.mapping), store)
 
 
 def seed(pc, crm: str) -> None:

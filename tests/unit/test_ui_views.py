@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from cosell_sync.state import StateStore
 from cosell_sync.state.store import audit_t, dead_letter_t
 from cosell_sync.ui import queries
-from cosell_sync.ui.render import Links, render
+from cosell_sync.ui.render import Links, render, render_index
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 EVIL = '<script>alert("x")</script>&'
@@ -188,16 +188,15 @@ def _page(store: StateStore, crm_hosts=None) -> str:
     overview = queries.overview(store.engine, ["salesforce"])
     for o in overview["crms"].values():
         o.update(airflow_run={"run_id": "manual__r2", "state": "success"}, report="report")
-    return render(
-        "index.html",
+    return render_index(
+        store.engine,
         links,
-        user="alice",
         crms=["salesforce"],
         overview=overview,
+        link_crm="salesforce",
+        q="ref-0004",
+        user="alice",
         extra_runs={},
-        links=queries.links_page(store.engine, "salesforce", q="ref-0004"),
-        dead=queries.dead_letter_page(store.engine, ["salesforce"]),
-        conflicts=queries.conflicts_page(store.engine, ["salesforce"]),
         actionable={"salesforce"},
         csrf="tok",
     )

@@ -115,6 +115,19 @@ def window(store: StateStore, dag_id: str, *, full_resync: bool = False) -> tupl
     return pc_mark, crm_mark
 
 
+def window_job(crm: str, store: StateStore, staging: Any, run_id: str, **fields: Any) -> SyncJob:
+    """The job of a scheduled or manual run of ``cosell_sync_<crm>`` in this process: its window
+    starts at the committed watermarks, as ``prepare`` reads them; ``fields`` override any
+    field (``mapping``, a backfill's interval ...)."""
+    from cosell_sync.engine.mapping import load_mapping
+
+    dag_id = f"cosell_sync_{crm}"
+    since_pc, since_crm = window(store, dag_id)
+    fields = {"since_pc": since_pc, "since_crm": since_crm} | fields
+    mapping = fields.pop("mapping", None) or load_mapping(crm)
+    return SyncJob(crm=crm, dag_id=dag_id, run_id=run_id, mapping=mapping, staging=staging, **fields)
+
+
 def initial_load_done(store: StateStore, dag_id: str) -> bool:
     """Has a window sync (scheduled or manual, not a dry run) of ``dag_id`` ever committed?"""
     return any(store.get_watermark(dag_id, side) is not None for side in ("full_sync", "partner_center", "crm"))

@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from cosell_sync.state.store import CRMS, DIRECTIONS, StateStore
 from cosell_sync.ui import queries
-from cosell_sync.ui.render import Links, render
+from cosell_sync.ui.render import Links, render, render_index
 
 log = logging.getLogger(__name__)
 
@@ -294,16 +294,19 @@ def create_app(store_factory: Callable[[], StateStore] | None = None) -> FastAPI
         data, extra = overview_data(request, crms)
         with_links = [c for c in crms if data["crms"][c]["links"]]  # by default, the first CRM with links
         link_crm = crm if crm in crms else (with_links or crms)[0]
-        page = render(
-            "index.html",
+        page = render_index(
+            engine(),
             _links(request, state),
-            user=_user_name(user),
             crms=crms,
             overview=data,
+            link_crm=link_crm,
+            q=q,
+            links_page=links_page,
+            dead_page=dead_page,
+            conflicts_page=conflicts_page,
+            max_attempts=max_attempts(),
+            user=_user_name(user),
             extra_runs=extra,
-            links=queries.links_page(engine(), link_crm, q=q, page=links_page),
-            dead=queries.dead_letter_page(engine(), crms, page=dead_page, max_attempts=max_attempts()),
-            conflicts=queries.conflicts_page(engine(), crms, page=conflicts_page),
             actionable=set(runnable_crms(request, user)),
             csrf=csrf_token(user),
             flash={"kind": "error" if flash_kind == "error" else "ok", "text": flash[:500]} if flash else None,

@@ -105,3 +105,35 @@ def render(template: str, urls: Links, **context: Any) -> str:
     context.setdefault("csrf", "")
     context.setdefault("user", "")
     return environment().get_template(template).render(**urls.helpers(), **context)
+
+
+def render_index(
+    engine: Any,
+    urls: Links,
+    *,
+    crms: list[str],
+    overview: dict[str, Any],
+    link_crm: str,
+    q: str = "",
+    links_page: int = 1,
+    dead_page: int = 1,
+    conflicts_page: int = 1,
+    max_attempts: int = 5,
+    **context: Any,
+) -> str:
+    """The Co-sell page: the overview it is given (with what Airflow's DB says of each CRM's
+    last run), one CRM's links (searched by ``q``), the dead letter and the conflicts of
+    ``crms``, each at its page; ``context`` carries the rest (user, extra_runs, actionable,
+    csrf, flash)."""
+    from cosell_sync.ui import queries
+
+    return render(
+        "index.html",
+        urls,
+        crms=crms,
+        overview=overview,
+        links=queries.links_page(engine, link_crm, q=q, page=links_page),
+        dead=queries.dead_letter_page(engine, crms, page=dead_page, max_attempts=max_attempts),
+        conflicts=queries.conflicts_page(engine, crms, page=conflicts_page),
+        **context,
+    )

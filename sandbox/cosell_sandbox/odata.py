@@ -324,6 +324,33 @@ def _call(name: str, first: _Operand, second: _Operand, record: Mapping[str, Any
     return haystack.endswith(needle)
 
 
+def _any_of_equals(terms: list[Predicate]) -> Predicate | None:
+    """``a eq 'x' or a eq 'y' or ...`` on one property, as one set lookup (a lookup of many ids
+    would otherwise compare every record with every id); None when ``terms`` are anything else.
+
+    Exactly :func:`_compare`'s answer: a text literal that is not a date/time equals a value
+    only when that value is text and the same (case-folded for a GUID literal or with
+    case-insensitive strings); null, numbers, booleans and nested values never equal it."""
+    found = [getattr(term, "equals", None) for term in terms]
+    if any(f is None for f in found) or len({f[0] for f in found}) != 1:  # type: ignore[index]
+        return None
+    if any(_parse_iso(str(value)) is not None for _, value, _ in found):  # type: ignore[misc]
+        return None  # a date/time literal compares as a moment: not a plain text match
+    path = found[0][0]  # type: ignore[index]
+    exact = frozenset(str(value) for _, value, folded in found if not folded)  # type: ignore[misc]
+    folded = frozenset(str(value).casefold() for _, value, fold in found if fold)  # type: ignore[misc]
+
+    def predicate(record: Mapping[str, Any]) -> bool:
+        value = resolve_path(record, path)
+        if not isinstance(value, str):
+            return False
+        if value in exact:
+            return True
+        return bool(folded) and value.casefold() in folded
+
+    return predicate
+
+
 # ---------------------------------------------------------------------------
 # $filter: parser
 
@@ -393,7 +420,7 @@ class _FilterParser:
             terms.append(self.parse_and())
         if len(terms) == 1:
             return terms[0]
-        return lambda record: any(term(record) for term in terms)
+        return _any_of_equals(terms) or (lambda record: any(term(record) for term in terms))
 
     def parse_and(self) -> Predicate:
         terms = [self.parse_unary()]
@@ -469,7 +496,14 @@ class _FilterParser:
         self.advance()
         right = self.parse_operand()
         fold = self.options.case_insensitive_strings
-        return lambda record: _compare(op, left, right, record, fold)
+
+        def predicate(record: Mapping[str, Any]) -> bool:
+            return _compare(op, left, right, record, fold)
+
+        if op == "eq" and left.kind == "property" and right.kind in ("string", "guid"):
+            # "path eq 'text'": what an "or" of many of them needs to become one set lookup
+            predicate.equals = (left.value, right.value, fold or right.kind == "guid")  # type: ignore[attr-defined]
+        return predicate
 
     def parse_operand(self) -> _Operand:
         token = self.peek()

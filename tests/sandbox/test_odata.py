@@ -488,3 +488,26 @@ def test_sort_records_mixed_types_do_not_raise() -> None:
         {"id": "z"},
     ]
     assert _ids(sort_records(records, [("v", False)])) == ["z", "b", "f", "n", "s", "d"]
+
+
+def test_an_or_of_equals_on_one_property_matches_as_its_terms_do() -> None:
+    """``id eq 'a' or id eq 'b' ...`` (a lookup of many ids) is one set lookup: the same records
+    as each term evaluated alone, for text, GUIDs, case, dates, nulls, numbers and nesting."""
+    rng = random.Random(7)
+    values: list[Any] = [
+        "abc", "ABC", "Abc", "", "00000000-0000-0000-0000-0000000000ab", "00000000-0000-0000-0000-0000000000AB",
+        "2024-05-01T10:00:00Z", "2024-05-01T10:00:00z", "2024-05-01", None, 7, 7.0, True, {"x": 1}, ["abc"],
+    ]  # fmt: skip
+    literals = [
+        "'abc'", "'ABC'", "''", "'x''y'", "00000000-0000-0000-0000-0000000000AB",
+        "'00000000-0000-0000-0000-0000000000ab'", "'2024-05-01T10:00:00Z'", "'7'",
+    ]  # fmt: skip
+    records = [{"id": str(i), "k": v, "n": {"k": v}} for i, v in enumerate(values)] + [{"id": "none"}]
+    for options in (FilterOptions(), FilterOptions(case_insensitive_strings=True)):
+        for _ in range(300):
+            path = rng.choice(["k", "n/k", "K"])
+            chosen = rng.sample(literals, rng.randint(2, 5))
+            expr = " or ".join(f"{path} eq {literal}" for literal in chosen)
+            fast = compile_filter(expr, options)
+            terms = [compile_filter(f"{path} eq {literal}", options) for literal in chosen]
+            assert [r["id"] for r in records if fast(r)] == [r["id"] for r in records if any(t(r) for t in terms)], expr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import datetime
 
 import pytest
@@ -162,6 +163,24 @@ def test_bulk_api_2_above_the_threshold(sf, sf_conn):
     assert all(r.created is True for i, r in enumerate(results) if i != 42)
     again = hook.upsert_records("Opportunity", "PC_Referral_Id__c", [{**r, "Amount": 1} for r in records[:150]])
     assert sum(1 for r in again if r.success and r.created is False) == 149
+
+
+def test_a_bulk_job_is_looked_at_soon_after_it_is_closed(sf, sf_conn, monkeypatch):
+    """simple-salesforce sleeps its ``wait`` before it first reads a closed job's state, 5 s
+    unless told: every Bulk API 2.0 write of a run (10,000 new opportunities are one) would
+    cost at least 5 s however fast Salesforce was. The hook asks for its ``bulk_poll``."""
+    import simple_salesforce.bulk2 as bulk2
+
+    slept: list[float] = []
+    monkeypatch.setattr(bulk2, "sleep", lambda seconds: slept.append(seconds) or time.sleep(0.01))
+    hook = SalesforceSyncHook(bulk_threshold=10)
+    records = [opportunity(i, PC_Referral_Id__c=f"ref-{i}") for i in range(20)]
+    results = hook.upsert_records("Opportunity", "PC_Referral_Id__c", records)
+    assert all(r.success for r in results) and any("/jobs/ingest" in r.path for r in sf.log)
+    updated = hook.update_records("Opportunity", [{"Id": r.id, "Amount": 7} for r in results])
+    assert all(r.success for r in updated)
+    assert len(slept) >= 2 and max(slept) < 5  # the first look comes after bulk_poll, never 5 s
+    assert slept[0] == hook.bulk_poll == 0.5
 
 
 def test_api_usage_is_logged_and_calls_slow_down_near_the_limit(sf, sf_conn, caplog):

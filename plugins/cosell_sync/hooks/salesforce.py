@@ -46,6 +46,9 @@ from cosell_sync.hooks._soql import Condition, select
 SYSTEM = "Salesforce"
 log = logging.getLogger(__name__)
 COLLECTION_LIMIT = 200
+# Seconds between closing a Bulk API 2.0 job and the first look at its state: simple-salesforce
+# waits its ``wait`` (5 s by default) first, then polls ever less often (up to every ~3.5 s here).
+BULK_POLL = 0.5
 _USAGE = re.compile(r"api-usage=(\d+)/(\d+)")
 
 
@@ -178,6 +181,7 @@ class SalesforceSyncHook(SalesforceHook):
         *,
         retry_policy: RetryPolicy | None = None,
         bulk_threshold: int = 2000,
+        bulk_poll: float = BULK_POLL,
         slow_down_at: float = 0.8,
         sleep: Callable[[float], None] = time.sleep,
         session_id: str | None = None,
@@ -187,6 +191,7 @@ class SalesforceSyncHook(SalesforceHook):
         self.retrier = Retrier(SYSTEM, retry_policy, sleep=sleep)
         self.usage = ApiUsage(slow_down_at=slow_down_at)
         self.bulk_threshold = bulk_threshold
+        self.bulk_poll = bulk_poll
         self._sleep = sleep
         self._lock = threading.Lock()
 
@@ -317,9 +322,9 @@ class SalesforceSyncHook(SalesforceHook):
         handler = getattr(self.conn.bulk2, sobject)
         with salesforce_errors(f"bulk {operation} {sobject}"):
             if operation == "upsert":
-                jobs = handler.upsert(records=rows, external_id_field=key)
+                jobs = handler.upsert(records=rows, external_id_field=key, wait=self.bulk_poll)
             else:
-                jobs = handler.update(records=rows)
+                jobs = handler.update(records=rows, wait=self.bulk_poll)
         position = {str(r[key]): i for i, r in enumerate(records)}
         results: dict[int, RecordResult] = {}
         for job in jobs:

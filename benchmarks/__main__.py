@@ -27,6 +27,7 @@ os.environ.setdefault("AIRFLOW_HOME", str(_TMP / "airflow"))
 
 import requests  # noqa: E402
 
+from benchmarks.throughput import bench_throughput  # noqa: E402
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from cosell_sync.hooks.partner_center import PartnerCenterHook  # noqa: E402
 from cosell_sync.models import parse_referrals  # noqa: E402
@@ -427,6 +428,7 @@ def main() -> int:
             "token_grants": sb.entra.grants["refresh_token"] - grants_before,
         }
         results["quiet_run"] = bench_quiet_run(sb)
+    results["throughput"] = bench_throughput()  # its own sandbox; BENCH_THROUGHPUT=0 leaves it out
     results["planner"] = bench_planner()
     results["ui_pages_s"] = bench_ui_pages()
     topologies = bench_webhook_latency()

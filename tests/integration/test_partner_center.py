@@ -472,3 +472,21 @@ def test_select_and_odata_annotations(pc, hook):
     assert not any(k.startswith("@odata") for k in one)  # the hook hands back the resource only
     with pytest.raises(ValidationError, match="nosuchfield"):
         list(hook.list_referrals(select=["nosuchfield"]))
+
+
+def test_writes_on_many_threads_reuse_their_connections(pc, hook, caplog):
+    """Partner Center has no batch API: the sync writes referrals from a thread pool. With
+    requests' default pool (10 connections a host), a 16th thread's connection was thrown away
+    after each call ("Connection pool is full") and the next call paid a new TLS handshake.
+    The hook's session keeps as many as the threads use."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = pc.partner_center.seed(16, seed=3)
+    hook.get_referral(ids[0])  # the token, once
+    caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
+    pc.partner_center.faults.configure(FaultConfig(latency_ms=(100, 100)))  # all 16 calls in flight at once
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for _ in range(3):
+            assert len(list(pool.map(hook.get_referral, ids))) == 16
+    assert "Connection pool is full" not in caplog.text

@@ -46,6 +46,7 @@ from cosell_sync.hooks._batch import (
 from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
 from cosell_sync.hooks._msal import cached_token, fingerprint, settings_app
 from cosell_sync.hooks._odata import datetime_literal, quote, with_query
+from cosell_sync.hooks._pool import widen_pool
 
 API_PATH = "/api/data/v9.2"
 ODATA_HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"}
@@ -183,7 +184,7 @@ class DynamicsHook(BaseHook):
 
     @cached_property
     def session(self) -> requests.Session:
-        return TrustedSession(self.settings.ca_bundle)
+        return widen_pool(TrustedSession(self.settings.ca_bundle))
 
     def get_token(self, *, force: bool = False) -> str:
         s = self.settings

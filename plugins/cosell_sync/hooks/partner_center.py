@@ -41,6 +41,7 @@ from cosell_sync.hooks._msal import (
     settings_app,
 )
 from cosell_sync.hooks._odata import quote, with_query
+from cosell_sync.hooks._pool import widen_pool
 from cosell_sync.models import Referral, ReferralParseError, parse_referral, parse_referrals
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
@@ -151,7 +152,7 @@ class PartnerCenterHook(BaseHook):
 
     @cached_property
     def session(self) -> requests.Session:
-        return TrustedSession(self.settings.ca_bundle)
+        return widen_pool(TrustedSession(self.settings.ca_bundle))  # writes run on a thread pool
 
     @cached_property
     def token_store(self) -> RefreshTokenStore:

@@ -41,6 +41,7 @@ from simple_salesforce.exceptions import SalesforceError
 from cosell_sync._masking import mask
 from cosell_sync.errors import ApiError, ConfigurationError, ThrottledError, error_class_for
 from cosell_sync.hooks._http import Retrier, RetryPolicy, TrustedSession, default_transient
+from cosell_sync.hooks._pool import widen_pool
 from cosell_sync.hooks._soql import Condition, select
 
 SYSTEM = "Salesforce"
@@ -210,7 +211,7 @@ class SalesforceSyncHook(SalesforceHook):
         if ca_bundle and not Path(ca_bundle).is_file():
             raise ConfigurationError(f"Connection '{self.conn_id}' (salesforce): ca_bundle '{ca_bundle}' not found.")
         if self.session is None:
-            self.session = SalesforceSession(ca_bundle, self.retrier, self.usage, self._sleep)
+            self.session = widen_pool(SalesforceSession(ca_bundle, self.retrier, self.usage, self._sleep))
         with salesforce_errors("login"):
             return super().conn
 

@@ -90,11 +90,11 @@ def reference_plan(
     crm_creates = {
         r["referral_id"]
         for r in pc
-        if r["referral_id"] not in linked_refs and r["crm_ref"] is None and r["status"] in OPEN_REFERRAL
+        if r["referral_id"] not in linked_refs and _missing(r["crm_ref"]) and r["status"] in OPEN_REFERRAL
     }
     pc_creates = {
         r["crm_id"]
         for r in crm
-        if r["crm_id"] not in linked_crm and r["referral_ref"] is None and r["sync_flag"] and not r["closed"]
+        if r["crm_id"] not in linked_crm and _missing(r["referral_ref"]) and r["sync_flag"] and not r["closed"]
     }
     return {"changes": changes, "crm_creates": crm_creates, "pc_creates": pc_creates, "conflicts": conflicts}

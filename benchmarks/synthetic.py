@@ -40,10 +40,15 @@ def make_case(
     both: float = 0.02,
     unlinked: float = 0.05,
     columnar: bool = True,
+    typed: bool = True,
+    shuffled: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(pc, crm, links): ``n_pairs`` linked pairs with edits on either or both sides, plus
     unlinked records on each side. ``links`` carries each base as ``base.<field>`` columns
-    (``columnar``), or as a dict per link in ``base`` (the older form)."""
+    (``columnar``), or as a dict per link in ``base`` (the older form). ``typed``: text columns
+    in Arrow and amounts as floats, as a columnar store hands them over (else Python objects).
+    ``shuffled``: both sides' rows in random order, and a tenth of each side's linked records
+    not read this run (the pair is then judged from the other side and the base)."""
     rng = np.random.default_rng(seed)
     fields = list(mapping.fields)
     synced = [f.name for f in mapping.synced_fields()]
@@ -92,6 +97,27 @@ def make_case(
         lone_crm["crm_id"] = np.char.add("lone-c", np.arange(n_lone).astype(str)).astype(object)
         lone_crm["referral_ref"] = None
         lone_crm["sync_flag"] = rng.random(n_lone) < 0.6
-        pc = pd.concat([pc, lone_pc], ignore_index=True)
+        pc = pd.concat([lone_pc, pc], ignore_index=True)  # linked rows at an offset on this side
         crm = pd.concat([crm, lone_crm], ignore_index=True)
+    if shuffled:
+        pc, crm = (frame.iloc[rng.permutation(len(frame))] for frame in (pc, crm))
+        pc, crm = (frame[rng.random(len(frame)) >= 0.1].reset_index(drop=True) for frame in (pc, crm))
+    if typed:
+        pc, crm, links = _typed(pc), _typed(crm), _typed(links)
     return pc, crm, links
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns of text (or nothing) as Arrow text, of numbers as floats; booleans (with
+    missing values) stay Python objects."""
+    out = {}
+    for name in frame.columns:
+        column = frame[name]
+        if column.dtype == object:
+            present = column.dropna()
+            if all(isinstance(v, str) for v in present):
+                column = column.astype("str")
+            elif all(isinstance(v, float) for v in present):
+                column = column.astype("float64")
+        out[name] = column
+    return pd.DataFrame(out)

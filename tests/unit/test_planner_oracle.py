@@ -17,12 +17,16 @@ def _value(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
+@pytest.mark.parametrize("shuffled", [False, True], ids=["in_link_order", "shuffled_partial"])
+@pytest.mark.parametrize("typed", [True, False], ids=["arrow_frames", "object_frames"])
 @pytest.mark.parametrize("columnar", [True, False], ids=["columnar_base", "dict_base"])
 @pytest.mark.parametrize("crm", ["salesforce", "dynamics365"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_planner_matches_the_per_record_reference(crm, seed, columnar):
+def test_planner_matches_the_per_record_reference(crm, seed, columnar, typed, shuffled):
     mapping = load_mapping(crm)
-    pc, crm_rows, links = make_case(3000, mapping, seed=seed, changed=0.15, both=0.05, columnar=columnar)
+    pc, crm_rows, links = make_case(
+        3000, mapping, seed=seed, changed=0.15, both=0.05, columnar=columnar, typed=typed, shuffled=shuffled
+    )
     result = plan(pc, crm_rows, links, mapping)
     expected = reference_plan(pc.to_dict("records"), crm_rows.to_dict("records"), links.to_dict("records"), mapping)
 

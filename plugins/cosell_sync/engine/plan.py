@@ -96,14 +96,6 @@ def _prefixed(frame: pd.DataFrame, prefix: str, fields: list[str], key: str) -> 
     return out
 
 
-def _take(frame: pd.DataFrame, column: str, pos: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """``frame[column]`` aligned to the pairs (``pos`` from get_indexer); None where absent."""
-    out = np.full(len(pos), None, dtype=object)
-    if column in frame and len(frame):
-        out[present] = frame[column].to_numpy(dtype=object)[pos[present]]
-    return out
-
-
 def _take_time(frame: pd.DataFrame, column: str, pos: np.ndarray, present: np.ndarray) -> np.ndarray:
     out = np.full(len(pos), np.datetime64("NaT"), dtype="datetime64[us]")
     if column in frame and len(frame):
@@ -151,7 +143,7 @@ def _arrow(values: object) -> pa.Array | None:
     if text is not None:
         return text
     try:
-        arr = pa.array(values, from_pandas=True)
+        arr = values if isinstance(values, pa.Array) else pa.array(values, from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
         return None
     if isinstance(arr, pa.ChunkedArray):
@@ -186,6 +178,35 @@ def _indexer(keys: object, values: object) -> np.ndarray:
     return unique_pos[value_to_unique.to_numpy(zero_copy_only=False)]
 
 
+def _arrow_or_series(column: pd.Series) -> pa.Array | pd.Series:
+    """``column`` as an Arrow array when its values are of one plain type (converted once, as
+    the merge reads a base column several times), else as it is."""
+    converted = _arrow(column)
+    return column if converted is None else converted
+
+
+def _pair_ids(ids: pd.Series, recovered: np.ndarray, in_run: np.ndarray) -> object:
+    """The pairs' ids (the links' then the recovered ones, those in the run): an Arrow-backed
+    string array when they are text (no Python string per id), else an object array."""
+    known = _text(ids)
+    found = _text(pa.array(recovered, type=known.type if known is not None else None, from_pandas=True))
+    if known is None or found is None:
+        return np.concatenate([ids.to_numpy(dtype=object), recovered])[in_run]
+    known, found = _same_type([known, found])
+    chosen = pa.concat_arrays([known, found]).filter(pa.array(in_run))
+    return pd.arrays.ArrowStringArray(chosen, dtype=pd.StringDtype("pyarrow", na_value=np.nan))
+
+
+def _pair_column(column: pa.Array | pd.Series, pos: np.ndarray) -> object:
+    """``column`` aligned by ``pos`` (missing where ``pos`` < 0), kept in Arrow when it is."""
+    if not isinstance(column, pa.Array):
+        return _pair_objects(column, pos)
+    taken = column.take(pa.array(pos, mask=pos < 0))
+    if pa.types.is_string(taken.type) or pa.types.is_large_string(taken.type):
+        return pd.arrays.ArrowStringArray(taken, dtype=pd.StringDtype("pyarrow", na_value=np.nan))
+    return pd.arrays.ArrowExtensionArray(taken)
+
+
 def _pair_objects(column: pd.Series | None, pos: np.ndarray) -> np.ndarray:
     """``column`` aligned by ``pos`` as an object array; None where ``pos`` < 0, missing, or no column."""
     out = np.full(len(pos), None, dtype=object)
@@ -193,22 +214,88 @@ def _pair_objects(column: pd.Series | None, pos: np.ndarray) -> np.ndarray:
         text = _text(column)
         if text is not None:
             return text.take(pa.array(pos, mask=pos < 0)).to_numpy(zero_copy_only=False)
+        if isinstance(column, pa.Array):  # numbers or booleans: None where missing
+            out[:] = column.take(pa.array(pos, mask=pos < 0)).to_pylist()
+            return out
         out[pos >= 0] = _objects(column)[pos[pos >= 0]]
     return out
 
 
-def _factorize(
+B, P, C = 0, 1, 2  # a field's three versions: the base, Partner Center's, the CRM's
+
+
+class _Versions:
+    """One field's three versions (``B``, ``P``, ``C``), aligned to the pairs: a missing value
+    is None, the base's "no opinion" marker counts as missing (it is never a synced value), and
+    a pair's side not read this run holds the base."""
+
+    def same(self, x: int, y: int) -> np.ndarray:
+        """Per pair: do versions ``x`` and ``y`` hold the same value (both missing counts)?"""
+        raise NotImplementedError
+
+    def values(self, which: int, rows: np.ndarray) -> np.ndarray:
+        """Version ``which`` of the pairs at ``rows``, as Python values (None when missing)."""
+        raise NotImplementedError
+
+
+class _ArrowVersions(_Versions):
+    """Values of one plain type, compared row by row by Arrow: no value is ever encoded or
+    turned into a Python object unless it is written or reported."""
+
+    def __init__(self, arrays: list[pa.Array]) -> None:
+        self.arrays = arrays
+
+    def same(self, x: int, y: int) -> np.ndarray:
+        a, b = self.arrays[x], self.arrays[y]
+        if not a.null_count and not b.null_count:
+            return pac.equal(a, b).to_numpy(zero_copy_only=False)
+        equal = pac.fill_null(pac.equal(a, b), False)
+        return pac.or_(equal, pac.and_(a.is_null(), b.is_null())).to_numpy(zero_copy_only=False)
+
+    def values(self, which: int, rows: np.ndarray) -> np.ndarray:
+        out = np.empty(len(rows), dtype=object)
+        if len(rows):
+            out[:] = self.arrays[which].take(pa.array(rows, type=pa.int64())).to_pylist()
+        return out
+
+
+class _CodedVersions(_Versions):
+    """Values of mixed types, factorized together by pandas: integer codes (-1 missing)."""
+
+    def __init__(self, codes: list[np.ndarray], uniques: np.ndarray) -> None:
+        self.codes = codes
+        self.lookup = np.append(uniques, None)  # code -1 -> None
+
+    def same(self, x: int, y: int) -> np.ndarray:
+        return self.codes[x] == self.codes[y]
+
+    def values(self, which: int, rows: np.ndarray) -> np.ndarray:
+        return self.lookup[self.codes[which][rows]]
+
+
+def _aligned(array: pa.Array, pos: np.ndarray, kind: pa.DataType) -> pa.Array:
+    """``array`` (cast to ``kind``) taken at ``pos``: null where ``pos`` < 0."""
+    n = len(pos)
+    if not len(array):
+        return pa.nulls(n, kind)
+    array = array.cast(kind)
+    if n and pos[0] >= 0 and pos[-1] - pos[0] == n - 1 and bool((np.diff(pos) == 1).all()):
+        return array.slice(int(pos[0]), n)  # already in pair order: no copy
+    return array.take(pa.array(pos, mask=pos < 0))
+
+
+def _versions(
     base: pd.Series | None,
     link_pos: np.ndarray,
     pc_col: pd.Series | None,
     pc_pos: np.ndarray,
     crm_col: pd.Series | None,
     crm_pos: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (base, then Partner Center, then CRM, each aligned to the pairs; -1 missing) and
-    the values they stand for, of one field. The base's "no opinion" marker counts as missing
-    (it is never a synced value). Values of one plain type are encoded by Arrow; mixed ones by pandas."""
+    has_base: np.ndarray,
+) -> _Versions:
+    """One field's versions. Values of one plain type stay in Arrow; mixed ones are factorized."""
     n = len(link_pos)
+    has_pc, has_crm = pc_pos >= 0, crm_pos >= 0
     parts = [(base, link_pos), (pc_col, pc_pos), (crm_col, crm_pos)]
     arrays = [pa.nulls(0) if col is None else _arrow(col) for col, _ in parts]
     kinds = {a.type for a in arrays if a is not None and not pa.types.is_null(a.type) and len(a)}
@@ -216,22 +303,53 @@ def _factorize(
         kinds = {pa.large_string()}
     if all(a is not None for a in arrays) and len(kinds) <= 1:
         kind = kinds.pop() if kinds else pa.string()
-        taken = [
-            a.cast(kind).take(pa.array(pos, mask=pos < 0)) if len(a) else pa.nulls(n, kind)
-            for (_, pos), a in zip(parts, arrays, strict=True)
-        ]
-        encoded = pa.concat_arrays(taken).dictionary_encode()
-        codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.intp)
-        uniques = encoded.dictionary.to_numpy(zero_copy_only=False).astype(object)
-        keep = np.flatnonzero(uniques == KEEP)
-        if keep.size:
-            b = codes[:n]
-            b[b == keep[0]] = -1
-        return codes, uniques
+        b, p, c = (_aligned(a, pos, kind) for (_, pos), a in zip(parts, arrays, strict=True))
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+        def marked(x: pa.Array) -> pa.Array | None:
+            if not text:
+                return None
+            found = pac.equal(x, pa.scalar(KEEP, kind))
+            return pac.fill_null(found, False) if pac.any(found).as_py() else None
+
+        if (keep := marked(b)) is not None:
+            b = pac.if_else(keep, pa.scalar(None, kind), b)
+        if not has_pc.all():
+            p = pac.if_else(pa.array(has_pc), p, b)
+        if not has_crm.all():
+            c = pac.if_else(pa.array(has_crm), c, b)
+        with_base = pa.array(has_base)
+        if (keep := marked(p)) is not None:
+            p = pac.if_else(keep, pac.if_else(with_base, b, c), p)
+        if (keep := marked(c)) is not None:
+            c = pac.if_else(keep, pac.if_else(with_base, b, p), c)
+        return _ArrowVersions([b, p, c])
     columns = [_pair_objects(col, pos) for col, pos in parts]
     columns[0] = np.where(columns[0] == KEEP, None, columns[0])
     codes, uniques = pd.factorize(np.concatenate(columns))
-    return codes, np.asarray(uniques, dtype=object)
+    uniques = np.asarray(uniques, dtype=object)
+    cb, cp, cc = codes[:n], codes[n : 2 * n], codes[2 * n :]
+    cp = np.where(has_pc, cp, cb)
+    cc = np.where(has_crm, cc, cb)
+    keep = np.flatnonzero(uniques == KEEP)
+    if keep.size:
+        cp = np.where(cp == keep[0], np.where(has_base, cb, cc), cp)
+        cc = np.where(cc == keep[0], np.where(has_base, cb, cp), cc)
+    return _CodedVersions([cb, cp, cc], uniques)
+
+
+def _settled(
+    base: pd.Series | None, link_pos: np.ndarray, rows: np.ndarray, changed: np.ndarray, values: np.ndarray
+) -> np.ndarray:
+    """A field's new base at the pairs ``rows``: its old base (the "no opinion" marker as None),
+    overwritten at the pairs ``changed`` (sorted) by their settled ``values``."""
+    out = np.array(_pair_objects(base, link_pos[rows]), dtype=object)  # a writable copy
+    out[out == KEEP] = None
+    at = np.searchsorted(rows, changed)
+    hit = at < len(rows)
+    hit[hit] = rows[at[hit]] == changed[hit]
+    out[at[hit]] = values[hit]
+    return out
 
 
 def _marked(size: int, positions: np.ndarray) -> np.ndarray:
@@ -318,17 +436,17 @@ def plan(
     crm_linked = _marked(len(crm), link_crm_pos)
     # Only unlinked records that name the other side can recover a link: look up just those.
     cand_pc = np.flatnonzero(pc["crm_ref"].notna().to_numpy(dtype=bool) & ~pc_linked)
-    pc_ref = pc["crm_ref"].to_numpy(dtype=object)[cand_pc]
+    pc_ref = pc["crm_ref"].iloc[cand_pc].to_numpy(dtype=object)
     found = _indexer(crm["crm_id"], pc_ref) >= 0
     cand_pc, pc_ref = cand_pc[found], pc_ref[found]
     cand_crm = np.flatnonzero(crm["referral_ref"].notna().to_numpy(dtype=bool) & ~crm_linked)
-    crm_ref = crm["referral_ref"].to_numpy(dtype=object)[cand_crm]
+    crm_ref = crm["referral_ref"].iloc[cand_crm].to_numpy(dtype=object)
     found = _indexer(pc["referral_id"], crm_ref) >= 0
     cand_crm, crm_ref = cand_crm[found], crm_ref[found]
     recovered = pd.DataFrame(
         {
-            "referral_id": np.concatenate([pc["referral_id"].to_numpy(dtype=object)[cand_pc], crm_ref]),
-            "crm_id": np.concatenate([pc_ref, crm["crm_id"].to_numpy(dtype=object)[cand_crm]]),
+            "referral_id": np.concatenate([pc["referral_id"].iloc[cand_pc].to_numpy(dtype=object), crm_ref]),
+            "crm_id": np.concatenate([pc_ref, crm["crm_id"].iloc[cand_crm].to_numpy(dtype=object)]),
         },
         dtype=object,
     ).drop_duplicates()
@@ -345,14 +463,16 @@ def plan(
     columnar = columnar_links(links)
     n_new = len(recovered)
     if columnar:
-        link_base = {c[len(BASE_PREFIX) :]: links[c] for c in links.columns if str(c).startswith(BASE_PREFIX)}
+        link_base = {
+            c[len(BASE_PREFIX) :]: _arrow_or_series(links[c]) for c in links.columns if str(c).startswith(BASE_PREFIX)
+        }
         link_has_base = np.ones(len(links), dtype=bool)
         base_all = None
     else:
         base_all = np.concatenate([links["base"].to_numpy(dtype=object), np.full(n_new, None, dtype=object)])
         link_has_base = np.fromiter((isinstance(b, dict) for b in base_all[: len(links)]), dtype=bool, count=len(links))
         unpacked = _base_columns(base_all[: len(links)], list(dict.fromkeys(["stage", *(f.name for f in synced)])))
-        link_base = {k: pd.Series(v, dtype=object) for k, v in unpacked.items()}
+        link_base = {k: _arrow_or_series(pd.Series(v, dtype=object)) for k, v in unpacked.items()}
     synced_all = np.concatenate(
         [
             pd.to_datetime(links["synced_at"], utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[us]"),
@@ -364,8 +484,8 @@ def plan(
     in_run = (pc_pos_all >= 0) | (crm_pos_all >= 0)
     # each pair's row in ``links`` (-1: a recovered link)
     link_pos = np.concatenate([np.arange(len(links)), np.full(n_new, -1)])[in_run]
-    rid_a = np.concatenate([links["referral_id"].to_numpy(dtype=object), rec_refs])[in_run]
-    cid_a = np.concatenate([links["crm_id"].to_numpy(dtype=object), rec_cids])[in_run]
+    rid_a = _pair_ids(links["referral_id"], rec_refs, in_run)
+    cid_a = _pair_ids(links["crm_id"], rec_cids, in_run)
     base_list = base_all[in_run] if base_all is not None else None
     pc_pos, crm_pos, synced_at = pc_pos_all[in_run], crm_pos_all[in_run], synced_all[in_run]
     n = len(rid_a)
@@ -375,37 +495,27 @@ def plan(
     c_modified = _take_time(crm, "modified_at", crm_pos, has_crm_a)
     pc_newer = p_updated > c_modified
     # A referral not read this run is judged by the stage last synced: won/lost means Closed.
-    pc_closed = np.where(
-        has_pc_a,
-        _take(pc, "status", pc_pos, has_pc_a) == "Closed",
-        np.isin(_pair_objects(link_base.get("stage"), link_pos), ["won", "lost"]),
-    )
+    pc_closed = np.zeros(n, dtype=bool)
+    pc_closed[has_pc_a] = (pc["status"] == "Closed").to_numpy(dtype=bool, na_value=False)[pc_pos[has_pc_a]]
+    unread = np.flatnonzero(~has_pc_a)
+    pc_closed[unread] = np.isin(_pair_objects(link_base.get("stage"), link_pos[unread]), ["won", "lost"])
 
-    # -- merge, field by field, on integer codes ---------------------------------------------
-    # Each field's three versions (base, Partner Center, CRM) are factorized together once
-    # (by Arrow for text, else by pandas); the merge is then numpy arithmetic on codes
-    # (-1 = missing), not object comparisons.
+    # -- merge, field by field, row by row ----------------------------------------------------
+    # Each field's three versions (base, Partner Center, CRM) are aligned to the pairs and
+    # compared as whole columns (by Arrow for values of one plain type, else on codes); only
+    # the values a run writes or reports become Python objects.
     changes: list[pd.DataFrame] = []
     conflicts: list[pd.DataFrame] = []
     moved = ~has_base_a
     touched = np.zeros(n, dtype=bool)
-    new_base_cols: dict[str, np.ndarray] = {}
+    settled_values: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # field -> (pairs, values) not the base's
 
     for fm in synced:
-        codes, uniques = _factorize(
-            link_base.get(fm.name), link_pos, pc.get(fm.name), pc_pos, crm.get(fm.name), crm_pos
-        )
-        values = np.append(uniques, None)  # code -1 -> None
-        b, p, c = codes[:n], codes[n : 2 * n], codes[2 * n :]
-        p = np.where(has_pc_a, p, b)
-        c = np.where(has_crm_a, c, b)
-        keep = np.flatnonzero(uniques == KEEP)
-        if keep.size:
-            p = np.where(p == keep[0], np.where(has_base_a, b, c), p)
-            c = np.where(c == keep[0], np.where(has_base_a, b, p), c)
-        agree = p == c
-        pc_changed = (p != b) | ~has_base_a
-        crm_changed = (c != b) | ~has_base_a
+        v = _versions(link_base.get(fm.name), link_pos, pc.get(fm.name), pc_pos, crm.get(fm.name), crm_pos, has_base_a)
+        agree = v.same(P, C)
+        pc_same, crm_same = v.same(P, B), v.same(C, B)
+        pc_changed = ~pc_same | ~has_base_a
+        crm_changed = ~crm_same | ~has_base_a
         if fm.direction == "pc_to_crm":
             crm_changed = np.zeros(n, dtype=bool)
         elif fm.direction == "crm_to_pc":
@@ -422,17 +532,21 @@ def plan(
         blocked_terminal = to_pc & pc_closed
         blocked_transition = np.zeros(n, dtype=bool)
         if fm.name == "stage":
-            labels = values.astype(str)
-            allowed = np.array([[new in STAGE_TRANSITIONS.get(now, set()) for new in labels] for now in labels])
-            blocked_transition = to_pc & ~pc_closed & ~allowed[p, c]
+            asked = np.flatnonzero(to_pc & ~pc_closed)
+            now, new = v.values(P, asked).astype(str), v.values(C, asked).astype(str)
+            allowed = np.fromiter(
+                (b in STAGE_TRANSITIONS.get(a, ()) for a, b in zip(now, new, strict=True)), dtype=bool, count=len(asked)
+            )
+            blocked_transition[asked[~allowed]] = True
         if allow_to_pc:
             for mask, reason in ((blocked_terminal, "terminal_referral"), (blocked_transition, "invalid_transition")):
                 if mask.any():
+                    rows = np.flatnonzero(mask)
                     detail = (
                         "stage "
-                        + values[p[mask]].astype(str).astype(object)
+                        + v.values(P, rows).astype(str).astype(object)
                         + " -> "
-                        + values[c[mask]].astype(str).astype(object)
+                        + v.values(C, rows).astype(str).astype(object)
                         if fm.name == "stage"
                         else "the referral is Closed"
                     )
@@ -440,8 +554,8 @@ def plan(
                         pd.DataFrame(
                             {
                                 "side": CRM,
-                                "referral_id": rid_a[mask],
-                                "crm_id": cid_a[mask],
+                                "referral_id": rid_a[rows],
+                                "crm_id": cid_a[rows],
                                 "reason": reason,
                                 "field": fm.name,
                                 "detail": detail,
@@ -452,47 +566,56 @@ def plan(
         to_pc &= allow_to_pc & ~(blocked_terminal | blocked_transition)
         touched |= to_crm | to_pc
 
-        for mask, target, old, new in ((to_crm, CRM, c, p), (to_pc, PC, p, c)):
+        for mask, target, old, new in ((to_crm, CRM, C, P), (to_pc, PC, P, C)):
             if mask.any():
-                reason = np.where(conflict[mask], "conflict", PC if target == CRM else CRM)
+                rows = np.flatnonzero(mask)
+                reason = np.where(conflict[rows], "conflict", PC if target == CRM else CRM)
                 changes.append(
                     pd.DataFrame(
                         dtype=object,
                         data={
-                            "referral_id": rid_a[mask],
-                            "crm_id": cid_a[mask],
+                            "referral_id": rid_a[rows],
+                            "crm_id": cid_a[rows],
                             "target": target,
                             "field": fm.name,
-                            "old": values[old[mask]],
-                            "new": values[new[mask]],
+                            "old": v.values(old, rows),
+                            "new": v.values(new, rows),
                             "reason": reason,
                         },
                     )
                 )
         if conflict.any():
-            chosen = np.where(pc_wins, p, c)[conflict]
+            rows = np.flatnonzero(conflict)
+            pc_value, crm_value = v.values(P, rows), v.values(C, rows)
             conflicts.append(
                 pd.DataFrame(
                     dtype=object,
                     data={
-                        "referral_id": rid_a[conflict],
-                        "crm_id": cid_a[conflict],
+                        "referral_id": rid_a[rows],
+                        "crm_id": cid_a[rows],
                         "field": fm.name,
-                        "base": values[b[conflict]],
-                        "pc_value": values[p[conflict]],
-                        "crm_value": values[c[conflict]],
-                        "winner": np.where(pc_wins[conflict], PC, CRM),
-                        "chosen": values[chosen],
+                        "base": v.values(B, rows),
+                        "pc_value": pc_value,
+                        "crm_value": crm_value,
+                        "winner": np.where(pc_wins[rows], PC, CRM),
+                        "chosen": np.where(pc_wins[rows], pc_value, crm_value),
                     },
                 )
             )
         # The new base is what both sides hold after this run's writes; a blocked or
         # disallowed write leaves the old base, so the difference is seen again next run.
-        settled = np.where(agree & (pc_changed | crm_changed), p, b)
-        settled = np.where(to_crm, p, settled)
-        settled = np.where(to_pc, c, settled)
-        moved |= settled != b
-        new_base_cols[fm.name] = values[settled]
+        source = np.full(n, B, dtype=np.int8)
+        source[agree & (pc_changed | crm_changed)] = P
+        source[to_crm] = P
+        source[to_pc] = C
+        moved |= ((source == P) & ~pc_same) | ((source == C) & ~crm_same)
+        rows = np.flatnonzero(source != B)
+        settled = np.empty(len(rows), dtype=object)
+        for which in (P, C):
+            picked = source[rows] == which
+            settled[picked] = v.values(which, rows[picked])
+        settled_values[fm.name] = (rows, settled)
+        del v
 
     change_frame = pd.concat(changes, ignore_index=True) if changes else _frame(CHANGE_COLUMNS)
     conflict_frame = pd.concat(conflicts, ignore_index=True) if conflicts else _frame(CONFLICT_COLUMNS)
@@ -517,16 +640,20 @@ def plan(
         )
     # Links to (re)write: where the agreed values moved, and links found on the records.
     rows = np.flatnonzero(moved)
+    new_base_cols = {
+        name: _settled(link_base.get(name), link_pos, rows, *found) for name, found in settled_values.items()
+    }
     names = list(new_base_cols)
     if base_list is None:  # columnar in, columnar out: the old base's columns, the agreed values over them
-        agreed = {k: _pair_objects(v, link_pos[rows]) for k, v in link_base.items()}
-        agreed |= {name: new_base_cols[name][rows] for name in names}
         base_frame = pd.DataFrame({"referral_id": rid_a[rows], "crm_id": cid_a[rows]})
-        for name, column in agreed.items():
-            base_frame[f"{BASE_PREFIX}{name}"] = pd.Series(column, dtype=object)
+        for name, column in link_base.items():  # fields the merge did not settle keep their column type
+            kept = new_base_cols[name] if name in new_base_cols else _pair_column(column, link_pos[rows])
+            base_frame[f"{BASE_PREFIX}{name}"] = pd.Series(kept, dtype=object if name in new_base_cols else None)
+        for name in new_base_cols.keys() - link_base.keys():
+            base_frame[f"{BASE_PREFIX}{name}"] = pd.Series(new_base_cols[name], dtype=object)
     else:
         moved_base = []
-        for i, agreed in zip(rows, zip(*(new_base_cols[name][rows] for name in names), strict=True), strict=True):
+        for i, agreed in zip(rows, zip(*(new_base_cols[name] for name in names), strict=True), strict=True):
             record = dict(base_list[i]) if isinstance(base_list[i], dict) else {}
             record.update(zip(names, agreed, strict=True))
             moved_base.append(record)

@@ -260,3 +260,47 @@ def test_5xx_and_dropped_connections_are_retried(dv, dyn_hook, dyn_conn):
     injected = dv.faults.injected
     assert injected["5xx"] + injected["drop"] >= 1
     assert hook.api.retries["HTTP 502"] == injected["5xx"]
+
+
+def test_parallel_requests_follow_the_orgs_dop_hint(dv, dyn_hook, monkeypatch):
+    """Dataverse tells each client how many requests to send at once (``x-ms-dop-hint``); the
+    hook reads it from every answer and never sends more at once than it says (nor more than
+    the 52 concurrent requests the service protection limits allow)."""
+    import threading
+
+    from cosell_sandbox.server import FaultConfig
+    from cosell_sync.hooks.dynamics import DEFAULT_PARALLELISM, MAX_CONCURRENT
+
+    hint = {"value": "3"}
+    decorate = dv.decorate
+
+    def with_hint(request, response):
+        decorate(request, response)
+        response.headers.set("x-ms-dop-hint", hint["value"])
+
+    in_flight, peak, lock = [0], [0], threading.Lock()
+    dispatch = dv.dispatch
+
+    def counting(request):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        try:
+            return dispatch(request)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(dv, "decorate", with_hint)
+    monkeypatch.setattr(dv, "dispatch", counting)
+    ids = make_accounts(dyn_hook, 12)
+    assert dyn_hook.dop_hint == 3 and dyn_hook.parallelism == 3
+    dv.faults.configure(FaultConfig(latency_ms=(150, 150), path_prefix="/api/data/v9.2/accounts("))
+    peak[0] = 0
+    names = dyn_hook.map_concurrently(lambda i: dyn_hook.get("accounts", i, select=["name"])["name"], ids)
+    assert names == [f"Account {i:05d}" for i in range(12)]  # in the order asked
+    assert peak[0] == 3  # as many at once as the hint says, no more
+    hint["value"] = "500"
+    dyn_hook.whoami()
+    assert dyn_hook.parallelism == MAX_CONCURRENT == 52
+    assert DynamicsHook().parallelism == DEFAULT_PARALLELISM  # no answer yet: a modest default

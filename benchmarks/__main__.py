@@ -161,24 +161,74 @@ QUIET_REFERRALS = int(os.environ.get("BENCH_QUIET_REFERRALS", "600"))
 TOKEN_PATHS = ("/services/oauth2/",)  # the Salesforce emulator's token endpoint: auth, not API reads
 
 
-def _api_calls(emulator) -> dict[str, int]:
+def _api_calls(emulator) -> dict[str, object]:
     """Reads (GET) and writes (anything else) the emulator served, without its control plane and
-    token endpoint."""
+    token endpoint; ``calls``: how many per method and path (the query left out)."""
     calls = [r for r in emulator.requests_matching() if not r.path.startswith(("/_sandbox", *TOKEN_PATHS))]
-    return {"reads": sum(r.method == "GET" for r in calls), "writes": sum(r.method != "GET" for r in calls)}
+    per_path: dict[str, int] = {}
+    for r in calls:
+        key = f"{r.method} {r.path}"
+        per_path[key] = per_path.get(key, 0) + 1
+    return {
+        "reads": sum(r.method == "GET" for r in calls),
+        "writes": sum(r.method != "GET" for r in calls),
+        "calls": dict(sorted(per_path.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def _age_sandbox(sb, crm: str, seconds: float, store, dag_id: str) -> None:
+    """Time passes: everything that happened so far happened ``seconds`` earlier. Every record's
+    stamps (Partner Center's created/updated, Dataverse's createdon/modifiedon, Salesforce's
+    CreatedDate/LastModifiedDate/SystemModstamp) and the DAG's watermarks (the servers' times
+    when its last window reads began) move ``seconds`` into the past; the servers' own clocks
+    (their answers' Date headers) go on as they are, so the next run starts ``seconds`` after
+    the last one, as far as the data can tell."""
+    from datetime import timedelta
+
+    from cosell_sandbox.soql import parse_datetime, sf_datetime
+
+    delta = timedelta(seconds=seconds)
+    sb.partner_center.age(seconds)
+    if crm == "dynamics365":
+        sb.dataverse.age(seconds)
+    else:  # the Salesforce emulator has no age(): its records, directly
+        with sb.salesforce.lock:
+            for records in sb.salesforce.records.values():
+                for record in records.values():
+                    for key in ("CreatedDate", "LastModifiedDate", "SystemModstamp"):
+                        if isinstance(record.get(key), str):
+                            record[key] = sf_datetime(parse_datetime(record[key]) - delta)
+    for side in ("partner_center", "crm", "full_sync"):
+        mark = store.get_watermark(dag_id, side)
+        if mark is not None:
+            store.set_watermark(dag_id, side, mark - delta, "bench-aged", allow_backwards=True)
 
 
 def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
-    """A quiet incremental run (SPEC §10: <= 3 read calls per system, 0 writes): a first sync,
-    then a second with nothing changed in between, whose API calls are counted per system."""
-    from cosell_sync.dag_factory import sync_sides
+    """A quiet incremental run (SPEC §10: <= 3 read calls per system, 0 writes), per CRM:
+
+    1. a first sync of QUIET_REFERRALS referrals and a third as many opportunities;
+    2. time passes: the first sync is made to have run the overlap (runner.OVERLAP) plus a
+       minute earlier (:func:`_age_sandbox`: record stamps and watermarks), as on the DAG's
+       15-minute schedule, where the next run starts 15 minutes after it; nothing changes;
+    3. the next run, which reads back what the first one wrote (its opportunities, link stamps
+       and co-sell requests, all made after the first run's reads began, so changes to them):
+       counted and reported as ``after_first_sync``, not held to the target;
+    4. at once, the quiet run: nothing changed since the last run began reading, and what the
+       first sync wrote lies before the last run's window. Counted: ``reads``/``writes``
+       (Partner Center + the CRM) and per system, each with its calls per path.
+
+    Each run is what a DAG run does: ``prepare`` checks the mapping against the CRM's metadata
+    (Dataverse's options travel in the run's spec), then the steps of runner.sync."""
+    from cosell_sync.dag_factory import check_mapping, sync_sides
     from cosell_sync.hooks._msal import forget_tokens
     from cosell_sync.state import StateStore
-    from cosell_sync.sync.runner import sync, window_job
+    from cosell_sync.sync.runner import OVERLAP, sync, window_job
 
     conns = sb.connections()
     for conn_id in ("partner_center_default", "dynamics_default", "salesforce_default"):
         os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conns[conn_id])
+    aged = OVERLAP.total_seconds() + 60
     figures = {}
     for crm in ("salesforce", "dynamics365"):
         sb.reset()
@@ -191,28 +241,39 @@ def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
 
         def run(n: int, *, crm=crm, store=store) -> dict:
             job = window_job(crm, store, _TMP / "quiet-staging", f"manual__quiet_{n}")
-            return sync(job, *sync_sides(crm, job.mapping, None), store)
+            choices = check_mapping(crm, job.mapping)  # prepare
+            return sync(job, *sync_sides(crm, job.mapping, choices or None), store)
+
+        def counted(n: int, *, crm=crm, crm_emulator=crm_emulator, run=run) -> dict[str, object]:
+            for emulator in (sb.partner_center, crm_emulator):
+                emulator.log.clear()
+            grants = sum(sb.entra.grants.values())
+            report = run(n)
+            pc_calls, crm_calls = _api_calls(sb.partner_center), _api_calls(crm_emulator)
+            return {
+                "reads": pc_calls["reads"] + crm_calls["reads"],
+                "writes": pc_calls["writes"] + crm_calls["writes"],
+                "partner_center": pc_calls,
+                crm: crm_calls,
+                "token_grants": sum(sb.entra.grants.values()) - grants,
+                "changes": {
+                    d: {k: report[d][k] for k in ("created", "updated", "failed")} for d in ("pc_to_crm", "crm_to_pc")
+                },
+            }
 
         run(1)
-        for emulator in (sb.partner_center, crm_emulator):
-            emulator.log.clear()
-        grants = dict(sb.entra.grants)
-        report = run(2)
-        figures[crm] = {
-            "partner_center": _api_calls(sb.partner_center),
-            crm: _api_calls(crm_emulator),
-            "token_grants": sum(sb.entra.grants.values()) - sum(grants.values()),
-            "changes": {
-                d: {k: report[d][k] for k in ("created", "updated", "failed")} for d in ("pc_to_crm", "crm_to_pc")
-            },
-        }
+        _age_sandbox(sb, crm, aged, store, f"cosell_sync_{crm}")
+        after_first = counted(2)
+        figures[crm] = counted(3) | {"aged_seconds": aged, "after_first_sync": after_first}
         store.close()
-        pc_calls, crm_calls = figures[crm]["partner_center"], figures[crm][crm]
-        print(
-            f"quiet   {crm}: Partner Center {pc_calls['reads']} reads / {pc_calls['writes']} writes, "
-            f"{crm} {crm_calls['reads']} reads / {crm_calls['writes']} writes (target <= 3 reads each, 0 writes)",
-            flush=True,
-        )
+        for label, f in (("after the first sync", after_first), ("quiet", figures[crm])):
+            pc_calls, crm_calls = f["partner_center"], f[crm]
+            target = "(target <= 3 reads each, 0 writes)" if label == "quiet" else "(reads back its own writes)"
+            print(
+                f"quiet   {crm}, {label}: Partner Center {pc_calls['reads']} reads / {pc_calls['writes']} writes, "
+                f"{crm} {crm_calls['reads']} reads / {crm_calls['writes']} writes {target}",
+                flush=True,
+            )
     return figures
 
 

@@ -1778,6 +1778,24 @@ class DataverseEmulator(EmulatorApp):
                 raise _not_found(table, row_id)
             self._discard(table, row_id.lower())
 
+    def age(self, seconds: float) -> int:
+        """Time passes: every row's ``createdon`` and ``modifiedon`` move ``seconds`` into the past,
+        as if everything had happened that much earlier (row versions and change tracking are
+        untouched; so is the server's own clock, the ``Date`` of its answers). Returns the rows
+        aged."""
+        delta = timedelta(seconds=seconds)
+        aged = 0
+        with self.lock:
+            for name in TABLES:
+                for row in self.tables[name].values():
+                    for column in ("createdon", "modifiedon"):
+                        value = row.get(column)
+                        if isinstance(value, str) and value:
+                            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                            row[column] = _stamp(moment - delta)
+                    aged += 1
+        return aged
+
     def seed(self, opportunities: int = 0, accounts: int = 0, flagged: int = 0, seed: int = 0) -> dict[str, list[str]]:
         """Realistic rows: accounts with addresses and 1-2 contacts each; opportunities linked to an
         account and one of its contacts, in the account's currency; ``flagged`` of the new

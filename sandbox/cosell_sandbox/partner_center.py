@@ -877,6 +877,22 @@ class PartnerCenterEmulator(EmulatorApp):
         self.faults.clear()
         self.log.clear()
 
+    AGED_STAMPS = ("createdDateTime", "updatedDateTime", "acceptedDateTime", "closedDateTime")
+
+    def age(self, seconds: float) -> int:
+        """Time passes: every referral's stamps (created, updated, accepted, closed) move
+        ``seconds`` into the past, as if everything had happened that much earlier; the
+        server's own clock (the ``Date`` of its answers) is not touched. Returns the
+        referrals aged."""
+        delta = timedelta(seconds=seconds)
+        with self.lock:
+            for doc in self.referrals.values():
+                for key in self.AGED_STAMPS:
+                    value = doc.get(key)
+                    if isinstance(value, str) and value:
+                        doc[key] = iso(_parse_stamp(value) - delta)
+            return len(self.referrals)
+
     def seed(self, count: int, seed: int = 0) -> list[str]:
         rng = random.Random(seed)
         now = datetime.now(UTC)
@@ -1032,6 +1048,14 @@ class PartnerCenterEmulator(EmulatorApp):
 
     def _redeliver(self, request: Request) -> Response:
         return Response.json({"redelivered": self.dispatcher.redeliver_parked()})
+
+
+def _parse_stamp(value: str) -> datetime:
+    """A stamp as :func:`iso` writes it (7 fractional digits and Z), or any ISO 8601 time."""
+    text = value.strip().removesuffix("Z").removesuffix("+00:00")
+    whole, _, fraction = text.partition(".")
+    moment = datetime.fromisoformat(whole).replace(tzinfo=UTC)
+    return moment + timedelta(microseconds=int((fraction + "000000")[:6])) if fraction else moment
 
 
 def _targets_microsoft(doc: dict[str, Any]) -> bool:

@@ -27,6 +27,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import requests
 
 from cosell_sync.errors import ApiError, ThrottledError, TransportError, error_class_for
+from cosell_sync.hooks._clock import observe as observe_server_clock
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class TrustedSession(requests.Session):
         if self.ca_bundle and kwargs.get("verify") in (None, True):
             kwargs["verify"] = self.ca_bundle
         kwargs.setdefault("timeout", (10, 120))
-        return super().request(method, url, *args, **kwargs)
+        response = super().request(method, url, *args, **kwargs)
+        observe_server_clock(response)  # the server's time, for an incremental read's watermark
+        return response
 
 
 @dataclass(frozen=True)

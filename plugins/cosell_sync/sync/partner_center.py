@@ -180,24 +180,38 @@ class PartnerCenterSide:
             clauses.append(f"updatedDateTime gt {datetime_literal(since)}")
         if until is not None:
             clauses.append(f"updatedDateTime le {datetime_literal(until)}")
-        docs = self.hook.list_referrals(filter=" and ".join(clauses) or None, orderby="updatedDateTime asc")
-        return self.with_engagements([doc for doc in docs if not microsoft_side(doc)])
+        docs = list(self.hook.list_referrals(filter=" and ".join(clauses) or None, orderby="updatedDateTime asc"))
+        # Microsoft's side of an engagement is a referral of its own, listed with the partner's
+        # (the list is what a referral's links.relatedReferrals filters by engagementId): when it
+        # changes, its updatedDateTime moves, not the partner referral's. The engagements it
+        # changed in are read, so their partner referrals are synced with the new values.
+        moved = {str(d["engagementId"]) for d in docs if microsoft_side(d) and d.get("engagementId")}
+        return self.with_engagements([doc for doc in docs if not microsoft_side(doc)], changed=moved)
 
-    def with_engagements(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def with_engagements(self, docs: list[dict[str, Any]], changed: set[str] | None = None) -> list[dict[str, Any]]:
         """The referrals, each Shared one holding its engagement's Microsoft side under
         ``_engagement.microsoft`` (status, substatus, team) when the mapping reads it: one list
-        query per :data:`LOOKUP_CHUNK` engagements."""
+        query per :data:`LOOKUP_CHUNK` engagements. ``changed``: engagements whose Microsoft side
+        changed: their partner referrals not among ``docs`` are added (from the same queries)."""
         if not any(fm.referral.startswith(ENGAGEMENT) for fm in self.mapping.fields.values()):
             return docs
         shared = {str(d["engagementId"]) for d in docs if d.get("type") == "Shared" and d.get("engagementId")}
+        have = {str(d.get("id")) for d in docs}
         microsoft: dict[str, dict[str, Any]] = {}
-        ids = sorted(shared)
+        added: dict[str, dict[str, Any]] = {}
+        changed = set(changed or ())
+        ids = sorted(shared | changed)
         for start in range(0, len(ids), LOOKUP_CHUNK):
             chunk = ids[start : start + LOOKUP_CHUNK]
             flt = " or ".join(f"engagementId eq {quote(e)}" for e in chunk)
             for other in self.hook.list_referrals(filter=flt):
                 if microsoft_side(other) and other.get("engagementId"):
                     microsoft[str(other["engagementId"])] = _microsoft_summary(other)
+                elif other.get("id") and str(other["id"]) not in have and str(other.get("engagementId")) in changed:
+                    added.setdefault(str(other["id"]), other)
+        if added:
+            log.info("%d referral(s) whose engagement Microsoft changed, read with it", len(added))
+        docs = [*docs, *added.values()]
         for doc in docs:
             found = microsoft.get(str(doc.get("engagementId")))
             if found is not None:

@@ -28,6 +28,7 @@ from cosell_sync.engine.normalize import (
     referrals_frame,
 )
 from cosell_sync.engine.plan import Plan, plan, with_base_dicts
+from cosell_sync.hooks._clock import ServerClock, server_clock
 from cosell_sync.state import StateStore
 from cosell_sync.sync import lease
 from cosell_sync.sync.base import CrmSide, RunContext, WriteResult, plain, results_frame
@@ -105,9 +106,10 @@ def read_json(job: SyncJob, name: str) -> Any:
 
 # -- extract ------------------------------------------------------------------------------------
 def window(store: StateStore, dag_id: str, *, full_resync: bool = False) -> tuple[datetime | None, datetime | None]:
-    """Where each side's incremental read starts: its committed watermark minus an overlap
-    (clocks drift; a write in flight at the watermark is read again, and the merge makes
-    that harmless). No watermark yet, or a full resync: everything."""
+    """Where each side's incremental read starts: its committed watermark (the server's time
+    when the last window read began, see :func:`_mark`) minus an overlap (a write in flight
+    at the watermark, or stamped by a server whose clock lags, is read again, and the merge
+    makes that harmless). No watermark yet, or a full resync: everything."""
     if full_resync:
         return None, None
     marks = [store.get_watermark(dag_id, side) for side in ("partner_center", "crm")]
@@ -198,6 +200,23 @@ def _newest(stamps: Any) -> str | None:
     return None if newest is None or pd.isna(newest) else newest.isoformat()
 
 
+def _mark(clock: ServerClock, stamps: Any, until: datetime | None) -> str | None:
+    """Where a window read may move its side's watermark: the server's time when the read's
+    first page was answered (its ``Date`` header, to the second, rounded down). Every record
+    changed after that (by anyone: a person, Microsoft, or this run's own writes) is stamped
+    later, so the next run's window (this mark minus :data:`OVERLAP`) reads it; a change
+    stamped earlier but not yet visible to the read (a commit in flight) is read again through
+    the overlap. A quiet side's window so moves forward, instead of re-reading the last burst
+    of changes on every run. No ``Date`` seen (a server or proxy without one): the newest
+    change the read saw, as before. Never past ``until``, the end of a bounded window."""
+    if clock.earliest is None:
+        return _newest(stamps)
+    mark = clock.earliest
+    if until is not None:
+        mark = min(mark, until.astimezone(UTC) if until.tzinfo else until.replace(tzinfo=UTC))
+    return mark.isoformat()
+
+
 def _is_flagged(value: Any) -> bool:
     return value is True or value == "true" or value == 1
 
@@ -209,8 +228,9 @@ def extract_partner_center(job: SyncJob, side: PartnerCenterSide, store: StateSt
     if job.referral_ids is not None:
         docs = side.extract(referral_ids=job.referral_ids)
     else:
-        docs = side.extract(since=job.since_pc, until=job.until)
-        write_json(job, "pc_mark", {"mark": _newest(d.get("updatedDateTime") for d in docs)})
+        with server_clock() as clock:
+            docs = side.extract(since=job.since_pc, until=job.until)
+        write_json(job, "pc_mark", {"mark": _mark(clock, (d.get("updatedDateTime") for d in docs), job.until)})
         seen = {str(d.get("id")) for d in docs}
         retry = [k for k in _retry_ids(store, job, "partner_center") if k not in seen]
         docs += side.extract(referral_ids=retry) if retry else []
@@ -239,9 +259,10 @@ def extract_crm(job: SyncJob, side: CrmSide, store: StateStore) -> dict[str, int
     if job.referral_ids is not None:
         records = side.extract(referral_ids=job.referral_ids)
     else:
-        records = side.extract(since=job.since_crm, until=job.until)
+        with server_clock() as clock:
+            records = side.extract(since=job.since_crm, until=job.until)
         modified = compile_path(job.mapping.records["modified_field"])
-        write_json(job, "crm_mark", {"mark": _newest(modified(r) for r in records)})
+        write_json(job, "crm_mark", {"mark": _mark(clock, (modified(r) for r in records), job.until)})
         seen = {str(r.get(id_field)) for r in records}
         retry = [k for k in _retry_ids(store, job, "crm") if k not in seen]
         records += [r for r in side.extract(crm_ids=retry) if str(r.get(id_field)) not in seen] if retry else []
@@ -653,8 +674,9 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
         + _error_failures(errors, "crm"),
     }
     cleared = _cleared(job, store, pc, crm, failures)
-    # Each side's watermark moves to the newest change its window read (records read by id,
-    # outside the window, never move it); a side whose window read nothing keeps its own.
+    # Each side's watermark moves to the server's time when its window read began (records read
+    # by id, outside the window, never move it; without a Date header: the newest change the
+    # window read, and a side whose window read nothing keeps its own). It never moves back.
     watermarks = {side: mark for side in MARK_FILES if (mark := _window_mark(job, side)) is not None}
     watermarks["full_sync"] = datetime.now(UTC)  # moved with the others: only by window runs
     report = build_report(the_plan, crm_results, pc_results, errors, (stamp_results, link_results))

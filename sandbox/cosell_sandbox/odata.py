@@ -325,8 +325,9 @@ def _call(name: str, first: _Operand, second: _Operand, record: Mapping[str, Any
 
 
 def _any_of_equals(terms: list[Predicate]) -> Predicate | None:
-    """``a eq 'x' or a eq 'y' or ...`` on one property, as one set lookup (a lookup of many ids
-    would otherwise compare every record with every id); None when ``terms`` are anything else.
+    """``a eq 'x' or a eq 'y' or ...`` (or a single ``a eq 'x'``) on one property, as one set
+    lookup (a lookup of many ids would otherwise compare every record with every id, each
+    comparison trying both sides as dates first); None when ``terms`` are anything else.
 
     Exactly :func:`_compare`'s answer: a text literal that is not a date/time equals a value
     only when that value is text and the same (case-folded for a GUID literal or with
@@ -419,7 +420,7 @@ class _FilterParser:
             self.advance()
             terms.append(self.parse_and())
         if len(terms) == 1:
-            return terms[0]
+            return _any_of_equals(terms) or terms[0]
         return _any_of_equals(terms) or (lambda record: any(term(record) for term in terms))
 
     def parse_and(self) -> Predicate:

@@ -491,7 +491,7 @@ def test_sort_records_mixed_types_do_not_raise() -> None:
 
 
 def test_an_or_of_equals_on_one_property_matches_as_its_terms_do() -> None:
-    """``id eq 'a' or id eq 'b' ...`` (a lookup of many ids) is one set lookup: the same records
+    """``id eq 'a' or id eq 'b' ...`` (or one ``id eq 'a'``) is one set lookup: the same records
     as each term evaluated alone, for text, GUIDs, case, dates, nulls, numbers and nesting."""
     rng = random.Random(7)
     values: list[Any] = [
@@ -506,7 +506,7 @@ def test_an_or_of_equals_on_one_property_matches_as_its_terms_do() -> None:
     for options in (FilterOptions(), FilterOptions(case_insensitive_strings=True)):
         for _ in range(300):
             path = rng.choice(["k", "n/k", "K"])
-            chosen = rng.sample(literals, rng.randint(2, 5))
+            chosen = rng.sample(literals, rng.randint(1, 5))
             expr = " or ".join(f"{path} eq {literal}" for literal in chosen)
             fast = compile_filter(expr, options)
             terms = [compile_filter(f"{path} eq {literal}", options) for literal in chosen]

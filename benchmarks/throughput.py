@@ -33,7 +33,8 @@ What it reports, per CRM:
 
 Sizes: ``BENCH_TP_REFERRALS`` (10000), ``BENCH_TP_OPPORTUNITIES`` (5000), ``BENCH_TP_FLAGGED``
 (2000), ``BENCH_TP_LATENCY_MS`` (50); ``BENCH_TP_CRMS`` (``salesforce,dynamics365``);
-``BENCH_THROUGHPUT=0`` leaves it out of ``make bench``.
+``BENCH_THROUGHPUT=0`` leaves it out of ``make bench``; ``BENCH_TP_PROFILE=<task>,...`` writes a
+cProfile of those tasks next to their output (``<task>.out.prof``).
 Targets: task time <= 60 s per CRM, calls <= 1.05 x the floor. Nothing is asserted.
 """
 
@@ -400,6 +401,11 @@ def _task_process(task: str, spec: dict[str, Any], tmp: Path) -> tuple[float, fl
     spec_file, out_file = tmp / f"{task}.spec.json", tmp / f"{task}.out.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "plugins")]))
+    # Bytecode cached (in a folder of the bench's own), as on any Airflow worker: with
+    # PYTHONDONTWRITEBYTECODE (set on these machines) each task would compile Airflow from
+    # source again, 10 s and more of its time.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(tmp.parent / "pycache")
     start = time.perf_counter()
     with open(tmp / f"{task}.log", "w") as log_file:
         done = subprocess.run(  # our own interpreter, on our own code
@@ -567,7 +573,15 @@ def main(argv: list[str]) -> int:
 
         logging.getLogger("cosell_sync").setLevel(logging.WARNING)
         task, spec_file, out_file = argv[1:4]
-        seconds, cpu, result = run_task(task, json.loads(Path(spec_file).read_text()))
+        profile = os.environ.get("BENCH_TP_PROFILE", "").split(",")
+        if task in profile:  # BENCH_TP_PROFILE=load_partner_center,...: a cProfile of those tasks
+            import cProfile
+
+            with cProfile.Profile() as prof:
+                seconds, cpu, result = run_task(task, json.loads(Path(spec_file).read_text()))
+            prof.dump_stats(str(Path(out_file).with_suffix(".prof")))
+        else:
+            seconds, cpu, result = run_task(task, json.loads(Path(spec_file).read_text()))
         out = {"seconds": seconds, "cpu_seconds": cpu, "result": result}
         Path(out_file).write_text(json.dumps(out, default=str))
         return 0

@@ -47,8 +47,9 @@ import re
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -68,17 +69,31 @@ SF_QUERY_PAGE = 2000
 DV_BATCH = 1000  # requests per $batch, targets per *Multiple
 DV_PAGE = 5000
 PC_PAGE = 100
-LOG_ENTRIES = 400_000  # room in each emulator's request log for a whole run
+
+
+@dataclass
+class Seen:
+    """One API request an emulator served, whole (the emulators' own log keeps the first MiB of
+    a body: a $batch of 1,000 upserts is longer)."""
+
+    at: float
+    method: str
+    path: str
+    target: str
+    status: int
+    body: bytes
 
 
 class InFlight:
-    """Counts each emulator's API requests in flight (its latency included) and keeps the peak."""
+    """Counts each emulator's API requests in flight (its latency included) and keeps the peak;
+    keeps every API request it served (:class:`Seen`)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.now = 0
         self.peak = 0
         self.busy: list[tuple[float, float]] = []  # (when, seconds spent beyond the injected latency)
+        self.seen: list[Seen] = []
         self._lock = threading.Lock()
         self._dispatch = app.dispatch
         app.dispatch = self.dispatch  # this instance only: the bench's own sandbox
@@ -90,19 +105,25 @@ class InFlight:
             self.now += 1
             self.peak = max(self.peak, self.now)
         start = time.perf_counter()
+        status = 0  # the connection dropped, or the emulator failed
         try:
-            return self._dispatch(request)
+            response, fault = self._dispatch(request)
+            status = response.status if response is not None else 0
+            return response, fault
         finally:
             latency = self.app.faults.config.latency_ms[0] / 1000
             spent = max(0.0, time.perf_counter() - start - latency)
+            seen = Seen(time.time(), request.method, request.path, request.target, status, request.body)
             with self._lock:
                 self.now -= 1
                 self.busy.append((time.time(), spent))
+                self.seen.append(seen)
 
     def reset(self) -> None:
         with self._lock:
             self.peak = self.now
             self.busy.clear()
+            self.seen.clear()
 
 
 # -- classifying requests ---------------------------------------------------------------------------
@@ -274,23 +295,20 @@ def _task_at(at: float, windows: dict[str, tuple[float, float]]) -> str:
     return "?"
 
 
-def _kind_rows(sb: Any, crm: str, crm_emulator: Any, windows: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
+def _kind_rows(
+    sb: Any, crm: str, inflight: dict[str, InFlight], windows: dict[str, tuple[float, float]]
+) -> list[dict[str, Any]]:
     """One row per (system, direction, kind): calls, records, the tasks that made them, and
     the floor of that kind."""
     jobs = dict(sb.salesforce.bulk.jobs) if crm == "salesforce" else {}
-    systems: list[tuple[str, Any, Callable[[Any], tuple[str, str, int]]]] = [
-        ("token", sb.entra, classify_entra),
-        ("partner_center", sb.partner_center, classify_partner_center),
+    systems: list[tuple[str, Callable[[Any], tuple[str, str, int]]]] = [
+        ("token", classify_entra),
+        ("partner_center", classify_partner_center),
+        (crm, (lambda e: classify_salesforce(e, jobs)) if crm == "salesforce" else classify_dataverse),
     ]
-    if crm == "salesforce":
-        systems.append(("salesforce", crm_emulator, lambda e: classify_salesforce(e, jobs)))
-    else:
-        systems.append(("dynamics365", crm_emulator, classify_dataverse))
     grouped: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for system, emulator, classify in systems:
-        for entry in emulator.requests_matching():
-            if entry.path.startswith("/_sandbox/"):
-                continue
+    for system, classify in systems:
+        for entry in list(inflight[system].seen):
             direction, kind, records = classify(entry)
             if system == "token":
                 direction = "token"
@@ -428,8 +446,6 @@ def run_one(sb: Any, crm: str, tmp: Path, inflight: dict[str, InFlight]) -> dict
     pc_total = _open_referrals(sb.partner_center)
     crm_emulator = sb.salesforce if crm == "salesforce" else sb.dataverse
     crm_emulator.seed(opportunities=OPPORTUNITIES, flagged=FLAGGED, seed=16)
-    for app in (sb.entra, sb.partner_center, crm_emulator):
-        app.log = deque(maxlen=LOG_ENTRIES)
     run_dir = tmp / crm
     run_dir.mkdir(parents=True, exist_ok=True)
     for conn_id, conn in sb.connections().items():
@@ -471,7 +487,7 @@ def run_one(sb: Any, crm: str, tmp: Path, inflight: dict[str, InFlight]) -> dict
         _latency(sb, 0)
         sandbox_cpu = time.process_time() - sandbox_cpu
     report = results["commit_state"]
-    rows = _kind_rows(sb, crm, crm_emulator, windows)
+    rows = _kind_rows(sb, crm, inflight, windows)
     crm_extracted = int(results["extract_crm"]["opportunities"])
     floor = floor_table(rows, pc_listed=pc_total, crm_extracted=crm_extracted, crm=crm)
     calls = Counter()

@@ -108,15 +108,17 @@ def make_case(
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Object columns of text (or nothing) as Arrow text, of numbers as floats; booleans (with
-    missing values) stay Python objects."""
+    """Object columns of text as Arrow text (categorical when it has few distinct values, as a
+    columnar store dictionary-encodes them), of numbers as floats; booleans (with missing values)
+    stay Python objects."""
     out = {}
     for name in frame.columns:
         column = frame[name]
-        if column.dtype == object:
+        if column.dtype == object or isinstance(column.dtype, pd.StringDtype):
             present = column.dropna()
             if all(isinstance(v, str) for v in present):
-                column = column.astype("str")
+                few = len(present) and present.nunique() <= max(100, len(column) // 100)  # stages, codes ...
+                column = column.astype("category" if few else "str")
             elif all(isinstance(v, float) for v in present):
                 column = column.astype("float64")
         out[name] = column

@@ -112,6 +112,15 @@ def _objects(column: pd.Series) -> np.ndarray:
     return out
 
 
+def _one_chunk(arr: pa.ChunkedArray) -> pa.Array:
+    """The array of ``arr``: its only chunk as it is (no copy), else its chunks joined."""
+    return arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
 def _text(values: object) -> pa.Array | None:
     """``values`` as an Arrow large_string array (missing values null); None unless they are
     all text or missing."""
@@ -120,7 +129,9 @@ def _text(values: object) -> pa.Array | None:
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
         return None
     if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
+        arr = _one_chunk(arr)
+    if pa.types.is_dictionary(arr.type):  # categorical text: decoded for the one field at hand
+        arr = arr.dictionary_decode()
     if pa.types.is_null(arr.type):
         return arr.cast(pa.string())
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
@@ -147,7 +158,7 @@ def _arrow(values: object) -> pa.Array | None:
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
         return None
     if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
+        arr = _one_chunk(arr)
     if pa.types.is_floating(arr.type):
         return pac.add(arr.cast(pa.float64()), 0.0)  # -0.0 is 0.0, as Python compares them
     if pa.types.is_integer(arr.type):
@@ -181,7 +192,15 @@ def _indexer(keys: object, values: object) -> np.ndarray:
 def _arrow_or_series(column: pd.Series) -> pa.Array | pd.Series:
     """``column`` as an Arrow array when its values are of one plain type (converted once, as
     the merge reads a base column several times), else as it is."""
-    converted = _arrow(column)
+    try:
+        raw = pa.array(column, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        return column
+    if isinstance(raw, pa.ChunkedArray):
+        raw = _one_chunk(raw)
+    if pa.types.is_dictionary(raw.type) and _is_text(raw.type.value_type):
+        return raw  # categorical text stays encoded: decoded for the one field at hand
+    converted = _arrow(raw)
     return column if converted is None else converted
 
 
@@ -198,10 +217,15 @@ def _pair_ids(ids: pd.Series, recovered: np.ndarray, in_run: np.ndarray) -> obje
 
 
 def _pair_column(column: pa.Array | pd.Series, pos: np.ndarray) -> object:
-    """``column`` aligned by ``pos`` (missing where ``pos`` < 0), kept in Arrow when it is."""
+    """``column`` aligned by ``pos`` (missing where ``pos`` < 0), kept in Arrow (or its pandas
+    type) when it is."""
+    if isinstance(column, pd.Series) and isinstance(column.dtype, pd.api.extensions.ExtensionDtype):
+        return column.array.take(pos, allow_fill=True)  # its own type, no Python object per value
     if not isinstance(column, pa.Array):
         return _pair_objects(column, pos)
     taken = column.take(pa.array(pos, mask=pos < 0))
+    if pa.types.is_dictionary(taken.type):
+        taken = taken.dictionary_decode()
     if pa.types.is_string(taken.type) or pa.types.is_large_string(taken.type):
         return pd.arrays.ArrowStringArray(taken, dtype=pd.StringDtype("pyarrow", na_value=np.nan))
     return pd.arrays.ArrowExtensionArray(taken)
@@ -210,14 +234,20 @@ def _pair_column(column: pa.Array | pd.Series, pos: np.ndarray) -> object:
 def _pair_objects(column: pd.Series | None, pos: np.ndarray) -> np.ndarray:
     """``column`` aligned by ``pos`` as an object array; None where ``pos`` < 0, missing, or no column."""
     out = np.full(len(pos), None, dtype=object)
-    if column is not None and len(column):
-        text = _text(column)
-        if text is not None:
-            return text.take(pa.array(pos, mask=pos < 0)).to_numpy(zero_copy_only=False)
-        if isinstance(column, pa.Array):  # numbers or booleans: None where missing
-            out[:] = column.take(pa.array(pos, mask=pos < 0)).to_pylist()
-            return out
-        out[pos >= 0] = _objects(column)[pos[pos >= 0]]
+    if column is None or not len(column):
+        return out
+    if isinstance(column, pa.Array):
+        taken = column.take(pa.array(pos, mask=pos < 0))
+        if pa.types.is_dictionary(taken.type):
+            taken = taken.dictionary_decode()
+        if pa.types.is_string(taken.type) or pa.types.is_large_string(taken.type):
+            return taken.to_numpy(zero_copy_only=False)
+        out[:] = taken.to_pylist()  # numbers or booleans: None where missing
+        return out
+    text = _text(column)
+    if text is not None:
+        return text.take(pa.array(pos, mask=pos < 0)).to_numpy(zero_copy_only=False)
+    out[pos >= 0] = _objects(column)[pos[pos >= 0]]
     return out
 
 
@@ -463,8 +493,11 @@ def plan(
     columnar = columnar_links(links)
     n_new = len(recovered)
     if columnar:
+        read = {"stage", *(f.name for f in synced)}  # the merge reads these; the others are carried along
         link_base = {
-            c[len(BASE_PREFIX) :]: _arrow_or_series(links[c]) for c in links.columns if str(c).startswith(BASE_PREFIX)
+            name: _arrow_or_series(links[c]) if name in read else links[c]
+            for c in links.columns
+            if str(c).startswith(BASE_PREFIX) and (name := c[len(BASE_PREFIX) :])
         }
         link_has_base = np.ones(len(links), dtype=bool)
         base_all = None
@@ -570,20 +603,19 @@ def plan(
             if mask.any():
                 rows = np.flatnonzero(mask)
                 reason = np.where(conflict[rows], "conflict", PC if target == CRM else CRM)
-                changes.append(
-                    pd.DataFrame(
-                        dtype=object,
-                        data={
-                            "referral_id": rid_a[rows],
-                            "crm_id": cid_a[rows],
-                            "target": target,
-                            "field": fm.name,
-                            "old": v.values(old, rows),
-                            "new": v.values(new, rows),
-                            "reason": reason,
-                        },
-                    )
+                frame = pd.DataFrame(
+                    dtype=object,
+                    data={
+                        "target": target,
+                        "field": fm.name,
+                        "old": v.values(old, rows),
+                        "new": v.values(new, rows),
+                        "reason": reason,
+                    },
                 )
+                frame.insert(0, "referral_id", rid_a[rows])  # ids keep their (Arrow) type
+                frame.insert(1, "crm_id", cid_a[rows])
+                changes.append(frame)
         if conflict.any():
             rows = np.flatnonzero(conflict)
             pc_value, crm_value = v.values(P, rows), v.values(C, rows)

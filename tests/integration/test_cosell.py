@@ -7,7 +7,9 @@ partner-led; Microsoft's side of an engagement is never imported as a deal of it
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import requests
@@ -124,6 +126,9 @@ def test_help_requested_engages_microsoft_once_across_retries_lost_answers_and_r
     held = Counter(str(r.get(link)) for r in opportunity_ids(pc, crm).values() if r.get(link))
     asked = {d["id"] for d in pc.partner_center.referrals.values() if microsoft_side(d)}
     assert asked and not asked & set(held) and max(held.values()) == 1
+    if out := os.environ.get("COSELL_ENGAGEMENT_OUT"):  # one engagement as the sandbox holds it
+        shown = next(e for e in engagements(pc).values() if any(microsoft_side(d) for d in e))
+        Path(out).write_text(json.dumps(shown, indent=2))
 
 
 @pytest.mark.parametrize("crm", CRMS)

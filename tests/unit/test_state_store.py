@@ -888,3 +888,77 @@ def test_from_airflow_with_a_postgres_uri_masks_the_password(monkeypatch: pytest
     assert seen[0].password == "s3cr@t-pw" and seen[0].host == "db.internal" and seen[0].port == 5433
     assert st.url == "postgresql://cosell:***@db.internal:5433/cosell_state"
     assert "s3cr" not in repr(st)
+
+
+# -- columnar bases (issue 16) -------------------------------------------------------------------
+def _plain(value: object) -> object:
+    """A value as plan() and the commit see it: missing (None, NaN or pandas' NA) as None."""
+    return None if value is None or value is pd.NA or (isinstance(value, float) and value != value) else value
+
+
+def _columnar_bases(store: StateStore, bases: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    frame = pd.DataFrame(
+        [{"referral_id": f"R{i}", "crm_id": f"C{i}", "base": b} for i, b in enumerate(bases)],
+        columns=["referral_id", "crm_id", "base"],
+    )
+    store.upsert_links(CRM, frame, "run-1")
+    return store.get_links(CRM), store.get_links(CRM, columnar=True)
+
+
+@pytest.mark.parametrize(
+    "bases",
+    [
+        pytest.param(
+            [
+                {"name": 'Deal "one" \\ é 🚀', "amount": 1200.5, "count": 3, "open": True, "close": "2027-01-31"},
+                {"name": "Deal two", "amount": 7, "count": 4, "open": False, "close": "2027-02-01", "notes": None},
+                {"name": None, "amount": None, "open": None, "notes": "2026-11-30T10:00:00Z"},  # keys missing
+            ],
+            id="one_arrow_pass",
+        ),
+        pytest.param(
+            [{"code": 858880000, "note": "x"}, {"code": "GeneralOrOther", "note": "y"}], id="a_field_of_two_types"
+        ),
+        pytest.param([{"team": [{"email": "a@b.c"}], "name": "n"}, {"team": None, "name": "m"}], id="nested_values"),
+    ],
+)
+def test_columnar_links_hold_the_values_of_the_dict_form(store: StateStore, bases: list[dict]):
+    as_dicts, columnar = _columnar_bases(store, bases)
+    assert "base" not in columnar.columns
+    assert list(columnar["referral_id"]) == list(as_dicts["referral_id"])
+    names = {k for b in bases for k in b}
+    assert {c for c in columnar.columns if c.startswith("base.")} == {f"base.{k}" for k in names}
+    for i, base in enumerate(as_dicts["base"]):
+        for name in names:
+            got, want = _plain(columnar[f"base.{name}"].iloc[i]), base.get(name)
+            assert got == want and type(got) in (type(want), float if type(want) is int else type(want)), (
+                i,
+                name,
+                got,
+                want,
+            )
+    # Dates and times stay the text they were stored as (never parsed into timestamps).
+    if "close" in names:
+        assert columnar["base.close"].iloc[0] == "2027-01-31"
+        assert all(columnar[f"base.{k}"].dtype != object for k in names)  # decoded by Arrow, not row by row
+
+
+def test_columnar_links_plan_what_dict_links_plan(store: StateStore):
+    from benchmarks.synthetic import make_case
+    from cosell_sync.engine.mapping import load_mapping
+    from cosell_sync.engine.plan import plan, with_base_dicts
+
+    mapping = load_mapping(CRM)
+    pc, crm, links = make_case(400, mapping, seed=5, columnar=False, shuffled=True)
+    store.upsert_links(CRM, links, "run-1")
+    by_dict = plan(pc, crm, store.get_links(CRM), mapping)
+    by_column = plan(pc, crm, store.get_links(CRM, columnar=True), mapping)
+    key = ["referral_id", "crm_id", "target", "field"]
+    assert len(by_dict.changes) and by_dict.changes.sort_values(key).astype(str).reset_index(drop=True).equals(
+        by_column.changes.sort_values(key).astype(str).reset_index(drop=True)
+    )
+    moved_dict = {r: b for r, b in zip(by_dict.new_base["referral_id"], by_dict.new_base["base"], strict=True)}
+    moved_column = with_base_dicts(by_column.new_base)
+    assert set(moved_dict) == set(moved_column["referral_id"])
+    for referral_id, base in zip(moved_column["referral_id"], moved_column["base"], strict=True):
+        assert {k: _plain(v) for k, v in base.items()} == {k: _plain(v) for k, v in moved_dict[referral_id].items()}

@@ -217,18 +217,16 @@ def _pair_ids(ids: pd.Series, recovered: np.ndarray, in_run: np.ndarray) -> obje
 
 
 def _pair_column(column: pa.Array | pd.Series, pos: np.ndarray) -> object:
-    """``column`` aligned by ``pos`` (missing where ``pos`` < 0), kept in Arrow (or its pandas
-    type) when it is."""
-    if isinstance(column, pd.Series) and isinstance(column.dtype, pd.api.extensions.ExtensionDtype):
+    """``column`` aligned by ``pos`` (missing where ``pos`` < 0): text kept in Arrow (or its
+    pandas type) when it is, anything else as Python values."""
+    if isinstance(column, pd.Series) and isinstance(column.dtype, pd.StringDtype | pd.CategoricalDtype):
         return column.array.take(pos, allow_fill=True)  # its own type, no Python object per value
-    if not isinstance(column, pa.Array):
-        return _pair_objects(column, pos)
-    taken = column.take(pa.array(pos, mask=pos < 0))
-    if pa.types.is_dictionary(taken.type):
-        taken = taken.dictionary_decode()
-    if pa.types.is_string(taken.type) or pa.types.is_large_string(taken.type):
+    if isinstance(column, pa.Array) and (_is_text(column.type) or pa.types.is_dictionary(column.type)):
+        taken = column.take(pa.array(pos, mask=pos < 0))
+        if pa.types.is_dictionary(taken.type):
+            taken = taken.dictionary_decode()
         return pd.arrays.ArrowStringArray(taken, dtype=pd.StringDtype("pyarrow", na_value=np.nan))
-    return pd.arrays.ArrowExtensionArray(taken)
+    return _pair_objects(column, pos)  # numbers and booleans as Python values (None where missing)
 
 
 def _pair_objects(column: pd.Series | None, pos: np.ndarray) -> np.ndarray:

@@ -514,6 +514,51 @@ def _frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, times: 
     return frame
 
 
+def _base_columns(texts: Sequence[str]) -> dict[str, pd.Series]:
+    """Stored bases (JSON objects as text), one column per field: decoded in one pass by Arrow
+    (text stays text, as stored: no timestamp or date guessing), else, when a field holds values
+    of different JSON types or nested ones, row by row. A field missing from a base is None."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.json as paj
+
+    if not texts:
+        return {}
+    data = "\n".join(texts).encode()
+    plain = {pa.string(), pa.large_string(), pa.float64(), pa.int64(), pa.bool_(), pa.null()}
+    try:
+        table = paj.read_json(io.BytesIO(data), read_options=paj.ReadOptions(block_size=max(1 << 20, len(data) + 1)))
+        guessed = [f for f in table.schema if pa.types.is_temporal(f.type)]
+        if guessed:  # Arrow reads ISO dates as timestamps: read them again as the text they are
+            options = paj.ParseOptions(
+                explicit_schema=pa.schema([(f.name, pa.string()) for f in guessed]), unexpected_field_behavior="infer"
+            )
+            table = paj.read_json(
+                io.BytesIO(data),
+                read_options=paj.ReadOptions(block_size=max(1 << 20, len(data) + 1)),
+                parse_options=options,
+            )
+        if all(f.type in plain for f in table.schema):
+            out = {}
+            for name, column in zip(table.column_names, table.columns, strict=True):
+                array = column.combine_chunks()
+                if pa.types.is_null(array.type):
+                    array = array.cast(pa.string())
+                if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+                    out[name] = pd.Series(
+                        pd.arrays.ArrowStringArray(array, dtype=pd.StringDtype("pyarrow", na_value=math.nan))
+                    )
+                else:
+                    out[name] = pd.Series(pd.arrays.ArrowExtensionArray(array))
+            return out
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    bases = [json.loads(text) for text in texts]
+    names = list(dict.fromkeys(k for base in bases for k in base))
+    return {name: pd.Series([base.get(name) for base in bases], dtype=object) for name in names}
+
+
 def _json_text(value: Any) -> str | None:
     return None if _missing(value) else _canonical_json(value)
 
@@ -760,15 +805,22 @@ class StateStore:
         crm: str,
         referral_ids: Iterable[str] | None = None,
         crm_ids: Iterable[str] | None = None,
+        *,
+        columnar: bool = False,
     ) -> pd.DataFrame:
         """The links of ``crm``: all of them, or those matching ``referral_ids`` OR ``crm_ids``.
 
-        Columns: referral_id, crm_id, base (dict), base_hash, synced_at (UTC), run_id.
+        Columns: referral_id, crm_id, base (dict), base_hash, synced_at (UTC), run_id. With
+        ``columnar``, the bases come as one ``base.<field>`` column per field instead of a dict
+        per link, decoded from their stored JSON in one pass (see :func:`_base_columns`).
         """
         _check(crm, CRMS, "crm")
         refs = None if referral_ids is None else _ids(referral_ids)
         cids = None if crm_ids is None else _ids(crm_ids)
-        cols = [links_t.c[name] for name in LINK_COLUMNS]
+        cols = [
+            sa.type_coerce(links_t.c.base, sa.Text).label("base") if columnar and name == "base" else links_t.c[name]
+            for name in LINK_COLUMNS
+        ]
 
         def work(conn: Connection) -> list[dict[str, Any]]:
             base = sa.select(*cols).where(links_t.c.crm == crm)
@@ -782,7 +834,14 @@ class StateStore:
                         found[r.referral_id] = dict(r._mapping)
             return [found[k] for k in sorted(found)]
 
-        return _frame(self._read(work), LINK_COLUMNS, times=["synced_at"])
+        rows = self._read(work)
+        if not columnar:
+            return _frame(rows, LINK_COLUMNS, times=["synced_at"])
+        others = [c for c in LINK_COLUMNS if c != "base"]
+        frame = _frame(rows, others, times=["synced_at"])
+        for name, column in _base_columns([row["base"] for row in rows]).items():
+            frame[f"base.{name}"] = column
+        return frame
 
     def _prepare_links(self, crm: str, links: pd.DataFrame, run_id: str) -> list[dict[str, Any]]:
         _check(crm, CRMS, "crm")

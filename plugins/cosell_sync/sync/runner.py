@@ -360,7 +360,8 @@ def plan_run(job: SyncJob, store: StateStore, pc_side: PartnerCenterSide, crm_si
     for frame, column in ((pc, "updated_at"), (crm, "modified_at")):
         frame[column] = pd.to_datetime(frame[column], utc=True)
     ids = list(pc["referral_id"]) + [r for r in crm["referral_ref"] if r]
-    links = store.get_links(job.crm, referral_ids=ids, crm_ids=list(crm["crm_id"]))
+    # The bases as one column per field (decoded from the state DB in one pass, not a dict per link).
+    links = store.get_links(job.crm, referral_ids=ids, crm_ids=list(crm["crm_id"]), columnar=True)
     result = plan(pc, crm, links, job.mapping, directions=job.directions)
     # A planned create lacking a ``required:`` field is an error for its record, not a create
     # (staged apart from the extracts' errors, so a retried plan step does not add them twice).

@@ -87,16 +87,28 @@ def read_frame(job: SyncJob, name: str) -> pd.DataFrame:
         frame = pd.read_parquet(fh)
     for column in frame.columns:
         if pd.api.types.is_string_dtype(frame[column]) or frame[column].dtype == object:
-            frame[column] = pd.Series(
-                [json.loads(v) if isinstance(v, str) else None for v in frame[column]], index=frame.index, dtype=object
-            )
+            frame[column] = pd.Series(_json_cells(frame[column].tolist()), index=frame.index, dtype=object)
     return frame
+
+
+def _json_cells(cells: list[Any]) -> list[Any]:
+    """Each cell's JSON text decoded (anything else is None): the whole column in one parse,
+    one cell at a time only if some cell is not valid JSON (then that cell fails, named)."""
+    texts = [c if isinstance(c, str) else "null" for c in cells]
+    try:
+        decoded = json.loads("[" + ",".join(texts) + "]")
+        if len(decoded) == len(cells):
+            return decoded
+    except ValueError:
+        pass
+    return [json.loads(c) if isinstance(c, str) else None for c in cells]
 
 
 def write_json(job: SyncJob, name: str, payload: Any) -> None:
     job.folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, default=str)  # one write: json.dump's many small ones are slow on object storage
     with (job.folder / f"{name}.json").open("w") as fh:
-        json.dump(payload, fh, default=str)
+        fh.write(text)
 
 
 def read_json(job: SyncJob, name: str) -> Any:

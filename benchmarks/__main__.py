@@ -27,13 +27,13 @@ os.environ.setdefault("AIRFLOW_HOME", str(_TMP / "airflow"))
 
 import requests  # noqa: E402
 
+from benchmarks.planner import bench_planner  # noqa: E402
 from benchmarks.throughput import bench_throughput  # noqa: E402
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from cosell_sync.hooks.partner_center import PartnerCenterHook  # noqa: E402
 from cosell_sync.models import parse_referrals  # noqa: E402
 
 N_REFERRALS = int(os.environ.get("BENCH_REFERRALS", "3000"))
-PLANNER_SIZES = [int(x) for x in os.environ.get("BENCH_PLANNER_SIZES", "100000,1000000").split(",") if x]
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 
 
@@ -62,99 +62,6 @@ def peak_memory(fn) -> tuple[int, object]:
         return tracemalloc.get_traced_memory()[1], result
     finally:
         tracemalloc.stop()
-
-
-PLANNER_RUNS = int(os.environ.get("BENCH_PLANNER_RUNS", "3"))  # median of these
-LOOP_RUNS = int(os.environ.get("BENCH_LOOP_RUNS", "3"))  # the per-record loop: median of these
-_PLANNER_CHILD = """
-import ctypes, gc, json, sys, time
-from benchmarks.synthetic import make_case
-from cosell_sync.engine.mapping import load_mapping
-from cosell_sync.engine.plan import plan
-
-size, runs = int(sys.argv[1]), int(sys.argv[2])
-mapping = load_mapping("salesforce")
-pc, crm, links = make_case(size, mapping, seed=7)
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)  # make_case's garbage back to the system: the inputs' own RSS
-
-
-def status():
-    return dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-
-
-inputs_kib = int(status()["VmRSS"].split()[0])
-with open("/proc/self/clear_refs", "w") as fh:  # the peak from here on: the inputs held, and plan()
-    fh.write("5")
-seconds, changes = [], 0
-for _ in range(runs):
-    start = time.perf_counter()
-    changes = len(plan(pc, crm, links, mapping).changes)
-    seconds.append(time.perf_counter() - start)
-peak_kib = int(status()["VmHWM"].split()[0])
-print(json.dumps({"seconds": seconds, "changes": changes, "peak_rss_mib": peak_kib / 1024,
-                  "inputs_rss_mib": inputs_kib / 1024}))
-"""
-
-
-def _planner_in_fresh_process(size: int) -> dict[str, object]:
-    """plan() PLANNER_RUNS times on ``size`` synthetic pairs in a fresh process: its times, and
-    its peak RSS (reset once the input frames are built, so it is plan()'s on top of its inputs)."""
-    import subprocess
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "plugins")]))
-    done = subprocess.run(  # our own interpreter, on our own code
-        [sys.executable, "-c", _PLANNER_CHILD, str(size), str(PLANNER_RUNS)],
-        capture_output=True, text=True, env=env, cwd=ROOT, check=False,
-    )  # fmt: skip
-    if done.returncode:
-        raise RuntimeError(f"the planner benchmark process failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def bench_planner() -> list[dict[str, object]]:
-    """The vectorized planner (median of PLANNER_RUNS, in a fresh process for its peak RSS) vs a
-    plain per-record loop that builds its records from the same frames (median of LOOP_RUNS)."""
-    from benchmarks.reference_planner import reference_plan
-    from benchmarks.synthetic import make_case
-    from cosell_sync.engine.mapping import load_mapping
-
-    mapping = load_mapping("salesforce")
-    rows = []
-    for size in PLANNER_SIZES:
-        planner = _planner_in_fresh_process(size)
-        pc, crm, links = make_case(size, mapping, seed=7)
-        loop_times, looped = [], None
-        for _ in range(LOOP_RUNS):
-            t, looped = timed(
-                lambda pc=pc, crm=crm, links=links: reference_plan(
-                    pc.to_dict("records"), crm.to_dict("records"), links.to_dict("records"), mapping
-                )
-            )
-            loop_times.append(t)
-        assert planner["changes"] == len(looped["changes"]), "planner and loop disagree"
-        plan_s, loop_s = statistics.median(planner["seconds"]), statistics.median(loop_times)
-        rows.append(
-            {
-                "pairs": size,
-                "seconds": plan_s,
-                "loop_from_frames_seconds": loop_s,
-                "peak_rss_mib": planner["peak_rss_mib"],  # the whole process: input frames included
-                "inputs_rss_mib": planner["inputs_rss_mib"],  # the input frames alone, before plan()
-                "planner_rss_over_inputs_mib": planner["peak_rss_mib"] - planner["inputs_rss_mib"],
-                "speedup": loop_s / plan_s,
-                "runs": {"planner": planner["seconds"], "loop_from_frames": loop_times},
-                "changes": planner["changes"],
-            }
-        )
-        print(
-            f"planner {size:>9,} pairs: {plan_s:6.2f}s median of {PLANNER_RUNS} (target <= 3 s at 1M), peak RSS "
-            f"{planner['peak_rss_mib']:,.0f} MiB (target <= 1,536; its inputs {planner['inputs_rss_mib']:,.0f} MiB); "
-            f"the per-record loop from the same frames "
-            f"{loop_s:6.2f}s -> {loop_s / plan_s:.1f}x (target >= 10x); {planner['changes']:,} field writes planned",
-            flush=True,
-        )
-    return rows
 
 
 QUIET_REFERRALS = int(os.environ.get("BENCH_QUIET_REFERRALS", "600"))

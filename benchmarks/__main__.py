@@ -133,7 +133,7 @@ def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
     from cosell_sync.sync.runner import OVERLAP, sync, window_job
 
     conns = sb.connections()
-    for conn_id in ("partner_center_default", "dynamics_default", "salesforce_default"):
+    for conn_id in ("partner_center_default", "dynamics365_default", "salesforce_default"):
         os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conns[conn_id])
     aged = OVERLAP.total_seconds() + 60
     figures = {}

@@ -88,14 +88,14 @@ def hook(pc_conn: dict):
 
 @pytest.fixture
 def dyn_conn(pc: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
-    """AIRFLOW_CONN_DYNAMICS_DEFAULT pointing at the Dataverse emulator."""
+    """AIRFLOW_CONN_DYNAMICS365_DEFAULT pointing at the Dataverse emulator."""
     from cosell_sync.hooks import dynamics
     from cosell_sync.hooks._msal import forget_tokens
 
     forget_tokens()
     dynamics._currencies.clear()
-    conn = pc.connections()["dynamics_default"]
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(conn))
+    conn = pc.connections()["dynamics365_default"]
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps(conn))
     yield conn
     forget_tokens()
 

@@ -22,7 +22,7 @@ def _field(label: str, schema: dict[str, Any], description: str) -> dict[str, An
 # a "description" placeholder does not reach the UI (ProvidersManager prefixes it as if it were an
 # extra field), so the relabeling carries it; the UI reads it through /ui/connections/hook_meta.
 PARTNER_CENTER_LABEL = "Description (the DAGs use the connection id partner_center_default)"
-DYNAMICS365_LABEL = "Description (the DAGs use the connection id dynamics_default)"
+DYNAMICS365_LABEL = "Description (the DAGs use the connection id dynamics365_default)"
 
 _MICROSOFT_COMMON = {
     "tenant_id": _field("Tenant ID", _S, "Entra ID tenant (directory) id of the app registration."),

@@ -151,7 +151,7 @@ class Sandbox:
                     "ca_bundle": str(self.pki.ca_cert),
                 },
             },
-            "dynamics_default": {
+            "dynamics365_default": {
                 "conn_type": "dynamics365",
                 "host": self.origin("dataverse"),
                 "login": creds.client_id,

@@ -55,7 +55,7 @@ def test_serve_prints_connection_lines_the_hook_uses_unchanged(served, tmp_path)
     env = _exports(output)
     assert set(env) == {
         "AIRFLOW_CONN_PARTNER_CENTER_DEFAULT",
-        "AIRFLOW_CONN_DYNAMICS_DEFAULT",
+        "AIRFLOW_CONN_DYNAMICS365_DEFAULT",
         "AIRFLOW_CONN_SALESFORCE_DEFAULT",
         "AIRFLOW__COSELL__WEBHOOK_CERTIFICATE_HOSTS",
         "AIRFLOW__COSELL__WEBHOOK_RESOURCE_HOSTS",

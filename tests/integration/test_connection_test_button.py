@@ -75,7 +75,7 @@ def pc_form(pc: Sandbox, **changes: Any) -> dict[str, Any]:
 
 
 def dyn_form(pc: Sandbox, **changes: Any) -> dict[str, Any]:
-    return form(pc.connections()["dynamics_default"], "dynamics_default", **changes)
+    return form(pc.connections()["dynamics365_default"], "dynamics365_default", **changes)
 
 
 # -- the forms ---------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ def test_client_credentials_token_for_the_environment_scope(pc, dyn_conn):
 
 def test_bad_secret_and_bad_host_are_clear(pc, dyn_conn, monkeypatch):
     bad = dict(dyn_conn, password="wrong-secret-12345")
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(bad))
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps(bad))
     with pytest.raises(AuthenticationError, match="AADSTS7000215"):
         DynamicsHook().get_token()
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(dict(dyn_conn, host="http://plain.example")))
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps(dict(dyn_conn, host="http://plain.example")))
     with pytest.raises(ConfigurationError, match="environment URL"):
         DynamicsHook().settings  # noqa: B018

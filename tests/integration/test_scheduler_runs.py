@@ -50,10 +50,10 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
     pc.partner_center.seed(24, seed=31)
     pc.salesforce.seed(opportunities=9, accounts=3, flagged=4, seed=31)
     pc.dataverse.seed(opportunities=9, accounts=3, flagged=4, seed=31)
-    dynamics = pc.connections()["dynamics_default"]
+    dynamics = pc.connections()["dynamics365_default"]
     env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
     env.pop("AIRFLOW_CONN_COSELL_STATE", None)  # the default state DB, as `make airflow` has it
-    env.pop("AIRFLOW_CONN_DYNAMICS_DEFAULT", None)  # in the metadata DB instead, as the UI makes it
+    env.pop("AIRFLOW_CONN_DYNAMICS365_DEFAULT", None)  # in the metadata DB instead, as the UI makes it
     env |= {
         "AIRFLOW__COSELL__SYNC_SCHEDULE": "* * * * *",  # a scheduled run every minute, so the test sees some
         "AIRFLOW__COSELL__EVENT_CRMS": "salesforce",
@@ -64,7 +64,7 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         for dag_id in (SF, DYN, EVENTS):
             af.wait_for(lambda dag_id=dag_id: af.dag_serialized(dag_id), 180, f"{dag_id} to be parsed")
         bad = dynamics | {"password": BAD_SECRET}
-        af.cli("connections", "add", "dynamics_default", "--conn-json", json.dumps(bad))
+        af.cli("connections", "add", "dynamics365_default", "--conn-json", json.dumps(bad))
 
         # Unpausing starts the schedule: with no initial load yet, its runs wait and say why.
         pc.salesforce.log.clear()
@@ -97,8 +97,8 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         assert crm_writes(pc) == 0, "a dry run, a failed run and waiting scheduled runs wrote to a CRM"
 
         # The connection is fixed; both CRMs do their initial load through manual runs.
-        af.cli("connections", "delete", "dynamics_default")
-        af.cli("connections", "add", "dynamics_default", "--conn-json", json.dumps(dynamics))
+        af.cli("connections", "delete", "dynamics365_default")
+        af.cli("connections", "add", "dynamics365_default", "--conn-json", json.dumps(dynamics))
         loads = {SF: af.trigger(SF), DYN: af.trigger(DYN)}
         for dag_id, run_id in loads.items():
             run = af.finished(dag_id, run_id)

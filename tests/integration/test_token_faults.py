@@ -78,7 +78,7 @@ def test_refresh_token_grant_survives_a_throttled_token_endpoint(pc, hook, fast_
 def test_wrong_client_secret_is_an_authentication_error_without_the_secret(pc, dyn_conn, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
     secret = "wrong-secret-0123456789abcdef"
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(dict(dyn_conn, password=secret)))
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", json.dumps(dict(dyn_conn, password=secret)))
     _, token = _paths(pc)
     with pytest.raises(AuthenticationError) as info:
         DynamicsHook(retry_policy=FAST).get_token()

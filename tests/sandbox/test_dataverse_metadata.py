@@ -18,7 +18,7 @@ HELP = list(HELP_LABELS)
 
 class Api:
     def __init__(self, sandbox: Any) -> None:
-        conn = sandbox.connections()["dynamics_default"]
+        conn = sandbox.connections()["dynamics365_default"]
         self.origin = conn["host"]
         self.ca = conn["extra"]["ca_bundle"]
         resp = requests.post(

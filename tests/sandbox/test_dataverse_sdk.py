@@ -49,7 +49,7 @@ CUSTOM_BASE = 858_880_000
 
 @pytest.fixture
 def client(pc: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    conn = pc.connections()["dynamics_default"]
+    conn = pc.connections()["dynamics365_default"]
     # requests (under both azure-core and the SDK) trusts the sandbox CA through REQUESTS_CA_BUNDLE.
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", conn["extra"]["ca_bundle"])
     for name in ("HTTPS_PROXY", "https_proxy", "CURL_CA_BUNDLE"):

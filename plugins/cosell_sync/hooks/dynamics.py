@@ -17,10 +17,12 @@ through :func:`cosell_sync.hooks._odata.quote`.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -163,11 +165,41 @@ class DynamicsSettings:
         return settings
 
 
+log = logging.getLogger(__name__)
+
+DEFAULT_CONN_ID = "dynamics365_default"
+DEPRECATED_CONN_ID = "dynamics_default"  # the id of earlier versions: still read, with a warning
+
+
+def dynamics_connection(conn_id: str = DEFAULT_CONN_ID) -> Any:
+    """The Airflow connection ``conn_id``. The default id falls back to the deprecated
+    ``dynamics_default`` when only that one exists, with a DeprecationWarning and a log line
+    saying how to rename it; any other missing id raises Airflow's not-found error."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        if conn_id != DEFAULT_CONN_ID:
+            raise
+        try:
+            conn = BaseHook.get_connection(DEPRECATED_CONN_ID)
+        except AirflowNotFoundException:
+            raise AirflowNotFoundException(f"The conn_id `{DEFAULT_CONN_ID}` isn't defined") from None
+    message = (
+        f"the Dynamics 365 connection id {DEPRECATED_CONN_ID!r} is deprecated: name it {DEFAULT_CONN_ID!r} "
+        f"(AIRFLOW_CONN_{DEFAULT_CONN_ID.upper()}); {DEPRECATED_CONN_ID!r} is read while {DEFAULT_CONN_ID!r} is absent"
+    )
+    warnings.warn(message, DeprecationWarning, stacklevel=2)
+    log.warning(message)
+    return conn
+
+
 class DynamicsHook(BaseHook):
     """Dataverse Web API access with client-credentials tokens, retries and typed errors."""
 
     conn_name_attr = "dynamics_conn_id"
-    default_conn_name = "dynamics_default"
+    default_conn_name = DEFAULT_CONN_ID
     conn_type = "dynamics365"
     hook_name = "Microsoft Dynamics 365 (Dataverse)"
 
@@ -185,7 +217,7 @@ class DynamicsHook(BaseHook):
 
     @cached_property
     def settings(self) -> DynamicsSettings:
-        return DynamicsSettings.from_connection(self.get_connection(self.dynamics_conn_id))
+        return DynamicsSettings.from_connection(dynamics_connection(self.dynamics_conn_id))
 
     @cached_property
     def session(self) -> requests.Session:

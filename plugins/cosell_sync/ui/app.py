@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 URL_PREFIX = "/cosell/ui"
 EXTRA_DAGS = ("cosell_referral_events",)
-CONNECTIONS = {"salesforce": "salesforce_default", "dynamics365": "dynamics_default"}
+# the connections to find each CRM's host in, the first that exists (then the deprecated id)
+CONNECTIONS = {"salesforce": ("salesforce_default",), "dynamics365": ("dynamics365_default", "dynamics_default")}
 HOSTS_TTL = 60.0
 MAX_ITEMS = 500
 
@@ -204,18 +205,21 @@ class _State:
         if self._hosts is not None and now - self._hosts[0] < HOSTS_TTL:
             return self._hosts[1]
         hosts: dict[str, str | None] = {}
-        for crm, conn_id in CONNECTIONS.items():
+        for crm, conn_ids in CONNECTIONS.items():
             hosts[crm] = None
-            try:
-                from airflow.models.connection import Connection
+            for conn_id in conn_ids:
+                try:
+                    from airflow.models.connection import Connection
 
-                conn = Connection.get_connection_from_secrets(conn_id)
+                    conn = Connection.get_connection_from_secrets(conn_id)
+                except Exception:
+                    log.debug("no %s connection for the Co-sell page's record links", conn_id, exc_info=True)
+                    continue
                 extra = conn.extra_dejson or {}
                 host = extra.get("instance_url") or conn.host or ""
                 host = host if "://" in host or not host else "https://" + host
                 hosts[crm] = host.rstrip("/") or None
-            except Exception:
-                log.debug("no %s connection for the Co-sell page's record links", conn_id, exc_info=True)
+                break
         self._hosts = (now, hosts)
         return hosts
 

@@ -24,7 +24,7 @@ pending inbox events, in both directions, for every configured CRM.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import DAG, Asset, AssetWatcher, get_current_context, task
@@ -116,7 +116,7 @@ def sync_events(run_id: str) -> dict[str, Any]:
         log.info("%d event(s) handed back to the inbox while this run waits", released)
         wait_for_lease(busy, get_current_context())
     store.inbox_done(run_id, [r["id"] for r in claimed])
-    _rearm(store)
+    _rearm(store, claimed_at=min(r["claimed_at"] for r in claimed))
     return {"events": len(claimed), "referrals": len(referral_ids), "reports": reports}
 
 
@@ -131,15 +131,37 @@ def events_note(result: dict[str, Any]) -> str:
     return truncate("\n\n".join([head, *reports]))
 
 
-def _rearm(store: Any) -> None:
+def _rearm(store: Any, claimed_at: datetime | None = None) -> None:
     """Events that arrived during this run but were stamped before the trigger's last signal
-    (two receivers racing) would otherwise wait for the next event: move the signal back."""
+    (two receivers racing) would otherwise wait for the next event: move the signal back.
+
+    Not when the trigger signalled after this run claimed its events (``claimed_at``): that
+    signal queued a next run, which claims every event pending when it starts, these too.
+    Moving the signal back then only made the trigger fire again for events it had already
+    signalled: one more, empty, run that a new event's run queued behind (seconds of latency)."""
     pending, newest = store.inbox_newest_pending()
-    signalled = store.get_watermark(SIGNAL_DAG, SIGNAL_SIDE)
-    if pending and newest is not None and signalled is not None and newest <= signalled:
-        store.set_watermark(
-            SIGNAL_DAG, SIGNAL_SIDE, newest - timedelta(microseconds=1), run_id="rearm", allow_backwards=True
-        )
+    signal = _signal_row(store)
+    if not pending or newest is None or signal is None or newest > signal["value"]:
+        return
+    if claimed_at is not None and signal["run_id"] == "triggerer" and signal["updated_at"] > claimed_at:
+        return
+    store.set_watermark(
+        SIGNAL_DAG, SIGNAL_SIDE, newest - timedelta(microseconds=1), run_id="rearm", allow_backwards=True
+    )
+
+
+def _signal_row(store: Any) -> dict[str, Any] | None:
+    """The trigger's signal: the newest arrival signalled (``value``), who wrote it
+    (``run_id``: ``triggerer`` or ``rearm``) and when (``updated_at``), all UTC."""
+    import sqlalchemy as sa
+
+    from cosell_sync.state.store import watermarks_t
+
+    c = watermarks_t.c
+    query = sa.select(c.value, c.run_id, c.updated_at).where(c.dag_id == SIGNAL_DAG, c.side == SIGNAL_SIDE)
+    with store.engine.connect() as conn:
+        row = conn.execute(query).first()
+    return None if row is None else {"value": row.value, "run_id": row.run_id, "updated_at": row.updated_at}
 
 
 def build_events_dag() -> DAG:

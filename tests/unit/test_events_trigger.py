@@ -93,11 +93,26 @@ def test_a_burst_settles_into_one_signal(store):
 def test_rearm_lets_an_event_stamped_behind_the_signal_fire(store):
     store.inbox_add([event(1, T0 + timedelta(seconds=5))])
     assert first_event(fast()) is not None
-    store.inbox_claim("run-1")
+    claimed = store.inbox_claim("run-1")
     store.inbox_add([event(2, T0)])  # stored late by a slower receiver, stamped before the signal
     store.inbox_done("run-1")
     assert first_event(fast(), timeout=0.5) is None
-    _rearm(store)
+    _rearm(store, claimed_at=claimed[0]["claimed_at"])
+    assert first_event(fast()).payload["pending"] == 1
+
+
+def test_rearm_leaves_a_signal_given_after_the_claim(store):
+    """An event that arrives while a run syncs is signalled by the trigger, which queues the
+    next run (it claims the event): the run must not move that signal back, or the trigger
+    fires again for the same event and an empty run is queued ahead of the next event's."""
+    store.inbox_add([event(1, T0)])
+    claimed = store.inbox_claim("run-1")
+    store.inbox_add([event(2, T0 + timedelta(seconds=5))])  # arrives during run-1
+    assert first_event(fast()).payload["pending"] == 1  # signalled: a next run is queued
+    store.inbox_done("run-1")
+    _rearm(store, claimed_at=claimed[0]["claimed_at"])
+    assert first_event(fast(), timeout=0.5) is None  # not signalled twice
+    _rearm(store)  # without the claim's time: moved back, as before
     assert first_event(fast()).payload["pending"] == 1
 
 

@@ -33,7 +33,7 @@ from cosell_sync.notes import push_note, records_failure, truncate
 from cosell_sync.triggers.inbox import SIGNAL_DAG, SIGNAL_SIDE, InboxTrigger
 
 DAG_ID = SIGNAL_DAG
-CRM_CONNECTIONS = {"dynamics365": "dynamics_default", "salesforce": "salesforce_default"}
+CRM_CONNECTIONS = {"dynamics365": "dynamics365_default", "salesforce": "salesforce_default"}
 log = logging.getLogger(__name__)
 
 INBOX_ASSET = Asset(
@@ -49,13 +49,18 @@ def configured_crms() -> list[str]:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
+    from cosell_sync.hooks.dynamics import dynamics_connection
+
     wanted = conf.get("cosell", "event_crms", fallback=",".join(CRM_CONNECTIONS))
     crms = []
     for crm in (c.strip() for c in wanted.split(",") if c.strip()):
         if crm not in CRM_CONNECTIONS:
             raise ValueError(f"[cosell] event_crms: unknown CRM {crm!r} (known: {', '.join(CRM_CONNECTIONS)})")
         try:
-            BaseHook.get_connection(CRM_CONNECTIONS[crm])
+            if crm == "dynamics365":
+                dynamics_connection(CRM_CONNECTIONS[crm])  # or the deprecated id, with a warning
+            else:
+                BaseHook.get_connection(CRM_CONNECTIONS[crm])
         except AirflowNotFoundException:
             log.info("%s: no connection %s; not syncing events to it", crm, CRM_CONNECTIONS[crm])
             continue

@@ -117,10 +117,19 @@ def test_rearm_leaves_a_signal_given_after_the_claim(store):
 
 
 def test_configured_crms_skips_crms_without_a_connection(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", raising=False)
     monkeypatch.delenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", raising=False)
     monkeypatch.setenv("AIRFLOW_CONN_SALESFORCE_DEFAULT", json.dumps({"conn_type": "salesforce"}))
     monkeypatch.setenv("AIRFLOW__COSELL__EVENT_CRMS", "dynamics365,salesforce")
     assert configured_crms() == ["salesforce"]
+    # Dynamics 365 under its id, or under the deprecated one (with a warning)
+    dynamics = json.dumps({"conn_type": "dynamics365", "host": "https://org.crm.dynamics.com"})
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", dynamics)
+    with pytest.warns(DeprecationWarning, match="dynamics365_default"):
+        assert configured_crms() == ["dynamics365", "salesforce"]
+    monkeypatch.delenv("AIRFLOW_CONN_DYNAMICS_DEFAULT")
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS365_DEFAULT", dynamics)
+    assert configured_crms() == ["dynamics365", "salesforce"]
     monkeypatch.setenv("AIRFLOW__COSELL__EVENT_CRMS", "salesforce,hubspot")
     with pytest.raises(ValueError, match="unknown CRM 'hubspot'"):
         configured_crms()

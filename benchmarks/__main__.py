@@ -83,40 +83,12 @@ def _api_calls(emulator) -> dict[str, object]:
     }
 
 
-def _age_sandbox(sb, crm: str, seconds: float, store, dag_id: str) -> None:
-    """Time passes: everything that happened so far happened ``seconds`` earlier. Every record's
-    stamps (Partner Center's created/updated, Dataverse's createdon/modifiedon, Salesforce's
-    CreatedDate/LastModifiedDate/SystemModstamp) and the DAG's watermarks (the servers' times
-    when its last window reads began) move ``seconds`` into the past; the servers' own clocks
-    (their answers' Date headers) go on as they are, so the next run starts ``seconds`` after
-    the last one, as far as the data can tell."""
-    from datetime import timedelta
-
-    from cosell_sandbox.soql import parse_datetime, sf_datetime
-
-    delta = timedelta(seconds=seconds)
-    sb.partner_center.age(seconds)
-    if crm == "dynamics365":
-        sb.dataverse.age(seconds)
-    else:  # the Salesforce emulator has no age(): its records, directly
-        with sb.salesforce.lock:
-            for records in sb.salesforce.records.values():
-                for record in records.values():
-                    for key in ("CreatedDate", "LastModifiedDate", "SystemModstamp"):
-                        if isinstance(record.get(key), str):
-                            record[key] = sf_datetime(parse_datetime(record[key]) - delta)
-    for side in ("partner_center", "crm", "full_sync"):
-        mark = store.get_watermark(dag_id, side)
-        if mark is not None:
-            store.set_watermark(dag_id, side, mark - delta, "bench-aged", allow_backwards=True)
-
-
 def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
     """A quiet incremental run (SPEC §10: <= 3 read calls per system, 0 writes), per CRM:
 
     1. a first sync of QUIET_REFERRALS referrals and a third as many opportunities;
     2. time passes: the first sync is made to have run the overlap (runner.OVERLAP) plus a
-       minute earlier (:func:`_age_sandbox`: record stamps and watermarks), as on the DAG's
+       minute earlier (``Sandbox.age``: record stamps and watermarks), as on the DAG's
        15-minute schedule, where the next run starts 15 minutes after it; nothing changes;
     3. the next run, which reads back what the first one wrote (its opportunities, link stamps
        and co-sell requests, all made after the first run's reads began, so changes to them):
@@ -169,7 +141,7 @@ def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
             }
 
         run(1)
-        _age_sandbox(sb, crm, aged, store, f"cosell_sync_{crm}")
+        sb.age(aged, store=store, dag_ids=[f"cosell_sync_{crm}"])
         after_first = counted(2)
         figures[crm] = counted(3) | {"aged_seconds": aged, "after_first_sync": after_first}
         store.close()

@@ -8,7 +8,7 @@ import os
 import secrets
 import shlex
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,22 @@ class Sandbox:
         self.salesforce = SalesforceEmulator(access_token=creds.salesforce_token)
         self._servers.append(EmulatorServer(self.salesforce, ctx, self._port("salesforce")).start())
         return self
+
+    def age(self, seconds: float, *, store: Any = None, dag_ids: Sequence[str] = ()) -> None:
+        """Time passes: every emulator's records were stamped ``seconds`` earlier (the servers'
+        clocks, their answers' ``Date``, go on as they are), and so were the watermarks ``store``
+        (a cosell-sync StateStore) holds for ``dag_ids``: the next run starts ``seconds`` after
+        the last one, as far as the data can tell."""
+        from datetime import timedelta
+
+        assert self.partner_center is not None and self.dataverse is not None and self.salesforce is not None
+        for emulator in (self.partner_center, self.dataverse, self.salesforce):
+            emulator.age(seconds)
+        for dag_id in dag_ids:
+            for side in ("partner_center", "crm", "full_sync"):
+                mark = store.get_watermark(dag_id, side)
+                if mark is not None:
+                    store.set_watermark(dag_id, side, mark - timedelta(seconds=seconds), "aged", allow_backwards=True)
 
     def reset(self) -> None:
         """Back to a fresh sandbox: no data, no registration, no faults, default token settings."""

@@ -1873,6 +1873,23 @@ class SalesforceEmulator(EmulatorApp):
         return Response.json(out)
 
     # -- control plane: Python ----------------------------------------------------------------
+    AGED_STAMPS = ("CreatedDate", "LastModifiedDate", "SystemModstamp")
+
+    def age(self, seconds: float) -> int:
+        """Time passes: every record's stamps (created, last modified, SystemModstamp) move
+        ``seconds`` into the past, as if everything had happened that much earlier; the server's
+        own clock (the ``Date`` of its answers) is not touched. Returns the records aged."""
+        delta = timedelta(seconds=seconds)
+        aged = 0
+        with self.lock:
+            for records in self.records.values():
+                for record in records.values():
+                    for key in self.AGED_STAMPS:
+                        if isinstance(record.get(key), str):
+                            record[key] = sf_datetime(parse_datetime(record[key]) - delta)
+                    aged += 1
+        return aged
+
     def reset(self) -> None:
         """Empty org, default schema, default limits, no cursors or jobs; the default token is valid again."""
         with self.lock:

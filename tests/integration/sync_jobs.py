@@ -67,29 +67,3 @@ def crm_amount(pc: Any, crm: str, crm_id: str) -> float:
 def base_of(store: StateStore, crm: str, referral_id: str) -> dict:
     """The link's base: the values last synced."""
     return store.get_links(crm, referral_ids=[referral_id])["base"].iloc[0]
-
-
-def age_sandbox(pc: Any, crm: str, store: StateStore, seconds: float) -> None:
-    """Time passes: everything that happened so far happened ``seconds`` earlier. The records'
-    stamps (Partner Center's and the CRM emulator's) and the DAG's watermarks (servers' times)
-    move ``seconds`` into the past; the servers' clocks (their Date headers) go on as they are."""
-    from datetime import timedelta
-
-    from cosell_sandbox.soql import parse_datetime, sf_datetime
-
-    delta = timedelta(seconds=seconds)
-    pc.partner_center.age(seconds)
-    if crm == "dynamics365":
-        pc.dataverse.age(seconds)
-    else:  # the Salesforce emulator has no age(): its records, directly
-        with pc.salesforce.lock:
-            for records in pc.salesforce.records.values():
-                for record in records.values():
-                    for key in ("CreatedDate", "LastModifiedDate", "SystemModstamp"):
-                        if isinstance(record.get(key), str):
-                            record[key] = sf_datetime(parse_datetime(record[key]) - delta)
-    dag_id = f"cosell_sync_{crm}"
-    for side in ("partner_center", "crm", "full_sync"):
-        mark = store.get_watermark(dag_id, side)
-        if mark is not None:
-            store.set_watermark(dag_id, side, mark - delta, "aged", allow_backwards=True)

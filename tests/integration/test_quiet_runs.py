@@ -29,7 +29,7 @@ from cosell_sync.sync.runner import (
     sync,
     window_job,
 )
-from tests.integration.sync_jobs import age_sandbox, crm_amount
+from tests.integration.sync_jobs import crm_amount
 
 CRMS = ["salesforce", "dynamics365"]
 TOKEN_PATHS = ("/_sandbox", "/services/oauth2/")
@@ -86,7 +86,7 @@ def test_a_quiet_run_reads_at_most_three_calls_per_system_and_a_microsoft_change
 
     # The next run starts after the overlap (the DAG runs every 15 minutes) and reads back what
     # the first one wrote: every record it created or stamped changed after its read began.
-    age_sandbox(pc, crm, store, OVERLAP.total_seconds() + 60)
+    pc.age(OVERLAP.total_seconds() + 60, store=store, dag_ids=[f"cosell_sync_{crm}"])
     clear_logs(pc, crm)
     second = run(crm, store, staging)
     assert writes_of(second) == 0, second
@@ -147,7 +147,7 @@ def test_edits_made_between_a_runs_read_and_its_writes_reach_the_other_side_next
     crm_emulator(pc, crm).seed(opportunities=20, accounts=8, flagged=8, seed=21)
     staging = tmp_path / "staging"
     run(crm, store, staging)
-    age_sandbox(pc, crm, store, OVERLAP.total_seconds() + 60)
+    pc.age(OVERLAP.total_seconds() + 60, store=store, dag_ids=[f"cosell_sync_{crm}"])
     run(crm, store, staging)
 
     links = store.get_links(crm)

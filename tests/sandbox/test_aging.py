@@ -45,3 +45,34 @@ def test_dataverse_age_moves_createdon_and_modifiedon_back(pc):
             )
             assert moved == timedelta(seconds=120)
         assert row["versionnumber"] == then["versionnumber"]
+
+
+def test_salesforce_age_moves_every_stamp_back(pc):
+    from cosell_sandbox.soql import parse_datetime
+
+    pc.salesforce.seed(opportunities=2, accounts=1, flagged=1, seed=4)
+    before = {r["Id"]: dict(r) for r in pc.salesforce.list_records("Opportunity")}
+    assert pc.salesforce.age(90) >= 3  # opportunities and the account
+    for row in pc.salesforce.list_records("Opportunity"):
+        then = before[row["Id"]]
+        for key in ("CreatedDate", "LastModifiedDate", "SystemModstamp"):
+            assert parse_datetime(then[key]) - parse_datetime(row[key]) == timedelta(seconds=90)
+
+
+def test_sandbox_age_moves_every_emulator_and_the_watermarks(pc, tmp_path):
+    from cosell_sync.state import StateStore
+
+    pc.partner_center.seed(1, seed=4)
+    pc.salesforce.seed(opportunities=1, accounts=1, flagged=1, seed=4)
+    referral = dict(next(iter(pc.partner_center.referrals.values())))
+    opportunity = dict(pc.salesforce.list_records("Opportunity")[0])
+    mark = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    with StateStore(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        store.migrate()
+        store.set_watermark("cosell_sync_salesforce", "crm", mark, "run-1")
+        pc.age(60, store=store, dag_ids=["cosell_sync_salesforce"])
+        assert store.get_watermark("cosell_sync_salesforce", "crm") == mark - timedelta(seconds=60)
+        assert store.get_watermark("cosell_sync_salesforce", "partner_center") is None  # none: none made
+    aged = pc.partner_center.referrals[referral["id"]]
+    assert _parse_stamp(referral["updatedDateTime"]) - _parse_stamp(aged["updatedDateTime"]) == timedelta(seconds=60)
+    assert pc.salesforce.list_records("Opportunity")[0]["SystemModstamp"] != opportunity["SystemModstamp"]

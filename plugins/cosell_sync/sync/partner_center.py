@@ -30,6 +30,7 @@ from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
 from cosell_sync.engine.normalize import compile_path, referrals_frame, side_value
 from cosell_sync.errors import (
     ApiError,
+    ConfigurationError,
     CosellError,
     NotFoundError,
     PreconditionFailedError,
@@ -42,7 +43,12 @@ from cosell_sync.sync.solutions import with_solution_details
 
 log = logging.getLogger(__name__)
 
-MAX_WORKERS = 8
+# Partner Center writes run on this many threads: it has no batch API and documents no number of
+# requests in flight, so concurrency is bounded (``[cosell] partner_center_max_workers``, at most
+# MAX_WORKERS_CAP, the connections the hooks keep per host: hooks/_pool.py) and a 429 backs off
+# (the hook's Retrier waits Retry-After).
+MAX_WORKERS = 32
+MAX_WORKERS_CAP = 64
 LOOKUP_CHUNK = 20  # externalReferenceIds per "$filter=... or ..." lookup (the filter travels in the URL)
 # Co-sell with Microsoft is two referrals in one engagement: the partner's Shared referral (target
 # its SolutionProfile), then one targeting Microsoft's business profile location "msft"
@@ -56,6 +62,25 @@ REQUEST_KEYS = ("name", "qualification", "customerProfile", "consent", "details"
 # Mapping paths under this key are read from the referral's engagement, not the referral itself:
 # ``_engagement.microsoft`` is Microsoft's side of a co-sell engagement (status, substatus, team).
 ENGAGEMENT = "_engagement."
+
+
+def max_workers_setting() -> int:
+    """``[cosell] partner_center_max_workers``: threads writing to Partner Center (default
+    :data:`MAX_WORKERS`, 1 to :data:`MAX_WORKERS_CAP`); outside Airflow, the default."""
+    try:
+        from airflow.sdk import conf
+    except ImportError:  # pragma: no cover - Airflow is a dependency
+        return MAX_WORKERS
+    raw = str(conf.get("cosell", "partner_center_max_workers", fallback=str(MAX_WORKERS))).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_WORKERS_CAP:
+        raise ConfigurationError(
+            f"[cosell] partner_center_max_workers must be a whole number from 1 to {MAX_WORKERS_CAP}, got {raw!r}"
+        )
+    return value
 
 
 def microsoft_side(doc: Mapping[str, Any]) -> bool:
@@ -149,10 +174,10 @@ def patch_operations(current: Mapping[str, Any], path: list[str], value: Any) ->
 class PartnerCenterSide:
     """Extract and load for Partner Center, through :class:`PartnerCenterHook`."""
 
-    def __init__(self, hook: PartnerCenterHook, mapping: SyncMapping, *, max_workers: int = MAX_WORKERS) -> None:
+    def __init__(self, hook: PartnerCenterHook, mapping: SyncMapping, *, max_workers: int | None = None) -> None:
         self.hook = hook
         self.mapping = mapping
-        self.max_workers = max_workers
+        self.max_workers = max_workers if max_workers is not None else max_workers_setting()
         self.duplicates: dict[str, list[str]] = {}
 
     def _parallel(self, items: Sequence[Any], work: Callable[[Any], WriteResult]) -> list[WriteResult]:
@@ -185,22 +210,41 @@ class PartnerCenterSide:
         # (the list is what a referral's links.relatedReferrals filters by engagementId): when it
         # changes, its updatedDateTime moves, not the partner referral's. The engagements it
         # changed in are read, so their partner referrals are synced with the new values.
-        moved = {str(d["engagementId"]) for d in docs if microsoft_side(d) and d.get("engagementId")}
-        return self.with_engagements([doc for doc in docs if not microsoft_side(doc)], changed=moved)
+        sides = [d for d in docs if microsoft_side(d)]
+        moved = {str(d["engagementId"]) for d in sides if d.get("engagementId")}
+        partner = [doc for doc in docs if not microsoft_side(doc)]
+        if since is None and until is None:
+            # A full read lists every referral, Microsoft's sides and all their partner referrals
+            # included: the engagements are in the list, no query needed.
+            return self.with_engagements(partner, known=sides, complete=True)
+        return self.with_engagements(partner, changed=moved, known=sides)
 
-    def with_engagements(self, docs: list[dict[str, Any]], changed: set[str] | None = None) -> list[dict[str, Any]]:
+    def with_engagements(
+        self,
+        docs: list[dict[str, Any]],
+        changed: set[str] | None = None,
+        *,
+        known: Sequence[Mapping[str, Any]] = (),
+        complete: bool = False,
+    ) -> list[dict[str, Any]]:
         """The referrals, each Shared one holding its engagement's Microsoft side under
-        ``_engagement.microsoft`` (status, substatus, team) when the mapping reads it: one list
+        ``_engagement.microsoft`` (status, substatus, team) when the mapping reads it.
+        ``known``: Microsoft-side referrals read already (with ``docs``, in the same list): their
+        engagements are not queried again. Every other Shared engagement is read with one list
         query per :data:`LOOKUP_CHUNK` engagements. ``changed``: engagements whose Microsoft side
-        changed: their partner referrals not among ``docs`` are added (from the same queries)."""
+        changed: their partner referrals not among ``docs`` are added (from the same queries).
+        ``complete``: ``docs`` and ``known`` are every referral there is (a full read): no query."""
         if not any(fm.referral.startswith(ENGAGEMENT) for fm in self.mapping.fields.values()):
             return docs
         shared = {str(d["engagementId"]) for d in docs if d.get("type") == "Shared" and d.get("engagementId")}
         have = {str(d.get("id")) for d in docs}
         microsoft: dict[str, dict[str, Any]] = {}
+        for side in known:  # in list order (updatedDateTime asc): the latest one of an engagement wins
+            if side.get("engagementId"):
+                microsoft[str(side["engagementId"])] = _microsoft_summary(side)
         added: dict[str, dict[str, Any]] = {}
-        changed = set(changed or ())
-        ids = sorted(shared | changed)
+        changed = set(changed or ()) if not complete else set()
+        ids = [] if complete else sorted((shared - set(microsoft)) | changed)
         for start in range(0, len(ids), LOOKUP_CHUNK):
             chunk = ids[start : start + LOOKUP_CHUNK]
             flt = " or ".join(f"engagementId eq {quote(e)}" for e in chunk)
@@ -329,6 +373,7 @@ class PartnerCenterSide:
             if crm_id in unknown:  # never POST blind: a referral may exist already
                 return _failed(result, unknown[crm_id], "looking up an existing referral: ")
             found = existing.get(crm_id)
+            fresh = found is None  # POSTed by this call: its engagement is new, Microsoft not asked in it
             if found is None:
                 try:
                     found = self.hook.create_referral(doc)
@@ -345,33 +390,42 @@ class PartnerCenterSide:
             result.referral_id, result.etag = str(found["id"]), found.get("eTag")
             if wants_microsoft(found):
                 try:
-                    request, result.asked_microsoft = self.engage_microsoft(found)
+                    request, result.asked_microsoft = self.engage_microsoft(found, fresh=fresh)
                 except CosellError as exc:
                     # The referral exists: the next run adopts it (externalReferenceId) and asks again.
                     return _failed(result, exc, "asking Microsoft to co-sell: ")
                 # The link's first base holds Microsoft's side as it is now (requested), so the next
                 # run writes it to the CRM only once Microsoft acts.
+                # (read through the mapping in one pass after the pool: see below)
                 source = doc if not result.adopted else existing[crm_id]
-                seen = {**source, "id": crm_id, "_engagement": {"microsoft": _microsoft_summary(request)}}
-                result.fields = {**result.fields, **self._engagement_fields(seen)}
+                engaged[crm_id] = {**source, "_engagement": {"microsoft": _microsoft_summary(request)}}
             return result
 
-        return self._parallel(rows, work)
+        engaged: dict[str, dict[str, Any]] = {}  # crm id -> the referral as seen with its engagement
+        results = self._parallel(rows, work)
+        if engaged:
+            values = self._engagement_fields(engaged)
+            for result in results:
+                if result.crm_id in values:
+                    result.fields = {**result.fields, **values[result.crm_id]}
+        return results
 
     # -- co-sell with Microsoft ---------------------------------------------------------------------
-    def _engagement_fields(self, doc: Mapping[str, Any]) -> dict[str, Any]:
-        """The canonical values of the mapping's engagement fields (``_engagement.`` paths) for a
-        referral document carrying its ``_engagement``."""
+    def _engagement_fields(self, docs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Key -> the canonical values of the mapping's engagement fields (``_engagement.`` paths)
+        of referral documents carrying their ``_engagement``, read in one pass."""
         names = [fm.name for fm in self.mapping.fields.values() if fm.referral.startswith(ENGAGEMENT)]
         if not names:
             return {}
-        values = self._canonical({str(doc["id"]): doc}).get(str(doc["id"])) or {}
-        return {name: values.get(name) for name in names}
+        canonical = self._canonical(docs)
+        return {key: {name: (canonical.get(key) or {}).get(name) for name in names} for key in docs}
 
-    def engage_microsoft(self, referral: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
+    def engage_microsoft(self, referral: Mapping[str, Any], *, fresh: bool = False) -> tuple[Mapping[str, Any], bool]:
         """The second step of co-selling: a referral targeting Microsoft in the referral's engagement,
         unless the engagement has one already (an earlier try, run or person asked). Returns it,
-        and whether this call created it."""
+        and whether this call created it. ``fresh``: the referral was just created by this very
+        call (not adopted), so its engagement is new and holds nothing else: the engagement is not
+        read before asking. A lost answer to the request is still looked up before any retry."""
         engagement_id = str(referral.get("engagementId") or "")
         if not engagement_id:
             raise ValidationError("Partner Center", f"referral {referral.get('id')} has no engagementId")
@@ -379,7 +433,7 @@ class PartnerCenterSide:
         def asked() -> Mapping[str, Any] | None:
             return next((d for d in self.hook.engagement_referrals(engagement_id) if microsoft_side(d)), None)
 
-        found = asked()
+        found = None if fresh else asked()
         if found is not None:
             return found, False
         request: dict[str, Any] = {k: referral[k] for k in REQUEST_KEYS if referral.get(k) is not None}

@@ -507,6 +507,9 @@ class ProtectionLimits:
     execution_ms: float = 1_200_000
     concurrent: int = 52
     request_cost_ms: float | None = None  # None: a request costs its handler's wall time
+    # The x-ms-dop-hint every API answer carries: the degree of parallelism Dataverse suggests to
+    # its clients ("Service protection API limits", "How to maximize throughput"); None: not sent.
+    dop_hint: int | None = 4
 
 
 class ServiceProtection:
@@ -518,12 +521,14 @@ class ServiceProtection:
         self._lock = threading.Lock()
         self._calls: dict[str, deque[list[float]]] = {}
         self._inflight: dict[str, int] = {}
+        self.peak_inflight = 0  # the most requests of one user in flight at once since the reset
 
     def reset(self, limits: ProtectionLimits | None = None) -> None:
         with self._lock:
             self.limits = limits or ProtectionLimits()
             self._calls.clear()
             self._inflight.clear()
+            self.peak_inflight = 0
 
     def _window(self, user: str, now: float) -> deque[list[float]]:
         calls = self._calls.setdefault(user, deque())
@@ -567,6 +572,7 @@ class ServiceProtection:
             entry = [now, 0.0]
             calls.append(entry)
             self._inflight[user] = self._inflight.get(user, 0) + 1
+            self.peak_inflight = max(self.peak_inflight, self._inflight[user])
             return entry
 
     def leave(self, user: str, entry: list[float], elapsed_ms: float) -> tuple[int, float]:
@@ -701,6 +707,8 @@ class DataverseEmulator(EmulatorApp):
                 left, ms_left = self.protection.leave(user, entry, (time.monotonic() - started) * 1000)
             response.headers.set("x-ms-ratelimit-burst-remaining-xrm-requests", str(left))
             response.headers.set("x-ms-ratelimit-time-remaining-xrm-requests", f"{ms_left:,.2f}")
+            if self.protection.limits.dop_hint is not None:
+                response.headers.set("x-ms-dop-hint", str(self.protection.limits.dop_hint))
             return response
 
         return call
@@ -1698,7 +1706,7 @@ class DataverseEmulator(EmulatorApp):
 
     def configure_limits(self, **changes: Any) -> dict[str, Any]:
         """Service protection limits (``requests``, ``window_seconds``, ``execution_ms``, ``concurrent``,
-        ``request_cost_ms``) and ``delta_token_lifetime_seconds``; usage counters restart."""
+        ``request_cost_ms``, ``dop_hint``) and ``delta_token_lifetime_seconds``; usage counters restart."""
         lifetime = changes.pop("delta_token_lifetime_seconds", None)
         limits = asdict(self.protection.limits)
         unknown = set(changes) - set(limits)

@@ -496,7 +496,12 @@ class DynamicsSide(CrmWorkflow):
         that fail it are isolated (each record then fails with the call's error); the others
         are written. Creates (POST) are split only when the error proves nothing was written
         (a 4xx for the call): after a lost answer they may have been. Throttling and an
-        unavailable service are not about the records: not split. At most about 2·n calls."""
+        unavailable service are not about the records: not split. At most about 2·n calls.
+
+        The chunks go out concurrently (the hook's :meth:`~DynamicsHook.map_concurrently`: as many
+        at once as the org's ``x-ms-dop-hint`` says, at most 52), each split on its own; the
+        callbacks are called afterwards, on this thread, in the requests' order. An error that
+        fails the task is raised once every chunk has ended and the others' outcomes are told."""
         sendable: list[tuple[_Row, BatchRequest]] = []
         for row, request in items:
             problem = _unencodable_body(request)
@@ -504,9 +509,32 @@ class DynamicsSide(CrmWorkflow):
                 sendable.append((row, request))
             else:
                 on_error(row, problem, "JSON_SERIALIZATION")
+
+        def send(
+            chunk: Sequence[tuple[_Row, BatchRequest]],
+        ) -> tuple[list[Callable[[], None]], list[int], Exception | None]:
+            told: list[Callable[[], None]] = []  # the chunk's outcomes, told on the caller's thread
+            counted = [0, 0]
+            try:
+                self._batch_split(
+                    chunk,
+                    lambda row, response: told.append(lambda: on_response(row, response)),
+                    lambda row, message, code: told.append(lambda: on_error(row, message, code)),
+                    counted,
+                )
+            except Exception as exc:  # fails the task (see _batch_split): raised after the others
+                return told, counted, exc
+            return told, counted, None
+
         calls = [0, 0]  # calls made, calls that failed as a whole
-        for chunk in _chunks(sendable, self.batch_size):
-            self._batch_split(chunk, on_response, on_error, calls)
+        failure: Exception | None = None
+        for told, counted, exc in self.hook.map_concurrently(send, list(_chunks(sendable, self.batch_size))):
+            for tell in told:
+                tell()
+            calls = [calls[0] + counted[0], calls[1] + counted[1]]
+            failure = failure or exc
+        if failure is not None:
+            raise failure
         if calls[1]:
             log.warning(
                 "dynamics365: %d $batch call(s) failed as a whole; split retries: %d call(s) in all for %d request(s)",

@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 # (the hook's Retrier waits Retry-After).
 MAX_WORKERS = 32
 MAX_WORKERS_CAP = 64
-LOOKUP_CHUNK = 20  # externalReferenceIds per "$filter=... or ..." lookup (the filter travels in the URL)
+# Ids per "$filter=x eq a or x eq b ..." lookup: the filter travels in the URL. /work/shared/API-NOTES.md
+# ("Partner Center Referrals API") documents no URL or query length limit; 20 GUID clauses are ~1.4 KB
+# encoded, 50 would be ~3.4 KB, above IIS's default maxQueryString (2,048 bytes): kept at 20.
+LOOKUP_CHUNK = 20
 # Co-sell with Microsoft is two referrals in one engagement: the partner's Shared referral (target
 # its SolutionProfile), then one targeting Microsoft's business profile location "msft"
 # (API-NOTES, "Related values"; Microsoft Learn, "Create a referral", "Create a shared referral").

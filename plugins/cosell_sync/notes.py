@@ -43,15 +43,18 @@ def is_cosell_dag(dag_id: str) -> bool:
 def scrub(text: str) -> str:
     """``text`` with credentials removed: values Airflow's secrets masker knows in this
     process (connection passwords and extras it has read) and anything shaped like one."""
+    # The patterns first: the masker replaces known secrets even inside words (a password
+    # "secret" turns "client_secret=..." into "client_***=..."), which would hide the key they read.
+    text = _SECRETS[0].sub(lambda m: m.group(1) + "***", text)
+    text = _SECRETS[1].sub(lambda m: m.group(1) + " ***", text)
+    text = _SECRETS[2].sub("***", text)
     try:
         from airflow.sdk.log import redact  # the masker the task logs go through
 
-        text = str(redact(text))
-    except Exception:  # outside a task process, or a masker that cannot run: the patterns below still apply
+        return str(redact(text))
+    except Exception:  # outside a task process, or a masker that cannot run: the patterns still applied
         log.debug("secrets masker unavailable", exc_info=True)
-    text = _SECRETS[0].sub(lambda m: m.group(1) + "***", text)
-    text = _SECRETS[1].sub(lambda m: m.group(1) + " ***", text)
-    return _SECRETS[2].sub("***", text)
+        return text
 
 
 def error_text(exc: BaseException) -> str:

@@ -13,7 +13,13 @@ from cosell_sync.hooks.dynamics import DynamicsHook, dynamics_connection
 
 def _conn(host: str) -> str:
     return json.dumps(
-        {"conn_type": "dynamics365", "host": host, "login": "client", "password": "secret", "extra": {"tenant_id": "t"}}
+        {
+            "conn_type": "dynamics365",
+            "host": host,
+            "login": "client",
+            "password": "dv-test-pw-8f3k2",
+            "extra": {"tenant_id": "t"},
+        }
     )
 
 

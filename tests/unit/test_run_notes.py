@@ -137,3 +137,13 @@ def test_a_note_too_long_for_airflow_is_cut_with_a_link_to_the_cosell_page():
     assert behind.endswith("(/airflow/cosell/ui/runs/cosell_sync_salesforce/r1)")
     short = compose("cosell_sync_salesforce", ["**cosell_sync_salesforce** · 1 created"], {}, failed=False, run_id="r1")
     assert short == "**cosell_sync_salesforce** · 1 created"  # a note that fits is left whole, with no link
+
+
+def test_a_short_known_secret_inside_a_key_name_does_not_hide_the_credential():
+    """The masker replaces every known secret, even inside words: a connection whose password is
+    "secret" turned "client_secret=..." into "client_***=..." before the patterns ran, and the
+    credential after it stayed. The patterns run first."""
+    from airflow.sdk.log import mask_secret
+
+    mask_secret("secret")
+    assert "hunter2-s3cret" not in scrub("token request failed: client_secret=hunter2-s3cret&grant_type=x")

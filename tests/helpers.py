@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID
 from requests.structures import CaseInsensitiveDict
 
-from cosell_sandbox.dataverse_metadata import HELP_LABELS
+from cosell_sandbox.dynamics365.choices import HELP_LABELS
 
 
 class Receiver:

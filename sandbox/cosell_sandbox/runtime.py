@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .dataverse import DataverseEmulator
+from .dynamics365 import DataverseEmulator
 from .entra import EntraConfig, EntraEmulator
-from .partner_center import CERT_PATH, REFERRALS_PATH, WEBHOOKS_PATH, PartnerCenterEmulator
+from .partner_center import PartnerCenterEmulator, WebhookDispatcher
+from .partner_center.records import CERT_PATH, REFERRALS_PATH, WEBHOOKS_PATH
 from .salesforce import SalesforceEmulator
 from .server import EmulatorServer
 from .tls import CA_ORGANIZATION, SandboxPKI
-from .webhooks import WebhookDispatcher
 
 DEFAULT_HOME = ".sandbox"
 

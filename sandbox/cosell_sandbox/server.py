@@ -278,6 +278,7 @@ class EmulatorApp:
     """
 
     name = "emulator"
+    control_error_code = "invalidRequest"  # the error code of a control-plane request it cannot take
 
     def __init__(self) -> None:
         self.router = Router()
@@ -286,15 +287,71 @@ class EmulatorApp:
         self.lock = threading.RLock()  # guards the emulator's state
         self.server: EmulatorServer | None = None
         self.routes(self.router)
-        self.router.add("POST", r"/_sandbox/faults", self._set_faults)
-        self.router.add("DELETE", r"/_sandbox/faults", self._clear_faults)
-        self.router.add("GET", r"/_sandbox/faults", self._get_faults)
-        self.router.add("GET", r"/_sandbox/requests", self._get_requests)
-        self.router.add("DELETE", r"/_sandbox/requests", self._clear_requests)
+        for method, path, handler in (
+            ("POST", "reset", self._ctl_reset),
+            ("POST", "seed", self._ctl_seed),
+            ("GET", "state", self._ctl_state),
+            ("GET", "config", self._ctl_config),
+            ("POST", "config", self._ctl_config),
+            ("GET", "limits", self._ctl_limits),
+            ("POST", "limits", self._ctl_limits),
+            ("POST", "age", self._ctl_age),
+            ("GET", "faults", self._get_faults),
+            ("POST", "faults", self._set_faults),
+            ("DELETE", "faults", self._clear_faults),
+            ("GET", "requests", self._get_requests),
+            ("DELETE", "requests", self._clear_requests),
+        ):
+            self.router.add(method, "/_sandbox/" + path, handler)
 
     # -- override points -------------------------------------------------
     def routes(self, router: Router) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # The control plane's override points: each ``/_sandbox/<name>`` endpoint of the base calls one.
+    # A ValueError or TypeError they raise is answered 400 with the emulator's control_error_code.
+    def reset(self) -> None:
+        """Back to a fresh emulator (``POST /_sandbox/reset``); overrides reset their state, then call this."""
+        self.faults.clear()
+        self.log.clear()
+
+    def seed(self, **options: Any) -> Any:
+        """Add realistic data (``POST /_sandbox/seed``, the body's keys as arguments); returns its ids."""
+        if options:
+            raise ValueError(f"the {self.name} emulator takes no seed options: {sorted(options)}")
+        return {}
+
+    def seed_request(self, doc: dict[str, Any]) -> Any:
+        """What ``POST /_sandbox/seed`` answers for the body ``doc``: :meth:`seed`'s result by default."""
+        return self.seed(**doc)
+
+    def state(self) -> dict[str, Any]:
+        """A summary of the emulator's data and settings (``GET /_sandbox/state``)."""
+        return {"name": self.name}
+
+    def configure(self, **changes: Any) -> Any:
+        """Change behaviour switches (``POST /_sandbox/config``); returns what ``GET`` shows after it."""
+        if changes:
+            raise ValueError(f"unknown setting(s): {sorted(changes)}")
+        return self.config_state()
+
+    def config_state(self) -> dict[str, Any]:
+        """The behaviour switches (``GET /_sandbox/config``); the state by default."""
+        return self.state()
+
+    def configure_limits(self, **changes: Any) -> dict[str, Any]:
+        """Change the API limits (``POST /_sandbox/limits``); returns :meth:`limits_state`."""
+        if changes:
+            raise ValueError(f"unknown limit(s): {sorted(changes)}")
+        return self.limits_state()
+
+    def limits_state(self) -> dict[str, Any]:
+        """The API limits and their usage (``GET /_sandbox/limits``): none by default."""
+        return {}
+
+    def age(self, seconds: float) -> int:
+        """Time passes: the data's stamps move ``seconds`` into the past; returns how many records aged."""
+        return 0
 
     def error_response(self, err: HTTPError, request: Request) -> Response:
         return Response.json({"error": {"code": err.code, "message": err.message}}, err.status, err.headers)
@@ -360,6 +417,48 @@ class EmulatorApp:
         return response, fault
 
     # -- control plane shared by all emulators ---------------------------
+    def control_body(self, request: Request) -> dict[str, Any]:
+        """A control-plane request's JSON object (``{}`` for an empty body)."""
+        if not request.body.strip():
+            return {}
+        doc = request.json()
+        if not isinstance(doc, dict):
+            raise HTTPError(400, self.control_error_code, "The body must be a JSON object.")
+        return doc
+
+    def _control(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except (TypeError, ValueError) as exc:
+            raise HTTPError(400, self.control_error_code, str(exc)) from None
+
+    def _ctl_reset(self, request: Request) -> Response:
+        self.reset()
+        return Response.empty()
+
+    def _ctl_seed(self, request: Request) -> Response:
+        doc = self.control_body(request)
+        return Response.json(self._control(lambda: self.seed_request(doc)))
+
+    def _ctl_state(self, request: Request) -> Response:
+        return Response.json(self.state())
+
+    def _ctl_config(self, request: Request) -> Response:
+        if request.method == "POST":
+            doc = self.control_body(request)
+            return Response.json(self._control(lambda: self.configure(**doc)))
+        return Response.json(self.config_state())
+
+    def _ctl_limits(self, request: Request) -> Response:
+        if request.method == "POST":
+            doc = self.control_body(request)
+            return Response.json(self._control(lambda: self.configure_limits(**doc)))
+        return Response.json(self.limits_state())
+
+    def _ctl_age(self, request: Request) -> Response:
+        doc = self.control_body(request)
+        return Response.json({"aged": self._control(lambda: self.age(float(doc.get("seconds"))))})
+
     def _set_faults(self, request: Request) -> Response:
         self.faults.configure(FaultConfig.from_json(request.json()))
         return Response.json({"faults": vars(self.faults.config)})

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import pytest
 from fastapi.testclient import TestClient
 
-from cosell_sandbox.partner_center import REFERRALS_PATH
+from cosell_sandbox.partner_center.records import REFERRALS_PATH
 from cosell_sandbox.runtime import Sandbox
 
 WRONG_SECRET = "wrong-Secret~Value.0123456789"  # made up; checked never to be echoed

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from cosell_sandbox.dataverse_metadata import DEFAULT_CHOICE_BASE
+from cosell_sandbox.dynamics365.choices import DEFAULT_CHOICE_BASE
 from cosell_sandbox.server import FaultConfig
 from cosell_sync.state import StateStore
 from cosell_sync.sync.runner import initial_load_done

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 import pytest
 
-from cosell_sandbox.dataverse_metadata import DEFAULT_CHOICE_BASE
+from cosell_sandbox.dynamics365.choices import DEFAULT_CHOICE_BASE
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import crm_frame, referrals_frame
 from cosell_sync.errors import TransportError

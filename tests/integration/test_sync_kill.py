@@ -43,8 +43,8 @@ from typing import Any
 
 import pytest
 
-from cosell_sandbox import dataverse as dataverse_emulator
-from cosell_sandbox import partner_center as partner_center_emulator
+from cosell_sandbox.dynamics365 import clock as dataverse_emulator
+from cosell_sandbox.partner_center import clock as partner_center_emulator
 from cosell_sync.state import StateStore
 from cosell_sync.sync.partner_center import microsoft_side
 

@@ -35,7 +35,7 @@ from cryptography.x509.oid import NameOID
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from cosell_sandbox.partner_center import CERT_PATH
+from cosell_sandbox.partner_center.records import CERT_PATH
 from cosell_sandbox.runtime import Sandbox
 from cosell_sandbox.tls import CA_ORGANIZATION
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS

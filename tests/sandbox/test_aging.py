@@ -9,7 +9,7 @@ from email.utils import parsedate_to_datetime
 
 import requests
 
-from cosell_sandbox.partner_center import _parse_stamp
+from cosell_sandbox.partner_center.records import _parse_stamp
 
 
 def test_partner_center_age_moves_every_stamp_back_and_not_the_servers_clock(pc):
@@ -48,7 +48,7 @@ def test_dataverse_age_moves_createdon_and_modifiedon_back(pc):
 
 
 def test_salesforce_age_moves_every_stamp_back(pc):
-    from cosell_sandbox.soql import parse_datetime
+    from cosell_sandbox.salesforce.soql import parse_datetime
 
     pc.salesforce.seed(opportunities=2, accounts=1, flagged=1, seed=4)
     before = {r["Id"]: dict(r) for r in pc.salesforce.list_records("Opportunity")}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cosell_sandbox.odata import (
+from cosell_sandbox.dynamics365.odata import (
     FilterOptions,
     ODataError,
     compile_filter,

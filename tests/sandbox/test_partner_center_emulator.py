@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from cosell_sandbox.partner_center import REFERRALS_PATH, WEBHOOKS_PATH
+from cosell_sandbox.partner_center.records import REFERRALS_PATH, WEBHOOKS_PATH
 from tests.helpers import Receiver
 
 REFERRALS = "https://api.partner.microsoft.com"

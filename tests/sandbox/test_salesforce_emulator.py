@@ -24,8 +24,8 @@ from simple_salesforce.exceptions import (
 from simple_salesforce.format import format_external_id, format_soql
 
 from cosell_sandbox.salesforce import SalesforceEmulator
+from cosell_sandbox.salesforce.soql import normalize_id
 from cosell_sandbox.server import EmulatorServer
-from cosell_sandbox.soql import normalize_id
 from cosell_sandbox.tls import SandboxPKI
 
 OPP = {"Name": "Contoso - Azure migration", "StageName": "Prospecting", "CloseDate": "2026-06-30", "Amount": 125000}

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import requests
 
-from cosell_sandbox.dataverse import DataverseEmulator, ProtectionLimits, ServiceProtection
+from cosell_sandbox.dynamics365 import DataverseEmulator, ProtectionLimits, ServiceProtection
 from cosell_sandbox.entra import EntraEmulator
 from cosell_sandbox.server import EmulatorServer, HTTPError
 from cosell_sandbox.tls import SandboxPKI

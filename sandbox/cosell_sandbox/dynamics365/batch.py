@@ -26,6 +26,7 @@ state of its own.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,15 +34,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
-from .server import Headers, HTTPError, Response
+from ..server import Headers, HTTPError, Request, Response, new_request_id
+from .records import _err, _preferences, _segment_not_found, _wants_formatted_values, payload_error
+from .schema import API
 
 CRLF = b"\r\n"
 MAX_REQUESTS = 1000
-PAYLOAD_ERROR = "0x80048d19"
-_HELP = (
-    "For more information on this error please follow this help link https://go.microsoft.com/fwlink/?linkid=2195293"
-)
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 _REQUEST_LINE = re.compile(r"^([A-Za-z]+)\s+(\S+)\s+(HTTP/\d\.\d)$")
 _REFERENCE = re.compile(r"^\$([A-Za-z0-9_.\-]+)(.*)$", re.DOTALL)
@@ -86,16 +86,6 @@ class ChangeSetResult:
 
 
 BatchResult = PartResult | ChangeSetResult
-
-
-def payload_error(detail: str, entity: str = "") -> HTTPError:
-    """The error Dataverse returns when it cannot read a payload (code 0x80048d19)."""
-    return HTTPError(
-        400,
-        PAYLOAD_ERROR,
-        f"Error identified in Payload provided by the user for Entity :'{entity}', {_HELP}  ---->  "
-        f"InnerException : {detail}",
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -392,3 +382,81 @@ def render_batch(results: list[BatchResult]) -> tuple[str, bytes]:
     """(Content-Type, body) of the batch response."""
     boundary = f"batchresponse_{uuid.uuid4()}"
     return f"multipart/mixed; boundary={boundary}", _delimited(boundary, (_render_item(r) for r in results))
+
+
+log = logging.getLogger(__name__)
+
+
+class BatchMixin:
+    """The ``$batch`` handler of :class:`DataverseEmulator`."""
+
+    def _batch(self, request: Request) -> Response:
+        prefer = _preferences(request.headers)
+        try:
+            items = parse_batch(request.headers.get("Content-Type"), request.body)
+            total = count_operations(items)
+            if total > MAX_REQUESTS:
+                # Guessed text; the limit itself is documented.
+                raise BatchFormatError(
+                    f"Microsoft.OData.ODataException: The batch contains {total} requests; "
+                    f"the maximum is {MAX_REQUESTS}."
+                )
+        except BatchFormatError as exc:
+            failure = PartResult(self.error_response(payload_error(str(exc)), request))
+            failure.response.headers.set("REQ_ID", new_request_id())
+            content_type, payload = render_batch([failure])
+            return Response(400, payload, Headers([("Content-Type", content_type)]))
+        with self.lock:
+            results, failed = execute(
+                items,
+                dispatch=self._dispatch_inner,
+                error=lambda err: self._inner_error(err, request),
+                transaction=self._transaction,
+                entity_path=self._entity_path,
+                continue_on_error=prefer.continue_on_error,
+            )
+        content_type, payload = render_batch(results)
+        resp = Response(failed or 200, payload, Headers([("Content-Type", content_type)]))
+        if prefer.continue_on_error:
+            resp.headers.set("Preference-Applied", "odata.continue-on-error")
+        return resp
+
+    def _entity_path(self, response: Response) -> str | None:
+        entity_id = response.headers.get("OData-EntityId")
+        if not entity_id:
+            return None
+        path = urlsplit(entity_id).path
+        return path if path.startswith(API + "/") else None
+
+    def _inner_error(self, err: HTTPError, request: Request) -> Response:
+        resp = self.error_response(err, request)
+        resp.headers.set("REQ_ID", new_request_id())
+        return resp
+
+    def _dispatch_inner(self, operation: Operation) -> Response:
+        """One request of a batch: the same handlers, already authenticated and counted."""
+        parts = urlsplit(operation.url)
+        if parts.scheme:
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+        elif operation.url.startswith("/"):
+            target = operation.url
+        else:
+            target = f"{API}/{operation.url}"
+        inner = Request(operation.method, target, operation.headers, operation.body, server=self.server)
+        try:
+            if inner.path.rstrip("/").endswith("$batch"):
+                raise _err(400, "0x80048d19", "A batch request cannot contain another batch request.")
+            resolved = self._inner.resolve(inner.method, inner.path) if inner.path.startswith(API) else None
+            if resolved is None:
+                raise _segment_not_found(inner.path.rstrip("/").rsplit("/", 1)[-1])
+            handler, inner.params = resolved
+            self._local.formatted = _wants_formatted_values(inner.headers)
+            response = handler(inner)
+        except HTTPError as err:
+            response = self._inner_error(err, inner)
+        except Exception as exc:
+            log.exception("dataverse: unhandled error in a batch request %s %s", operation.method, operation.url)
+            response = self._inner_error(
+                _err(500, "0x80040216", f"An unexpected error occurred ({type(exc).__name__})."), inner
+            )
+        return response

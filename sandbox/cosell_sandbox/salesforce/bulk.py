@@ -25,13 +25,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .server import HTTPError, Request, Response
+from ..server import Request, Response
+from .records import MultipleMatches, RecordError, _bad
 from .soql import FieldDef, ObjectDef, normalize_id, parse_datetime, sf_datetime
-
-if TYPE_CHECKING:
-    from .salesforce import SalesforceEmulator
 
 OPERATIONS = ("insert", "update", "upsert", "delete", "hardDelete")
 DELIMITERS = {"COMMA": ",", "TAB": "\t", "PIPE": "|", "SEMICOLON": ";", "CARET": "^", "BACKQUOTE": "`"}
@@ -106,10 +104,6 @@ class Job:
         return out
 
 
-def _bad(code: str, message: str, status: int = 400) -> HTTPError:
-    return HTTPError(status, code, message)
-
-
 class _RowError(Exception):
     def __init__(self, code: str, message: str, fields: list[str]) -> None:
         super().__init__(message)
@@ -117,7 +111,8 @@ class _RowError(Exception):
 
 
 class BulkIngest:
-    def __init__(self, sf: SalesforceEmulator) -> None:
+    def __init__(self, sf: Any) -> None:
+        """``sf``: the :class:`~cosell_sandbox.salesforce.SalesforceEmulator` whose records the jobs write."""
         self.sf = sf
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._generation = 0
@@ -434,8 +429,6 @@ class BulkIngest:
         return raw
 
     def _apply(self, job: Job, odef: ObjectDef, columns: list[FieldDef], row: list[str]) -> tuple[str, bool]:
-        from .salesforce import RecordError, _Multiple
-
         sf = self.sf
         try:
             values = self._values(columns, row)
@@ -464,7 +457,7 @@ class BulkIngest:
                 return record_id, False
             try:
                 record, created = sf.upsert_record(odef.name, ext_field, ext_value, values)
-            except _Multiple as multi:
+            except MultipleMatches as multi:
                 fdef = odef.fields[ext_field]
                 raise _RowError(
                     "DUPLICATE_EXTERNAL_ID",

@@ -3,13 +3,14 @@
 * ``GET /{tenant}/v2.0/.well-known/openid-configuration``
 * ``POST /{tenant}/oauth2/v2.0/token`` for the ``client_credentials``, ``refresh_token``
   and ``password`` grants, with AADSTS-style error bodies;
-* ``GET /common/userrealm/{username}`` (msal's user realm discovery for the password grant).
+* ``GET /common/userrealm/{username}`` (msal's user realm discovery for the password grant);
+* the shared ``/_sandbox/`` endpoints of :class:`~cosell_sandbox.server.EmulatorApp` (``seed``
+  registers clients and users), and ``POST /_sandbox/revoke`` (every refresh token revoked).
 
 Access tokens are JWTs (HS256, sandbox-internal key) with ``aud`` set to the resource
 of the requested ``<resource>/.default`` scope. The API emulators validate them through
 :meth:`EntraEmulator.validate_bearer`, so a missing, malformed, expired or
-wrong-audience token gets 401 exactly where the real APIs would refuse it.
-"""
+wrong-audience token gets 401 exactly where the real APIs would refuse it."""
 
 from __future__ import annotations
 
@@ -20,39 +21,12 @@ import json
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from .server import EmulatorApp, HTTPError, Request, Response, Router
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-@dataclass
-class RefreshToken:
-    client_id: str
-    username: str
-    issued_at: float
-    revoked: bool = False
-
-
-@dataclass
-class EntraConfig:
-    tenant_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    token_lifetime: int = 3600
-    single_use_refresh_tokens: bool = False  # AAD keeps old ones valid; tests can make rotation strict
-
-
-class TokenError(HTTPError):
-    pass
+from ..server import EmulatorApp, HTTPError, Request, Response, Router
+from .tokens import EntraConfig, RefreshToken, TokenError, _b64url, _b64url_decode
 
 
 class EntraEmulator(EmulatorApp):
@@ -162,10 +136,7 @@ class EntraEmulator(EmulatorApp):
         router.add("GET", r"/(?P<tenant>[^/]+)/v2\.0/\.well-known/openid-configuration", self._openid)
         router.add("POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token", self._token)
         router.add("GET", r"/common/userrealm/(?P<username>[^/]+)", self._user_realm)
-        router.add("GET", r"/_sandbox/state", self._state)
-        router.add("POST", r"/_sandbox/config", self._set_config)
         router.add("POST", r"/_sandbox/revoke", self._revoke)
-        router.add("POST", r"/_sandbox/reset", self._reset)
 
     def error_response(self, err: HTTPError, request: Request) -> Response:
         if isinstance(err, TokenError) or request.path.endswith("/token"):
@@ -372,35 +343,39 @@ class EntraEmulator(EmulatorApp):
             self.refresh_tokens.clear()
             self.refresh_tokens_presented.clear()
             self.grants = dict.fromkeys(self.grants, 0)
-        self.faults.clear()
-        self.log.clear()
+        super().reset()
 
-    # -- control plane -----------------------------------------------------------
-    def _state(self, request: Request) -> Response:
+    # -- control plane (the shared endpoints are EmulatorApp's) ------------------
+    def seed(self, clients: dict[str, str] | None = None, users: dict[str, str] | None = None) -> dict[str, list[str]]:
+        """Register app ``clients`` ({client id: secret}) and ``users`` ({username: password})."""
         with self.lock:
-            return Response.json(
-                {
-                    "tenant_id": self.config.tenant_id,
-                    "token_lifetime": self.config.token_lifetime,
-                    "single_use_refresh_tokens": self.config.single_use_refresh_tokens,
-                    "grants": dict(self.grants),
-                    "refresh_tokens_active": sum(1 for r in self.refresh_tokens.values() if not r.revoked),
-                    "refresh_tokens_presented": len(self.refresh_tokens_presented),
-                }
-            )
+            for client_id, secret in (clients or {}).items():
+                self.add_client(client_id, secret)
+            for username, password in (users or {}).items():
+                self.add_user(username, password)
+        return {"clients": sorted(clients or {}), "users": sorted(users or {})}
 
-    def _set_config(self, request: Request) -> Response:
-        doc = request.json()
+    def state(self) -> dict[str, Any]:
         with self.lock:
-            if "token_lifetime" in doc:
-                self.config.token_lifetime = int(doc["token_lifetime"])
-            if "single_use_refresh_tokens" in doc:
-                self.config.single_use_refresh_tokens = bool(doc["single_use_refresh_tokens"])
-        return self._state(request)
+            return {
+                "tenant_id": self.config.tenant_id,
+                "token_lifetime": self.config.token_lifetime,
+                "single_use_refresh_tokens": self.config.single_use_refresh_tokens,
+                "grants": dict(self.grants),
+                "refresh_tokens_active": sum(1 for r in self.refresh_tokens.values() if not r.revoked),
+                "refresh_tokens_presented": len(self.refresh_tokens_presented),
+            }
 
-    def _reset(self, request: Request) -> Response:
-        self.reset()
-        return Response.empty()
+    def configure(
+        self, token_lifetime: int | None = None, single_use_refresh_tokens: bool | None = None
+    ) -> dict[str, Any]:
+        """Access token lifetime (seconds), and whether a refresh token works once; returns the state."""
+        with self.lock:
+            if token_lifetime is not None:
+                self.config.token_lifetime = int(token_lifetime)
+            if single_use_refresh_tokens is not None:
+                self.config.single_use_refresh_tokens = bool(single_use_refresh_tokens)
+        return self.state()
 
     def _revoke(self, request: Request) -> Response:
         """Revoke every refresh token (as a password reset or admin revocation would)."""

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from cosell_sandbox.dataverse_metadata import DEFAULT_CHOICE_BASE, HELP_LABELS
+from cosell_sandbox.dynamics365.choices import DEFAULT_CHOICE_BASE, HELP_LABELS
 
 API = "/api/data/v9.2"
 CUSTOM_BASE = 100_000_000  # another publisher's prefix than the emulator's default

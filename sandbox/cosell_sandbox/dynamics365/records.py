@@ -240,7 +240,7 @@ def _parse_key(table: Table, text: str) -> KeyRef:
 
 
 # ---------------------------------------------------------------------------
-# Service protection limits
+# Behaviour switches and parsed query options
 
 
 @dataclass

@@ -25,7 +25,7 @@ _STRING_LITERAL = re.compile(r"'(?:[^']|'')*'")
 
 WON, LOST, OPEN = 1, 2, 0
 # statecode -> (its name, the statuscode values that fit it; the first is the default), from the
-# tables' option sets (dataverse_metadata.CHOICES, the one place choice options are defined).
+# tables' option sets (choices.CHOICES, the one place choice options are defined).
 STATES: dict[str, dict[int, tuple[str, tuple[int, ...]]]] = {
     "opportunities": states("opportunity"),
     "accounts": states("account"),

@@ -76,7 +76,7 @@ class ValidationMixin:
             choices = self.metadata.values(table.logical, column.name) if kind == "choice" else []
             if choices and value not in choices:
                 # PicklistValueOutOfRange 0x8004431A, with the platform's validation message; the
-                # options come from the column's option set (dataverse_metadata.CHOICES).
+                # options come from the column's option set (choices.CHOICES).
                 raise _err(
                     400,
                     "0x8004431a",

@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ..seed import HELP_CODES
 from ..server import HTTPError
 
 REFERRALS_AUDIENCE = "https://api.partner.microsoft.com"
@@ -53,15 +54,7 @@ ENUMS: dict[str, set[str]] = {
     "qualification": {"None", "Direct", "MarketingQualified", "SalesQualified"},
     "direction": {"Incoming", "Outgoing"},
     "salesStage": {"Qualify", "Develop", "Propose", "Close"},
-    "inviteContext.assistanceRequestCode": {
-        "Unknown",
-        "GeneralOrOther",
-        "CustomerTechnicalArchitecture",
-        "ProofOfConceptOrDemo",
-        "QuotesOrLicensing",
-        "PostSalesCustomerSuccess",
-        "WorkloadSpecificValueProposition",
-    },
+    "inviteContext.assistanceRequestCode": {"Unknown", *HELP_CODES},
 }
 READ_ONLY = {
     "id",
@@ -76,10 +69,12 @@ READ_ONLY = {
     "closedDateTime",
     "expirationDateTime",
 }
-FILTER_PATHS = frozenset(
+# The scalar fields of a referral: each can be filtered on and selected.
+SCALARS = frozenset(
     {
         "id",
         "engagementId",
+        "organizationId",
         "name",
         "externalReferenceId",
         "status",
@@ -94,52 +89,34 @@ FILTER_PATHS = frozenset(
         "expirationDateTime",
         "acceptedDateTime",
         "closedDateTime",
-        "organizationId",
-        "customerProfile/name",
-        "customerProfile/address/country",
-        "customerProfile/address/postalCode",
-        "customerProfile/address/city",
-        "customerProfile/address/state",
-        "details/currency",
-        "details/dealValue",
-        "details/closingDateTime",
     }
 )
+FILTER_PATHS = SCALARS | {
+    "customerProfile/name",
+    "customerProfile/address/country",
+    "customerProfile/address/postalCode",
+    "customerProfile/address/city",
+    "customerProfile/address/state",
+    "details/currency",
+    "details/dealValue",
+    "details/closingDateTime",
+}
 ORDERBY_PATHS = frozenset({"createdDateTime", "updatedDateTime"})
-SELECTABLE = frozenset(
-    {
-        "id",
-        "engagementId",
-        "organizationId",
-        "organizationName",
-        "name",
-        "externalReferenceId",
-        "createdDateTime",
-        "updatedDateTime",
-        "expirationDateTime",
-        "acceptedDateTime",
-        "closedDateTime",
-        "status",
-        "substatus",
-        "statusReason",
-        "type",
-        "qualification",
-        "direction",
-        "salesStage",
-        "customerProfile",
-        "consent",
-        "details",
-        "team",
-        "inviteContext",
-        "target",
-        "eTag",
-        "links",
-        "registrationStatus",
-        "tags",
-        "lastModifiedVia",
-        "trackingInfo",
-    }
-)
+SELECTABLE = SCALARS | {
+    "organizationName",
+    "customerProfile",
+    "consent",
+    "details",
+    "team",
+    "inviteContext",
+    "target",
+    "eTag",
+    "links",
+    "registrationStatus",
+    "tags",
+    "lastModifiedVia",
+    "trackingInfo",
+}
 WEBHOOK_EVENTS = [
     "test-created",
     "subscription-updated",

@@ -62,7 +62,7 @@ class Delivery:
         }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DispatchConfig:
     max_attempts: int = 10
     backoff_base: float = 1.0

@@ -136,15 +136,17 @@ class WritesMixin:
         org_id, org_name = organization or (self.organization_id, PARTNER_ORG_NAME)
         stored = copy.deepcopy(doc)
         stored.update(
-            id=str(uuid.uuid4()),
-            engagementId=doc.get("engagementId") or str(uuid.uuid4()),
-            organizationId=org_id,
-            organizationName=org_name,
-            createdDateTime=now,
-            updatedDateTime=now,
-            direction=direction,
-            eTag=_etag(),
-            lastModifiedVia=via,
+            {
+                "id": str(uuid.uuid4()),
+                "engagementId": doc.get("engagementId") or str(uuid.uuid4()),
+                "organizationId": org_id,
+                "organizationName": org_name,
+                "createdDateTime": now,
+                "updatedDateTime": now,
+                "direction": direction,
+                "eTag": _etag(),
+                "lastModifiedVia": via,
+            }
         )
         stored.setdefault("type", "Independent")
         stored.setdefault("team", [])

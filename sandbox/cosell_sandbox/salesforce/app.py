@@ -48,10 +48,7 @@ from .query import QueryMixin
 from .records import StoreMixin, _bad, _base62, _Cursor, _not_found
 from .schema import API_VERSIONS, DEFAULT_DAILY_LIMIT, ID_OFFSET, ORG_ID, V, build_schema
 from .seed import SeedMixin
-from .soql import (
-    normalize_id,
-    sf_datetime,
-)
+from .soql import normalize_id, sf_datetime
 from .validation import ValidationMixin
 from .writes import WritesMixin
 

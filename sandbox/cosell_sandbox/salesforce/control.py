@@ -13,12 +13,7 @@ from typing import Any
 from ..server import Request, Response
 from .records import RecordError, _bad, _Locator, _not_found
 from .schema import DEFAULT_DAILY_LIMIT, build_schema
-from .soql import (
-    FieldDef,
-    normalize_id,
-    parse_datetime,
-    sf_datetime,
-)
+from .soql import FieldDef, normalize_id, parse_datetime, sf_datetime
 
 
 class ControlMixin:

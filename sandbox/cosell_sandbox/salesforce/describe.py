@@ -7,10 +7,7 @@ from typing import Any
 
 from ..server import Request, Response
 from .schema import API_VERSIONS, CURRENCIES, MAX_COLLECTION
-from .soql import (
-    FieldDef,
-    ObjectDef,
-)
+from .soql import FieldDef, ObjectDef
 
 
 class DescribeMixin:

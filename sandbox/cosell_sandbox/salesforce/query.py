@@ -10,12 +10,7 @@ from typing import Any
 from ..server import Request, Response
 from .records import _bad, _Cursor, _Source, _trunc_minute
 from .schema import DEFAULT_BATCH_SIZE, DELETED_WINDOW_DAYS, MIN_BATCH_SIZE, UPDATED_WINDOW_DAYS
-from .soql import (
-    QueryError,
-    execute,
-    parse_datetime,
-    sf_datetime,
-)
+from .soql import QueryError, execute, parse_datetime, sf_datetime
 
 
 class QueryMixin:

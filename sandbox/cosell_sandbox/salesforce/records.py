@@ -13,12 +13,7 @@ from typing import Any
 
 from ..server import HTTPError, Request
 from .schema import BASE62
-from .soql import (
-    FieldDef,
-    ObjectDef,
-)
-
-# helpers
+from .soql import FieldDef, ObjectDef
 
 
 class RecordError(Exception):
@@ -35,6 +30,11 @@ class RecordError(Exception):
 
     def http(self, status: int = 400) -> HTTPError:
         return HTTPError(status, self.code, self.message, fields=self.fields)
+
+
+def _success(record_id: str, **extra: Any) -> dict[str, Any]:
+    """A record's result in a collection (and an upsert's answer): its id, no errors."""
+    return {"id": record_id, "success": True, "errors": [], **extra}
 
 
 def _bad(code: str, message: str, status: int = 400) -> HTTPError:
@@ -144,11 +144,9 @@ class _Source:
         return index.get(parent_id, [])
 
 
-# ---------------------------------------------------------------------------
-# the emulator
-
-
 class MultipleMatches(Exception):
+    """An upsert's External ID value names several records (the API answers 300 with their URLs)."""
+
     def __init__(self, ids: list[str]) -> None:
         super().__init__(ids)
         self.ids = ids

@@ -7,12 +7,7 @@ import re
 from typing import Any
 
 from ..seed import HELP_CODES
-from .soql import (
-    ChildRelationship,
-    FieldDef,
-    ObjectDef,
-    Schema,
-)
+from .soql import ChildRelationship, FieldDef, ObjectDef, Schema
 
 API_VERSIONS: dict[str, str] = {
     "52.0": "Summer '21",
@@ -97,68 +92,43 @@ def _f(name: str, ftype: str, label: str, **kw: Any) -> FieldDef:
     return FieldDef(name=name, type=ftype, label=label, **kw)
 
 
+def _ref(name: str, label: str, target: str, relationship: str, **kw: Any) -> FieldDef:
+    """A lookup (18-character Id) to ``target``, reached in SOQL as ``relationship``."""
+    return _f(name, "reference", label, length=18, reference_to=(target,), relationship_name=relationship, **kw)
+
+
+def _picklist(name: str, label: str, values: Any, length: int = 255, **kw: Any) -> FieldDef:
+    """A restricted picklist: a value outside ``values`` is refused."""
+    return _f(name, "picklist", label, length=length, picklist=tuple(values), restricted=True, **kw)
+
+
+def _checkbox(name: str, label: str, default: bool, **kw: Any) -> FieldDef:
+    return _f(name, "boolean", label, default=default, **DEFAULTED, **kw)
+
+
+# A value is required, and the service fills it in when a create leaves it out.
+DEFAULTED: dict[str, Any] = {"nillable": False, "defaulted_on_create": True}
+# The system sets these fields; nobody writes them.
+SYSTEM: dict[str, Any] = {"createable": False, "updateable": False, **DEFAULTED}
+
+
 def _system_head(label: str) -> list[FieldDef]:
     return [
-        _f(
-            "Id",
-            "id",
-            f"{label} ID",
-            length=18,
-            nillable=False,
-            createable=False,
-            updateable=False,
-            defaulted_on_create=True,
-        ),
-        _f(
-            "IsDeleted",
-            "boolean",
-            "Deleted",
-            nillable=False,
-            createable=False,
-            updateable=False,
-            defaulted_on_create=True,
-            default=False,
-        ),
+        _f("Id", "id", f"{label} ID", length=18, **SYSTEM),
+        _f("IsDeleted", "boolean", "Deleted", default=False, **SYSTEM),
     ]
 
 
 def _system_tail(owner: bool = True) -> list[FieldDef]:
-    ro = {"createable": False, "updateable": False, "defaulted_on_create": True, "nillable": False}
+    ro = SYSTEM
     fields = []
     if owner:
-        fields.append(
-            _f(
-                "OwnerId",
-                "reference",
-                "Owner ID",
-                length=18,
-                nillable=False,
-                defaulted_on_create=True,
-                reference_to=("User",),
-                relationship_name="Owner",
-            )
-        )
+        fields.append(_ref("OwnerId", "Owner ID", "User", "Owner", **DEFAULTED))
     fields += [
         _f("CreatedDate", "datetime", "Created Date", **ro),
-        _f(
-            "CreatedById",
-            "reference",
-            "Created By ID",
-            length=18,
-            reference_to=("User",),
-            relationship_name="CreatedBy",
-            **ro,
-        ),
+        _ref("CreatedById", "Created By ID", "User", "CreatedBy", **ro),
         _f("LastModifiedDate", "datetime", "Last Modified Date", **ro),
-        _f(
-            "LastModifiedById",
-            "reference",
-            "Last Modified By ID",
-            length=18,
-            reference_to=("User",),
-            relationship_name="LastModifiedBy",
-            **ro,
-        ),
+        _ref("LastModifiedById", "Last Modified By ID", "User", "LastModifiedBy", **ro),
         _f("SystemModstamp", "datetime", "System Modstamp", **ro),
     ]
     return fields
@@ -199,41 +169,17 @@ def build_schema() -> Schema:
         "003",
         [
             *_system_head("Contact"),
-            _f(
-                "AccountId",
-                "reference",
-                "Account ID",
-                length=18,
-                reference_to=("Account",),
-                relationship_name="Account",
-            ),
+            _ref("AccountId", "Account ID", "Account", "Account"),
             _f("LastName", "string", "Last Name", length=80, nillable=False),
             _f("FirstName", "string", "First Name", length=40),
-            _f(
-                "Name",
-                "string",
-                "Full Name",
-                length=121,
-                nillable=False,
-                createable=False,
-                updateable=False,
-                defaulted_on_create=True,
-                calculated=True,
-                name_field=True,
-            ),
+            _f("Name", "string", "Full Name", length=121, calculated=True, name_field=True, **SYSTEM),
             _f("Phone", "phone", "Business Phone", length=40),
             _f("Email", "email", "Email", length=80),
             *_system_tail(),
         ],
         [ChildRelationship("OpportunityContactRoles", "OpportunityContactRole", "ContactId")],
     )
-    ro_bool = {
-        "nillable": False,
-        "createable": False,
-        "updateable": False,
-        "defaulted_on_create": True,
-        "default": False,
-    }
+    ro_bool = {**SYSTEM, "default": False}
     opportunity = _objdef(
         "Opportunity",
         "Opportunity",
@@ -241,85 +187,28 @@ def build_schema() -> Schema:
         "006",
         [
             *_system_head("Opportunity"),
-            _f(
-                "AccountId",
-                "reference",
-                "Account ID",
-                length=18,
-                reference_to=("Account",),
-                relationship_name="Account",
-            ),
+            _ref("AccountId", "Account ID", "Account", "Account"),
             _f("Name", "string", "Name", length=120, nillable=False, name_field=True),
             _f("Description", "textarea", "Description", length=32000),
-            _f("StageName", "picklist", "Stage", length=255, nillable=False, picklist=tuple(STAGES), restricted=True),
+            _picklist("StageName", "Stage", STAGES, nillable=False),
             _f("Amount", "currency", "Amount", precision=18, scale=2),
             _f("CloseDate", "date", "Close Date", nillable=False),
             _f("IsClosed", "boolean", "Closed", calculated=False, **ro_bool),
             _f("IsWon", "boolean", "Won", **ro_bool),
-            _f(
-                "CurrencyIsoCode",
-                "picklist",
-                "Opportunity Currency",
-                length=3,
-                nillable=False,
-                defaulted_on_create=True,
-                default="USD",
-                picklist=tuple(CURRENCIES),
-                restricted=True,
-            ),
+            _picklist("CurrencyIsoCode", "Opportunity Currency", CURRENCIES, 3, default="USD", **DEFAULTED),
             *_system_tail(),
-            _f(
-                "PC_Sync_With_Partner_Center__c",
-                "boolean",
-                "Sync With Partner Center",
-                nillable=False,
-                defaulted_on_create=True,
-                default=False,
-                custom=True,
-            ),
-            _f(
-                "PC_Referral_Id__c",
-                "string",
-                "PC Referral Id",
-                length=100,
-                external_id=True,
-                unique=True,
-                custom=True,
-            ),
+            _checkbox("PC_Sync_With_Partner_Center__c", "Sync With Partner Center", False, custom=True),
+            _f("PC_Referral_Id__c", "string", "PC Referral Id", length=100, external_id=True, unique=True, custom=True),
             _f("PC_Referral_Link__c", "url", "PC Referral Link", length=255, custom=True),
-            _f(
-                "PC_How_Can_Microsoft_Help__c",
-                "picklist",
-                "How Can Microsoft Help",
-                length=255,
-                picklist=tuple(HELP_CODES),
-                restricted=True,
-                custom=True,
-            ),
+            _picklist("PC_How_Can_Microsoft_Help__c", "How Can Microsoft Help", HELP_CODES, custom=True),
             _f("PC_Solutions__c", "string", "PC Solutions", length=255, custom=True),
             # Checked: the referral is shared with Microsoft sellers (partner-led or co-sell);
             # unchecked: a private deal (Microsoft Learn, "Create a referral", "Deal types").
-            _f(
-                "PC_Share_With_Microsoft__c",
-                "boolean",
-                "Share With Microsoft",
-                nillable=False,
-                defaulted_on_create=True,
-                default=True,
-                custom=True,
-            ),
+            _checkbox("PC_Share_With_Microsoft__c", "Share With Microsoft", True, custom=True),
             # Microsoft's side of a co-sell engagement, as the sync last read it (read only for people).
             _f("PC_Microsoft_Status__c", "string", "PC Microsoft Status", length=40, custom=True),
             _f("PC_Audit__c", "textarea", "PC Audit", length=131072, custom=True),
-            _f(
-                "PC_Sync_Status__c",
-                "picklist",
-                "PC Sync Status",
-                length=255,
-                picklist=tuple(SYNC_STATUS),
-                restricted=True,
-                custom=True,
-            ),
+            _picklist("PC_Sync_Status__c", "PC Sync Status", SYNC_STATUS, custom=True),
         ],
         [ChildRelationship("OpportunityContactRoles", "OpportunityContactRole", "OpportunityId")],
     )
@@ -330,27 +219,10 @@ def build_schema() -> Schema:
         "00K",
         [
             *_system_head("Opportunity Contact Role"),
-            _f(
-                "OpportunityId",
-                "reference",
-                "Opportunity ID",
-                length=18,
-                nillable=False,
-                updateable=False,
-                reference_to=("Opportunity",),
-                relationship_name="Opportunity",
-            ),
-            _f(
-                "ContactId",
-                "reference",
-                "Contact ID",
-                length=18,
-                nillable=False,
-                reference_to=("Contact",),
-                relationship_name="Contact",
-            ),
+            _ref("OpportunityId", "Opportunity ID", "Opportunity", "Opportunity", nillable=False, updateable=False),
+            _ref("ContactId", "Contact ID", "Contact", "Contact", nillable=False),
             _f("Role", "picklist", "Role", length=40, picklist=tuple(CONTACT_ROLES)),
-            _f("IsPrimary", "boolean", "Primary", nillable=False, defaulted_on_create=True, default=False),
+            _checkbox("IsPrimary", "Primary", False),
             *_system_tail(owner=False),
         ],
         [],

@@ -9,10 +9,7 @@ from typing import Any
 
 from ..seed import COMPANIES, CURRENCY, DEAL_NAMES, FIRST, HELP_CODES, LAST, SOLUTIONS
 from .schema import CURRENCIES, STAGE_WEIGHTS, STAGES, USER_ID
-from .soql import (
-    ObjectDef,
-    sf_datetime,
-)
+from .soql import ObjectDef, sf_datetime
 
 
 class SeedMixin:
@@ -52,15 +49,7 @@ class SeedMixin:
                     if fdef.default is not None:
                         record[fdef.name] = fdef.default
                 record.update(values)
-                record.update(
-                    Id=self._new_id(odef.key_prefix),
-                    IsDeleted=False,
-                    CreatedDate=created,
-                    CreatedById=USER_ID,
-                    LastModifiedDate=modified,
-                    LastModifiedById=USER_ID,
-                    SystemModstamp=modified,
-                )
+                self._new_record(odef, record, created, modified)
                 if "OwnerId" in odef.fields:
                     record["OwnerId"] = USER_ID
                 self._derive(odef, record)

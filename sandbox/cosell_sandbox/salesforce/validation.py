@@ -13,13 +13,7 @@ from typing import Any
 from ..server import HTTPError
 from .records import RecordError, _bad, _ext_not_found, _json_token, _json_type_name, _Locator, _not_found
 from .schema import EMAIL_RE, USER_ID, USER_PREFIX
-from .soql import (
-    FieldDef,
-    ObjectDef,
-    normalize_id,
-    parse_datetime,
-    sf_datetime,
-)
+from .soql import FieldDef, ObjectDef, normalize_id, parse_datetime, sf_datetime
 
 
 class ValidationMixin:

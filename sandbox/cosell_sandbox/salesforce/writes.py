@@ -7,32 +7,34 @@ from collections.abc import Callable
 from typing import Any
 
 from ..server import Request, Response
-from .records import MultipleMatches, RecordError, _bad, _ext_not_found, _Locator, _not_found
+from .records import MultipleMatches, RecordError, _bad, _ext_not_found, _Locator, _not_found, _success
 from .schema import MAX_COLLECTION, MAX_COLLECTION_RETRIEVE, ROLLED_BACK, USER_ID
-from .soql import (
-    FieldDef,
-    ObjectDef,
-    normalize_id,
-)
+from .soql import FieldDef, ObjectDef, normalize_id
 
 
 class WritesMixin:
     """The DML of :class:`SalesforceEmulator`."""
+
+    def _new_record(self, odef: ObjectDef, record: dict[str, Any], created: str, modified: str) -> None:
+        """The system fields of a new record: its Id, who created and last modified it, and when."""
+        record.update(
+            {
+                "Id": self._new_id(odef.key_prefix),
+                "IsDeleted": False,
+                "CreatedDate": created,
+                "CreatedById": USER_ID,
+                "LastModifiedDate": modified,
+                "LastModifiedById": USER_ID,
+                "SystemModstamp": modified,
+            }
+        )
 
     def create_record(self, obj: str, values: dict[str, Any]) -> dict[str, Any]:
         """Insert (values keyed by canonical field names, already typed); raises :class:`RecordError`."""
         odef = self._object(obj)
         record = self._validate(odef, values, None)
         stamp = self._stamp()
-        record.update(
-            Id=self._new_id(odef.key_prefix),
-            IsDeleted=False,
-            CreatedDate=stamp,
-            CreatedById=USER_ID,
-            LastModifiedDate=stamp,
-            LastModifiedById=USER_ID,
-            SystemModstamp=stamp,
-        )
+        self._new_record(odef, record, stamp, stamp)
         self._derive(odef, record)
         full = {name: record.get(name) for name in odef.fields}
         self._put(odef.name, full)
@@ -139,7 +141,7 @@ class WritesMixin:
                 record = self.create_record(odef.name, values)
             except RecordError as err:
                 raise err.http() from None
-        return Response.json({"id": record["Id"], "success": True, "errors": []}, 201)
+        return Response.json(_success(record["Id"]), 201)
 
     def _get(self, request: Request) -> Response:
         odef = self._object(request.params["obj"])
@@ -190,11 +192,16 @@ class WritesMixin:
     def _multiple(self, odef: ObjectDef, matches: list[str], version: str) -> Response:
         return Response.json([self._url(version, odef.name, m) for m in matches], 300)
 
+    def _ext_records(self, request: Request) -> tuple[ObjectDef, list[str]]:
+        """The object and the ids of the records an External ID value names; 404 for none (hold self.lock)."""
+        odef, _fdef, _value, matches = self._ext_lookup(request)
+        if not matches:
+            raise _not_found()
+        return odef, matches
+
     def _get_by_ext(self, request: Request) -> Response:
         with self.lock:
-            odef, _fdef, _value, matches = self._ext_lookup(request)
-            if not matches:
-                raise _not_found()
+            odef, matches = self._ext_records(request)
             if len(matches) > 1:
                 return self._multiple(odef, matches, request.params["version"])
             fields = self._field_list(odef, request.arg("fields"))
@@ -204,9 +211,7 @@ class WritesMixin:
 
     def _delete_by_ext(self, request: Request) -> Response:
         with self.lock:
-            odef, _fdef, _value, matches = self._ext_lookup(request)
-            if not matches:
-                raise _not_found()
+            odef, matches = self._ext_records(request)
             if len(matches) > 1:
                 return self._multiple(odef, matches, request.params["version"])
             self._delete_cascade(odef.name, matches[0])
@@ -231,9 +236,7 @@ class WritesMixin:
                     record, created = self.upsert_record(odef.name, fdef.name, coerced, values)
             except RecordError as err:
                 raise err.http() from None
-        return Response.json(
-            {"id": record["Id"], "success": True, "errors": [], "created": created}, 201 if created else 200
-        )
+        return Response.json(_success(record["Id"], created=created), 201 if created else 200)
 
     # -- sObject collections --------------------------------------------------------------------
     def _collection_body(self, request: Request) -> tuple[list[Any], bool, _Locator]:
@@ -318,7 +321,7 @@ class WritesMixin:
 
             def op(o: ObjectDef = odef, v: dict[str, Any] = values) -> dict[str, Any]:
                 created = self.create_record(o.name, v)
-                return {"id": created["Id"], "success": True, "errors": []}
+                return _success(created["Id"])
 
             ops.append(op)
         with self.lock:
@@ -354,11 +357,10 @@ class WritesMixin:
                     if counts.get(record_id, 0) > 1:
                         raise RecordError("DUPLICATE_VALUE", f"Duplicate id in list: {record_id}", [])
                     self.update_record(o.name, record_id, v)
-                    return {"id": record_id, "success": True, "errors": []}
+                    return _success(record_id)
 
                 ops.append(op)
-            results = self._run_collection(ops, all_or_none, ids)
-        return Response.json(results)
+            return Response.json(self._run_collection(ops, all_or_none, ids))
 
     def _collection_upsert(self, request: Request) -> Response:
         odef = self._object(request.params["obj"])
@@ -392,7 +394,7 @@ class WritesMixin:
                     if fdef.name == "Id":
                         record_id = self._resolve_record_id(odef, str(ext_value), rest=False)
                         self.update_record(odef.name, record_id, {k: x for k, x in v.items() if k != "Id"})
-                        return {"id": record_id, "success": True, "errors": [], "created": False}
+                        return _success(record_id, created=False)
                     try:
                         record, created = self.upsert_record(odef.name, fdef.name, ext_value, v)
                     except MultipleMatches as multi:
@@ -401,11 +403,10 @@ class WritesMixin:
                             f"{fdef.label}: more than one record found for external id field: [{', '.join(multi.ids)}]",
                             [fdef.name],
                         ) from None
-                    return {"id": record["Id"], "success": True, "errors": [], "created": created}
+                    return _success(record["Id"], created=created)
 
                 ops.append(op)
-            results = self._run_collection(ops, all_or_none, ids, upsert=True)
-        return Response.json(results)
+            return Response.json(self._run_collection(ops, all_or_none, ids, upsert=True))
 
     def _collection_delete(self, request: Request) -> Response:
         raw = request.arg("ids")
@@ -434,11 +435,10 @@ class WritesMixin:
                     if record["IsDeleted"]:
                         raise RecordError("ENTITY_IS_DELETED", "entity is deleted", [])
                     self._delete_cascade(odef.name, norm)
-                    return {"id": norm, "success": True, "errors": []}
+                    return _success(norm)
 
                 ops.append(op)
-            results = self._run_collection(ops, all_or_none, ids)
-        return Response.json(results)
+            return Response.json(self._run_collection(ops, all_or_none, ids))
 
     def _collection_retrieve(self, request: Request) -> Response:
         odef = self._object(request.params["obj"])

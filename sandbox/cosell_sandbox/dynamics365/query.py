@@ -10,6 +10,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -18,8 +19,6 @@ from ..server import HTTPError, Request, Response
 from . import clock
 from .odata import FilterOptions, ODataError, compile_filter, parse_orderby, sort_records
 from .records import (
-    _QUERY_OPTIONS,
-    _UNSUPPORTED_OPTIONS,
     _b64,
     _condition,
     _err,
@@ -28,13 +27,29 @@ from .records import (
     _json,
     _parse_key,
     _preferences,
-    _Query,
     _query_error,
     _segment_not_found,
     _unb64,
     _unknown_property,
 )
 from .schema import _IDENTIFIER, _STRING_LITERAL, API, JSON_TYPE, MAX_COUNT, MAX_PAGE_SIZE, NAMESPACE, TABLES, Table
+
+
+@dataclass
+class _Query:
+    select: list[str] | None = None
+    filter: str | None = None
+    orderby: str | None = None
+    top: int | None = None
+    count: bool = False
+    expand: str | None = None
+    skiptoken: str | None = None
+    deltatoken: str | None = None
+    raw: dict[str, str] = field(default_factory=dict)
+
+
+_QUERY_OPTIONS = ("$select", "$filter", "$orderby", "$top", "$count", "$expand", "$skiptoken", "$deltatoken")
+_UNSUPPORTED_OPTIONS = ("$skip", "$search", "$format")
 
 
 class QueryMixin:

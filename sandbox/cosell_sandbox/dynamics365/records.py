@@ -9,7 +9,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +38,22 @@ def _key_not_found(table: Table) -> HTTPError:
 def _duplicate() -> HTTPError:
     # DuplicateRecord 0x80040237; the Web API answers 412 with this fixed message.
     return _err(412, "0x80040237", "A record with matching key values already exists.")
+
+
+PAYLOAD_ERROR = "0x80048d19"
+_HELP = (
+    "For more information on this error please follow this help link https://go.microsoft.com/fwlink/?linkid=2195293"
+)
+
+
+def payload_error(detail: str, entity: str = "") -> HTTPError:
+    """The error Dataverse returns when it cannot read a payload (code 0x80048d19)."""
+    return HTTPError(
+        400,
+        PAYLOAD_ERROR,
+        f"Error identified in Payload provided by the user for Entity :'{entity}', {_HELP}  ---->  "
+        f"InnerException : {detail}",
+    )
 
 
 def _payload(table: Table | None, inner: str) -> HTTPError:
@@ -255,39 +271,6 @@ class DataverseConfig:
     # The option value base of the publisher's custom choice columns (cosell_*): their options are
     # base + 0, base + 1, ... (a publisher's option value prefix x 10,000, e.g. 858,880,000).
     choice_value_base: int = DEFAULT_CHOICE_BASE
-
-
-@dataclass
-class _Query:
-    select: list[str] | None = None
-    filter: str | None = None
-    orderby: str | None = None
-    top: int | None = None
-    count: bool = False
-    expand: str | None = None
-    skiptoken: str | None = None
-    deltatoken: str | None = None
-    raw: dict[str, str] = field(default_factory=dict)
-
-
-_QUERY_OPTIONS = ("$select", "$filter", "$orderby", "$top", "$count", "$expand", "$skiptoken", "$deltatoken")
-_UNSUPPORTED_OPTIONS = ("$skip", "$search", "$format")
-
-
-PAYLOAD_ERROR = "0x80048d19"
-_HELP = (
-    "For more information on this error please follow this help link https://go.microsoft.com/fwlink/?linkid=2195293"
-)
-
-
-def payload_error(detail: str, entity: str = "") -> HTTPError:
-    """The error Dataverse returns when it cannot read a payload (code 0x80048d19)."""
-    return HTTPError(
-        400,
-        PAYLOAD_ERROR,
-        f"Error identified in Payload provided by the user for Entity :'{entity}', {_HELP}  ---->  "
-        f"InnerException : {detail}",
-    )
 
 
 class StoreMixin:

@@ -362,6 +362,44 @@ def apply_json_patch(doc: dict[str, Any], ops: Any) -> dict[str, Any]:
     return result
 
 
+class ReferralStore(dict[str, dict[str, Any]]):
+    """The referrals by id, in creation order. It counts its writes (``version``: a listing's
+    sorted matches are reused across its pages while nothing changed) and indexes engagements
+    (every referral of an engagement without scanning them all, as the service's own store
+    would). Writes go through item assignment; a change made to a stored document in place
+    must call :meth:`touch`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+        self._engagements: dict[Any, dict[str, None]] = {}
+
+    def __setitem__(self, key: str, doc: dict[str, Any]) -> None:
+        old = self.get(key)
+        if old is not None and old.get("engagementId") != doc.get("engagementId"):
+            self._engagements.get(old.get("engagementId"), {}).pop(key, None)
+        super().__setitem__(key, doc)
+        self._engagements.setdefault(doc.get("engagementId"), {})[key] = None
+        self.version += 1
+
+    def __delitem__(self, key: str) -> None:
+        self._engagements.get(self[key].get("engagementId"), {}).pop(key, None)
+        super().__delitem__(key)
+        self.version += 1
+
+    def clear(self) -> None:
+        super().clear()
+        self._engagements.clear()
+        self.version += 1
+
+    def touch(self) -> None:
+        self.version += 1
+
+    def engagement(self, engagement_id: Any) -> list[dict[str, Any]]:
+        """The engagement's referrals, in creation order."""
+        return [self[key] for key in self._engagements.get(engagement_id, ())]
+
+
 class PartnerCenterEmulator(EmulatorApp):
     name = "partner_center"
 
@@ -369,7 +407,10 @@ class PartnerCenterEmulator(EmulatorApp):
         self.entra = entra
         self.dispatcher = dispatcher
         self.organization_id = organization_id or str(uuid.uuid4())
-        self.referrals: dict[str, dict[str, Any]] = {}
+        self.referrals = ReferralStore()
+        # A listing's matches, sorted, while the store is unchanged: (filter, orderby, version),
+        # the matches, and where each page served ended (its last key, as JSON) in them.
+        self._listing: tuple[tuple[str, str, int], list[dict[str, Any]], dict[str, int]] | None = None
         self.registration: dict[str, Any] | None = None
         self.validation_events: dict[str, dict[str, Any]] = {}
         self._validation_times: deque[float] = deque()
@@ -491,12 +532,24 @@ class PartnerCenterEmulator(EmulatorApp):
             return False
 
         with self.lock:
-            matches = [d for d in self.referrals.values() if predicate is None or predicate(d)]
-        for path, desc in reversed(order):
-            matches.sort(key=lambda d, p=path: resolve_path(d, p) or "", reverse=desc)
-        if last is not None:
-            matches = [d for d in matches if after(key(d))]
+            cache_key = (expr, order_expr, self.referrals.version)
+            if self._listing is not None and self._listing[0] == cache_key:
+                _, ordered, ends = self._listing
+            else:
+                ordered = [d for d in self.referrals.values() if predicate is None or predicate(d)]
+                for path, desc in reversed(order):
+                    ordered.sort(key=lambda d, p=path: resolve_path(d, p) or "", reverse=desc)
+                ends = {}
+                self._listing = (cache_key, ordered, ends)
+        if last is None:
+            matches = ordered
+        elif (start := ends.get(json.dumps(last))) is not None:
+            matches = ordered[start:]  # the previous page of this listing ended there
+        else:
+            matches = [d for d in ordered if after(key(d))]
         page = matches[:top]
+        if page:
+            ends[json.dumps(key(page[-1]))] = len(ordered) - len(matches) + len(page)
         body: dict[str, Any] = {
             "@odata.context": f"{request.origin}/v1.0/$metadata#Referrals",
             # The count of the items on this page: the documented list response shows
@@ -550,7 +603,7 @@ class PartnerCenterEmulator(EmulatorApp):
     # engagement joins it ("Create a referral", "Create a connected referral": "Include the engagementId
     # from your referral so they are tied together").
     def _engagement(self, engagement_id: str) -> list[dict[str, Any]]:
-        return [d for d in self.referrals.values() if d["engagementId"] == engagement_id]  # in creation order
+        return self.referrals.engagement(engagement_id)  # in creation order
 
     def _check_engagement(self, engagement_id: Any) -> None:
         """An engagementId that names no engagement is an incorrect request: 400 invalidRequest. (The docs
@@ -711,7 +764,7 @@ class PartnerCenterEmulator(EmulatorApp):
             return Response.empty(204, {"ETag": new["eTag"]})
 
     def _siblings(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
-        return [d for d in self.referrals.values() if d["engagementId"] == doc["engagementId"] and d["id"] != doc["id"]]
+        return [d for d in self.referrals.engagement(doc["engagementId"]) if d["id"] != doc["id"]]
 
     # -- webhooks ------------------------------------------------------------------
     def _fire(self, event: str, doc: dict[str, Any], resource_uri: str | None = None) -> Delivery | None:
@@ -891,6 +944,7 @@ class PartnerCenterEmulator(EmulatorApp):
                     value = doc.get(key)
                     if isinstance(value, str) and value:
                         doc[key] = iso(_parse_stamp(value) - delta)
+            self.referrals.touch()
             return len(self.referrals)
 
     def seed(self, count: int, seed: int = 0) -> list[str]:

@@ -878,6 +878,8 @@ class SalesforceEmulator(EmulatorApp):
             for fdef in odef.fields.values():
                 if fdef.external_id or fdef.unique:
                     self._ext_index[(odef.name, fdef.name)] = {}
+        if "OpportunityContactRole" in self.records:  # an opportunity's roles, for :meth:`_after_write`
+            self._ext_index[("OpportunityContactRole", "OpportunityId")] = {}
 
     def _index_ops(self, obj: str, record: dict[str, Any] | None, add: bool) -> None:
         if record is None or record.get("IsDeleted"):
@@ -1079,7 +1081,8 @@ class SalesforceEmulator(EmulatorApp):
     def _after_write(self, odef: ObjectDef, record: dict[str, Any]) -> None:
         """Side effects of a save: a new primary contact role demotes the others."""
         if odef.name == "OpportunityContactRole" and record.get("IsPrimary"):
-            for other in list(self.records["OpportunityContactRole"].values()):
+            roles = self.records["OpportunityContactRole"]
+            for other in [roles[i] for i in self._ext_matches(odef.name, "OpportunityId", record.get("OpportunityId"))]:
                 if (
                     other["Id"] != record["Id"]
                     and not other["IsDeleted"]

@@ -16,7 +16,8 @@ import pytest
 import sqlalchemy as sa
 
 from cosell_sync.state import SCHEMA_VERSION, LeaseHeldError, LeaseLostError, StateStore
-from cosell_sync.state import store as store_module
+from cosell_sync.state import schema as schema_module
+from cosell_sync.state import values as values_module
 
 SF, DYN = "salesforce", "dynamics365"
 SCHED, EVENTS = "cosell_sync_salesforce", "cosell_referral_events.salesforce"
@@ -32,15 +33,15 @@ def clock(monkeypatch: pytest.MonkeyPatch):
         now = T0
 
     c = Clock()
-    monkeypatch.setattr(store_module, "_now", lambda: c.now)
+    monkeypatch.setattr(values_module, "now", lambda: c.now)
     return c
 
 
 def test_a_v2_database_gets_the_lease_table_and_keeps_its_data(db_url: str, monkeypatch: pytest.MonkeyPatch):
     with StateStore(db_url) as st:
         with monkeypatch.context() as m:
-            m.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:2])
-            m.setattr(store_module, "SCHEMA_VERSION", 2)
+            m.setattr(schema_module, "MIGRATIONS", schema_module.MIGRATIONS[:2])
+            m.setattr(schema_module, "SCHEMA_VERSION", 2)
             assert st.migrate() == 2
         assert "cosell_leases" not in sa.inspect(st.engine).get_table_names()
         st.upsert_links(SF, pd.DataFrame([{"referral_id": "R1", "crm_id": "C1", "base": {"name": "d"}}]), "run-1")

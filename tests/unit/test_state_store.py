@@ -24,7 +24,10 @@ import pytest
 import sqlalchemy as sa
 
 from cosell_sync.state import SCHEMA_VERSION, LinkConflictError, StateStore, sqlalchemy_url_from_connection
-from cosell_sync.state import store as store_module
+from cosell_sync.state import audit as audit_module
+from cosell_sync.state import schema as schema_module
+from cosell_sync.state import values as values_module
+from cosell_sync.state import watermarks as watermarks_module
 from tests import services
 
 CRM = "salesforce"
@@ -92,7 +95,7 @@ def test_sqlite_writes_begin_immediate_and_reads_begin_deferred(sqlite_store: St
 
 
 def test_sqlite_a_locked_write_is_retried_as_a_whole(sqlite_store: StateStore, monkeypatch: pytest.MonkeyPatch):
-    real = StateStore._write_audit
+    real = audit_module.write_audit
     calls = []
 
     def flaky(conn, rows):
@@ -102,7 +105,7 @@ def test_sqlite_a_locked_write_is_retried_as_a_whole(sqlite_store: StateStore, m
             raise sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
         return len(rows)
 
-    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(flaky))
+    monkeypatch.setattr(audit_module, "write_audit", flaky)
     assert sqlite_store.append_audit([_audit_entry(1), _audit_entry(2)]) == 2
     assert calls == [2, 2]
     assert len(sqlite_store.audit()) == 2
@@ -115,7 +118,7 @@ def test_sqlite_a_non_lock_error_is_not_retried(sqlite_store: StateStore, monkey
         calls.append(1)
         raise sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("disk I/O error"))
 
-    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(broken))
+    monkeypatch.setattr(audit_module, "write_audit", broken)
     with pytest.raises(sa.exc.OperationalError, match="disk I/O"):
         sqlite_store.append_audit([_audit_entry(1)])
     assert calls == [1]
@@ -139,18 +142,18 @@ def test_migrate_twice_is_a_noop(db_url: str):
             "cosell_inbox",
             "cosell_leases",
         } <= tables
-        assert _count(st, store_module.schema_version_t) == 4
+        assert _count(st, schema_module.schema_version_t) == 4
         assert st.get_links(CRM)["referral_id"].tolist() == ["R1"]
 
 
 def test_migrate_applies_only_the_missing_steps(db_url: str, monkeypatch: pytest.MonkeyPatch):
     applied = []
     nxt = SCHEMA_VERSION + 1
-    step = store_module.Migration(nxt, "test step", lambda conn: applied.append(nxt))
+    step = schema_module.Migration(nxt, "test step", lambda conn: applied.append(nxt))
     with StateStore(db_url) as st:
         assert st.migrate() == SCHEMA_VERSION
-        monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, step))
-        monkeypatch.setattr(store_module, "SCHEMA_VERSION", nxt)
+        monkeypatch.setattr(schema_module, "MIGRATIONS", (*schema_module.MIGRATIONS, step))
+        monkeypatch.setattr(schema_module, "SCHEMA_VERSION", nxt)
         assert st.migrate() == nxt
         assert st.migrate() == nxt
         assert applied == [nxt]
@@ -158,12 +161,12 @@ def test_migrate_applies_only_the_missing_steps(db_url: str, monkeypatch: pytest
 
 
 def test_a_version_3_database_gets_the_audit_index_of_version_4(db_url: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:3])
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(schema_module, "MIGRATIONS", schema_module.MIGRATIONS[:3])
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 3)
     monkeypatch.setattr(
-        store_module.audit_t,
+        schema_module.audit_t,
         "indexes",
-        {ix for ix in store_module.audit_t.indexes if ix.name != "ix_cosell_audit_crm_action_at"},
+        {ix for ix in schema_module.audit_t.indexes if ix.name != "ix_cosell_audit_crm_action_at"},
     )
     with StateStore(db_url) as st:
         assert st.migrate() == 3
@@ -210,7 +213,7 @@ def test_migrate_from_several_processes_at_once(db_url: str):
     assert outcomes == [("ok", SCHEMA_VERSION)] * 4
     with StateStore(db_url) as st:
         assert st.schema_version() == SCHEMA_VERSION
-        assert _count(st, store_module.schema_version_t) == len(store_module.MIGRATIONS)
+        assert _count(st, schema_module.schema_version_t) == len(schema_module.MIGRATIONS)
         assert st.upsert_links(CRM, _links(("R1", "C1")), "run-1") == 1
 
 
@@ -369,7 +372,7 @@ def test_audit_append_is_one_bulk_insert(store: StateStore):
     # one executemany (SQLite), or SQLAlchemy's batches of 1,000 rows per multi-VALUES statement (PostgreSQL)
     assert inserts and all(many for _, many in inserts)
     assert len(inserts) == (1 if store.dialect == "sqlite" else 10)
-    assert _count(store, store_module.audit_t) == 10_000
+    assert _count(store, schema_module.audit_t) == 10_000
     newest = store.audit(limit=3)
     assert newest["referral_id"].tolist() == ["R9999", "R9998", "R9997"]
     assert len(store.audit()) == 1000
@@ -538,7 +541,7 @@ def test_commit_run_rolls_back_when_its_last_step_fails(store: StateStore, monke
     def broken(*args, **kwargs):
         raise RuntimeError("watermark write failed")
 
-    monkeypatch.setattr(store, "_write_watermark", broken)
+    monkeypatch.setattr(watermarks_module, "write_watermark", broken)
     with pytest.raises(RuntimeError, match="watermark write failed"):
         _commit(store, ("R2", "C2"))
     assert _snapshot(store) == before
@@ -604,7 +607,7 @@ def test_text_is_ordered_by_code_point_whatever_the_database_collation(en_us_url
         st.upsert_links(CRM, _links(*[(r, f"C{r}") for r in TRICKY_IDS]), "run-1")
         assert st.get_links(CRM)["referral_id"].tolist() == sorted(TRICKY_IDS)
         assert st.get_links(CRM, referral_ids=TRICKY_IDS)["referral_id"].tolist() == sorted(TRICKY_IDS)
-        monkeypatch.setattr(store_module, "_now", lambda: T0)  # one time for all: the text decides the order
+        monkeypatch.setattr(values_module, "now", lambda: T0)  # one time for all: the text decides the order
         st.record_failures(CRM, "pc_to_crm", [_failure(r) for r in TRICKY_IDS], "run-1")
         assert st.retryable_failures(CRM, "pc_to_crm")["record_key"].tolist() == sorted(TRICKY_IDS)
         assert st.dead_letter()["record_key"].tolist() == sorted(TRICKY_IDS)
@@ -706,13 +709,13 @@ def test_concurrent_runs_from_four_processes(db_url: str):
         expected.update({f"p{n}-F{RUNS - 1}": 1 for n in range(PROCS)})
         assert dead == expected
         assert st.get_watermark(DAG, "crm") == T0 + timedelta(minutes=(PROCS - 1) * 1000 + RUNS - 1)
-        assert _count(st, store_module.runs_t) == PROCS * RUNS
+        assert _count(st, schema_module.runs_t) == PROCS * RUNS
 
 
 def _holding_commit_worker(url: str, holding, go_on, results) -> None:
     """Commit R1 -> C1, pausing inside the transaction (links written, not committed) until ``go_on``."""
     try:
-        real = StateStore._write_audit
+        real = audit_module.write_audit
 
         def paused(conn, rows):
             holding.set()
@@ -720,7 +723,7 @@ def _holding_commit_worker(url: str, holding, go_on, results) -> None:
                 raise TimeoutError("the test never let the commit go on")
             return real(conn, rows)
 
-        StateStore._write_audit = staticmethod(paused)
+        audit_module.write_audit = paused
         with StateStore(url) as st:
             st.commit_run(dag_id=DAG, run_id="run-a", crm=CRM, links=_links(("R1", "C1")))
         results.put(("a", "committed"))
@@ -792,7 +795,7 @@ class _PgError(Exception):
 def test_postgresql_deadlocks_and_serialisation_failures_are_retried_as_a_whole(
     store: StateStore, monkeypatch: pytest.MonkeyPatch
 ):
-    real = StateStore._write_audit
+    real = audit_module.write_audit
     calls = []
 
     def flaky(conn, rows):
@@ -803,7 +806,7 @@ def test_postgresql_deadlocks_and_serialisation_failures_are_retried_as_a_whole(
             raise sa.exc.OperationalError("INSERT", {}, _PgError(code))
         return len(rows)
 
-    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(flaky))
+    monkeypatch.setattr(audit_module, "write_audit", flaky)
     assert store.append_audit([_audit_entry(1), _audit_entry(2)]) == 2
     assert calls == [2, 2, 2]
     assert len(store.audit()) == 2
@@ -813,7 +816,7 @@ def test_postgresql_deadlocks_and_serialisation_failures_are_retried_as_a_whole(
         raise sa.exc.IntegrityError("INSERT", {}, _PgError("23505"))
 
     calls.clear()
-    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(unique_violation))
+    monkeypatch.setattr(audit_module, "write_audit", unique_violation)
     with pytest.raises(sa.exc.IntegrityError):
         store.append_audit([_audit_entry(3)])
     assert calls == [-1]  # not retried

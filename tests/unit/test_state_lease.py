@@ -141,9 +141,22 @@ def test_commit_run_is_fenced_by_the_lease(store: StateStore, clock):
     old = store.acquire_lease(SF, SCHED, "scheduled__1", TTL)
     clock.now = T0 + TTL
     store.acquire_lease(SF, EVENTS, "asset_triggered__1", TTL)  # the old holder's lease expired
+    failures = {"pc_to_crm": [{"record_key": "R2", "payload": {}, "error": "400"}]}
     with pytest.raises(LeaseLostError):
-        store.commit_run(dag_id=SCHED, run_id="scheduled__1", crm=SF, links=links, lease_epoch=old.epoch)
-    assert store.get_links(SF).empty  # nothing landed
+        store.commit_run(
+            dag_id=SCHED,
+            run_id="scheduled__1",
+            crm=SF,
+            links=links,
+            failures=failures,
+            summary={"created": 1},
+            watermarks={"crm": T0},
+            lease_epoch=old.epoch,
+        )
+    assert store.get_links(SF).empty  # nothing landed: no link, failure, summary or watermark
+    assert store.dead_letter(SF).empty
+    assert store.get_run(SCHED, "scheduled__1") is None
+    assert store.get_watermark(SCHED, "crm") is None
     store.commit_run(dag_id=EVENTS, run_id="asset_triggered__1", crm=SF, links=links, lease_epoch=2)
     assert store.get_links(SF)["base"].tolist() == [{"name": "new"}]
     # without a lease epoch (a caller that takes none) the commit is not checked

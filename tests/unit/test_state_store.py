@@ -345,6 +345,23 @@ def test_watermark_allow_backwards(store: StateStore):
     assert store.get_watermark(DAG, "partner_center") == earlier
 
 
+def test_watermark_row_says_who_wrote_it_and_when(store: StateStore, monkeypatch: pytest.MonkeyPatch):
+    assert store.get_watermark_row("cosell_referral_events", "inbox") is None
+    monkeypatch.setattr(values_module, "now", lambda: T0 + timedelta(minutes=5))
+    store.set_watermark("cosell_referral_events", "inbox", T0, "triggerer")
+    assert store.get_watermark_row("cosell_referral_events", "inbox") == {
+        "value": T0,
+        "run_id": "triggerer",
+        "updated_at": T0 + timedelta(minutes=5),
+    }
+    store.set_watermark("cosell_referral_events", "inbox", T0 - timedelta(seconds=1), "rearm", allow_backwards=True)
+    row = store.get_watermark_row("cosell_referral_events", "inbox")
+    assert (row["value"], row["run_id"]) == (T0 - timedelta(seconds=1), "rearm")
+    assert row["updated_at"].tzinfo is not None
+    with pytest.raises(ValueError, match="side"):
+        store.get_watermark_row(DAG, "nowhere")
+
+
 def test_watermark_rejects_naive_and_converts_to_utc(store: StateStore):
     with pytest.raises(ValueError, match="naive"):
         store.set_watermark(DAG, "crm", datetime(2025, 1, 1, 12, 0), "run-1")
@@ -556,6 +573,93 @@ def test_commit_run_without_moving_watermarks(store: StateStore):
     # and a commit never moves a watermark backwards
     store.commit_run(dag_id=DAG, run_id="run-2", crm=CRM, watermarks={"crm": T0 - timedelta(days=1)})
     assert store.get_watermark(DAG, "crm") == T0
+
+
+def _record_step(store: StateStore) -> None:
+    """A whole run's record step: links, audit, cleared and new failures, summary, watermarks."""
+    _commit(
+        store,
+        ("R2", "C2"),
+        failures={"pc_to_crm": [_failure("R8")], "crm_to_pc": [_failure("C9", "409 Conflict")]},
+        summary={"pc_to_crm": {"created": 1, "failed": 1}, "crm_to_pc": {"failed": 1}},
+    )
+
+
+def _recorded(store: StateStore) -> tuple:
+    return (*_snapshot(store), store.get_run(DAG, "run-1"))
+
+
+def test_commit_run_records_failures_and_the_summary_in_the_same_go(store: StateStore):
+    _seed(store)
+    _record_step(store)
+    dead = store.dead_letter()
+    assert dead[["direction", "record_key", "attempts", "last_run_id"]].values.tolist() == [
+        ["crm_to_pc", "C9", 1, "run-1"],
+        ["pc_to_crm", "R8", 1, "run-1"],
+    ]  # R7 cleared
+    assert dead.set_index("record_key").loc["C9", "last_error"] == "409 Conflict"
+    run = store.get_run(DAG, "run-1")
+    assert run["summary"] == {"pc_to_crm": {"created": 1, "failed": 1}, "crm_to_pc": {"failed": 1}}
+    assert run["crm"] == CRM
+    assert store.get_watermark(DAG, "crm") == T0 + timedelta(hours=1)
+
+
+def test_commit_run_clears_a_failure_before_recording_it_again(store: StateStore):
+    _seed(store)
+    store.record_failures(CRM, "pc_to_crm", [_failure("R7")], "run-0b")  # R7: 2 attempts
+    _commit(store, ("R2", "C2"), failures={"pc_to_crm": [_failure("R7", "failed again")]})
+    row = store.dead_letter().set_index("record_key").loc["R7"]
+    assert (row["attempts"], row["last_error"]) == (1, "failed again")
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        ("dead_letter", "delete_failures"),
+        ("dead_letter", "write_failures"),
+        ("runs", "write_run"),
+        ("watermarks", "write_watermark"),
+    ],
+)
+def test_a_record_step_that_dies_part_way_records_nothing_and_its_retry_records_everything_once(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch, broken: tuple[str, str]
+):
+    """Issue 17: the record step is ONE transaction. Were the dead letter or the run summary
+    written after the links and watermarks, in their own transactions, a crash in between would
+    move the watermarks past failures nobody recorded."""
+    import importlib
+
+    _seed(store)
+    before = _recorded(store)
+    assert before[-1] is None
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the worker died here")
+
+    module = importlib.import_module(f"cosell_sync.state.{broken[0]}")
+    with monkeypatch.context() as m:
+        m.setattr(module, broken[1], crash)
+        with pytest.raises(RuntimeError, match="died here"):
+            _record_step(store)
+    assert _recorded(store) == before  # no link, audit, failure, summary or watermark of run-1
+
+    _record_step(store)  # the retry
+    links, dead, crm_mark, pc_mark, audit_ids, run = _recorded(store)
+    assert [link["referral_id"] for link in links] == ["R1", "R2"]
+    assert {(r["record_key"], r["attempts"]) for r in dead} == {("R8", 1), ("C9", 1)}
+    assert (crm_mark, pc_mark) == (T0 + timedelta(hours=1), T0 + timedelta(hours=2))
+    assert len(audit_ids) == len(before[4]) + 1
+    assert run is not None and run["summary"]["pc_to_crm"]["failed"] == 1
+
+
+def test_commit_run_checks_failures_before_it_writes_anything(store: StateStore):
+    _seed(store)
+    before = _recorded(store)
+    with pytest.raises(ValueError, match="direction"):
+        _commit(store, ("R2", "C2"), failures={"sideways": [_failure("R8")]})
+    with pytest.raises(ValueError, match="record_key"):
+        _commit(store, ("R2", "C2"), failures={"pc_to_crm": [_failure("")]})
+    assert _recorded(store) == before
 
 
 def test_record_run_and_last_run(store: StateStore):

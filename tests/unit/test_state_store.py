@@ -868,7 +868,7 @@ def test_postgresql_link_writers_of_one_crm_wait_for_each_other_on_the_advisory_
         assert holding.wait(timeout=60), "the first writer never reached its commit"
         second = ctx.Process(target=_second_writer_worker, args=(db_url, results))
         second.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # spawning the writer (imports) can take over 30 s on a loaded machine
         while _waiting_advisory_locks(store) == 0:
             assert second.is_alive(), f"the second writer did not wait: {results.get(timeout=5)}"
             assert time.monotonic() < deadline, "the second writer never waited on the advisory lock"

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cosell_sync.state import values
-from cosell_sync.state.db import Database
+from cosell_sync.state.db import UsesDatabase
 from cosell_sync.state.schema import audit_t
 from cosell_sync.state.values import ACTIONS, CRMS, DIRECTIONS, check, missing, opt_str, req_str
 
@@ -80,39 +80,41 @@ def write_audit(conn: Connection, rows: list[dict[str, Any]]) -> int:
     return len(rows)
 
 
-def append_audit(db: Database, entries: pd.DataFrame | Sequence[Mapping[str, Any]]) -> int:
-    """See :meth:`cosell_sync.state.StateStore.append_audit`."""
-    rows = prepare_audit(entries)
-    return db.run(lambda conn: write_audit(conn, rows)) if rows else 0
+class AuditLog(UsesDatabase):
+    """The audit part of :class:`~cosell_sync.state.StateStore`."""
 
+    def append_audit(self, entries: pd.DataFrame | Sequence[Mapping[str, Any]]) -> int:
+        """Append audit entries in one bulk insert; returns the number of rows."""
+        rows = prepare_audit(entries)
+        return self._db.run(lambda conn: write_audit(conn, rows)) if rows else 0
 
-def read_audit(
-    db: Database,
-    *,
-    crm: str | None = None,
-    referral_id: str | None = None,
-    run_id: str | None = None,
-    action: str | None = None,
-    limit: int | None = 1000,
-) -> pd.DataFrame:
-    """See :meth:`cosell_sync.state.StateStore.audit`."""
-    query = sa.select(*[audit_t.c[name] for name in AUDIT_COLUMNS])
-    for column, value in (("crm", crm), ("referral_id", referral_id), ("run_id", run_id), ("action", action)):
-        if value is not None:
-            query = query.where(audit_t.c[column] == value)
-    query = query.order_by(audit_t.c.at.desc(), audit_t.c.id.desc())
-    if limit is not None:
-        query = query.limit(limit)
+    def audit(
+        self,
+        *,
+        crm: str | None = None,
+        referral_id: str | None = None,
+        run_id: str | None = None,
+        action: str | None = None,
+        limit: int | None = 1000,
+    ) -> pd.DataFrame:
+        """Audit entries, newest first, with old/new values decoded from JSON."""
+        query = sa.select(*[audit_t.c[name] for name in AUDIT_COLUMNS])
+        for column, value in (("crm", crm), ("referral_id", referral_id), ("run_id", run_id), ("action", action)):
+            if value is not None:
+                query = query.where(audit_t.c[column] == value)
+        query = query.order_by(audit_t.c.at.desc(), audit_t.c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
 
-    def work(conn: Connection) -> list[dict[str, Any]]:
-        rows = []
-        for r in conn.execute(query):
-            row = dict(r._mapping)
-            row["old_value"] = values.json_value(row["old_value"])
-            row["new_value"] = values.json_value(row["new_value"])
-            rows.append(row)
-        return rows
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            rows = []
+            for r in conn.execute(query):
+                row = dict(r._mapping)
+                row["old_value"] = values.json_value(row["old_value"])
+                row["new_value"] = values.json_value(row["new_value"])
+                rows.append(row)
+            return rows
 
-    out = values.frame(db.read(work), AUDIT_COLUMNS, times=["at"])
-    out["id"] = out["id"].astype("int64")
-    return out
+        out = values.frame(self._db.read(work), AUDIT_COLUMNS, times=["at"])
+        out["id"] = out["id"].astype("int64")
+        return out

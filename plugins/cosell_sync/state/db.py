@@ -134,6 +134,14 @@ class Database:
         return insert(table)
 
 
+class UsesDatabase:
+    """A part of :class:`~cosell_sync.state.StateStore` (links, watermarks, ...): its methods run
+    on the store's :class:`Database`, ``self._db``; ``max_attempts`` is the dead letter's limit."""
+
+    _db: Database
+    max_attempts: int
+
+
 def advisory_key(name: str) -> int:
     """A stable signed 64-bit key for ``pg_advisory_xact_lock``."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)

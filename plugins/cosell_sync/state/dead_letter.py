@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cosell_sync.state import values
-from cosell_sync.state.db import Database
+from cosell_sync.state.db import Database, UsesDatabase
 from cosell_sync.state.schema import dead_letter_t
 from cosell_sync.state.values import CRMS, DIRECTIONS, check, chunks, missing, opt_str, req_str
 
@@ -106,20 +106,6 @@ def failures_frame(rows: list[dict[str, Any]], max_attempts: int) -> pd.DataFram
     return out.astype({"attempts": "int64", "exhausted": bool})
 
 
-def record_failures(
-    db: Database,
-    crm: str,
-    direction: str,
-    failures: Sequence[Mapping[str, Any]] | pd.DataFrame,
-    run_id: str,
-    max_attempts: int,
-) -> pd.DataFrame:
-    """See :meth:`cosell_sync.state.StateStore.record_failures`."""
-    rows = prepare_failures(crm, direction, failures, run_id)
-    result = db.run(lambda conn: write_failures(db, conn, crm, direction, rows)) if rows else []
-    return failures_frame(result, max_attempts)
-
-
 def delete_failures(conn: Connection, crm: str, direction: str, keys: list[str]) -> int:
     """Remove failures inside the caller's transaction; the rows removed."""
     deleted = 0
@@ -130,14 +116,6 @@ def delete_failures(conn: Connection, crm: str, direction: str, keys: list[str])
     return deleted
 
 
-def clear_failures(db: Database, crm: str, direction: str, record_keys: Iterable[str]) -> int:
-    """See :meth:`cosell_sync.state.StateStore.clear_failures`."""
-    check(crm, CRMS, "crm")
-    check(direction, DIRECTIONS, "direction")
-    keys = values.ids(record_keys)
-    return db.run(lambda conn: delete_failures(conn, crm, direction, keys)) if keys else 0
-
-
 def _with_exhausted(db: Database, query: sa.Select, max_attempts: int) -> list[dict[str, Any]]:
     rows = [dict(r._mapping) for r in db.read(lambda conn: list(conn.execute(query)))]
     for row in rows:
@@ -145,34 +123,60 @@ def _with_exhausted(db: Database, query: sa.Select, max_attempts: int) -> list[d
     return rows
 
 
-def retryable_failures(db: Database, crm: str, direction: str, max_attempts: int) -> pd.DataFrame:
-    """See :meth:`cosell_sync.state.StateStore.retryable_failures`."""
-    check(crm, CRMS, "crm")
-    check(direction, DIRECTIONS, "direction")
-    t = dead_letter_t
-    query = (
-        sa.select(*[t.c[name] for name in RETRYABLE_COLUMNS])
-        .where(t.c.crm == crm, t.c.direction == direction, t.c.attempts < max_attempts)
-        .order_by(t.c.first_seen, db.by_code_point(t.c.record_key))
-    )
-    out = values.frame(_with_exhausted(db, query, max_attempts), RETRYABLE_COLUMNS, times=["first_seen", "last_seen"])
-    return out.astype({"attempts": "int64"})
+class DeadLetter(UsesDatabase):
+    """The dead-letter part of :class:`~cosell_sync.state.StateStore`."""
 
+    def record_failures(
+        self,
+        crm: str,
+        direction: str,
+        failures: Sequence[Mapping[str, Any]] | pd.DataFrame,
+        run_id: str,
+    ) -> pd.DataFrame:
+        """Record rejected rows; a row seen before gets one more attempt (first_seen kept).
 
-def dead_letter(db: Database, crm: str | None, *, include_retryable: bool, max_attempts: int) -> pd.DataFrame:
-    """See :meth:`cosell_sync.state.StateStore.dead_letter`."""
-    t = dead_letter_t
-    query = sa.select(*[t.c[name] for name in DEAD_LETTER_COLUMNS if name != "exhausted"])
-    if crm is not None:
-        query = query.where(t.c.crm == check(crm, CRMS, "crm"))
-    if not include_retryable:
-        query = query.where(t.c.attempts >= max_attempts)
-    query = query.order_by(
-        db.by_code_point(t.c.crm),
-        db.by_code_point(t.c.direction),
-        t.c.first_seen,
-        db.by_code_point(t.c.record_key),
-    )
-    rows = _with_exhausted(db, query, max_attempts)
-    out = values.frame(rows, DEAD_LETTER_COLUMNS, times=["first_seen", "last_seen"])
-    return out.astype({"attempts": "int64", "exhausted": bool})
+        Returns record_key, attempts, first_seen and exhausted (attempts >= max_attempts).
+        A key listed twice in one call counts as one attempt (the last error wins).
+        """
+        rows = prepare_failures(crm, direction, failures, run_id)
+        result = self._db.run(lambda conn: write_failures(self._db, conn, crm, direction, rows)) if rows else []
+        return failures_frame(result, self.max_attempts)
+
+    def clear_failures(self, crm: str, direction: str, record_keys: Iterable[str]) -> int:
+        """Forget failures whose record has since succeeded; returns the rows removed."""
+        check(crm, CRMS, "crm")
+        check(direction, DIRECTIONS, "direction")
+        keys = values.ids(record_keys)
+        return self._db.run(lambda conn: delete_failures(conn, crm, direction, keys)) if keys else 0
+
+    def retryable_failures(self, crm: str, direction: str) -> pd.DataFrame:
+        """Failures still worth retrying (attempts < max_attempts), oldest first."""
+        check(crm, CRMS, "crm")
+        check(direction, DIRECTIONS, "direction")
+        t = dead_letter_t
+        query = (
+            sa.select(*[t.c[name] for name in RETRYABLE_COLUMNS])
+            .where(t.c.crm == crm, t.c.direction == direction, t.c.attempts < self.max_attempts)
+            .order_by(t.c.first_seen, self._db.by_code_point(t.c.record_key))
+        )
+        rows = _with_exhausted(self._db, query, self.max_attempts)
+        out = values.frame(rows, RETRYABLE_COLUMNS, times=["first_seen", "last_seen"])
+        return out.astype({"attempts": "int64"})
+
+    def dead_letter(self, crm: str | None = None, *, include_retryable: bool = True) -> pd.DataFrame:
+        """Every failure, exhausted ones included (they stay visible until cleared)."""
+        t = dead_letter_t
+        query = sa.select(*[t.c[name] for name in DEAD_LETTER_COLUMNS if name != "exhausted"])
+        if crm is not None:
+            query = query.where(t.c.crm == check(crm, CRMS, "crm"))
+        if not include_retryable:
+            query = query.where(t.c.attempts >= self.max_attempts)
+        query = query.order_by(
+            self._db.by_code_point(t.c.crm),
+            self._db.by_code_point(t.c.direction),
+            t.c.first_seen,
+            self._db.by_code_point(t.c.record_key),
+        )
+        rows = _with_exhausted(self._db, query, self.max_attempts)
+        out = values.frame(rows, DEAD_LETTER_COLUMNS, times=["first_seen", "last_seen"])
+        return out.astype({"attempts": "int64", "exhausted": bool})

@@ -1,9 +1,9 @@
 """Run leases: one row per CRM naming the run that may read the base and commit it now.
 
 Each lease names its holder (DAG id and run id), an expiry and an epoch (a fencing token) that
-grows each time the lease passes to another run. :func:`acquire_leases` is re-entrant for the
+grows each time the lease passes to another run. :meth:`Leases.acquire_leases` is re-entrant for the
 holder, refuses another run while the lease is live and takes over an expired or released
-one; the run's commit (:func:`cosell_sync.state.runs.commit_run` with ``lease_epoch``) checks,
+one; the run's commit (:meth:`cosell_sync.state.runs.Runs.commit_run` with ``lease_epoch``) checks,
 in the commit's own transaction, that the run still holds the lease with that epoch
 (:func:`hold_lease`), so a run whose lease passed to another run can never commit a stale
 base. Acquire, renew, release and that check take the same lock (SQLite: ``BEGIN
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cosell_sync.state import values
-from cosell_sync.state.db import Database
+from cosell_sync.state.db import Database, UsesDatabase
 from cosell_sync.state.schema import leases_t
 from cosell_sync.state.values import CRMS, check, req_str
 
@@ -79,49 +79,6 @@ def lease_row(conn: Connection, crm: str) -> Lease | None:
     return None if row is None else Lease(**dict(row._mapping))
 
 
-def get_lease(db: Database, crm: str) -> Lease | None:
-    """See :meth:`cosell_sync.state.StateStore.get_lease`."""
-    check(crm, CRMS, "crm")
-    return db.read(lambda conn: lease_row(conn, crm))
-
-
-def acquire_leases(db: Database, holders: Mapping[str, str], run_id: str, ttl: timedelta) -> dict[str, Lease]:
-    """See :meth:`cosell_sync.state.StateStore.acquire_leases`."""
-    run_id = req_str(run_id, "run_id")
-    wanted = {check(crm, CRMS, "crm"): req_str(dag_id, "dag_id") for crm, dag_id in holders.items()}
-    if ttl <= timedelta(0):
-        raise ValueError("the lease ttl must be positive")
-
-    def work(conn: Connection) -> dict[str, Lease]:
-        now = values.now()
-        taken: dict[str, Lease] = {}
-        for crm in sorted(wanted):  # one order everywhere: no lock cycles between two callers
-            dag_id = wanted[crm]
-            db.lock(conn, LEASE_LOCK_KEY.format(crm=crm))
-            current = lease_row(conn, crm)
-            row = {"dag_id": dag_id, "run_id": run_id, "expires_at": now + ttl, "released_at": None}
-            if current is None:
-                row |= {"crm": crm, "epoch": 1, "acquired_at": now}
-                conn.execute(leases_t.insert().values(**row))
-            elif (current.dag_id, current.run_id) == (dag_id, run_id):
-                row |= {"epoch": current.epoch, "acquired_at": current.acquired_at}
-            elif current.live(now):
-                raise LeaseHeldError(current)
-            else:
-                if current.released_at is None:
-                    log.warning(
-                        "The %s lease of %s expired at %s: %s run %s takes it over",
-                        crm, current.holder(), current.expires_at.isoformat(), dag_id, run_id,
-                    )  # fmt: skip
-                row |= {"epoch": current.epoch + 1, "acquired_at": now}
-            if current is not None:
-                conn.execute(sa.update(leases_t).where(leases_t.c.crm == crm).values(**row))
-            taken[crm] = Lease(crm=crm, **{k: v for k, v in row.items() if k != "crm"})
-        return taken
-
-    return db.run(work)
-
-
 def hold_lease(
     db: Database,
     conn: Connection,
@@ -145,36 +102,94 @@ def hold_lease(
     return Lease(**{**current.__dict__, "expires_at": now + ttl, "released_at": None})
 
 
-def renew_lease(
-    db: Database, crm: str, dag_id: str, run_id: str, epoch: int, ttl: timedelta, *, revive: bool = True
-) -> Lease:
-    """See :meth:`cosell_sync.state.StateStore.renew_lease`."""
-    check(crm, CRMS, "crm")
-    if ttl <= timedelta(0):
-        raise ValueError("the lease ttl must be positive")
-    return db.run(lambda conn: hold_lease(db, conn, crm, dag_id, run_id, int(epoch), ttl, revive))
+class Leases(UsesDatabase):
+    """The run leases part of :class:`~cosell_sync.state.StateStore`."""
 
+    def get_lease(self, crm: str) -> Lease | None:
+        """The lease row of ``crm`` (live or not), or None when no run ever took it."""
+        check(crm, CRMS, "crm")
+        return self._db.read(lambda conn: lease_row(conn, crm))
 
-def release_lease(db: Database, crm: str, dag_id: str, run_id: str) -> bool:
-    """See :meth:`cosell_sync.state.StateStore.release_lease`."""
-    check(crm, CRMS, "crm")
+    def acquire_leases(self, holders: Mapping[str, str], run_id: str, ttl: timedelta) -> dict[str, Lease]:
+        """Take the lease of every CRM in ``holders`` (crm -> dag_id) for ``run_id``: all or none.
 
-    def work(conn: Connection) -> bool:
-        db.lock(conn, LEASE_LOCK_KEY.format(crm=crm))
-        now = values.now()
-        stmt = (
-            sa.update(leases_t)
-            .where(
-                leases_t.c.crm == crm,
-                leases_t.c.dag_id == dag_id,
-                leases_t.c.run_id == run_id,
-                leases_t.c.released_at.is_(None),
+        Re-entrant: the holder gets its lease back (renewed, same epoch) even after it expired
+        or was released, as long as no other run took it since. An expired or released lease
+        passes to the caller with the next epoch. A live lease of another run raises
+        :class:`~cosell_sync.state.LeaseHeldError` and nothing changes.
+        """
+        run_id = req_str(run_id, "run_id")
+        wanted = {check(crm, CRMS, "crm"): req_str(dag_id, "dag_id") for crm, dag_id in holders.items()}
+        if ttl <= timedelta(0):
+            raise ValueError("the lease ttl must be positive")
+
+        def work(conn: Connection) -> dict[str, Lease]:
+            now = values.now()
+            taken: dict[str, Lease] = {}
+            for crm in sorted(wanted):  # one order everywhere: no lock cycles between two callers
+                dag_id = wanted[crm]
+                self._db.lock(conn, LEASE_LOCK_KEY.format(crm=crm))
+                current = lease_row(conn, crm)
+                row = {"dag_id": dag_id, "run_id": run_id, "expires_at": now + ttl, "released_at": None}
+                if current is None:
+                    row |= {"crm": crm, "epoch": 1, "acquired_at": now}
+                    conn.execute(leases_t.insert().values(**row))
+                elif (current.dag_id, current.run_id) == (dag_id, run_id):
+                    row |= {"epoch": current.epoch, "acquired_at": current.acquired_at}
+                elif current.live(now):
+                    raise LeaseHeldError(current)
+                else:
+                    if current.released_at is None:
+                        log.warning(
+                            "The %s lease of %s expired at %s: %s run %s takes it over",
+                            crm, current.holder(), current.expires_at.isoformat(), dag_id, run_id,
+                        )  # fmt: skip
+                    row |= {"epoch": current.epoch + 1, "acquired_at": now}
+                if current is not None:
+                    conn.execute(sa.update(leases_t).where(leases_t.c.crm == crm).values(**row))
+                taken[crm] = Lease(crm=crm, **{k: v for k, v in row.items() if k != "crm"})
+            return taken
+
+        return self._db.run(work)
+
+    def acquire_lease(self, crm: str, dag_id: str, run_id: str, ttl: timedelta) -> Lease:
+        """Take ``crm``'s lease for ``dag_id``/``run_id`` (see :meth:`acquire_leases`)."""
+        return self.acquire_leases({crm: dag_id}, run_id, ttl)[crm]
+
+    def renew_lease(
+        self, crm: str, dag_id: str, run_id: str, epoch: int, ttl: timedelta, *, revive: bool = True
+    ) -> Lease:
+        """Extend the lease ``dag_id``/``run_id`` holds under ``epoch`` by ``ttl`` from now.
+
+        Raises :class:`~cosell_sync.state.LeaseLostError` when another run took it since. An
+        expired or released lease nobody else took is still this run's: renewing takes it back,
+        unless ``revive`` is false, when a released lease is left released.
+        """
+        check(crm, CRMS, "crm")
+        if ttl <= timedelta(0):
+            raise ValueError("the lease ttl must be positive")
+        return self._db.run(lambda conn: hold_lease(self._db, conn, crm, dag_id, run_id, int(epoch), ttl, revive))
+
+    def release_lease(self, crm: str, dag_id: str, run_id: str) -> bool:
+        """Release ``crm``'s lease if ``dag_id``/``run_id`` holds it; whether it did."""
+        check(crm, CRMS, "crm")
+
+        def work(conn: Connection) -> bool:
+            self._db.lock(conn, LEASE_LOCK_KEY.format(crm=crm))
+            now = values.now()
+            stmt = (
+                sa.update(leases_t)
+                .where(
+                    leases_t.c.crm == crm,
+                    leases_t.c.dag_id == dag_id,
+                    leases_t.c.run_id == run_id,
+                    leases_t.c.released_at.is_(None),
+                )
+                .values(
+                    released_at=now,
+                    expires_at=sa.case((leases_t.c.expires_at > now, now), else_=leases_t.c.expires_at),
+                )
             )
-            .values(
-                released_at=now,
-                expires_at=sa.case((leases_t.c.expires_at > now, now), else_=leases_t.c.expires_at),
-            )
-        )
-        return conn.execute(stmt).rowcount == 1
+            return conn.execute(stmt).rowcount == 1
 
-    return db.run(work)
+        return self._db.run(work)

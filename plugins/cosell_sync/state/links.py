@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cosell_sync.state import values
-from cosell_sync.state.db import Database
+from cosell_sync.state.db import Database, UsesDatabase
 from cosell_sync.state.schema import links_t
 from cosell_sync.state.values import CRMS, check, chunks, frame, missing, req_str
 
@@ -81,45 +81,6 @@ def base_columns(texts: Sequence[str]) -> dict[str, pd.Series]:
     bases = [json.loads(text) for text in texts]
     names = list(dict.fromkeys(k for base in bases for k in base))
     return {name: pd.Series([base.get(name) for base in bases], dtype=object) for name in names}
-
-
-def get_links(
-    db: Database,
-    crm: str,
-    referral_ids: Iterable[str] | None = None,
-    crm_ids: Iterable[str] | None = None,
-    *,
-    columnar: bool = False,
-) -> pd.DataFrame:
-    """See :meth:`cosell_sync.state.StateStore.get_links`."""
-    check(crm, CRMS, "crm")
-    refs = None if referral_ids is None else values.ids(referral_ids)
-    cids = None if crm_ids is None else values.ids(crm_ids)
-    cols = [
-        sa.type_coerce(links_t.c.base, sa.Text).label("base") if columnar and name == "base" else links_t.c[name]
-        for name in LINK_COLUMNS
-    ]
-
-    def work(conn: Connection) -> list[dict[str, Any]]:
-        base = sa.select(*cols).where(links_t.c.crm == crm)
-        if refs is None and cids is None:
-            ordered = base.order_by(db.by_code_point(links_t.c.referral_id))
-            return [dict(r._mapping) for r in conn.execute(ordered)]
-        found: dict[str, dict[str, Any]] = {}
-        for column, wanted in ((links_t.c.referral_id, refs), (links_t.c.crm_id, cids)):
-            for chunk in chunks(wanted or []):
-                for r in conn.execute(base.where(column.in_(chunk))):
-                    found[r.referral_id] = dict(r._mapping)
-        return [found[k] for k in sorted(found)]
-
-    rows = db.read(work)
-    if not columnar:
-        return frame(rows, LINK_COLUMNS, times=["synced_at"])
-    others = [c for c in LINK_COLUMNS if c != "base"]
-    out = frame(rows, others, times=["synced_at"])
-    for name, column in base_columns([row["base"] for row in rows]).items():
-        out[f"base.{name}"] = column
-    return out
 
 
 def prepare_links(crm: str, links: pd.DataFrame, run_id: str) -> list[dict[str, Any]]:
@@ -198,24 +159,75 @@ def write_links(db: Database, conn: Connection, crm: str, rows: list[dict[str, A
     return len(rows)
 
 
-def upsert_links(db: Database, crm: str, links: pd.DataFrame, run_id: str) -> int:
-    """See :meth:`cosell_sync.state.StateStore.upsert_links`."""
-    rows = prepare_links(crm, links, run_id)
-    if not rows:
-        return 0
-    return db.run(lambda conn: write_links(db, conn, crm, rows))
+class Links(UsesDatabase):
+    """The links part of :class:`~cosell_sync.state.StateStore`."""
 
+    hash_values = staticmethod(values.hash_values)
 
-def delete_links(db: Database, crm: str, referral_ids: Iterable[str]) -> int:
-    """See :meth:`cosell_sync.state.StateStore.delete_links`."""
-    check(crm, CRMS, "crm")
-    refs = values.ids(referral_ids)
+    def get_links(
+        self,
+        crm: str,
+        referral_ids: Iterable[str] | None = None,
+        crm_ids: Iterable[str] | None = None,
+        *,
+        columnar: bool = False,
+    ) -> pd.DataFrame:
+        """The links of ``crm``: all of them, or those matching ``referral_ids`` OR ``crm_ids``.
 
-    def work(conn: Connection) -> int:
-        deleted = 0
-        for chunk in chunks(refs):
-            result = conn.execute(links_t.delete().where(links_t.c.crm == crm, links_t.c.referral_id.in_(chunk)))
-            deleted += result.rowcount
-        return deleted
+        Columns: referral_id, crm_id, base (dict), base_hash, synced_at (UTC), run_id. With
+        ``columnar``, the bases come as one ``base.<field>`` column per field instead of a dict
+        per link, decoded from their stored JSON in one pass (see :func:`~cosell_sync.state.links.base_columns`).
+        """
+        check(crm, CRMS, "crm")
+        refs = None if referral_ids is None else values.ids(referral_ids)
+        cids = None if crm_ids is None else values.ids(crm_ids)
+        cols = [
+            sa.type_coerce(links_t.c.base, sa.Text).label("base") if columnar and name == "base" else links_t.c[name]
+            for name in LINK_COLUMNS
+        ]
 
-    return db.run(work) if refs else 0
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            base = sa.select(*cols).where(links_t.c.crm == crm)
+            if refs is None and cids is None:
+                ordered = base.order_by(self._db.by_code_point(links_t.c.referral_id))
+                return [dict(r._mapping) for r in conn.execute(ordered)]
+            found: dict[str, dict[str, Any]] = {}
+            for column, wanted in ((links_t.c.referral_id, refs), (links_t.c.crm_id, cids)):
+                for chunk in chunks(wanted or []):
+                    for r in conn.execute(base.where(column.in_(chunk))):
+                        found[r.referral_id] = dict(r._mapping)
+            return [found[k] for k in sorted(found)]
+
+        rows = self._db.read(work)
+        if not columnar:
+            return frame(rows, LINK_COLUMNS, times=["synced_at"])
+        others = [c for c in LINK_COLUMNS if c != "base"]
+        out = frame(rows, others, times=["synced_at"])
+        for name, column in base_columns([row["base"] for row in rows]).items():
+            out[f"base.{name}"] = column
+        return out
+
+    def upsert_links(self, crm: str, links: pd.DataFrame, run_id: str) -> int:
+        """Insert or update links on (crm, referral_id); returns the rows written.
+
+        Raises :class:`~cosell_sync.state.LinkConflictError` (a ``ValueError``) when a CRM record
+        would be linked to a second referral; nothing is written then.
+        """
+        rows = prepare_links(crm, links, run_id)
+        if not rows:
+            return 0
+        return self._db.run(lambda conn: write_links(self._db, conn, crm, rows))
+
+    def delete_links(self, crm: str, referral_ids: Iterable[str]) -> int:
+        """Remove the links of ``referral_ids``; returns the rows removed."""
+        check(crm, CRMS, "crm")
+        refs = values.ids(referral_ids)
+
+        def work(conn: Connection) -> int:
+            deleted = 0
+            for chunk in chunks(refs):
+                result = conn.execute(links_t.delete().where(links_t.c.crm == crm, links_t.c.referral_id.in_(chunk)))
+                deleted += result.rowcount
+            return deleted
+
+        return self._db.run(work) if refs else 0

@@ -15,24 +15,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cosell_sync.state import values
-from cosell_sync.state.db import Database
+from cosell_sync.state.db import Database, UsesDatabase
 from cosell_sync.state.schema import watermarks_t
 from cosell_sync.state.values import SIDES, check
-
-
-def get_watermark(db: Database, dag_id: str, side: str) -> datetime | None:
-    check(side, SIDES, "side")
-    query = sa.select(watermarks_t.c.value).where(watermarks_t.c.dag_id == dag_id, watermarks_t.c.side == side)
-    return db.read(lambda conn: conn.execute(query).scalar())
-
-
-def get_watermark_row(db: Database, dag_id: str, side: str) -> dict[str, Any] | None:
-    """The watermark with who wrote it and when: ``value``, ``run_id``, ``updated_at`` (UTC), or None."""
-    check(side, SIDES, "side")
-    c = watermarks_t.c
-    query = sa.select(c.value, c.run_id, c.updated_at).where(c.dag_id == dag_id, c.side == side)
-    row = db.read(lambda conn: conn.execute(query).first())
-    return None if row is None else {"value": row.value, "run_id": row.run_id, "updated_at": row.updated_at}
 
 
 def write_watermark(
@@ -50,10 +35,26 @@ def write_watermark(
     return conn.execute(query).scalar_one()
 
 
-def set_watermark(
-    db: Database, dag_id: str, side: str, value: datetime, run_id: str, *, allow_backwards: bool = False
-) -> datetime:
-    """See :meth:`cosell_sync.state.StateStore.set_watermark`."""
-    check(side, SIDES, "side")
-    value = values.as_utc(value, f"watermark {dag_id}/{side}")
-    return db.run(lambda conn: write_watermark(db, conn, dag_id, side, value, run_id, allow_backwards))
+class Watermarks(UsesDatabase):
+    """The watermarks part of :class:`~cosell_sync.state.StateStore`."""
+
+    def get_watermark(self, dag_id: str, side: str) -> datetime | None:
+        check(side, SIDES, "side")
+        query = sa.select(watermarks_t.c.value).where(watermarks_t.c.dag_id == dag_id, watermarks_t.c.side == side)
+        return self._db.read(lambda conn: conn.execute(query).scalar())
+
+    def get_watermark_row(self, dag_id: str, side: str) -> dict[str, Any] | None:
+        """The watermark with who wrote it and when: ``value``, ``run_id``, ``updated_at`` (UTC), or None."""
+        check(side, SIDES, "side")
+        c = watermarks_t.c
+        query = sa.select(c.value, c.run_id, c.updated_at).where(c.dag_id == dag_id, c.side == side)
+        row = self._db.read(lambda conn: conn.execute(query).first())
+        return None if row is None else {"value": row.value, "run_id": row.run_id, "updated_at": row.updated_at}
+
+    def set_watermark(
+        self, dag_id: str, side: str, value: datetime, run_id: str, *, allow_backwards: bool = False
+    ) -> datetime:
+        """Store the watermark; it never moves backwards unless ``allow_backwards``. Returns the stored value."""
+        check(side, SIDES, "side")
+        value = values.as_utc(value, f"watermark {dag_id}/{side}")
+        return self._db.run(lambda conn: write_watermark(self._db, conn, dag_id, side, value, run_id, allow_backwards))

@@ -168,7 +168,7 @@ def _ui_page_seconds(url: str) -> dict[str, float]:
     import pandas as pd
 
     from cosell_sync.state import StateStore
-    from cosell_sync.state.store import audit_t
+    from cosell_sync.state.schema import audit_t
     from cosell_sync.ui import queries
     from cosell_sync.ui.render import Links, render, render_index
 

@@ -158,15 +158,7 @@ def _rearm(store: Any, claimed_at: datetime | None = None) -> None:
 def _signal_row(store: Any) -> dict[str, Any] | None:
     """The trigger's signal: the newest arrival signalled (``value``), who wrote it
     (``run_id``: ``triggerer`` or ``rearm``) and when (``updated_at``), all UTC."""
-    import sqlalchemy as sa
-
-    from cosell_sync.state.store import watermarks_t
-
-    c = watermarks_t.c
-    query = sa.select(c.value, c.run_id, c.updated_at).where(c.dag_id == SIGNAL_DAG, c.side == SIGNAL_SIDE)
-    with store.engine.connect() as conn:
-        row = conn.execute(query).first()
-    return None if row is None else {"value": row.value, "run_id": row.run_id, "updated_at": row.updated_at}
+    return store.get_watermark_row(SIGNAL_DAG, SIGNAL_SIDE)
 
 
 def build_events_dag() -> DAG:

@@ -284,14 +284,13 @@ def test_json_patch_replace_and_add(pc, hook):
     assert out["details"]["dealValue"] == 250000.5
     assert out["team"][-1] == member
     assert out["details"]["requirements"]["solutions"][0]["id"] == "SOL-6115380-IPC"
-    # without Prefer: return=representation the API answers 204
-    assert (
-        hook.patch_referral(
-            created["id"], [{"op": "replace", "path": "/name", "value": "n"}], return_representation=False
-        )
-        is None
+    # without Prefer: return=representation the API answers 204, with the new ETag in its header
+    answer = hook.patch_referral(
+        created["id"], [{"op": "replace", "path": "/name", "value": "n"}], return_representation=False
     )
     assert pc.partner_center.referrals[created["id"]]["name"] == "n"
+    assert answer == {"eTag": pc.partner_center.referrals[created["id"]]["eTag"]}
+    assert pc.partner_center.log[-1].status == 204
 
 
 def test_unsupported_patch_op_is_refused(pc, hook):

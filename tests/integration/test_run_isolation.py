@@ -119,7 +119,7 @@ def test_a_run_whose_lease_passed_to_another_run_cannot_commit_its_stale_plan(pc
     _step(scheduled, store, "extract", "plan")
     expires = store.get_lease(crm).expires_at
     with store.engine.begin() as conn:  # fast-forward: the lease expired
-        from cosell_sync.state.store import leases_t
+        from cosell_sync.state.schema import leases_t
 
         conn.execute(leases_t.update().values(expires_at=expires - timedelta(hours=1)))
 

@@ -214,6 +214,37 @@ def test_odata_count_is_the_count_of_the_page(api):
     assert filtered["@odata.count"] == 1 and filtered["value"][0]["name"] == "Deal 4"
 
 
+def test_listings_stay_right_while_the_store_changes_between_pages(api):
+    """The emulator reuses a listing's sorted matches across its pages and looks externalReferenceId
+    up by index: a write between two pages, or a changed externalReferenceId, is seen at once."""
+    made = [
+        api.create(referral(name=f"Deal {i}", type="Independent", target=[], externalReferenceId=f"opp-{i}"))
+        for i in range(5)
+    ]
+    url = f"{api.origin}{REFERRALS_PATH}?$top=2&$orderby=createdDateTime asc"
+    first = api.call("GET", url).json()
+    assert [d["id"] for d in first["value"]] == [made[0]["id"], made[1]["id"]]
+    late = api.create(referral(name="Deal late", type="Independent", target=[], externalReferenceId="opp-late"))
+    seen = [d["id"] for d in first["value"]]
+    url = first["@odata.nextLink"].replace("http://", "https://", 1)
+    while url:
+        page = api.call("GET", url).json()
+        seen += [d["id"] for d in page["value"]]
+        url = page.get("@odata.nextLink", "").replace("http://", "https://", 1)
+    assert seen == [d["id"] for d in made] + [late["id"]]  # the page after the write holds it
+
+    def lookup(*refs: str) -> list[str]:
+        terms = " or ".join(f"externalReferenceId eq '{r}'" for r in refs)
+        return sorted(d["id"] for d in api.call("GET", f"?$filter={terms}").json()["value"])
+
+    assert lookup("opp-1", "opp-3", "opp-none") == sorted([made[1]["id"], made[3]["id"]])
+    assert lookup("OPP-1") == []  # a text literal that is not a GUID matches exactly
+    ops = [{"op": "replace", "path": "/externalReferenceId", "value": "opp-renamed"}]
+    assert api.call("PATCH", f"/{made[1]['id']}", json=ops).status_code == 204
+    assert lookup("opp-1") == []
+    assert lookup("opp-renamed", "opp-3") == sorted([made[1]["id"], made[3]["id"]])
+
+
 # -- engagements -----------------------------------------------------------------------------------------
 
 

@@ -588,7 +588,7 @@ def test_state_connection_resolves_to_the_cosell_state_database(monkeypatch: pyt
     connection parsing, then the state store's URL), is the cosell_state database on postgres."""
     from airflow.sdk import BaseHook
 
-    from cosell_sync.state.store import sqlalchemy_url_from_connection
+    from cosell_sync.state.db import sqlalchemy_url_from_connection
 
     for name, body in airflow_services(compose()).items():
         monkeypatch.setenv("AIRFLOW_CONN_COSELL_STATE", str(environment(body)["AIRFLOW_CONN_COSELL_STATE"]))

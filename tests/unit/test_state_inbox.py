@@ -14,7 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from cosell_sync.state import SCHEMA_VERSION, StateStore
-from cosell_sync.state import store as store_module
+from cosell_sync.state import inbox as inbox_module
+from cosell_sync.state import schema as schema_module
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -34,8 +35,8 @@ def _event(i: int, **kw: object) -> dict:
 def test_a_v1_database_is_upgraded_to_the_inbox_and_keeps_its_data(db_url: str, monkeypatch: pytest.MonkeyPatch):
     with StateStore(db_url) as st:
         with monkeypatch.context() as m:
-            m.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
-            m.setattr(store_module, "SCHEMA_VERSION", 1)
+            m.setattr(schema_module, "MIGRATIONS", schema_module.MIGRATIONS[:1])
+            m.setattr(schema_module, "SCHEMA_VERSION", 1)
             assert st.migrate() == 1
         assert "cosell_inbox" not in sa.inspect(st.engine).get_table_names()
         links = pd.DataFrame([{"referral_id": "R1", "crm_id": "C1", "base": {"name": "deal"}}])
@@ -59,7 +60,7 @@ def test_inbox_add_stores_each_event_once(store: StateStore):
     rows = store.inbox_pending()
     assert [r["referral_id"] for r in rows] == ["ref-1", "ref-2"]
     first = rows[0]
-    assert set(first) == set(store_module.INBOX_COLUMNS)
+    assert set(first) == set(inbox_module.INBOX_COLUMNS)
     assert first["status"] == "pending" and first["attempts"] == 0
     assert first["claimed_by"] is None and first["claimed_at"] is None and first["done_at"] is None
     assert first["change_date"] == T0 + timedelta(seconds=1)

@@ -16,7 +16,8 @@ import pytest
 import sqlalchemy as sa
 
 from cosell_sync.state import SCHEMA_VERSION, LeaseHeldError, LeaseLostError, StateStore
-from cosell_sync.state import store as store_module
+from cosell_sync.state import schema as schema_module
+from cosell_sync.state import values as values_module
 
 SF, DYN = "salesforce", "dynamics365"
 SCHED, EVENTS = "cosell_sync_salesforce", "cosell_referral_events.salesforce"
@@ -32,15 +33,15 @@ def clock(monkeypatch: pytest.MonkeyPatch):
         now = T0
 
     c = Clock()
-    monkeypatch.setattr(store_module, "_now", lambda: c.now)
+    monkeypatch.setattr(values_module, "now", lambda: c.now)
     return c
 
 
 def test_a_v2_database_gets_the_lease_table_and_keeps_its_data(db_url: str, monkeypatch: pytest.MonkeyPatch):
     with StateStore(db_url) as st:
         with monkeypatch.context() as m:
-            m.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:2])
-            m.setattr(store_module, "SCHEMA_VERSION", 2)
+            m.setattr(schema_module, "MIGRATIONS", schema_module.MIGRATIONS[:2])
+            m.setattr(schema_module, "SCHEMA_VERSION", 2)
             assert st.migrate() == 2
         assert "cosell_leases" not in sa.inspect(st.engine).get_table_names()
         st.upsert_links(SF, pd.DataFrame([{"referral_id": "R1", "crm_id": "C1", "base": {"name": "d"}}]), "run-1")
@@ -140,9 +141,22 @@ def test_commit_run_is_fenced_by_the_lease(store: StateStore, clock):
     old = store.acquire_lease(SF, SCHED, "scheduled__1", TTL)
     clock.now = T0 + TTL
     store.acquire_lease(SF, EVENTS, "asset_triggered__1", TTL)  # the old holder's lease expired
+    failures = {"pc_to_crm": [{"record_key": "R2", "payload": {}, "error": "400"}]}
     with pytest.raises(LeaseLostError):
-        store.commit_run(dag_id=SCHED, run_id="scheduled__1", crm=SF, links=links, lease_epoch=old.epoch)
-    assert store.get_links(SF).empty  # nothing landed
+        store.commit_run(
+            dag_id=SCHED,
+            run_id="scheduled__1",
+            crm=SF,
+            links=links,
+            failures=failures,
+            summary={"created": 1},
+            watermarks={"crm": T0},
+            lease_epoch=old.epoch,
+        )
+    assert store.get_links(SF).empty  # nothing landed: no link, failure, summary or watermark
+    assert store.dead_letter(SF).empty
+    assert store.get_run(SCHED, "scheduled__1") is None
+    assert store.get_watermark(SCHED, "crm") is None
     store.commit_run(dag_id=EVENTS, run_id="asset_triggered__1", crm=SF, links=links, lease_epoch=2)
     assert store.get_links(SF)["base"].tolist() == [{"name": "new"}]
     # without a lease epoch (a caller that takes none) the commit is not checked

@@ -24,7 +24,10 @@ import pytest
 import sqlalchemy as sa
 
 from cosell_sync.state import SCHEMA_VERSION, LinkConflictError, StateStore, sqlalchemy_url_from_connection
-from cosell_sync.state import store as store_module
+from cosell_sync.state import audit as audit_module
+from cosell_sync.state import schema as schema_module
+from cosell_sync.state import values as values_module
+from cosell_sync.state import watermarks as watermarks_module
 from tests import services
 
 CRM = "salesforce"
@@ -92,7 +95,7 @@ def test_sqlite_writes_begin_immediate_and_reads_begin_deferred(sqlite_store: St
 
 
 def test_sqlite_a_locked_write_is_retried_as_a_whole(sqlite_store: StateStore, monkeypatch: pytest.MonkeyPatch):
-    real = StateStore._write_audit
+    real = audit_module.write_audit
     calls = []
 
     def flaky(conn, rows):
@@ -102,7 +105,7 @@ def test_sqlite_a_locked_write_is_retried_as_a_whole(sqlite_store: StateStore, m
             raise sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
         return len(rows)
 
-    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(flaky))
+    monkeypatch.setattr(audit_module, "write_audit", flaky)
     assert sqlite_store.append_audit([_audit_entry(1), _audit_entry(2)]) == 2
     assert calls == [2, 2]
     assert len(sqlite_store.audit()) == 2
@@ -115,7 +118,7 @@ def test_sqlite_a_non_lock_error_is_not_retried(sqlite_store: StateStore, monkey
         calls.append(1)
         raise sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("disk I/O error"))
 
-    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(broken))
+    monkeypatch.setattr(audit_module, "write_audit", broken)
     with pytest.raises(sa.exc.OperationalError, match="disk I/O"):
         sqlite_store.append_audit([_audit_entry(1)])
     assert calls == [1]
@@ -139,18 +142,18 @@ def test_migrate_twice_is_a_noop(db_url: str):
             "cosell_inbox",
             "cosell_leases",
         } <= tables
-        assert _count(st, store_module.schema_version_t) == 4
+        assert _count(st, schema_module.schema_version_t) == 4
         assert st.get_links(CRM)["referral_id"].tolist() == ["R1"]
 
 
 def test_migrate_applies_only_the_missing_steps(db_url: str, monkeypatch: pytest.MonkeyPatch):
     applied = []
     nxt = SCHEMA_VERSION + 1
-    step = store_module.Migration(nxt, "test step", lambda conn: applied.append(nxt))
+    step = schema_module.Migration(nxt, "test step", lambda conn: applied.append(nxt))
     with StateStore(db_url) as st:
         assert st.migrate() == SCHEMA_VERSION
-        monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, step))
-        monkeypatch.setattr(store_module, "SCHEMA_VERSION", nxt)
+        monkeypatch.setattr(schema_module, "MIGRATIONS", (*schema_module.MIGRATIONS, step))
+        monkeypatch.setattr(schema_module, "SCHEMA_VERSION", nxt)
         assert st.migrate() == nxt
         assert st.migrate() == nxt
         assert applied == [nxt]
@@ -158,12 +161,12 @@ def test_migrate_applies_only_the_missing_steps(db_url: str, monkeypatch: pytest
 
 
 def test_a_version_3_database_gets_the_audit_index_of_version_4(db_url: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:3])
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(schema_module, "MIGRATIONS", schema_module.MIGRATIONS[:3])
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 3)
     monkeypatch.setattr(
-        store_module.audit_t,
+        schema_module.audit_t,
         "indexes",
-        {ix for ix in store_module.audit_t.indexes if ix.name != "ix_cosell_audit_crm_action_at"},
+        {ix for ix in schema_module.audit_t.indexes if ix.name != "ix_cosell_audit_crm_action_at"},
     )
     with StateStore(db_url) as st:
         assert st.migrate() == 3
@@ -210,7 +213,7 @@ def test_migrate_from_several_processes_at_once(db_url: str):
     assert outcomes == [("ok", SCHEMA_VERSION)] * 4
     with StateStore(db_url) as st:
         assert st.schema_version() == SCHEMA_VERSION
-        assert _count(st, store_module.schema_version_t) == len(store_module.MIGRATIONS)
+        assert _count(st, schema_module.schema_version_t) == len(schema_module.MIGRATIONS)
         assert st.upsert_links(CRM, _links(("R1", "C1")), "run-1") == 1
 
 
@@ -342,6 +345,23 @@ def test_watermark_allow_backwards(store: StateStore):
     assert store.get_watermark(DAG, "partner_center") == earlier
 
 
+def test_watermark_row_says_who_wrote_it_and_when(store: StateStore, monkeypatch: pytest.MonkeyPatch):
+    assert store.get_watermark_row("cosell_referral_events", "inbox") is None
+    monkeypatch.setattr(values_module, "now", lambda: T0 + timedelta(minutes=5))
+    store.set_watermark("cosell_referral_events", "inbox", T0, "triggerer")
+    assert store.get_watermark_row("cosell_referral_events", "inbox") == {
+        "value": T0,
+        "run_id": "triggerer",
+        "updated_at": T0 + timedelta(minutes=5),
+    }
+    store.set_watermark("cosell_referral_events", "inbox", T0 - timedelta(seconds=1), "rearm", allow_backwards=True)
+    row = store.get_watermark_row("cosell_referral_events", "inbox")
+    assert (row["value"], row["run_id"]) == (T0 - timedelta(seconds=1), "rearm")
+    assert row["updated_at"].tzinfo is not None
+    with pytest.raises(ValueError, match="side"):
+        store.get_watermark_row(DAG, "nowhere")
+
+
 def test_watermark_rejects_naive_and_converts_to_utc(store: StateStore):
     with pytest.raises(ValueError, match="naive"):
         store.set_watermark(DAG, "crm", datetime(2025, 1, 1, 12, 0), "run-1")
@@ -369,7 +389,7 @@ def test_audit_append_is_one_bulk_insert(store: StateStore):
     # one executemany (SQLite), or SQLAlchemy's batches of 1,000 rows per multi-VALUES statement (PostgreSQL)
     assert inserts and all(many for _, many in inserts)
     assert len(inserts) == (1 if store.dialect == "sqlite" else 10)
-    assert _count(store, store_module.audit_t) == 10_000
+    assert _count(store, schema_module.audit_t) == 10_000
     newest = store.audit(limit=3)
     assert newest["referral_id"].tolist() == ["R9999", "R9998", "R9997"]
     assert len(store.audit()) == 1000
@@ -538,7 +558,7 @@ def test_commit_run_rolls_back_when_its_last_step_fails(store: StateStore, monke
     def broken(*args, **kwargs):
         raise RuntimeError("watermark write failed")
 
-    monkeypatch.setattr(store, "_write_watermark", broken)
+    monkeypatch.setattr(watermarks_module, "write_watermark", broken)
     with pytest.raises(RuntimeError, match="watermark write failed"):
         _commit(store, ("R2", "C2"))
     assert _snapshot(store) == before
@@ -553,6 +573,93 @@ def test_commit_run_without_moving_watermarks(store: StateStore):
     # and a commit never moves a watermark backwards
     store.commit_run(dag_id=DAG, run_id="run-2", crm=CRM, watermarks={"crm": T0 - timedelta(days=1)})
     assert store.get_watermark(DAG, "crm") == T0
+
+
+def _record_step(store: StateStore) -> None:
+    """A whole run's record step: links, audit, cleared and new failures, summary, watermarks."""
+    _commit(
+        store,
+        ("R2", "C2"),
+        failures={"pc_to_crm": [_failure("R8")], "crm_to_pc": [_failure("C9", "409 Conflict")]},
+        summary={"pc_to_crm": {"created": 1, "failed": 1}, "crm_to_pc": {"failed": 1}},
+    )
+
+
+def _recorded(store: StateStore) -> tuple:
+    return (*_snapshot(store), store.get_run(DAG, "run-1"))
+
+
+def test_commit_run_records_failures_and_the_summary_in_the_same_go(store: StateStore):
+    _seed(store)
+    _record_step(store)
+    dead = store.dead_letter()
+    assert dead[["direction", "record_key", "attempts", "last_run_id"]].values.tolist() == [
+        ["crm_to_pc", "C9", 1, "run-1"],
+        ["pc_to_crm", "R8", 1, "run-1"],
+    ]  # R7 cleared
+    assert dead.set_index("record_key").loc["C9", "last_error"] == "409 Conflict"
+    run = store.get_run(DAG, "run-1")
+    assert run["summary"] == {"pc_to_crm": {"created": 1, "failed": 1}, "crm_to_pc": {"failed": 1}}
+    assert run["crm"] == CRM
+    assert store.get_watermark(DAG, "crm") == T0 + timedelta(hours=1)
+
+
+def test_commit_run_clears_a_failure_before_recording_it_again(store: StateStore):
+    _seed(store)
+    store.record_failures(CRM, "pc_to_crm", [_failure("R7")], "run-0b")  # R7: 2 attempts
+    _commit(store, ("R2", "C2"), failures={"pc_to_crm": [_failure("R7", "failed again")]})
+    row = store.dead_letter().set_index("record_key").loc["R7"]
+    assert (row["attempts"], row["last_error"]) == (1, "failed again")
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        ("dead_letter", "delete_failures"),
+        ("dead_letter", "write_failures"),
+        ("runs", "write_run"),
+        ("watermarks", "write_watermark"),
+    ],
+)
+def test_a_record_step_that_dies_part_way_records_nothing_and_its_retry_records_everything_once(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch, broken: tuple[str, str]
+):
+    """Issue 17: the record step is ONE transaction. Were the dead letter or the run summary
+    written after the links and watermarks, in their own transactions, a crash in between would
+    move the watermarks past failures nobody recorded."""
+    import importlib
+
+    _seed(store)
+    before = _recorded(store)
+    assert before[-1] is None
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the worker died here")
+
+    module = importlib.import_module(f"cosell_sync.state.{broken[0]}")
+    with monkeypatch.context() as m:
+        m.setattr(module, broken[1], crash)
+        with pytest.raises(RuntimeError, match="died here"):
+            _record_step(store)
+    assert _recorded(store) == before  # no link, audit, failure, summary or watermark of run-1
+
+    _record_step(store)  # the retry
+    links, dead, crm_mark, pc_mark, audit_ids, run = _recorded(store)
+    assert [link["referral_id"] for link in links] == ["R1", "R2"]
+    assert {(r["record_key"], r["attempts"]) for r in dead} == {("R8", 1), ("C9", 1)}
+    assert (crm_mark, pc_mark) == (T0 + timedelta(hours=1), T0 + timedelta(hours=2))
+    assert len(audit_ids) == len(before[4]) + 1
+    assert run is not None and run["summary"]["pc_to_crm"]["failed"] == 1
+
+
+def test_commit_run_checks_failures_before_it_writes_anything(store: StateStore):
+    _seed(store)
+    before = _recorded(store)
+    with pytest.raises(ValueError, match="direction"):
+        _commit(store, ("R2", "C2"), failures={"sideways": [_failure("R8")]})
+    with pytest.raises(ValueError, match="record_key"):
+        _commit(store, ("R2", "C2"), failures={"pc_to_crm": [_failure("")]})
+    assert _recorded(store) == before
 
 
 def test_record_run_and_last_run(store: StateStore):
@@ -604,7 +711,7 @@ def test_text_is_ordered_by_code_point_whatever_the_database_collation(en_us_url
         st.upsert_links(CRM, _links(*[(r, f"C{r}") for r in TRICKY_IDS]), "run-1")
         assert st.get_links(CRM)["referral_id"].tolist() == sorted(TRICKY_IDS)
         assert st.get_links(CRM, referral_ids=TRICKY_IDS)["referral_id"].tolist() == sorted(TRICKY_IDS)
-        monkeypatch.setattr(store_module, "_now", lambda: T0)  # one time for all: the text decides the order
+        monkeypatch.setattr(values_module, "now", lambda: T0)  # one time for all: the text decides the order
         st.record_failures(CRM, "pc_to_crm", [_failure(r) for r in TRICKY_IDS], "run-1")
         assert st.retryable_failures(CRM, "pc_to_crm")["record_key"].tolist() == sorted(TRICKY_IDS)
         assert st.dead_letter()["record_key"].tolist() == sorted(TRICKY_IDS)
@@ -706,13 +813,13 @@ def test_concurrent_runs_from_four_processes(db_url: str):
         expected.update({f"p{n}-F{RUNS - 1}": 1 for n in range(PROCS)})
         assert dead == expected
         assert st.get_watermark(DAG, "crm") == T0 + timedelta(minutes=(PROCS - 1) * 1000 + RUNS - 1)
-        assert _count(st, store_module.runs_t) == PROCS * RUNS
+        assert _count(st, schema_module.runs_t) == PROCS * RUNS
 
 
 def _holding_commit_worker(url: str, holding, go_on, results) -> None:
     """Commit R1 -> C1, pausing inside the transaction (links written, not committed) until ``go_on``."""
     try:
-        real = StateStore._write_audit
+        real = audit_module.write_audit
 
         def paused(conn, rows):
             holding.set()
@@ -720,7 +827,7 @@ def _holding_commit_worker(url: str, holding, go_on, results) -> None:
                 raise TimeoutError("the test never let the commit go on")
             return real(conn, rows)
 
-        StateStore._write_audit = staticmethod(paused)
+        audit_module.write_audit = paused
         with StateStore(url) as st:
             st.commit_run(dag_id=DAG, run_id="run-a", crm=CRM, links=_links(("R1", "C1")))
         results.put(("a", "committed"))
@@ -761,7 +868,7 @@ def test_postgresql_link_writers_of_one_crm_wait_for_each_other_on_the_advisory_
         assert holding.wait(timeout=60), "the first writer never reached its commit"
         second = ctx.Process(target=_second_writer_worker, args=(db_url, results))
         second.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # spawning the writer (imports) can take over 30 s on a loaded machine
         while _waiting_advisory_locks(store) == 0:
             assert second.is_alive(), f"the second writer did not wait: {results.get(timeout=5)}"
             assert time.monotonic() < deadline, "the second writer never waited on the advisory lock"
@@ -792,7 +899,7 @@ class _PgError(Exception):
 def test_postgresql_deadlocks_and_serialisation_failures_are_retried_as_a_whole(
     store: StateStore, monkeypatch: pytest.MonkeyPatch
 ):
-    real = StateStore._write_audit
+    real = audit_module.write_audit
     calls = []
 
     def flaky(conn, rows):
@@ -803,7 +910,7 @@ def test_postgresql_deadlocks_and_serialisation_failures_are_retried_as_a_whole(
             raise sa.exc.OperationalError("INSERT", {}, _PgError(code))
         return len(rows)
 
-    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(flaky))
+    monkeypatch.setattr(audit_module, "write_audit", flaky)
     assert store.append_audit([_audit_entry(1), _audit_entry(2)]) == 2
     assert calls == [2, 2, 2]
     assert len(store.audit()) == 2
@@ -813,7 +920,7 @@ def test_postgresql_deadlocks_and_serialisation_failures_are_retried_as_a_whole(
         raise sa.exc.IntegrityError("INSERT", {}, _PgError("23505"))
 
     calls.clear()
-    monkeypatch.setattr(StateStore, "_write_audit", staticmethod(unique_violation))
+    monkeypatch.setattr(audit_module, "write_audit", unique_violation)
     with pytest.raises(sa.exc.IntegrityError):
         store.append_audit([_audit_entry(3)])
     assert calls == [-1]  # not retried

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from cosell_sync.state import StateStore
-from cosell_sync.state.store import audit_t, dead_letter_t
+from cosell_sync.state.schema import audit_t, dead_letter_t
 from cosell_sync.ui import queries
 from cosell_sync.ui.render import Links, render, render_index
 

@@ -360,7 +360,9 @@ class PartnerCenterHook(BaseHook):
         return_representation: bool = True,
     ) -> dict[str, Any] | None:
         """JSON Patch (``replace``/``add``). With an ETag the write is conditional (412 on a
-        stale read) and so safe to retry; without one, it is sent once."""
+        stale read) and so safe to retry; without one, it is sent once. Without
+        ``return_representation`` the answer is 204 and this returns only the new ``eTag``
+        (from the response's ``ETag`` header; None when it has none)."""
         for op in operations:
             if op.get("op") not in ("replace", "add"):
                 raise ValueError(f"Partner Center supports only JSON Patch replace and add, not {op.get('op')!r}")
@@ -372,7 +374,9 @@ class PartnerCenterHook(BaseHook):
         resp = self.referrals.request(
             "PATCH", self._url(referral_id), json=list(operations), headers=headers, idempotent=bool(etag)
         )
-        return self._with_etag(resp) if resp.status_code == 200 and resp.content else None
+        if resp.status_code == 200 and resp.content:
+            return self._with_etag(resp)
+        return {"eTag": resp.headers["ETag"]} if resp.headers.get("ETag") else None
 
     # -- webhooks ----------------------------------------------------------------------------
     def _hooks_url(self, path: str) -> str:

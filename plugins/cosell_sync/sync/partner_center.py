@@ -548,7 +548,8 @@ class PartnerCenterSide:
                         return result
                     try:
                         op = patch_operations(doc, ["externalReferenceId"], crm_id)
-                        answer = self.hook.patch_referral(rid, [op], etag=doc.get("eTag"))
+                        # 204 and the new ETag: the stamp needs no document back
+                        answer = self.hook.patch_referral(rid, [op], etag=doc.get("eTag"), return_representation=False)
                         result.etag = (answer or {}).get("eTag")
                         return result
                     except PreconditionFailedError:

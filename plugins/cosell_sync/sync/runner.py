@@ -632,7 +632,7 @@ def _optional(job: SyncJob, name: str, columns: list[str]) -> pd.DataFrame:
 
 
 def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
-    """Links, audit, dead letter and watermarks, in one transaction; returns the report."""
+    """Links, audit, dead letter, the run summary and watermarks, in one transaction; returns the report."""
     the_plan = load_plan(job)
     result_cols = list(results_frame([]).columns)
     crm_results = _optional(job, "crm_results", result_cols)
@@ -709,13 +709,11 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
         audit=audit,
         watermarks=watermarks,
         cleared_failures=cleared,
+        failures={direction: items for direction, items in failures.items() if items},
+        summary=report,
         move_watermarks=not job.backfill and job.referral_ids is None,
         lease_epoch=job.lease_epoch,  # still ours, checked in the commit's transaction
     )
-    for direction, items in failures.items():
-        if items:
-            store.record_failures(job.crm, direction, items, job.run_id)
-    store.record_run(dag_id=job.dag_id, run_id=job.run_id, crm=job.crm, summary=report)
     if job.lease_epoch is not None:
         lease.release(job, store)  # the base is committed: the next run may read it
     return report

@@ -35,7 +35,7 @@ from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from cosell_sync.state.store import CRMS, DIRECTIONS, StateStore
+from cosell_sync.state import CRMS, DIRECTIONS, StateStore
 from cosell_sync.ui import queries
 from cosell_sync.ui.render import Links, render, render_index
 

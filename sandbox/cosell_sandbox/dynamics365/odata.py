@@ -349,6 +349,7 @@ def _any_of_equals(terms: list[Predicate]) -> Predicate | None:
             return True
         return bool(folded) and value.casefold() in folded
 
+    predicate.any_of = (path, exact | folded)  # type: ignore[attr-defined]  # for a store's index
     return predicate
 
 

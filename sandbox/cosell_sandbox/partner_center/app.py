@@ -34,7 +34,15 @@ from ..entra import EntraEmulator
 from ..server import EmulatorApp, HTTPError, Request, Response, Router, new_request_id
 from .control import ControlMixin
 from .query import QueryMixin
-from .records import CERT_PATH, NEXTLINK_PATH, REFERRALS_AUDIENCE, REFERRALS_PATH, WEBHOOKS_AUDIENCE, WEBHOOKS_PATH
+from .records import (
+    CERT_PATH,
+    NEXTLINK_PATH,
+    REFERRALS_AUDIENCE,
+    REFERRALS_PATH,
+    WEBHOOKS_AUDIENCE,
+    WEBHOOKS_PATH,
+    ReferralStore,
+)
 from .registration import RegistrationMixin
 from .webhooks import WebhookDispatcher
 from .writes import WritesMixin
@@ -47,7 +55,10 @@ class PartnerCenterEmulator(ControlMixin, RegistrationMixin, WritesMixin, QueryM
         self.entra = entra
         self.dispatcher = dispatcher
         self.organization_id = organization_id or str(uuid.uuid4())
-        self.referrals: dict[str, dict[str, Any]] = {}
+        self.referrals = ReferralStore()
+        # A listing's matches, sorted, while the store is unchanged: (filter, orderby, version),
+        # the matches, and where each page served ended (its last key, as JSON) in them.
+        self._listing: tuple[tuple[str, str, int], list[dict[str, Any]], dict[str, int]] | None = None
         self.registration: dict[str, Any] | None = None
         self.validation_events: dict[str, dict[str, Any]] = {}
         self._validation_times: deque[float] = deque()

@@ -54,6 +54,7 @@ class ControlMixin:
                     value = doc.get(key)
                     if isinstance(value, str) and value:
                         doc[key] = iso(_parse_stamp(value) - delta)
+            self.referrals.touch()
             return len(self.referrals)
 
     def seed(self, count: int = 10, seed: int = 0) -> list[str]:

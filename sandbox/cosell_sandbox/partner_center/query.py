@@ -90,12 +90,25 @@ class QueryMixin:
             return False
 
         with self.lock:
-            matches = [d for d in self.referrals.values() if predicate is None or predicate(d)]
-        for path, desc in reversed(order):
-            matches.sort(key=lambda d, p=path: resolve_path(d, p) or "", reverse=desc)
-        if last is not None:
-            matches = [d for d in matches if after(key(d))]
+            cache_key = (expr, order_expr, self.referrals.version)
+            if self._listing is not None and self._listing[0] == cache_key:
+                _, ordered, ends = self._listing
+            else:
+                scope = self.referrals.values() if predicate is None else self.referrals.candidates(predicate)
+                ordered = [d for d in scope if predicate is None or predicate(d)]
+                for path, desc in reversed(order):
+                    ordered.sort(key=lambda d, p=path: resolve_path(d, p) or "", reverse=desc)
+                ends = {}
+                self._listing = (cache_key, ordered, ends)
+        if last is None:
+            matches = ordered
+        elif (start := ends.get(json.dumps(last))) is not None:
+            matches = ordered[start:]  # the previous page of this listing ended there
+        else:
+            matches = [d for d in ordered if after(key(d))]
         page = matches[:top]
+        if page:
+            ends[json.dumps(key(page[-1]))] = len(ordered) - len(matches) + len(page)
         body: dict[str, Any] = {
             "@odata.context": f"{request.origin}/v1.0/$metadata#Referrals",
             # The count of the items on this page: the documented list response shows

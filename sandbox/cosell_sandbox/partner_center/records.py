@@ -329,3 +329,68 @@ def _deep_merge(target: dict[str, Any], changes: dict[str, Any]) -> None:
             _deep_merge(target[key], value)
         else:
             target[key] = value
+
+
+class ReferralStore(dict[str, dict[str, Any]]):
+    """The referrals by id, in creation order. It counts its writes (``version``: a listing's
+    sorted matches are reused across its pages while nothing changed) and indexes engagements
+    (every referral of an engagement without scanning them all, as the service's own store
+    would). Writes go through item assignment; a change made to a stored document in place
+    must call :meth:`touch`."""
+
+    # Top-level properties indexed by their case-folded text value: engagements, and the
+    # externalReferenceId lookups a sync makes before it creates.
+    INDEXED = ("engagementId", "externalReferenceId")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+        self._index: dict[str, dict[Any, dict[str, None]]] = {path: {} for path in self.INDEXED}
+
+    @staticmethod
+    def _key(value: Any) -> Any:
+        return value.casefold() if isinstance(value, str) else value
+
+    def _unindex(self, key: str, doc: dict[str, Any]) -> None:
+        for path, index in self._index.items():
+            group = index.get(self._key(doc.get(path)))
+            if group is not None:
+                group.pop(key, None)
+
+    def __setitem__(self, key: str, doc: dict[str, Any]) -> None:
+        old = self.get(key)
+        if old is not None:
+            self._unindex(key, old)
+        super().__setitem__(key, doc)
+        for path, index in self._index.items():
+            index.setdefault(self._key(doc.get(path)), {})[key] = None
+        self.version += 1
+
+    def __delitem__(self, key: str) -> None:
+        self._unindex(key, self[key])
+        super().__delitem__(key)
+        self.version += 1
+
+    def clear(self) -> None:
+        super().clear()
+        for index in self._index.values():
+            index.clear()
+        self.version += 1
+
+    def candidates(self, predicate: Any) -> Any:
+        """The referrals a filter can match: through an index for ``p eq 'a' or p eq 'b' ...``
+        on an indexed property (a superset, in no particular order: the filter still decides,
+        and a listing sorts by a unique key last), else all of them."""
+        path, values = getattr(predicate, "any_of", (None, None))
+        if path not in self._index:
+            return self.values()
+        index = self._index[path]
+        return [self[key] for key in {key for value in values for key in index.get(value.casefold(), ())}]
+
+    def touch(self) -> None:
+        self.version += 1
+
+    def engagement(self, engagement_id: Any) -> list[dict[str, Any]]:
+        """The engagement's referrals, in creation order."""
+        group = self._index["engagementId"].get(self._key(engagement_id), ())
+        return [doc for key in group if (doc := self[key]).get("engagementId") == engagement_id]

@@ -58,7 +58,7 @@ class WritesMixin:
     # engagement joins it ("Create a referral", "Create a connected referral": "Include the engagementId
     # from your referral so they are tied together").
     def _engagement(self, engagement_id: str) -> list[dict[str, Any]]:
-        return [d for d in self.referrals.values() if d["engagementId"] == engagement_id]  # in creation order
+        return self.referrals.engagement(engagement_id)  # in creation order
 
     def _check_engagement(self, engagement_id: Any) -> None:
         """An engagementId that names no engagement is an incorrect request: 400 invalidRequest. (The docs
@@ -221,4 +221,4 @@ class WritesMixin:
             return Response.empty(204, {"ETag": new["eTag"]})
 
     def _siblings(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
-        return [d for d in self.referrals.values() if d["engagementId"] == doc["engagementId"] and d["id"] != doc["id"]]
+        return [d for d in self.referrals.engagement(doc["engagementId"]) if d["id"] != doc["id"]]

@@ -189,6 +189,8 @@ class StoreMixin:
             for fdef in odef.fields.values():
                 if fdef.external_id or fdef.unique:
                     self._ext_index[(odef.name, fdef.name)] = {}
+        if "OpportunityContactRole" in self.records:  # an opportunity's roles, for :meth:`_after_write`
+            self._ext_index[("OpportunityContactRole", "OpportunityId")] = {}
 
     def _index_ops(self, obj: str, record: dict[str, Any] | None, add: bool) -> None:
         if record is None or record.get("IsDeleted"):

@@ -242,7 +242,8 @@ class ValidationMixin:
     def _after_write(self, odef: ObjectDef, record: dict[str, Any]) -> None:
         """Side effects of a save: a new primary contact role demotes the others."""
         if odef.name == "OpportunityContactRole" and record.get("IsPrimary"):
-            for other in list(self.records["OpportunityContactRole"].values()):
+            roles = self.records["OpportunityContactRole"]
+            for other in [roles[i] for i in self._ext_matches(odef.name, "OpportunityId", record.get("OpportunityId"))]:
                 if (
                     other["Id"] != record["Id"]
                     and not other["IsDeleted"]

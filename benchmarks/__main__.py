@@ -100,7 +100,7 @@ def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
     Each run is what a DAG run does: ``prepare`` checks the mapping against the CRM's metadata
     (Dataverse's options travel in the run's spec), then the steps of runner.sync."""
     from cosell_sync.dag_factory import check_mapping, sync_sides
-    from cosell_sync.hooks._msal import forget_tokens
+    from cosell_sync.hooks.entra import forget_tokens
     from cosell_sync.state import StateStore
     from cosell_sync.sync.runner import OVERLAP, sync, window_job
 
@@ -340,7 +340,7 @@ def main() -> int:
 
         fresh = PartnerCenterHook()
         grants_before = sb.entra.grants["refresh_token"]
-        from cosell_sync.hooks._msal import forget_tokens
+        from cosell_sync.hooks.entra import forget_tokens
 
         forget_tokens()
         count = sum(1 for _ in fresh.list_referrals())

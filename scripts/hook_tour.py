@@ -25,11 +25,11 @@ from cryptography import x509  # noqa: E402
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from cosell_sandbox.server import FaultConfig  # noqa: E402
-from cosell_sync.hooks._batch import BatchRequest  # noqa: E402
-from cosell_sync.hooks._soql import Condition, select  # noqa: E402
-from cosell_sync.hooks.dynamics import DynamicsHook  # noqa: E402
+from cosell_sync.hooks.batch import BatchRequest  # noqa: E402
+from cosell_sync.hooks.dynamics365 import DynamicsHook  # noqa: E402
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS, PartnerCenterHook  # noqa: E402
 from cosell_sync.hooks.salesforce import SalesforceSyncHook  # noqa: E402
+from cosell_sync.hooks.soql import Condition, select  # noqa: E402
 from cosell_sync.webhooks.signature import (  # noqa: E402
     SignatureError,
     load_certificate,

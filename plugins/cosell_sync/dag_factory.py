@@ -104,7 +104,7 @@ def sync_sides(crm: str, mapping: Any, choices: dict[str, Any] | None = None) ->
 
         crm_side: Any = SalesforceSide(SalesforceSyncHook(), mapping)
     else:
-        from cosell_sync.hooks.dynamics import DynamicsHook
+        from cosell_sync.hooks.dynamics365 import DynamicsHook
         from cosell_sync.sync.dynamics365 import DynamicsSide
 
         crm_side = DynamicsSide(DynamicsHook(), mapping, choices)
@@ -121,7 +121,7 @@ def check_mapping(crm: str, mapping: Any) -> dict[str, dict[str, int]]:
         from cosell_sync.sync.salesforce import SalesforceSide
 
         return SalesforceSide(SalesforceSyncHook(), mapping).check_mapping()
-    from cosell_sync.hooks.dynamics import DynamicsHook
+    from cosell_sync.hooks.dynamics365 import DynamicsHook
     from cosell_sync.sync.dynamics365 import check_choices
 
     return check_choices(DynamicsHook(), mapping)

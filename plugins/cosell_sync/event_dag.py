@@ -49,7 +49,7 @@ def configured_crms() -> list[str]:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from cosell_sync.hooks.dynamics import dynamics_connection
+    from cosell_sync.hooks.dynamics365 import dynamics_connection
 
     wanted = conf.get("cosell", "event_crms", fallback=",".join(CRM_CONNECTIONS))
     crms = []

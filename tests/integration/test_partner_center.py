@@ -17,8 +17,8 @@ from cosell_sync.errors import (
     TransportError,
     ValidationError,
 )
-from cosell_sync.hooks._http import RetryPolicy
-from cosell_sync.hooks._odata import quote
+from cosell_sync.hooks.http import RetryPolicy
+from cosell_sync.hooks.odata import quote
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 
 FAST = RetryPolicy(max_attempts=6, backoff_base=0.01, backoff_max=0.05)
@@ -203,7 +203,7 @@ def test_access_token_is_cached_until_it_expires(pc, hook):
 
 
 def test_rotated_refresh_token_is_persisted_and_used_by_the_next_process(pc, pc_conn):
-    from cosell_sync.hooks._msal import forget_tokens
+    from cosell_sync.hooks.entra import forget_tokens
 
     pc.entra.config.single_use_refresh_tokens = True  # the original token dies on first use
     original = pc_conn["extra"]["refresh_token"]

@@ -31,17 +31,17 @@ from urllib.parse import urlsplit
 import requests
 from airflow.sdk import BaseHook
 
-from cosell_sync._masking import mask
 from cosell_sync.errors import ConfigurationError, NotFoundError
-from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
-from cosell_sync.hooks._msal import (
+from cosell_sync.hooks.entra import (
     RefreshTokenStore,
     cached_token,
     fingerprint,
     settings_app,
 )
-from cosell_sync.hooks._odata import quote, with_query
-from cosell_sync.hooks._pool import widen_pool
+from cosell_sync.hooks.http import RestClient, RetryPolicy, TrustedSession, follow_link
+from cosell_sync.hooks.odata import quote, with_query
+from cosell_sync.hooks.pool import widen_pool
+from cosell_sync.masking import mask
 from cosell_sync.models import Referral, ReferralParseError, parse_referral, parse_referrals
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"

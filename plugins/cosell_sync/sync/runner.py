@@ -28,7 +28,7 @@ from cosell_sync.engine.normalize import (
     referrals_frame,
 )
 from cosell_sync.engine.plan import Plan, plan, with_base_dicts
-from cosell_sync.hooks._clock import ServerClock, server_clock
+from cosell_sync.hooks.clock import ServerClock, server_clock
 from cosell_sync.state import StateStore
 from cosell_sync.sync import lease
 from cosell_sync.sync.base import CrmSide, RunContext, WriteResult, plain, results_frame

@@ -1,7 +1,7 @@
 """The Salesforce side of a sync: extract opportunities (with their account and primary
 contact), create opportunities from referrals, update them, and store links.
 
-Reads are SOQL built with :mod:`cosell_sync.hooks._soql` (every value escaped). Writes go
+Reads are SOQL built with :mod:`cosell_sync.hooks.soql` (every value escaped). Writes go
 through sObject Collections (200 records a call; Bulk API 2.0 above the hook's
 ``bulk_threshold`` for updates and upserts), and every record reports its own outcome:
 
@@ -50,8 +50,8 @@ from cosell_sync.errors import (
     ThrottledError,
     TransportError,
 )
-from cosell_sync.hooks._soql import Condition, literal, name, select
 from cosell_sync.hooks.salesforce import COLLECTION_LIMIT, RecordResult, SalesforceSyncHook
+from cosell_sync.hooks.soql import Condition, literal, name, select
 from cosell_sync.sync.base import RunContext, WriteResult, audit_line, match_key, missing, plain, prepend_audit
 from cosell_sync.sync.crm import CrmWorkflow, Pending
 

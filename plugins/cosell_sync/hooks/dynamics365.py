@@ -12,7 +12,7 @@ incremental reads go by ``modifiedon`` or by change tracking (delta links, delet
 rows). Writes: create, update with ``If-Match``, alternate-key upsert, ``$batch`` with
 change sets and ``continue-on-error``, the ``*Multiple`` actions, and the
 ``WinOpportunity``/``LoseOpportunity`` actions. Every value put into ``$filter`` goes
-through :func:`cosell_sync.hooks._odata.quote`.
+through :func:`cosell_sync.hooks.odata.quote`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ from urllib.parse import urlsplit
 import requests
 from airflow.sdk import BaseHook
 
-from cosell_sync._masking import mask
 from cosell_sync.errors import ApiError, ConfigurationError, NotFoundError
-from cosell_sync.hooks._batch import (
+from cosell_sync.hooks.batch import (
     BatchRequest,
     BatchResponse,
     ChangeSet,
@@ -46,10 +45,11 @@ from cosell_sync.hooks._batch import (
     entity_id_from_url,
     parse_batch,
 )
-from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
-from cosell_sync.hooks._msal import cached_token, fingerprint, settings_app
-from cosell_sync.hooks._odata import datetime_literal, quote, with_query
-from cosell_sync.hooks._pool import widen_pool
+from cosell_sync.hooks.entra import cached_token, fingerprint, settings_app
+from cosell_sync.hooks.http import RestClient, RetryPolicy, TrustedSession, follow_link
+from cosell_sync.hooks.odata import datetime_literal, quote, with_query
+from cosell_sync.hooks.pool import widen_pool
+from cosell_sync.masking import mask
 
 API_PATH = "/api/data/v9.2"
 ODATA_HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"}

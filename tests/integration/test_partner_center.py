@@ -434,21 +434,28 @@ def test_create_without_external_id_is_not_retried_blindly(pc, pc_conn):
 
 
 def test_malformed_referral_gives_a_clear_error_and_keeps_the_good_ones(pc, hook):
+    """The sync's parse of a listing (normalize): a bad value dead-letters its referral, naming the
+    field, and never hides the good ones."""
+    from cosell_sync.engine.mapping import load_mapping
+    from cosell_sync.engine.normalize import referrals_frame
+
     ids = seeded(pc, 30)
     bad = pc.partner_center.referrals[ids[4]]
     bad["details"]["dealValue"] = "lots"
-    models, errors = hook.list_referral_models()
-    assert len(models) == 29 and len(errors) == 1
-    assert errors[0].referral_id == ids[4]
-    assert errors[0].field == "details.dealValue"
-    assert ids[4] in str(errors[0]) and "details.dealValue" in str(errors[0])
+    result = referrals_frame(list(hook.list_referrals()), load_mapping("salesforce"))
+    assert len(result.frame) == 29 and ids[4] not in set(result.frame["referral_id"])
+    (error,) = result.errors.to_dict("records")
+    assert error["key"] == ids[4] and error["field"] == "deal_value" and error["value"] == "lots"
 
 
-def test_seeded_referrals_parse_with_the_model(pc, hook):
+def test_seeded_referrals_parse_with_the_mapping(pc, hook):
+    from cosell_sync.engine.mapping import load_mapping
+    from cosell_sync.engine.normalize import referrals_frame
+
     seeded(pc, 120, seed=9)
-    models, errors = hook.list_referral_models()
-    assert errors == [] and len(models) == 120
-    assert any(m.consent and m.consent.consent_to_share_info_with_others is not None for m in models)
+    for crm in ("salesforce", "dynamics365"):
+        result = referrals_frame(list(hook.list_referrals()), load_mapping(crm))
+        assert result.errors.empty and len(result.frame) == 120
 
 
 def test_select_and_odata_annotations(pc, hook):

@@ -210,7 +210,7 @@ class Normalized:
     create_errors: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ERROR_COLUMNS))
 
 
-def _normalize_column(
+def normalize_column(
     raw: pd.Series, fm: FieldMapping, side: str, crm: str | None = None
 ) -> tuple[pd.Series, pd.Series]:
     """(canonical values, error message or None) for one field over all records; ``crm`` (the
@@ -357,7 +357,7 @@ def _normalize(
     for fm in mapping.fields.values():
         getter = compile_path(fm.referral if side == "referral" else fm.crm, strict=True, objects=objects)
         raw = pd.Series([getter(d) for d in docs], dtype=object)
-        values, errors = _normalize_column(raw, fm, side, mapping.crm)
+        values, errors = normalize_column(raw, fm, side, mapping.crm)
         frame[fm.name] = values
         field_name = fm.referral if side == "referral" else fm.crm
         too_long = _length_problems(values, fm, side, target, _store(mapping.crm))

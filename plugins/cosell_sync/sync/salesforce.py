@@ -41,7 +41,7 @@ import pandas as pd
 import requests
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping
-from cosell_sync.engine.normalize import _normalize_column, as_boolean, side_value
+from cosell_sync.engine.normalize import as_boolean, normalize_column, side_value
 from cosell_sync.errors import (
     ApiError,
     AuthenticationError,
@@ -569,7 +569,7 @@ class SalesforceSide(CrmWorkflow):
         mapping, or "no opinion")."""
         key = (fm.name, value)
         if key not in self._read_backs:  # the same few defaults for every row of a run
-            values, errors = _normalize_column(pd.Series([value], dtype=object), fm, "crm")
+            values, errors = normalize_column(pd.Series([value], dtype=object), fm, "crm")
             canonical = None if not missing(errors.iloc[0]) else plain(values.iloc[0])
             self._read_backs[key] = None if canonical == KEEP else canonical
         return self._read_backs[key]

@@ -96,7 +96,6 @@ class SyncMapping:
     records: dict[str, str]
     fields: dict[str, FieldMapping]
     source: str = "<default>"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def synced_fields(self) -> list[FieldMapping]:
         return [f for f in self.fields.values() if f.synced]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -56,7 +56,6 @@ class SyncJob:
     directions: tuple[str, ...] = ("pc_to_crm", "crm_to_pc")
     dry_run: bool = False
     backfill: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
     lease_epoch: int | None = None  # the CRM lease this run holds (cosell_sync.sync.lease); None: none
     lease_ttl: timedelta = lease.LEASE_TTL
 

@@ -10,11 +10,14 @@ that parsing a DAG file imports neither the HTTP clients nor pandas.
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 DYNAMICS365 = "dynamics365"
 SALESFORCE = "salesforce"
+log = logging.getLogger(__name__)
 
 
 def _load(path: str) -> Any:
@@ -36,7 +39,6 @@ class Crm:
     side: str  # "module:Class" of its side of the sync (imported on first use)
     record_path: str  # a record's page, under the connection's host: "{crm_id}" is replaced
     deprecated_conn_ids: tuple[str, ...] = ()  # older ids still read, with a warning
-    connection_getter: str | None = None  # "module:function" reading its connection, if not BaseHook's
 
     @property
     def conn_ids(self) -> tuple[str, ...]:
@@ -49,14 +51,32 @@ class Crm:
     def side_class(self) -> type:
         return _load(self.side)
 
-    def connection(self) -> Any:
-        """The CRM's Airflow connection (a deprecated id with a warning, where the CRM has one);
-        Airflow's not-found error when there is none."""
-        if self.connection_getter:
-            return _load(self.connection_getter)(self.conn_id)
+    def connection(self, conn_id: str | None = None) -> Any:
+        """The Airflow connection ``conn_id`` (default: the CRM's). The CRM's own id falls back to
+        a deprecated one when only that exists, with a DeprecationWarning and a log line saying
+        how to rename it; any other missing id raises Airflow's not-found error."""
         from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
 
-        return BaseHook.get_connection(self.conn_id)
+        conn_id = conn_id or self.conn_id
+        try:
+            return BaseHook.get_connection(conn_id)
+        except AirflowNotFoundException:
+            if conn_id != self.conn_id or not self.deprecated_conn_ids:
+                raise
+        for old in self.deprecated_conn_ids:
+            try:
+                conn = BaseHook.get_connection(old)
+            except AirflowNotFoundException:
+                continue
+            message = (
+                f"the {self.label} connection id {old!r} is deprecated: name it {self.conn_id!r} "
+                f"(AIRFLOW_CONN_{self.conn_id.upper()}); {old!r} is read while {self.conn_id!r} is absent"
+            )
+            warnings.warn(message, DeprecationWarning, stacklevel=3)
+            log.warning(message)
+            return conn
+        raise AirflowNotFoundException(f"The conn_id `{self.conn_id}` isn't defined")
 
 
 CRMS: dict[str, Crm] = {
@@ -68,7 +88,6 @@ CRMS: dict[str, Crm] = {
             store="Dataverse",
             conn_id="dynamics365_default",
             deprecated_conn_ids=("dynamics_default",),
-            connection_getter="cosell_sync.hooks.dynamics365:dynamics_connection",
             id_field="opportunityid",
             hook="cosell_sync.hooks.dynamics365:DynamicsHook",
             side="cosell_sync.sync.dynamics365:DynamicsSide",

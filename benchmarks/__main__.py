@@ -5,8 +5,8 @@ hand-written equivalent, run interleaved in the same process, is the signal.
 
 * paging: PartnerCenterHook.list_referrals vs a bare requests loop over the same pages
   (ratio = cost of retries, typed errors and nextLink checks);
-* parsing: list_referral_models vs plain JSON decoding (ratio = cost of the model);
-* memory: peak traced allocation of parsed models vs raw dicts;
+* parsing: the sync's normalize step (referrals_frame) vs plain JSON decoding (ratio = its cost);
+* memory: peak traced allocation of the normalized frame vs raw dicts;
 * calls: GET requests and token grants for one full listing.
 """
 
@@ -30,8 +30,9 @@ import requests  # noqa: E402
 from benchmarks.planner import bench_planner  # noqa: E402
 from benchmarks.throughput import bench_throughput  # noqa: E402
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
+from cosell_sync.engine.mapping import load_mapping  # noqa: E402
+from cosell_sync.engine.normalize import referrals_frame  # noqa: E402
 from cosell_sync.hooks.partner_center import PartnerCenterHook  # noqa: E402
-from cosell_sync.models import parse_referrals  # noqa: E402
 
 N_REFERRALS = int(os.environ.get("BENCH_REFERRALS", "3000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -100,7 +101,7 @@ def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
     Each run is what a DAG run does: ``prepare`` checks the mapping against the CRM's metadata
     (Dataverse's options travel in the run's spec), then the steps of runner.sync."""
     from cosell_sync.dag_factory import check_mapping, sync_sides
-    from cosell_sync.hooks._msal import forget_tokens
+    from cosell_sync.hooks.entra import forget_tokens
     from cosell_sync.state import StateStore
     from cosell_sync.sync.runner import OVERLAP, sync, window_job
 
@@ -315,7 +316,8 @@ def main() -> int:
 
         baseline_list(session, url, token, ca)  # warm both paths
         list(hook.list_referrals())
-        base_t, hook_t, raw_parse_t, model_t = [], [], [], []
+        base_t, hook_t, raw_parse_t, normalize_t = [], [], [], []
+        mapping = load_mapping("salesforce")  # the pipeline's parse: referral documents -> canonical rows
         raw_docs: list[dict] = []
         for _ in range(ROUNDS):  # interleaved, so machine noise hits both alike
             t, raw_docs = timed(lambda: baseline_list(session, url, token, ca))
@@ -325,8 +327,8 @@ def main() -> int:
             blob = json.dumps(raw_docs)
             t, _ = timed(lambda blob=blob: json.loads(blob))
             raw_parse_t.append(t)
-            t, _ = timed(lambda blob=blob: parse_referrals(json.loads(blob)))
-            model_t.append(t)
+            t, _ = timed(lambda blob=blob: referrals_frame(json.loads(blob), mapping))
+            normalize_t.append(t)
 
         tracemalloc.start()
         raw = json.loads(json.dumps(raw_docs))
@@ -334,13 +336,13 @@ def main() -> int:
         tracemalloc.stop()
         del raw
         tracemalloc.start()
-        models, errors = parse_referrals(json.loads(json.dumps(raw_docs)))
-        model_peak = tracemalloc.get_traced_memory()[1]
+        normalized = referrals_frame(json.loads(json.dumps(raw_docs)), mapping)
+        normalize_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
 
         fresh = PartnerCenterHook()
         grants_before = sb.entra.grants["refresh_token"]
-        from cosell_sync.hooks._msal import forget_tokens
+        from cosell_sync.hooks.entra import forget_tokens
 
         forget_tokens()
         count = sum(1 for _ in fresh.list_referrals())
@@ -351,15 +353,15 @@ def main() -> int:
         }
         results["parsing"] = {
             "json_median_s": statistics.median(raw_parse_t),
-            "models_median_s": statistics.median(model_t),
-            "ratio_models_to_json": statistics.median(model_t) / statistics.median(raw_parse_t),
-            "malformed": len(errors),
-            "parsed": len(models),
+            "normalize_median_s": statistics.median(normalize_t),
+            "ratio_normalize_to_json": statistics.median(normalize_t) / statistics.median(raw_parse_t),
+            "malformed": int(normalized.errors["key"].nunique()),
+            "parsed": len(normalized.frame),
         }
         results["memory"] = {
             "raw_peak_bytes": raw_peak,
-            "models_peak_bytes": model_peak,
-            "ratio_models_to_raw": model_peak / raw_peak,
+            "normalize_peak_bytes": normalize_peak,
+            "ratio_normalize_to_raw": normalize_peak / raw_peak,
         }
         results["calls"] = {
             "referrals_listed": count,
@@ -388,7 +390,8 @@ def main() -> int:
         f"(median {p['hook_median_s']:.3f}s vs {p['baseline_median_s']:.3f}s)"
     )
     print(
-        f"parsing models/json = {m['ratio_models_to_json']:.2f}x; memory models/raw = {mem['ratio_models_to_raw']:.2f}x"
+        f"parsing normalize/json = {m['ratio_normalize_to_json']:.2f}x; "
+        f"memory normalize/raw = {mem['ratio_normalize_to_raw']:.2f}x"
     )
     print(f"calls   {c['get_requests']} GETs for {c['expected_pages']} pages, {c['token_grants']} token grant(s)")
     print(f"written {out_dir / 'latest.json'}")

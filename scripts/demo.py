@@ -137,7 +137,7 @@ class Demo:
 
             row = SalesforceSyncHook().get_conn().Opportunity.get(crm_id)
             return row["Amount"], row["Description"]
-        from cosell_sync.hooks.dynamics import DynamicsHook
+        from cosell_sync.hooks.dynamics365 import DynamicsHook
 
         row = DynamicsHook().get("opportunities", crm_id, select=["estimatedvalue", "description"])
         return row["estimatedvalue"], row["description"]
@@ -151,7 +151,7 @@ class Demo:
             soql = "SELECT Id, StageName FROM Opportunity WHERE PC_Sync_With_Partner_Center__c = true"
             rows = SalesforceSyncHook().query_records(soql)
             return {r["Id"]: r["StageName"] if r["StageName"].startswith("Closed") else "Open" for r in rows}
-        from cosell_sync.hooks.dynamics import DynamicsHook
+        from cosell_sync.hooks.dynamics365 import DynamicsHook
 
         rows = DynamicsHook().query(
             "opportunities", select=["opportunityid", "statecode"], filter="cosell_syncwithpartnercenter eq true"
@@ -166,7 +166,7 @@ class Demo:
 
             on_opportunity = SalesforceSyncHook().get_conn().Opportunity.get(crm_id)[field]
         else:
-            from cosell_sync.hooks.dynamics import DynamicsHook
+            from cosell_sync.hooks.dynamics365 import DynamicsHook
 
             on_opportunity = DynamicsHook().get("opportunities", crm_id, select=[field])[field]
         on_referral = self.referral(referral_id).get("externalReferenceId")
@@ -181,7 +181,7 @@ class Demo:
 
             SalesforceSyncHook().get_conn().Opportunity.update(crm_id, {"Description": notes})
         else:
-            from cosell_sync.hooks.dynamics import DynamicsHook
+            from cosell_sync.hooks.dynamics365 import DynamicsHook
 
             DynamicsHook().update("opportunities", crm_id, {"description": notes})
 

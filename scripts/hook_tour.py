@@ -25,11 +25,13 @@ from cryptography import x509  # noqa: E402
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from cosell_sandbox.server import FaultConfig  # noqa: E402
-from cosell_sync.hooks._batch import BatchRequest  # noqa: E402
-from cosell_sync.hooks._soql import Condition, select  # noqa: E402
-from cosell_sync.hooks.dynamics import DynamicsHook  # noqa: E402
+from cosell_sync.engine.mapping import load_mapping  # noqa: E402
+from cosell_sync.engine.normalize import referrals_frame  # noqa: E402
+from cosell_sync.hooks.batch import BatchRequest  # noqa: E402
+from cosell_sync.hooks.dynamics365 import DynamicsHook  # noqa: E402
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS, PartnerCenterHook  # noqa: E402
 from cosell_sync.hooks.salesforce import SalesforceSyncHook  # noqa: E402
+from cosell_sync.hooks.soql import Condition, select  # noqa: E402
 from cosell_sync.webhooks.signature import (  # noqa: E402
     SignatureError,
     load_certificate,
@@ -108,12 +110,14 @@ def main() -> int:
             f"  {len(everything)} referrals in {hook.referrals.calls['GET']} calls, "
             f"{time.perf_counter() - started:.2f}s"
         )
-        models, errors = hook.list_referral_models(filter="status eq 'New' and direction eq 'Incoming'")
-        print(f"  status eq 'New' and direction eq 'Incoming': {len(models)} parsed, {len(errors)} malformed")
-        sample = models[0]
+        docs = list(hook.list_referrals(filter="status eq 'New' and direction eq 'Incoming'"))
+        parsed = referrals_frame(docs, load_mapping("salesforce"))  # the sync's parse, by the mapping
+        bad = parsed.errors["key"].nunique()
+        print(f"  status eq 'New' and direction eq 'Incoming': {len(parsed.frame)} parsed, {bad} malformed")
+        sample = parsed.frame.iloc[0]
         print(
-            f"  e.g. {sample.name!r}: {sample.details.deal_value:,.0f} {sample.details.currency}, "
-            f"help wanted: {sample.invite_context.assistance_request_code if sample.invite_context else '-'}"
+            f"  e.g. {sample['name']!r}: {sample['deal_value']:,.0f} {sample['currency']}, "
+            f"help wanted: {sample['help_code'] or '-'}"
         )
 
         step("Create an outgoing referral from a CRM opportunity, then update it with JSON Patch")
@@ -162,20 +166,20 @@ def main() -> int:
                     break
                 time.sleep(0.05)
             print(f"  validation event: {result['status']}, {result['results'][0]['responseCode']}")
-            open_one = next(m for m in models if m.status == "New")
+            open_one = next(d["id"] for d in docs if d.get("status") == "New")
             requests.post(
-                f"{sandbox.origin('partner_center')}/_sandbox/referrals/{open_one.id}/microsoft-edit",
+                f"{sandbox.origin('partner_center')}/_sandbox/referrals/{open_one}/microsoft-edit",
                 json={"action": "accept"},
                 verify=str(sandbox.pki.ca_cert),
                 timeout=10,
             ).raise_for_status()
             deadline = time.monotonic() + 10
-            while not any(e == ("referral-updated", open_one.id) for e in receiver.events):
+            while not any(e == ("referral-updated", open_one) for e in receiver.events):
                 if time.monotonic() > deadline:
                     raise SystemExit("the webhook did not arrive")
                 time.sleep(0.02)
-            print(f"  Microsoft accepted {open_one.id}; signed 'referral-updated' verified by the receiver")
-            print(f"  now: {hook.get_referral(open_one.id)['status']}")
+            print(f"  Microsoft accepted {open_one}; signed 'referral-updated' verified by the receiver")
+            print(f"  now: {hook.get_referral(open_one)['status']}")
         finally:
             receiver.close()
 

@@ -69,7 +69,7 @@ def pc(sandbox: Sandbox) -> Iterator[Sandbox]:
 @pytest.fixture
 def pc_conn(pc: Sandbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
     """AIRFLOW_CONN_PARTNER_CENTER_DEFAULT pointing at the sandbox, with a private token store."""
-    from cosell_sync.hooks._msal import forget_tokens
+    from cosell_sync.hooks.entra import forget_tokens
 
     forget_tokens()
     conn = pc.connections()["partner_center_default"]
@@ -89,8 +89,8 @@ def hook(pc_conn: dict):
 @pytest.fixture
 def dyn_conn(pc: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
     """AIRFLOW_CONN_DYNAMICS365_DEFAULT pointing at the Dataverse emulator."""
-    from cosell_sync.hooks import dynamics
-    from cosell_sync.hooks._msal import forget_tokens
+    from cosell_sync.hooks import dynamics365 as dynamics
+    from cosell_sync.hooks.entra import forget_tokens
 
     forget_tokens()
     dynamics._currencies.clear()
@@ -102,7 +102,7 @@ def dyn_conn(pc: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
 
 @pytest.fixture
 def dyn_hook(dyn_conn: dict):
-    from cosell_sync.hooks.dynamics import DynamicsHook
+    from cosell_sync.hooks.dynamics365 import DynamicsHook
 
     return DynamicsHook()
 

@@ -55,11 +55,13 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from cosell_sync import crms
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.errors import AuthenticationError, ConfigurationError
 from cosell_sync.notes import push_note, records_failure
 
 SCHEDULE = "*/15 * * * *"
+MAPPING_VARIABLE = "cosell_mapping_{crm}"  # the Airflow Variable naming a CRM's mapping file
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 LEASE_MAX_WAIT = timedelta(hours=3)
@@ -98,16 +100,10 @@ def sync_sides(crm: str, mapping: Any, choices: dict[str, Any] | None = None) ->
     from cosell_sync.hooks.partner_center import PartnerCenterHook
     from cosell_sync.sync.partner_center import PartnerCenterSide
 
-    if crm == "salesforce":
-        from cosell_sync.hooks.salesforce import SalesforceSyncHook
-        from cosell_sync.sync.salesforce import SalesforceSide
-
-        crm_side: Any = SalesforceSide(SalesforceSyncHook(), mapping)
-    else:
-        from cosell_sync.hooks.dynamics import DynamicsHook
-        from cosell_sync.sync.dynamics365 import DynamicsSide
-
-        crm_side = DynamicsSide(DynamicsHook(), mapping, choices)
+    entry = crms.get(crm)
+    hook, side = entry.hook_class()(), entry.side_class()
+    # Dataverse options read by ``prepare`` travel with the run; Salesforce reads no options.
+    crm_side = side(hook, mapping, choices) if crm == crms.DYNAMICS365 else side(hook, mapping)
     return PartnerCenterSide(PartnerCenterHook(), mapping), crm_side
 
 
@@ -116,15 +112,12 @@ def check_mapping(crm: str, mapping: Any) -> dict[str, dict[str, int]]:
     option sets, Salesforce picklists): a value the org lacks fails the run here, naming the file,
     the field and the value. Returns the Dataverse options read, which travel in the run's spec so
     that no later task reads the metadata again."""
-    if crm == "salesforce":
-        from cosell_sync.hooks.salesforce import SalesforceSyncHook
-        from cosell_sync.sync.salesforce import SalesforceSide
+    entry = crms.get(crm)
+    if crm == crms.DYNAMICS365:
+        from cosell_sync.sync.dynamics365 import check_choices
 
-        return SalesforceSide(SalesforceSyncHook(), mapping).check_mapping()
-    from cosell_sync.hooks.dynamics import DynamicsHook
-    from cosell_sync.sync.dynamics365 import check_choices
-
-    return check_choices(DynamicsHook(), mapping)
+        return check_choices(entry.hook_class()(), mapping)
+    return entry.side_class()(entry.hook_class()(), mapping).check_mapping()
 
 
 def _job(spec: dict[str, Any]) -> Any:
@@ -303,11 +296,27 @@ def waiting_note(dag_id: str) -> str:
     )
 
 
+def mapping_override(crm: str) -> str | None:
+    """The mapping file chosen for ``crm`` by the ``cosell_mapping_<crm>`` Airflow Variable (a
+    path), or None when it is unset or blank (then ``$COSELL_MAPPING_<CRM>``, else the shipped
+    default: :func:`~cosell_sync.engine.mapping.load_mapping`).
+
+    Read when a DAG file is parsed, so a broken copy fails the parse naming its key, and the
+    run's tasks (which parse the file again) use the same file. One lookup through Airflow's
+    secrets backends, the environment (``AIRFLOW_VAR_COSELL_MAPPING_<CRM>``) first."""
+    from airflow.sdk import Variable
+
+    value = Variable.get(MAPPING_VARIABLE.format(crm=crm), default=None)
+    text = "" if value is None else str(value).strip()
+    return text or None
+
+
 def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str | None = None) -> DAG:
+    mapping_path = mapping_path or mapping_override(crm)
     mapping = load_mapping(crm, mapping_path)  # fails at parse time, naming the key
     schedule = schedule or _setting("sync_schedule", SCHEDULE)
     dag_id = f"cosell_sync_{crm}"
-    label = {"dynamics365": "Dynamics 365", "salesforce": "Salesforce"}[crm]
+    label = crms.get(crm).label
     opportunities = opportunities_asset(crm)
 
     with DAG(

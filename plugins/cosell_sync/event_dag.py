@@ -33,7 +33,6 @@ from cosell_sync.notes import push_note, records_failure, truncate
 from cosell_sync.triggers.inbox import SIGNAL_DAG, SIGNAL_SIDE, InboxTrigger
 
 DAG_ID = SIGNAL_DAG
-CRM_CONNECTIONS = {"dynamics365": "dynamics365_default", "salesforce": "salesforce_default"}
 log = logging.getLogger(__name__)
 
 INBOX_ASSET = Asset(
@@ -46,26 +45,22 @@ INBOX_ASSET = Asset(
 def configured_crms() -> list[str]:
     """The CRMs to sync events to: ``[cosell] event_crms`` whose connection exists."""
     from airflow.configuration import conf
-    from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from cosell_sync.hooks.dynamics import dynamics_connection
+    from cosell_sync.crms import CRMS, NAMES
 
-    wanted = conf.get("cosell", "event_crms", fallback=",".join(CRM_CONNECTIONS))
-    crms = []
-    for crm in (c.strip() for c in wanted.split(",") if c.strip()):
-        if crm not in CRM_CONNECTIONS:
-            raise ValueError(f"[cosell] event_crms: unknown CRM {crm!r} (known: {', '.join(CRM_CONNECTIONS)})")
+    wanted = conf.get("cosell", "event_crms", fallback=",".join(NAMES))
+    configured = []
+    for name in (c.strip() for c in wanted.split(",") if c.strip()):
+        if name not in CRMS:
+            raise ValueError(f"[cosell] event_crms: unknown CRM {name!r} (known: {', '.join(NAMES)})")
         try:
-            if crm == "dynamics365":
-                dynamics_connection(CRM_CONNECTIONS[crm])  # or the deprecated id, with a warning
-            else:
-                BaseHook.get_connection(CRM_CONNECTIONS[crm])
+            CRMS[name].connection()  # or a deprecated id, with a warning
         except AirflowNotFoundException:
-            log.info("%s: no connection %s; not syncing events to it", crm, CRM_CONNECTIONS[crm])
+            log.info("%s: no connection %s; not syncing events to it", name, CRMS[name].conn_id)
             continue
-        crms.append(crm)
-    return crms
+        configured.append(name)
+    return configured
 
 
 def sync_events(run_id: str) -> dict[str, Any]:
@@ -73,7 +68,14 @@ def sync_events(run_id: str) -> dict[str, Any]:
 
     While another run holds a CRM's lease, the events go back to the inbox and the task is
     rescheduled (:func:`~cosell_sync.dag_factory.wait_for_lease`)."""
-    from cosell_sync.dag_factory import lease_ttl, staging_root, state_store, sync_sides, wait_for_lease
+    from cosell_sync.dag_factory import (
+        lease_ttl,
+        mapping_override,
+        staging_root,
+        state_store,
+        sync_sides,
+        wait_for_lease,
+    )
     from cosell_sync.engine.mapping import load_mapping
     from cosell_sync.state import LeaseHeldError
     from cosell_sync.sync import runner
@@ -96,7 +98,7 @@ def sync_events(run_id: str) -> dict[str, Any]:
         except LeaseHeldError as held:
             busy = held
         for crm in crms if busy is None else []:
-            mapping = load_mapping(crm)
+            mapping = load_mapping(crm, mapping_override(crm))
             job = runner.SyncJob(
                 crm=crm,
                 dag_id=f"{DAG_ID}.{crm}",

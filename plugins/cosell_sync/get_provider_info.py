@@ -61,7 +61,7 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Microsoft Partner Center", "python-modules": ["cosell_sync.hooks.partner_center"]},
             {
                 "integration-name": "Microsoft Dynamics 365 (Dataverse)",
-                "python-modules": ["cosell_sync.hooks.dynamics"],
+                "python-modules": ["cosell_sync.hooks.dynamics365"],
             },
             # Extends the Salesforce provider's hook; the "salesforce" connection type stays the provider's.
             {"integration-name": "Salesforce (cosell-sync)", "python-modules": ["cosell_sync.hooks.salesforce"]},
@@ -110,7 +110,7 @@ def get_provider_info() -> dict[str, Any]:
             },
             {
                 "connection-type": "dynamics365",
-                "hook-class-name": "cosell_sync.hooks.dynamics.DynamicsHook",
+                "hook-class-name": "cosell_sync.hooks.dynamics365.DynamicsHook",
                 "hook-name": "Microsoft Dynamics 365 (Dataverse)",
                 "conn-fields": dict(_MICROSOFT_COMMON),
                 "ui-field-behaviour": {

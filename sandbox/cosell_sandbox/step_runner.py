@@ -53,7 +53,7 @@ def preload() -> None:
     import pyarrow  # noqa: F401
 
     import cosell_sync.dag_factory
-    import cosell_sync.hooks.dynamics
+    import cosell_sync.hooks.dynamics365
     import cosell_sync.hooks.partner_center
     import cosell_sync.hooks.salesforce
     import cosell_sync.sync.dynamics365

@@ -7,7 +7,7 @@ import itertools
 from typing import Any
 
 from cosell_sync.engine.mapping import load_mapping
-from cosell_sync.hooks.dynamics import DynamicsHook
+from cosell_sync.hooks.dynamics365 import DynamicsHook
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 from cosell_sync.hooks.salesforce import SalesforceSyncHook
 from cosell_sync.state import StateStore

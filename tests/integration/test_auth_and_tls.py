@@ -11,8 +11,8 @@ import requests
 
 from cosell_sandbox.runtime import Sandbox
 from cosell_sync.errors import AuthenticationError, ConfigurationError
-from cosell_sync.hooks._http import RetryPolicy, TrustedSession
-from cosell_sync.hooks._msal import forget_tokens
+from cosell_sync.hooks.entra import forget_tokens
+from cosell_sync.hooks.http import RetryPolicy, TrustedSession
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 
 

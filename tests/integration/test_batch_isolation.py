@@ -23,7 +23,7 @@ import pytest
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import referrals_frame
 from cosell_sync.errors import ServerError, TransportError, ValidationError
-from cosell_sync.hooks._batch import BatchRequest
+from cosell_sync.hooks.batch import BatchRequest
 from cosell_sync.sync.base import RunContext
 from cosell_sync.sync.crm import Pending
 from cosell_sync.sync.dynamics365 import DynamicsSide

@@ -9,7 +9,7 @@ import yaml
 from cosell_sync.dag_factory import check_mapping
 from cosell_sync.engine.mapping import DEFAULTS, load_mapping, parse_mapping
 from cosell_sync.errors import ConfigurationError
-from cosell_sync.hooks.dynamics import DynamicsHook
+from cosell_sync.hooks.dynamics365 import DynamicsHook
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 from cosell_sync.sync.dynamics365 import DynamicsSide
 from cosell_sync.sync.partner_center import PartnerCenterSide

@@ -69,7 +69,7 @@ def test_serve_prints_connection_lines_the_hook_uses_unchanged(served, tmp_path)
 
     script = textwrap.dedent(
         """
-        from cosell_sync.hooks.dynamics import DynamicsHook
+        from cosell_sync.hooks.dynamics365 import DynamicsHook
         from cosell_sync.hooks.partner_center import PartnerCenterHook
         from cosell_sync.hooks.salesforce import SalesforceSyncHook
         hook = PartnerCenterHook()

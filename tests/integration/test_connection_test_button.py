@@ -43,7 +43,7 @@ def api(airflow_db: None) -> Iterator[TestClient]:
 @pytest.fixture
 def fresh(pc: Sandbox) -> Iterator[Sandbox]:
     """The sandbox, and a process with no tokens or msal apps cached yet."""
-    from cosell_sync.hooks._msal import forget_tokens
+    from cosell_sync.hooks.entra import forget_tokens
 
     forget_tokens()
     yield pc
@@ -84,7 +84,7 @@ def dyn_form(pc: Sandbox, **changes: Any) -> dict[str, Any]:
 def test_each_form_names_the_connection_id_the_dags_read(api: TestClient) -> None:
     """The UI reads the forms from /ui/connections/hook_meta; the Description field's label names
     the id each hook reads by default (the DAGs build the hooks with their defaults)."""
-    from cosell_sync.hooks.dynamics import DynamicsHook
+    from cosell_sync.hooks.dynamics365 import DynamicsHook
     from cosell_sync.hooks.partner_center import PartnerCenterHook
 
     resp = api.get("/ui/connections/hook_meta")

@@ -111,3 +111,25 @@ def test_unknown_conf_keys_fail_the_run_naming_the_allowed_ones(dagbag):
         check_conf({"referal_ids": ["r1"], "dry_run": True}, allowed)
     check_conf({"dry_run": True, "referral_ids": ["r1"]}, allowed)
     check_conf(None, allowed)
+
+
+def test_the_mapping_variable_points_the_dag_at_a_copy(tmp_path, monkeypatch):
+    """The header of the shipped mappings: point the ``cosell_mapping_<crm>`` Airflow Variable at
+    a copy. The Variable is read at parse time (a broken copy fails the parse, naming the key),
+    and wins over ``$COSELL_MAPPING_<CRM>``."""
+    from cosell_sync.dag_factory import build_sync_dag, mapping_override
+    from cosell_sync.engine.mapping import DEFAULTS, MappingError
+
+    text = (DEFAULTS / "salesforce.yaml").read_text()
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(text.replace("    direction: both", "    direction: sideways", 1))
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(text)
+    monkeypatch.setenv("COSELL_MAPPING_SALESFORCE", str(fine))
+    monkeypatch.setenv("AIRFLOW_VAR_COSELL_MAPPING_SALESFORCE", str(copy))
+    assert mapping_override("salesforce") == str(copy)
+    with pytest.raises(MappingError, match=r"mine\.yaml: fields\.name\.direction: 'sideways'"):
+        build_sync_dag("salesforce")
+    monkeypatch.setenv("AIRFLOW_VAR_COSELL_MAPPING_SALESFORCE", "  ")  # blank: as if unset
+    assert mapping_override("salesforce") is None
+    assert build_sync_dag("salesforce").dag_id == "cosell_sync_salesforce"  # $COSELL_MAPPING_SALESFORCE

@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 import pytest
 
 from cosell_sync.errors import NotFoundError, PreconditionFailedError, ThrottledError, ValidationError
-from cosell_sync.hooks._batch import BatchRequest, ChangeSet
-from cosell_sync.hooks._http import RetryPolicy
-from cosell_sync.hooks._odata import quote
-from cosell_sync.hooks.dynamics import DynamicsHook
+from cosell_sync.hooks.batch import BatchRequest, ChangeSet
+from cosell_sync.hooks.dynamics365 import DynamicsHook
+from cosell_sync.hooks.http import RetryPolicy
+from cosell_sync.hooks.odata import quote
 
 
 @pytest.fixture
@@ -269,7 +269,7 @@ def test_parallel_requests_follow_the_orgs_dop_hint(dv, dyn_hook, monkeypatch):
     import threading
 
     from cosell_sandbox.server import FaultConfig
-    from cosell_sync.hooks.dynamics import DEFAULT_PARALLELISM, MAX_CONCURRENT
+    from cosell_sync.hooks.dynamics365 import DEFAULT_PARALLELISM, MAX_CONCURRENT
 
     hint = {"value": "3"}
     decorate = dv.decorate

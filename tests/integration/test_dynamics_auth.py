@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cosell_sync.errors import AuthenticationError, ConfigurationError
-from cosell_sync.hooks.dynamics import DynamicsHook
+from cosell_sync.hooks.dynamics365 import DynamicsHook
 
 
 def test_client_credentials_token_for_the_environment_scope(pc, dyn_conn):

@@ -17,8 +17,8 @@ from cosell_sync.errors import (
     TransportError,
     ValidationError,
 )
-from cosell_sync.hooks._http import RetryPolicy
-from cosell_sync.hooks._odata import quote
+from cosell_sync.hooks.http import RetryPolicy
+from cosell_sync.hooks.odata import quote
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 
 FAST = RetryPolicy(max_attempts=6, backoff_base=0.01, backoff_max=0.05)
@@ -203,7 +203,7 @@ def test_access_token_is_cached_until_it_expires(pc, hook):
 
 
 def test_rotated_refresh_token_is_persisted_and_used_by_the_next_process(pc, pc_conn):
-    from cosell_sync.hooks._msal import forget_tokens
+    from cosell_sync.hooks.entra import forget_tokens
 
     pc.entra.config.single_use_refresh_tokens = True  # the original token dies on first use
     original = pc_conn["extra"]["refresh_token"]
@@ -433,21 +433,28 @@ def test_create_without_external_id_is_not_retried_blindly(pc, pc_conn):
 
 
 def test_malformed_referral_gives_a_clear_error_and_keeps_the_good_ones(pc, hook):
+    """The sync's parse of a listing (normalize): a bad value dead-letters its referral, naming the
+    field, and never hides the good ones."""
+    from cosell_sync.engine.mapping import load_mapping
+    from cosell_sync.engine.normalize import referrals_frame
+
     ids = seeded(pc, 30)
     bad = pc.partner_center.referrals[ids[4]]
     bad["details"]["dealValue"] = "lots"
-    models, errors = hook.list_referral_models()
-    assert len(models) == 29 and len(errors) == 1
-    assert errors[0].referral_id == ids[4]
-    assert errors[0].field == "details.dealValue"
-    assert ids[4] in str(errors[0]) and "details.dealValue" in str(errors[0])
+    result = referrals_frame(list(hook.list_referrals()), load_mapping("salesforce"))
+    assert len(result.frame) == 29 and ids[4] not in set(result.frame["referral_id"])
+    (error,) = result.errors.to_dict("records")
+    assert error["key"] == ids[4] and error["field"] == "details.dealValue" and "lots" in str(error["value"])
 
 
-def test_seeded_referrals_parse_with_the_model(pc, hook):
+def test_seeded_referrals_parse_with_the_mapping(pc, hook):
+    from cosell_sync.engine.mapping import load_mapping
+    from cosell_sync.engine.normalize import referrals_frame
+
     seeded(pc, 120, seed=9)
-    models, errors = hook.list_referral_models()
-    assert errors == [] and len(models) == 120
-    assert any(m.consent and m.consent.consent_to_share_info_with_others is not None for m in models)
+    for crm in ("salesforce", "dynamics365"):
+        result = referrals_frame(list(hook.list_referrals()), load_mapping(crm))
+        assert result.errors.empty and len(result.frame) == 120
 
 
 def test_select_and_odata_annotations(pc, hook):

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from cosell_sync.dag_factory import check_mapping, sync_sides
-from cosell_sync.hooks._clock import ServerClock, server_clock
+from cosell_sync.hooks.clock import ServerClock, server_clock
 from cosell_sync.state import StateStore
 from cosell_sync.sync.partner_center import microsoft_side
 from cosell_sync.sync.runner import (
@@ -195,7 +195,7 @@ class _Answer:
 
 
 def test_the_watermark_is_the_servers_time_when_the_read_began():
-    from cosell_sync.hooks._clock import observe
+    from cosell_sync.hooks.clock import observe
 
     with server_clock() as clock:
         for date in ("Mon, 30 Nov 2026 18:00:05 GMT", "Mon, 30 Nov 2026 18:00:02 GMT", None, "garbage"):

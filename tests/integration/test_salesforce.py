@@ -12,9 +12,9 @@ import pytest
 
 from cosell_sandbox.server import FaultConfig
 from cosell_sync.errors import AuthenticationError, ThrottledError, ValidationError
-from cosell_sync.hooks._http import RetryPolicy
-from cosell_sync.hooks._soql import Condition, select
+from cosell_sync.hooks.http import RetryPolicy
 from cosell_sync.hooks.salesforce import SalesforceSyncHook
+from cosell_sync.hooks.soql import Condition, select
 
 FAST = RetryPolicy(max_attempts=6, backoff_base=0.01, backoff_max=0.05)
 

@@ -15,7 +15,7 @@ from cosell_sandbox.dynamics365.choices import DEFAULT_CHOICE_BASE
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import crm_frame, referrals_frame
 from cosell_sync.errors import TransportError
-from cosell_sync.hooks._batch import BatchRequest
+from cosell_sync.hooks.batch import BatchRequest
 from cosell_sync.sync.base import RunContext
 from cosell_sync.sync.dynamics365 import DynamicsSide, match_key
 from tests.helpers import with_paths

@@ -33,9 +33,9 @@ from cosell_sandbox.seed import iso
 from cosell_sandbox.server import FaultConfig
 from cosell_sandbox.step_runner import prepare
 from cosell_sync import dag_factory
-from cosell_sync.hooks import dynamics
+from cosell_sync.hooks import dynamics365 as dynamics
 from cosell_sync.hooks import salesforce as salesforce_hook
-from cosell_sync.hooks._msal import forget_tokens
+from cosell_sync.hooks.entra import forget_tokens
 from cosell_sync.state import StateStore
 from cosell_sync.sync import runner
 from cosell_sync.sync import salesforce as salesforce_side

@@ -13,10 +13,10 @@ import pytest
 
 from cosell_sandbox.server import FaultConfig
 from cosell_sync.errors import AuthenticationError, ServerError, ThrottledError, TransportError
-from cosell_sync.hooks import _msal
-from cosell_sync.hooks._http import RetryPolicy
-from cosell_sync.hooks._msal import forget_tokens
-from cosell_sync.hooks.dynamics import DynamicsHook
+from cosell_sync.hooks import entra
+from cosell_sync.hooks.dynamics365 import DynamicsHook
+from cosell_sync.hooks.entra import forget_tokens
+from cosell_sync.hooks.http import RetryPolicy
 
 FAST = RetryPolicy(max_attempts=3, backoff_base=0.05, backoff_max=0.2)
 
@@ -25,7 +25,7 @@ FAST = RetryPolicy(max_attempts=3, backoff_base=0.05, backoff_max=0.2)
 def fast_retries(monkeypatch):
     """Short backoff; Retry-After (1 s from the emulator) is still honoured. The hook's own
     policy is the one its token requests are retried with."""
-    monkeypatch.setattr(_msal, "DEFAULT_POLICY", FAST, raising=False)
+    monkeypatch.setattr(entra, "DEFAULT_POLICY", FAST, raising=False)
 
 
 def _paths(pc) -> tuple[str, str]:

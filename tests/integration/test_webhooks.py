@@ -10,7 +10,7 @@ import requests
 from cryptography import x509
 
 from cosell_sync.errors import ConflictError, ThrottledError
-from cosell_sync.hooks._http import RetryPolicy
+from cosell_sync.hooks.http import RetryPolicy
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS, PartnerCenterHook, registration_value
 from cosell_sync.webhooks.signature import (
     SignatureError,

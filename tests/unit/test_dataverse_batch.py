@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cosell_sync.hooks._batch import (
+from cosell_sync.hooks.batch import (
     BatchParseError,
     BatchRequest,
     ChangeSet,
@@ -14,8 +14,8 @@ from cosell_sync.hooks._batch import (
     entity_id_from_url,
     parse_batch,
 )
-from cosell_sync.hooks._odata import with_query
-from cosell_sync.hooks.dynamics import DynamicsHook
+from cosell_sync.hooks.dynamics365 import DynamicsHook
+from cosell_sync.hooks.odata import with_query
 
 GUID = "a69b6e6e-0d8e-4f47-9e6b-7ad4c1a0b001"
 

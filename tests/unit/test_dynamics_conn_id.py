@@ -8,7 +8,7 @@ import json
 import pytest
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from cosell_sync.hooks.dynamics import DynamicsHook, dynamics_connection
+from cosell_sync.hooks.dynamics365 import DynamicsHook, dynamics_connection
 
 
 def _conn(host: str) -> str:

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from cosell_sync.hooks._odata import datetime_literal, eq, literal, quote
+from cosell_sync.hooks.odata import datetime_literal, eq, literal, quote
 
 
 @pytest.mark.parametrize(

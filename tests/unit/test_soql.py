@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from cosell_sync.hooks._soql import Condition, like_pattern, literal, name, select, string_literal
+from cosell_sync.hooks.soql import Condition, like_pattern, literal, name, select, string_literal
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
+from cosell_sync.crms import NAMES as CRMS
+
 DEFAULTS = Path(__file__).with_name("mappings")
-CRMS = ("dynamics365", "salesforce")
 DIRECTIONS = ("both", "pc_to_crm", "crm_to_pc")
 AUTHORITIES = ("partner_center", "crm", "newest")
 TYPES = ("string", "decimal", "date", "currency", "country", "email", "enum", "id_list", "boolean")
@@ -95,7 +96,6 @@ class SyncMapping:
     records: dict[str, str]
     fields: dict[str, FieldMapping]
     source: str = "<default>"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def synced_fields(self) -> list[FieldMapping]:
         return [f for f in self.fields.values() if f.synced]
@@ -404,7 +404,9 @@ def _load_cached(path: str, mtime: float) -> SyncMapping:
 
 
 def load_mapping(crm: str, path: str | os.PathLike[str] | None = None) -> SyncMapping:
-    """The mapping for ``crm``: ``path``, else ``$COSELL_MAPPING_<CRM>``, else the shipped default."""
+    """The mapping for ``crm``: ``path``, else ``$COSELL_MAPPING_<CRM>``, else the shipped default.
+    (The DAGs pass the ``cosell_mapping_<crm>`` Airflow Variable as ``path`` when it is set:
+    :func:`cosell_sync.dag_factory.mapping_override`; this module reads no Airflow state.)"""
     if crm not in CRMS:
         raise MappingError(f"unknown CRM '{crm}' (expected one of {', '.join(CRMS)})")
     chosen = Path(path or os.environ.get(f"COSELL_MAPPING_{crm.upper()}") or DEFAULTS / f"{crm}.yaml")

@@ -18,6 +18,7 @@ import pandas as pd
 from babel import Locale
 from babel.numbers import list_currencies
 
+from cosell_sync import crms
 from cosell_sync.engine.mapping import KEEP, FieldMapping, SyncMapping
 
 _INDEX = re.compile(r"^(?P<key>[^\[\]]+)(?:\[(?P<index>\d*)\])?$")
@@ -31,7 +32,6 @@ MONEY_LIMITS = {
     "salesforce": (math.nextafter(1e16, 0), "less than 10,000,000,000,000,000 (18 digits, 2 of them decimals)"),
     "dynamics365": (922_337_203_685_477.0, "at most 922,337,203,685,477"),
 }
-CRM_NAMES = {"salesforce": "Salesforce", "dynamics365": "Dataverse"}
 # The objects every referral has: null (not just absent) is a broken document, not "no values".
 REFERRAL_OBJECTS = ("details", "customerProfile")
 # C0 and C1 controls and DEL; TAB is allowed everywhere, CR and LF in multi-line fields only.
@@ -210,7 +210,7 @@ class Normalized:
     create_errors: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ERROR_COLUMNS))
 
 
-def _normalize_column(
+def normalize_column(
     raw: pd.Series, fm: FieldMapping, side: str, crm: str | None = None
 ) -> tuple[pd.Series, pd.Series]:
     """(canonical values, error message or None) for one field over all records; ``crm`` (the
@@ -252,7 +252,10 @@ def _normalize_column(
         bad(present & (numeric < 0), "must not be negative")
         if crm in MONEY_LIMITS:
             limit, what = MONEY_LIMITS[crm]
-            bad(present & (numeric.round(2).abs() > limit), f"is out of range: {CRM_NAMES[crm]} stores amounts {what}")
+            bad(
+                present & (numeric.round(2).abs() > limit),
+                f"is out of range: {_store(crm)} stores amounts {what}",
+            )
         values = numeric.round(2).astype(object).where(numeric.notna(), None)
     elif ftype == "date":
         text = values.map(lambda v: v if isinstance(v, str) else None)
@@ -300,6 +303,12 @@ def _normalize_column(
     return values, errors
 
 
+def _store(crm: str) -> str:
+    """The system storing ``crm``'s records, as messages name it (the name itself if unknown)."""
+    known = crms.CRMS.get(crm)
+    return known.store if known else crm
+
+
 def _length_problems(values: pd.Series, fm: FieldMapping, side: str, target: str, crm_name: str) -> pd.Series:
     """Per record, why its text is too long for where it goes (or None): the target's limit when
     the field flows there, and its own side's limit (a value that side cannot hold is corrupt)."""
@@ -343,15 +352,15 @@ def _normalize(
         )
     create_rows: list[pd.DataFrame] = []
     target = "crm" if side == "referral" else "partner_center"
-    target_name = CRM_NAMES.get(mapping.crm, mapping.crm) if target == "crm" else "Partner Center"
+    target_name = _store(mapping.crm) if target == "crm" else "Partner Center"
     objects = REFERRAL_OBJECTS if side == "referral" else ()
     for fm in mapping.fields.values():
         getter = compile_path(fm.referral if side == "referral" else fm.crm, strict=True, objects=objects)
         raw = pd.Series([getter(d) for d in docs], dtype=object)
-        values, errors = _normalize_column(raw, fm, side, mapping.crm)
+        values, errors = normalize_column(raw, fm, side, mapping.crm)
         frame[fm.name] = values
         field_name = fm.referral if side == "referral" else fm.crm
-        too_long = _length_problems(values, fm, side, target, CRM_NAMES.get(mapping.crm, mapping.crm))
+        too_long = _length_problems(values, fm, side, target, _store(mapping.crm))
         errors = errors.where(errors.notna(), too_long)
         if target in fm.required:
             lacking = values.map(lambda v: v is None or v == KEEP) & errors.isna()

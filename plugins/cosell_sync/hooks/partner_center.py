@@ -31,18 +31,17 @@ from urllib.parse import urlsplit
 import requests
 from airflow.sdk import BaseHook
 
-from cosell_sync._masking import mask
 from cosell_sync.errors import ConfigurationError, NotFoundError
-from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
-from cosell_sync.hooks._msal import (
+from cosell_sync.hooks.entra import (
     RefreshTokenStore,
     cached_token,
     fingerprint,
     settings_app,
 )
-from cosell_sync.hooks._odata import quote, with_query
-from cosell_sync.hooks._pool import widen_pool
-from cosell_sync.models import Referral, ReferralParseError, parse_referral, parse_referrals
+from cosell_sync.hooks.http import RestClient, RetryPolicy, TrustedSession, follow_link
+from cosell_sync.hooks.odata import quote, with_query
+from cosell_sync.hooks.pool import widen_pool
+from cosell_sync.masking import mask
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_REFERRALS_URL = "https://api.partner.microsoft.com/v1.0/engagements/referrals"
@@ -266,18 +265,9 @@ class PartnerCenterHook(BaseHook):
         for page in self.iter_referral_pages(filter, orderby, top, select):
             yield from page
 
-    def list_referral_models(
-        self, filter: str | None = None, orderby: str | None = None
-    ) -> tuple[list[Referral], list[ReferralParseError]]:
-        """Parsed referrals plus one error per malformed document; a bad one never hides the good."""
-        return parse_referrals(list(self.list_referrals(filter, orderby)))
-
     def get_referral(self, referral_id: str) -> dict[str, Any]:
         resp = self.referrals.request("GET", self._url(referral_id))
         return self._with_etag(resp)
-
-    def get_referral_model(self, referral_id: str) -> Referral:
-        return parse_referral(self.get_referral(referral_id))
 
     def find_by_external_reference(self, external_reference_id: str) -> list[dict[str, Any]]:
         return list(
@@ -313,14 +303,14 @@ class PartnerCenterHook(BaseHook):
     # -- referrals: writes -----------------------------------------------------------------
     def create_referral(
         self,
-        referral: Mapping[str, Any] | Referral,
+        referral: Mapping[str, Any],
         *,
         landed: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> dict[str, Any]:
         """``POST`` a referral. Never creates twice: before any retry, the referral is looked
         up by ``externalReferenceId`` (or with ``landed``, for a body without one) and returned
         if the first attempt landed."""
-        body = referral.to_api() if isinstance(referral, Referral) else dict(referral)
+        body = dict(referral)
         ext = body.get("externalReferenceId")
 
         def find() -> Mapping[str, Any] | None:
@@ -342,11 +332,11 @@ class PartnerCenterHook(BaseHook):
         )
         return self._with_etag(resp)
 
-    def replace_referral(self, referral_id: str, referral: Mapping[str, Any] | Referral, etag: str) -> dict[str, Any]:
+    def replace_referral(self, referral_id: str, referral: Mapping[str, Any], etag: str) -> dict[str, Any]:
         """``PUT`` the whole referral; ``If-Match`` is required and ``links`` is removed from the body."""
         if not etag:
             raise ValueError("replace_referral needs the ETag the referral was read with")
-        body = referral.to_api() if isinstance(referral, Referral) else dict(referral)
+        body = dict(referral)
         body.pop("links", None)
         resp = self.referrals.request("PUT", self._url(referral_id), json=body, headers={"If-Match": etag})
         return self._with_etag(resp)

@@ -8,10 +8,10 @@ The provider builds the simple-salesforce client; this hook extends it:
   ``ca_bundle`` (or ``REQUESTS_CA_BUNDLE``) is trusted.
 * **Retries.** simple-salesforce has none. Every call goes through one
   ``requests.Session``, so retries live there: ``REQUEST_LIMIT_EXCEEDED``, 429, 5xx and
-  connection errors back off (see :class:`cosell_sync.hooks._http.Retrier`).
+  connection errors back off (see :class:`cosell_sync.hooks.http.Retrier`).
 * **Limits.** ``Sforce-Limit-Info`` is read on every response, logged as usage climbs,
   and calls are slowed down as the org nears its daily limit.
-* **Queries.** SOQL is built with :mod:`cosell_sync.hooks._soql` (every value escaped);
+* **Queries.** SOQL is built with :mod:`cosell_sync.hooks.soql` (every value escaped);
   pages follow ``nextRecordsUrl``; the incremental read goes by ``SystemModstamp``.
 * **Writes.** sObject Collections (200 records a call, one result per record, the
   per-item error key being ``statusCode``), and Bulk API 2.0 above a size threshold.
@@ -38,11 +38,11 @@ from airflow.providers.salesforce.hooks.salesforce import SalesforceHook
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError
 
-from cosell_sync._masking import mask
 from cosell_sync.errors import ApiError, ConfigurationError, ThrottledError, error_class_for
-from cosell_sync.hooks._http import Retrier, RetryPolicy, TrustedSession, default_transient
-from cosell_sync.hooks._pool import widen_pool
-from cosell_sync.hooks._soql import Condition, select
+from cosell_sync.hooks.http import Retrier, RetryPolicy, TrustedSession, default_transient
+from cosell_sync.hooks.pool import widen_pool
+from cosell_sync.hooks.soql import Condition, select
+from cosell_sync.masking import mask
 
 SYSTEM = "Salesforce"
 log = logging.getLogger(__name__)

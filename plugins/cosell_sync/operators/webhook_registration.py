@@ -35,9 +35,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from cosell_sync._masking import mask
 from cosell_sync.errors import ConflictError
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS, PartnerCenterHook, registration_value
+from cosell_sync.masking import mask
 
 if TYPE_CHECKING:
     import jinja2

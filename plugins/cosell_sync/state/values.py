@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 
 import pandas as pd
 
+from cosell_sync import crms
+
 T = TypeVar("T")
 
-CRMS = frozenset({"dynamics365", "salesforce"})
+CRMS = frozenset(crms.NAMES)  # the registry's
 SIDES = frozenset({"partner_center", "crm", "inbox", "full_sync"})
 # "inbox": the newest webhook event signalled to a DAG; "full_sync": when a window sync (not a
 # dry run, backfill or referral_ids run) last committed: the first one is the initial load

@@ -1,5 +1,5 @@
 """The Dynamics 365 (Dataverse) side of the sync: extract opportunities, and load creates,
-updates, sync-status marks and links back through :class:`~cosell_sync.hooks.dynamics.DynamicsHook`.
+updates, sync-status marks and links back through :class:`~cosell_sync.hooks.dynamics365.DynamicsHook`.
 
 What goes where is read from the mapping (``engine/mappings/dynamics365.yaml``): a ``crm``
 path without a dot is an opportunity column; ``account.<column>`` and ``contact.<column>``
@@ -40,9 +40,9 @@ import pandas as pd
 from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping, choice_columns, resolve_choices
 from cosell_sync.engine.normalize import as_boolean, crm_frame, side_value
 from cosell_sync.errors import ApiError, ConfigurationError, ThrottledError, TransportError
-from cosell_sync.hooks._batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResponse
-from cosell_sync.hooks._odata import eq, quote, with_query
-from cosell_sync.hooks.dynamics import GUID, LOST, WON, DynamicsHook, primary_key
+from cosell_sync.hooks.batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResponse
+from cosell_sync.hooks.dynamics365 import GUID, LOST, WON, DynamicsHook, primary_key
+from cosell_sync.hooks.odata import eq, quote, with_query
 from cosell_sync.sync.base import (
     RunContext,
     WriteResult,

@@ -36,7 +36,7 @@ from cosell_sync.errors import (
     PreconditionFailedError,
     ValidationError,
 )
-from cosell_sync.hooks._odata import datetime_literal, quote
+from cosell_sync.hooks.odata import datetime_literal, quote
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 from cosell_sync.sync.base import RunContext, WriteResult, fails_the_task
 from cosell_sync.sync.solutions import with_solution_details
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # Partner Center writes run on this many threads: it has no batch API and documents no number of
 # requests in flight, so concurrency is bounded (``[cosell] partner_center_max_workers``, at most
-# MAX_WORKERS_CAP, the connections the hooks keep per host: hooks/_pool.py) and a 429 backs off
+# MAX_WORKERS_CAP, the connections the hooks keep per host: hooks/pool.py) and a 429 backs off
 # (the hook's Retrier waits Retry-After).
 MAX_WORKERS = 32
 MAX_WORKERS_CAP = 64

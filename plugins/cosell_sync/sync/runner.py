@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,7 +28,7 @@ from cosell_sync.engine.normalize import (
     referrals_frame,
 )
 from cosell_sync.engine.plan import Plan, plan, with_base_dicts
-from cosell_sync.hooks._clock import ServerClock, server_clock
+from cosell_sync.hooks.clock import ServerClock, server_clock
 from cosell_sync.state import StateStore
 from cosell_sync.sync import lease
 from cosell_sync.sync.base import CrmSide, RunContext, WriteResult, plain, results_frame
@@ -56,7 +56,6 @@ class SyncJob:
     directions: tuple[str, ...] = ("pc_to_crm", "crm_to_pc")
     dry_run: bool = False
     backfill: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
     lease_epoch: int | None = None  # the CRM lease this run holds (cosell_sync.sync.lease); None: none
     lease_ttl: timedelta = lease.LEASE_TTL
 

@@ -1,7 +1,7 @@
 """The Salesforce side of a sync: extract opportunities (with their account and primary
 contact), create opportunities from referrals, update them, and store links.
 
-Reads are SOQL built with :mod:`cosell_sync.hooks._soql` (every value escaped). Writes go
+Reads are SOQL built with :mod:`cosell_sync.hooks.soql` (every value escaped). Writes go
 through sObject Collections (200 records a call; Bulk API 2.0 above the hook's
 ``bulk_threshold`` for updates and upserts), and every record reports its own outcome:
 
@@ -41,7 +41,7 @@ import pandas as pd
 import requests
 
 from cosell_sync.engine.mapping import KEEP, FieldMapping, MappingError, SyncMapping
-from cosell_sync.engine.normalize import _normalize_column, as_boolean, side_value
+from cosell_sync.engine.normalize import as_boolean, normalize_column, side_value
 from cosell_sync.errors import (
     ApiError,
     AuthenticationError,
@@ -50,8 +50,8 @@ from cosell_sync.errors import (
     ThrottledError,
     TransportError,
 )
-from cosell_sync.hooks._soql import Condition, literal, name, select
 from cosell_sync.hooks.salesforce import COLLECTION_LIMIT, RecordResult, SalesforceSyncHook
+from cosell_sync.hooks.soql import Condition, literal, name, select
 from cosell_sync.sync.base import RunContext, WriteResult, audit_line, match_key, missing, plain, prepend_audit
 from cosell_sync.sync.crm import CrmWorkflow, Pending
 
@@ -569,7 +569,7 @@ class SalesforceSide(CrmWorkflow):
         mapping, or "no opinion")."""
         key = (fm.name, value)
         if key not in self._read_backs:  # the same few defaults for every row of a run
-            values, errors = _normalize_column(pd.Series([value], dtype=object), fm, "crm")
+            values, errors = normalize_column(pd.Series([value], dtype=object), fm, "crm")
             canonical = None if not missing(errors.iloc[0]) else plain(values.iloc[0])
             self._read_backs[key] = None if canonical == KEEP else canonical
         return self._read_backs[key]

@@ -35,7 +35,8 @@ from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from cosell_sync.state import CRMS, DIRECTIONS, StateStore
+from cosell_sync.crms import CRMS
+from cosell_sync.state import DIRECTIONS, StateStore
 from cosell_sync.ui import queries
 from cosell_sync.ui.render import Links, render, render_index
 
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 URL_PREFIX = "/cosell/ui"
 EXTRA_DAGS = ("cosell_referral_events",)
 # the connections to find each CRM's host in, the first that exists (then the deprecated id)
-CONNECTIONS = {"salesforce": ("salesforce_default",), "dynamics365": ("dynamics365_default", "dynamics_default")}
+CONNECTIONS = {crm.name: crm.conn_ids for crm in CRMS.values()}  # the CRMs' connection ids, newest first
 HOSTS_TTL = 60.0
 MAX_ITEMS = 500
 

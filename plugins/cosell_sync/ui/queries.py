@@ -24,7 +24,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from cosell_sync.state import CRMS, DIRECTIONS
+from cosell_sync.crms import CRMS
+from cosell_sync.state import DIRECTIONS
 from cosell_sync.state.schema import audit_t, dead_letter_t, inbox_t, links_t, runs_t
 
 PAGE_SIZE = 50

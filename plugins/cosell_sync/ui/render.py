@@ -12,14 +12,13 @@ from urllib.parse import quote, urlencode
 
 import jinja2
 
-CRM_LABELS = {"dynamics365": "Dynamics 365", "salesforce": "Salesforce"}
+from cosell_sync.crms import CRMS
+
+CRM_LABELS = {crm.name: crm.label for crm in CRMS.values()}
 DIRECTION_LABELS = {"pc_to_crm": "Partner Center → CRM", "crm_to_pc": "CRM → Partner Center"}
 REFERRAL_URL = "https://partner.microsoft.com/dashboard/referrals/v2/leads/{referral_id}"
 # A CRM record's page, from the connection's host (Dataverse) or instance_url (Salesforce)
-CRM_RECORD_PATHS = {
-    "salesforce": "/lightning/r/Opportunity/{crm_id}/view",
-    "dynamics365": "/main.aspx?pagetype=entityrecord&etn=opportunity&id={crm_id}",
-}
+CRM_RECORD_PATHS = {crm.name: crm.record_path for crm in CRMS.values()}
 
 
 TEMPLATES = Path(__file__).with_name("templates")

@@ -27,7 +27,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import requests
 
 from cosell_sync.errors import ApiError, ThrottledError, TransportError, error_class_for
-from cosell_sync.hooks._clock import observe as observe_server_clock
+from cosell_sync.hooks.clock import observe as observe_server_clock
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ An incremental read's watermark must be a time on the clock that stamps the reco
 (``updatedDateTime``, ``modifiedon``, ``SystemModstamp``), not on ours. Every answer an API
 gives carries that clock in its ``Date`` header (RFC 9110: the time the answer was made,
 to the second, rounded down). While :func:`server_clock` is active, every answer received
-through a :class:`~cosell_sync.hooks._http.TrustedSession` in this process (any thread: a read
+through a :class:`~cosell_sync.hooks.http.TrustedSession` in this process (any thread: a read
 may page on a pool) is observed, and the clock keeps the earliest time seen: at most the time
 the first page of a read was answered, so every change stamped after it is newer. An answer
 that is not the read's (a token, another read at the same time) can only make it earlier,

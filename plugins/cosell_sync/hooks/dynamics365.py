@@ -12,17 +12,15 @@ incremental reads go by ``modifiedon`` or by change tracking (delta links, delet
 rows). Writes: create, update with ``If-Match``, alternate-key upsert, ``$batch`` with
 change sets and ``continue-on-error``, the ``*Multiple`` actions, and the
 ``WinOpportunity``/``LoseOpportunity`` actions. Every value put into ``$filter`` goes
-through :func:`cosell_sync.hooks._odata.quote`.
+through :func:`cosell_sync.hooks.odata.quote`.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,20 +34,14 @@ from urllib.parse import urlsplit
 import requests
 from airflow.sdk import BaseHook
 
-from cosell_sync._masking import mask
+from cosell_sync import crms
 from cosell_sync.errors import ApiError, ConfigurationError, NotFoundError
-from cosell_sync.hooks._batch import (
-    BatchRequest,
-    BatchResponse,
-    ChangeSet,
-    build_batch,
-    entity_id_from_url,
-    parse_batch,
-)
-from cosell_sync.hooks._http import RestClient, RetryPolicy, TrustedSession, follow_link
-from cosell_sync.hooks._msal import cached_token, fingerprint, settings_app
-from cosell_sync.hooks._odata import datetime_literal, quote, with_query
-from cosell_sync.hooks._pool import widen_pool
+from cosell_sync.hooks.batch import BatchRequest, BatchResponse, ChangeSet, build_batch, entity_id_from_url, parse_batch
+from cosell_sync.hooks.entra import cached_token, fingerprint, settings_app
+from cosell_sync.hooks.http import RestClient, RetryPolicy, TrustedSession, follow_link
+from cosell_sync.hooks.odata import datetime_literal, quote, with_query
+from cosell_sync.hooks.pool import widen_pool
+from cosell_sync.masking import mask
 
 API_PATH = "/api/data/v9.2"
 ODATA_HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"}
@@ -165,34 +157,16 @@ class DynamicsSettings:
         return settings
 
 
-log = logging.getLogger(__name__)
-
-DEFAULT_CONN_ID = "dynamics365_default"
-DEPRECATED_CONN_ID = "dynamics_default"  # the id of earlier versions: still read, with a warning
+DEFAULT_CONN_ID = crms.get(crms.DYNAMICS365).conn_id  # "dynamics365_default"
+DEPRECATED_CONN_ID = crms.get(crms.DYNAMICS365).deprecated_conn_ids[0]  # earlier versions' id: read, with a warning
 
 
 def dynamics_connection(conn_id: str = DEFAULT_CONN_ID) -> Any:
     """The Airflow connection ``conn_id``. The default id falls back to the deprecated
     ``dynamics_default`` when only that one exists, with a DeprecationWarning and a log line
-    saying how to rename it; any other missing id raises Airflow's not-found error."""
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    try:
-        return BaseHook.get_connection(conn_id)
-    except AirflowNotFoundException:
-        if conn_id != DEFAULT_CONN_ID:
-            raise
-        try:
-            conn = BaseHook.get_connection(DEPRECATED_CONN_ID)
-        except AirflowNotFoundException:
-            raise AirflowNotFoundException(f"The conn_id `{DEFAULT_CONN_ID}` isn't defined") from None
-    message = (
-        f"the Dynamics 365 connection id {DEPRECATED_CONN_ID!r} is deprecated: name it {DEFAULT_CONN_ID!r} "
-        f"(AIRFLOW_CONN_{DEFAULT_CONN_ID.upper()}); {DEPRECATED_CONN_ID!r} is read while {DEFAULT_CONN_ID!r} is absent"
-    )
-    warnings.warn(message, DeprecationWarning, stacklevel=2)
-    log.warning(message)
-    return conn
+    saying how to rename it (:meth:`cosell_sync.crms.Crm.connection`); any other missing id
+    raises Airflow's not-found error."""
+    return crms.get(crms.DYNAMICS365).connection(conn_id)
 
 
 class DynamicsHook(BaseHook):

@@ -31,7 +31,6 @@ import msal
 import requests
 from msal.exceptions import MsalServiceError
 
-from cosell_sync._masking import mask
 from cosell_sync.errors import (
     ApiError,
     AuthenticationError,
@@ -40,7 +39,8 @@ from cosell_sync.errors import (
     ThrottledError,
     error_class_for,
 )
-from cosell_sync.hooks._http import Retrier, RetryPolicy, parse_retry_after
+from cosell_sync.hooks.http import Retrier, RetryPolicy, parse_retry_after
+from cosell_sync.masking import mask
 
 # Hosts msal knows; for any other authority (sovereign proxies, the sandbox) instance
 # discovery must be off, or msal asks login.microsoftonline.com about it.

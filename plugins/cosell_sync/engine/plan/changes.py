@@ -1,0 +1,88 @@
+"""Step 4 of the planner: what one field's decision writes and reports, as frames: the changes
+(one row per field to write), the conflicts, and the writes the rules blocked (skips). Only the
+values written or reported become Python objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cosell_sync.engine.mapping import FieldMapping
+from cosell_sync.engine.plan.decide import Decision
+from cosell_sync.engine.plan.pairing import Pairs
+from cosell_sync.engine.plan.result import CRM, PC
+from cosell_sync.engine.plan.versions import B, C, P, Versions
+
+
+def blocked_skips(fm: FieldMapping, v: Versions, pairs: Pairs, d: Decision) -> list[pd.DataFrame]:
+    """The CRM's writes to Partner Center that the rules blocked: to a Closed referral
+    (``terminal_referral``) or an invalid stage transition (``invalid_transition``)."""
+    out = []
+    for mask, reason in ((d.blocked_terminal, "terminal_referral"), (d.blocked_transition, "invalid_transition")):
+        if mask.any():
+            rows = np.flatnonzero(mask)
+            detail = (
+                "stage "
+                + v.values(P, rows).astype(str).astype(object)
+                + " -> "
+                + v.values(C, rows).astype(str).astype(object)
+                if fm.name == "stage"
+                else "the referral is Closed"
+            )
+            out.append(
+                pd.DataFrame(
+                    {
+                        "side": CRM,
+                        "referral_id": pairs.referral_ids[rows],
+                        "crm_id": pairs.crm_ids[rows],
+                        "reason": reason,
+                        "field": fm.name,
+                        "detail": detail,
+                    }
+                )
+            )
+    return out
+
+
+def field_changes(fm: FieldMapping, v: Versions, pairs: Pairs, d: Decision) -> list[pd.DataFrame]:
+    """The writes of field ``fm`` (``CHANGE_COLUMNS``): to the CRM, then to Partner Center."""
+    out = []
+    for mask, target, old, new in ((d.to_crm, CRM, C, P), (d.to_pc, PC, P, C)):
+        if mask.any():
+            rows = np.flatnonzero(mask)
+            reason = np.where(d.conflict[rows], "conflict", PC if target == CRM else CRM)
+            frame = pd.DataFrame(
+                dtype=object,
+                data={
+                    "target": target,
+                    "field": fm.name,
+                    "old": v.values(old, rows),
+                    "new": v.values(new, rows),
+                    "reason": reason,
+                },
+            )
+            frame.insert(0, "referral_id", pairs.referral_ids[rows])  # ids keep their (Arrow) type
+            frame.insert(1, "crm_id", pairs.crm_ids[rows])
+            out.append(frame)
+    return out
+
+
+def field_conflicts(fm: FieldMapping, v: Versions, pairs: Pairs, d: Decision) -> pd.DataFrame | None:
+    """The conflicts of field ``fm`` (``CONFLICT_COLUMNS``), with the winner and its value."""
+    if not d.conflict.any():
+        return None
+    rows = np.flatnonzero(d.conflict)
+    pc_value, crm_value = v.values(P, rows), v.values(C, rows)
+    return pd.DataFrame(
+        dtype=object,
+        data={
+            "referral_id": pairs.referral_ids[rows],
+            "crm_id": pairs.crm_ids[rows],
+            "field": fm.name,
+            "base": v.values(B, rows),
+            "pc_value": pc_value,
+            "crm_value": crm_value,
+            "winner": np.where(d.pc_wins[rows], PC, CRM),
+            "chosen": np.where(d.pc_wins[rows], pc_value, crm_value),
+        },
+    )

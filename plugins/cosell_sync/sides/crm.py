@@ -28,7 +28,7 @@ import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, SyncMapping
 from cosell_sync.engine.normalize import crm_frame
-from cosell_sync.sync.base import Action, RunContext, WriteResult, fails_the_task, missing, plain, same_value
+from cosell_sync.sides.base import Action, RunContext, WriteResult, fails_the_task, missing, plain, same_value
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ the stage: it is never written, won and lost are carried out with the ``WinOppor
 
 Writes go through ``$batch`` (at most 1,000 requests per call, ``continue-on-error``), so
 every record gets its own outcome: a record Dataverse rejects becomes a failed
-:class:`~cosell_sync.sync.base.WriteResult` carrying Dataverse's hex error code and message,
+:class:`~cosell_sync.sides.base.WriteResult` carrying Dataverse's hex error code and message,
 and never stops the others. The create and update sequences are those of
-:class:`cosell_sync.sync.crm.CrmWorkflow`: an opportunity that already holds the referral id
+:class:`cosell_sync.sides.crm.CrmWorkflow`: an opportunity that already holds the referral id
 (an earlier try made it) is adopted, never written over, and new opportunities are
 alternate-key upserts on the referral id (``PATCH opportunities(cosell_referralid='...')``),
 so an HTTP retry cannot create a second one.
@@ -43,7 +43,7 @@ from cosell_sync.errors import ApiError, ConfigurationError, ThrottledError, Tra
 from cosell_sync.hooks._batch import MAX_BATCH_REQUESTS, BatchRequest, BatchResponse
 from cosell_sync.hooks._odata import eq, quote, with_query
 from cosell_sync.hooks.dynamics import GUID, LOST, WON, DynamicsHook, primary_key
-from cosell_sync.sync.base import (
+from cosell_sync.sides.base import (
     RunContext,
     WriteResult,
     audit_line,
@@ -54,7 +54,7 @@ from cosell_sync.sync.base import (
     prepend_audit,
     same_value,
 )
-from cosell_sync.sync.crm import CrmWorkflow, Pending
+from cosell_sync.sides.crm import CrmWorkflow, Pending
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _may_split_batch(exc: BaseException, *, creates: bool) -> bool:
     return isinstance(exc, ApiError) and status is not None and status >= 500 and status not in (502, 503, 504)
 
 
-_Row = Pending  # one record being written (cosell_sync.sync.crm)
+_Row = Pending  # one record being written (cosell_sync.sides.crm)
 
 
 class _Outcomes:
@@ -230,8 +230,8 @@ def check_choices(hook: DynamicsHook, mapping: SyncMapping) -> dict[str, dict[st
 
 
 class DynamicsSide(CrmWorkflow):
-    """:class:`~cosell_sync.sync.base.CrmSide` for Dynamics 365 (Dataverse Web API), on the
-    shared create/update sequence of :class:`cosell_sync.sync.crm.CrmWorkflow`."""
+    """:class:`~cosell_sync.sides.base.CrmSide` for Dynamics 365 (Dataverse Web API), on the
+    shared create/update sequence of :class:`cosell_sync.sides.crm.CrmWorkflow`."""
 
     crm = "dynamics365"
     id_field = "opportunityid"
@@ -602,7 +602,7 @@ class DynamicsSide(CrmWorkflow):
         return found
 
     # -- create -------------------------------------------------------------------------------------
-    # -- the workflow's steps (cosell_sync.sync.crm) ------------------------------------------------
+    # -- the workflow's steps (cosell_sync.sides.crm) ------------------------------------------------
     def opportunity_level(self) -> set[str]:
         return {n for n in self.mapping.fields if n not in self.account_fields and n not in self.contact_fields}
 

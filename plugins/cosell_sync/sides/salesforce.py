@@ -9,7 +9,7 @@ through sObject Collections (200 records a call; Bulk API 2.0 above the hook's
   names need, the account through the ``Account`` parent relationship, and the primary
   contact through the ``OpportunityContactRoles`` child subquery (``IsPrimary = TRUE``),
   flattened into ``record["Contact"]`` so that ``Contact.Email`` paths resolve.
-* **Create** (the steps of :class:`cosell_sync.sync.crm.CrmWorkflow`). An opportunity that
+* **Create** (the steps of :class:`cosell_sync.sides.crm.CrmWorkflow`). An opportunity that
   already holds the referral id (an earlier try of the task made it) is adopted, never
   written over. Accounts are matched by name + postal code (case- and space-insensitive) and
   created when missing; contacts are matched by email (case-insensitive) and created when
@@ -52,8 +52,8 @@ from cosell_sync.errors import (
 )
 from cosell_sync.hooks._soql import Condition, literal, name, select
 from cosell_sync.hooks.salesforce import COLLECTION_LIMIT, RecordResult, SalesforceSyncHook
-from cosell_sync.sync.base import RunContext, WriteResult, audit_line, match_key, missing, plain, prepend_audit
-from cosell_sync.sync.crm import CrmWorkflow, Pending
+from cosell_sync.sides.base import RunContext, WriteResult, audit_line, match_key, missing, plain, prepend_audit
+from cosell_sync.sides.crm import CrmWorkflow, Pending
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def _same_stamp(a: Any, b: Any) -> bool:
 
 
 class SalesforceSide(CrmWorkflow):
-    """:class:`cosell_sync.sync.base.CrmSide` for Salesforce (Opportunity, Account, Contact), on
-    the shared create/update sequence of :class:`cosell_sync.sync.crm.CrmWorkflow`."""
+    """:class:`cosell_sync.sides.base.CrmSide` for Salesforce (Opportunity, Account, Contact), on
+    the shared create/update sequence of :class:`cosell_sync.sides.crm.CrmWorkflow`."""
 
     crm = "salesforce"
     id_field = "Id"
@@ -606,7 +606,7 @@ class SalesforceSide(CrmWorkflow):
                 out[field] = value
         return out
 
-    # -- the workflow's steps (cosell_sync.sync.crm) ----------------------------------------------
+    # -- the workflow's steps (cosell_sync.sides.crm) ----------------------------------------------
     def opportunity_level(self) -> set[str]:
         return {fm.name for fm in self.opp_fields}
 

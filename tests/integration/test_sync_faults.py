@@ -37,8 +37,8 @@ from cosell_sync import pipeline as runner
 from cosell_sync.hooks import dynamics
 from cosell_sync.hooks import salesforce as salesforce_hook
 from cosell_sync.hooks._msal import forget_tokens
-from cosell_sync.sides import salesforce as salesforce_side
 from cosell_sync.sides.dynamics365 import DynamicsSide
+from cosell_sync.sides.salesforce import writes as salesforce_side
 from cosell_sync.state import StateStore
 from tests.integration.sync_jobs import quiet_sides
 from tests.integration.test_sync_kill import LINK_FIELD, duplicates, link_problems, snapshot

@@ -8,6 +8,7 @@ bad values, each record's version and where the side's watermark may move.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,13 +18,11 @@ from cosell_sync.engine.normalize import ERROR_COLUMNS, compile_path, concat_err
 from cosell_sync.hooks._clock import ServerClock, server_clock
 from cosell_sync.pipeline.job import SyncJob
 from cosell_sync.pipeline.staging import blank, optional_frame, read_frame, read_json, write_frame, write_json
-from cosell_sync.sides.base import CrmSide
+from cosell_sync.sides.crm import CrmSide
 from cosell_sync.sides.partner_center import PartnerCenterSide
 from cosell_sync.state import StateStore
 
 CRM_ID_FIELD = {"salesforce": "Id", "dynamics365": "opportunityid"}
-
-
 # One key scheme: (system, record id, direction). The system is the sync's CRM (the table's
 # ``crm`` column); the record id is that of the record the direction starts from, the one a
 # retry re-reads: the referral id for ``pc_to_crm`` (CRM creates and updates, the referral's
@@ -116,23 +115,38 @@ def _is_flagged(value: Any) -> bool:
     return value is True or value == "true" or value == 1
 
 
+def _read(
+    job: SyncJob, side: PartnerCenterSide | CrmSide, since: datetime | None, stamp: Callable[[Any], Any], prefix: str
+) -> list[dict[str, Any]]:
+    """The records an event run names (by referral id), or those changed in the run's window;
+    a window read stages where the side's watermark may move (``<prefix>_mark``, see :func:`_mark`,
+    ``stamp``: a record's change time)."""
+    if job.referral_ids is not None:
+        return side.extract(referral_ids=job.referral_ids)
+    with server_clock() as clock:
+        records = side.extract(since=since, until=job.until)
+    write_json(job, f"{prefix}_mark", {"mark": _mark(clock, (stamp(r) for r in records), job.until)})
+    return records
+
+
+def _stage(job: SyncJob, prefix: str, result: Any) -> None:
+    """A side's normalized frame, its bad values and its creates' missing required values."""
+    write_frame(job, prefix, result.frame)
+    write_frame(job, f"{prefix}_errors", result.errors)
+    write_frame(job, f"{prefix}_create_errors", result.create_errors)
+
+
 def extract_partner_center(job: SyncJob, side: PartnerCenterSide, store: StateStore) -> dict[str, int]:
     """Referrals changed in the window (or named), plus those the dead letter retries (and the
     referrals linked to the opportunities it retries)."""
     retry: list[str] = []
-    if job.referral_ids is not None:
-        docs = side.extract(referral_ids=job.referral_ids)
-    else:
-        with server_clock() as clock:
-            docs = side.extract(since=job.since_pc, until=job.until)
-        write_json(job, "pc_mark", {"mark": _mark(clock, (d.get("updatedDateTime") for d in docs), job.until)})
+    docs = _read(job, side, job.since_pc, lambda d: d.get("updatedDateTime"), "pc")
+    if job.referral_ids is None:
         seen = {str(d.get("id")) for d in docs}
         retry = [k for k in _retry_ids(store, job, "partner_center") if k not in seen]
         docs += side.extract(referral_ids=retry) if retry else []
     result = referrals_frame(docs, job.mapping)
-    write_frame(job, "pc", result.frame)
-    write_frame(job, "pc_errors", result.errors)
-    write_frame(job, "pc_create_errors", result.create_errors)
+    _stage(job, "pc", result)
     write_json(job, "pc_docs", {str(d.get("id")): d for d in docs if d.get("id")})
     bad = set(result.errors["key"]) if len(result.errors) else set()
     # A bad referral that would never sync (Closed and unlinked) is skipped, not failed.
@@ -151,20 +165,13 @@ def extract_crm(job: SyncJob, side: CrmSide, store: StateStore) -> dict[str, int
     dead letter retries (and the opportunities linked to the referrals it retries)."""
     id_field = CRM_ID_FIELD[job.crm]
     retry: list[str] = []
-    if job.referral_ids is not None:
-        records = side.extract(referral_ids=job.referral_ids)
-    else:
-        with server_clock() as clock:
-            records = side.extract(since=job.since_crm, until=job.until)
-        modified = compile_path(job.mapping.records["modified_field"])
-        write_json(job, "crm_mark", {"mark": _mark(clock, (modified(r) for r in records), job.until)})
+    records = _read(job, side, job.since_crm, compile_path(job.mapping.records["modified_field"]), "crm")
+    if job.referral_ids is None:
         seen = {str(r.get(id_field)) for r in records}
         retry = [k for k in _retry_ids(store, job, "crm") if k not in seen]
         records += [r for r in side.extract(crm_ids=retry) if str(r.get(id_field)) not in seen] if retry else []
     result = crm_frame(records, side.mapping, id_field)  # the side's: choices in this org's values
-    write_frame(job, "crm", result.frame)
-    write_frame(job, "crm_errors", result.errors)
-    write_frame(job, "crm_create_errors", result.create_errors)
+    _stage(job, "crm", result)
     # Each opportunity's version as read (ETag, SystemModstamp): updates are conditional on it.
     versions = {str(r.get(id_field)): side.version(r) for r in records if r.get(id_field)}
     write_json(job, "crm_versions", {k: v for k, v in versions.items() if v})

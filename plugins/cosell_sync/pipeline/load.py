@@ -16,7 +16,8 @@ from cosell_sync.pipeline.job import SyncJob
 from cosell_sync.pipeline.plan import load_plan
 from cosell_sync.pipeline.report import write_counts
 from cosell_sync.pipeline.staging import blank, optional_frame, read_frame, read_json, write_frame, write_json
-from cosell_sync.sides.base import CrmSide, WriteResult, results_frame
+from cosell_sync.sides.base import WriteResult, results_frame
+from cosell_sync.sides.crm import CrmSide
 from cosell_sync.sides.partner_center import PartnerCenterSide
 
 

@@ -15,7 +15,7 @@ from cosell_sync.engine.plan import Plan, plan
 from cosell_sync.pipeline.extract import dead_letter_notes, fetch_counterparts
 from cosell_sync.pipeline.job import SyncJob
 from cosell_sync.pipeline.staging import optional_frame, read_frame, write_frame, write_json
-from cosell_sync.sides.base import CrmSide
+from cosell_sync.sides.crm import CrmSide
 from cosell_sync.sides.partner_center import PartnerCenterSide
 from cosell_sync.state import StateStore
 

@@ -93,8 +93,6 @@ def build_report(
 
 
 CRM_LABELS = {"dynamics365": "Dynamics 365", "salesforce": "Salesforce"}
-
-
 #: What each skip means, in words a user reads in the run's note: ``side.reason`` -> (one, many).
 SKIP_REASONS = {
     "partner_center.closed_unlinked": (

@@ -10,7 +10,7 @@ from cosell_sync.pipeline.extract import extract_crm, extract_partner_center
 from cosell_sync.pipeline.job import SyncJob
 from cosell_sync.pipeline.load import load_crm, load_partner_center
 from cosell_sync.pipeline.plan import plan_run
-from cosell_sync.sides.base import CrmSide
+from cosell_sync.sides.crm import CrmSide
 from cosell_sync.sides.partner_center import PartnerCenterSide
 from cosell_sync.state import StateStore
 

@@ -51,7 +51,7 @@ class SyncJob:
 
 def window(store: StateStore, dag_id: str, *, full_resync: bool = False) -> tuple[datetime | None, datetime | None]:
     """Where each side's incremental read starts: its committed watermark (the server's time
-    when the last window read began, see :func:`_mark`) minus an overlap (a write in flight
+    when the last window read began, see :func:`cosell_sync.pipeline.extract._mark`) minus an overlap (a write in flight
     at the watermark, or stamped by a server whose clock lags, is read again, and the merge
     makes that harmless). No watermark yet, or a full resync: everything."""
     if full_resync:

@@ -20,6 +20,8 @@ from cosell_sync.sides.base import WriteResult, results_frame
 from cosell_sync.sides.crm import CrmSide
 from cosell_sync.sides.partner_center import PartnerCenterSide
 
+WRITES_LEDGER = "writes"  # the staged document counting what every finished try of a load step wrote
+
 
 def load_crm(job: SyncJob, side: CrmSide) -> dict[str, int]:
     """Creates and updates in the CRM; one result per record, staged for the commit."""
@@ -38,9 +40,6 @@ def load_crm(job: SyncJob, side: CrmSide) -> dict[str, int]:
     if not job.dry_run:
         _count_writes(job, {"crm": write_counts(results_frame(results), pd.DataFrame())})
     return {"ok": sum(r.ok for r in results), "failed": sum(not r.ok for r in results)}
-
-
-WRITES_LEDGER = "writes"
 
 
 def _count_writes(job: SyncJob, counts: dict[str, dict[str, int]]) -> None:

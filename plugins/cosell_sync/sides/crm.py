@@ -1,4 +1,6 @@
-"""The write sequence every CRM side runs, once: each CRM overrides small, named steps.
+"""The base of every CRM side: :class:`CrmSide`, what a CRM provides to the pipeline (extract,
+create, update, version, mark, write_links), and the write sequence each one runs, once:
+a CRM overrides small, named steps (``read_opportunities`` for the extract, and these).
 
 **Create** (a new opportunity per referral): :meth:`CrmSide.prepare_create` (convert and
 check the row's values) -> :meth:`~CrmSide.find_existing` (an opportunity that already
@@ -100,10 +102,10 @@ class Pending:
 def describe(exc: BaseException, limit: int = 2000) -> tuple[str, str | None]:
     """(message, code) of an exception that failed some records; never a credential (our errors
     carry the service's message and a URL path only)."""
-    text = str(exc) or type(exc).__name__
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    message = str(exc) or type(exc).__name__
+    message = message if len(message) <= limit else message[: limit - 3] + "..."
     code = getattr(exc, "code", None)
-    return text, str(code) if code else type(exc).__name__
+    return message, str(code) if code else type(exc).__name__
 
 
 def text(value: Any) -> str | None:

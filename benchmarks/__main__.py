@@ -102,8 +102,8 @@ def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
     (Dataverse's options travel in the run's spec), then the steps of runner.sync."""
     from cosell_sync.dag_factory import check_mapping, sync_sides
     from cosell_sync.hooks.entra import forget_tokens
+    from cosell_sync.pipeline import OVERLAP, sync, window_job
     from cosell_sync.state import StateStore
-    from cosell_sync.sync.runner import OVERLAP, sync, window_job
 
     conns = sb.connections()
     for conn_id in ("partner_center_default", "dynamics365_default", "salesforce_default"):

@@ -374,9 +374,9 @@ TASKS = ("prepare", "extract_partner_center", "extract_crm", "plan", "load_crm",
 def run_task(task: str, spec: dict[str, Any]) -> tuple[float, float, Any]:
     """One task of the sync DAG, as its task body in ``dag_factory`` runs it: (the step's
     seconds, its CPU seconds, its result). ``prepare`` returns the run's spec (window, choices, lease)."""
+    from cosell_sync import pipeline as runner
     from cosell_sync.dag_factory import check_mapping, run_step, state_store, sync_sides
     from cosell_sync.engine.mapping import load_mapping
-    from cosell_sync.sync import runner
 
     crm = spec["crm"]
     start, cpu = time.perf_counter(), time.process_time()

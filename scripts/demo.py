@@ -282,7 +282,7 @@ class Demo:
 
     def explain_skips(self, report: dict[str, Any]) -> None:
         """The report's skip categories, in plain words."""
-        from cosell_sync.sync.runner import describe_skip
+        from cosell_sync.pipeline import describe_skip
 
         skipped = report.get("skipped") or {}
         if not skipped:

@@ -90,7 +90,7 @@ CRMS: dict[str, Crm] = {
             deprecated_conn_ids=("dynamics_default",),
             id_field="opportunityid",
             hook="cosell_sync.hooks.dynamics365:DynamicsHook",
-            side="cosell_sync.sync.dynamics365:DynamicsSide",
+            side="cosell_sync.sides.dynamics365:DynamicsSide",
             record_path="/main.aspx?pagetype=entityrecord&etn=opportunity&id={crm_id}",
         ),
         Crm(
@@ -100,7 +100,7 @@ CRMS: dict[str, Crm] = {
             conn_id="salesforce_default",
             id_field="Id",
             hook="cosell_sync.hooks.salesforce:SalesforceSyncHook",
-            side="cosell_sync.sync.salesforce:SalesforceSide",
+            side="cosell_sync.sides.salesforce:SalesforceSide",
             record_path="/lightning/r/Opportunity/{crm_id}/view",
         ),
     )

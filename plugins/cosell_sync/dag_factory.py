@@ -1,7 +1,7 @@
 """Builds the sync DAGs (``cosell_sync_dynamics365``, ``cosell_sync_salesforce``).
 
 The DAG files in ``dags/`` are one line each; everything here is wiring: each task
-rebuilds its :class:`~cosell_sync.sync.runner.SyncJob` from a small spec (passed by XCom)
+rebuilds its :class:`~cosell_sync.pipeline.SyncJob` from a small spec (passed by XCom)
 and runs one step. Frames travel as Parquet in the staging area, never through XCom.
 
 * Schedule: every 15 minutes (``[cosell] sync_schedule``, a cron expression) with real data
@@ -19,7 +19,7 @@ and runs one step. Frames travel as Parquet in the staging area, never through X
   it; a task that fails for good releases it too. While another run (of this DAG, a backfill
   or ``cosell_referral_events``) holds it, ``prepare`` is rescheduled every ``[cosell]
   lease_poll_interval`` seconds (no worker slot held), up to ``[cosell] lease_max_wait``
-  (:mod:`cosell_sync.sync.lease`).
+  (:mod:`cosell_sync.pipeline.lease`).
 * Task retries: every task is retried ``[cosell] task_retries`` times (default 3) with
   exponential backoff (the delay doubles from ``[cosell] task_retry_delay``, 30 s, up to
   ``[cosell] task_max_retry_delay``, 600 s): a transient fault that outlasted the hooks' own
@@ -98,7 +98,7 @@ def sync_sides(crm: str, mapping: Any, choices: dict[str, Any] | None = None) ->
     """(Partner Center side, CRM side) on the default connections; ``choices``: the Dataverse
     options ``prepare`` read (:func:`check_mapping`), else the side reads them."""
     from cosell_sync.hooks.partner_center import PartnerCenterHook
-    from cosell_sync.sync.partner_center import PartnerCenterSide
+    from cosell_sync.sides.partner_center import PartnerCenterSide
 
     entry = crms.get(crm)
     hook, side = entry.hook_class()(), entry.side_class()
@@ -114,14 +114,14 @@ def check_mapping(crm: str, mapping: Any) -> dict[str, dict[str, int]]:
     that no later task reads the metadata again."""
     entry = crms.get(crm)
     if crm == crms.DYNAMICS365:
-        from cosell_sync.sync.dynamics365 import check_choices
+        from cosell_sync.sides.dynamics365 import check_choices
 
         return check_choices(entry.hook_class()(), mapping)
     return entry.side_class()(entry.hook_class()(), mapping).check_mapping()
 
 
 def _job(spec: dict[str, Any]) -> Any:
-    from cosell_sync.sync.runner import SyncJob
+    from cosell_sync.pipeline import SyncJob
 
     def when(value: str | None) -> datetime | None:
         return datetime.fromisoformat(value) if value else None
@@ -172,7 +172,7 @@ def _seconds(key: str, default: timedelta) -> timedelta:
 
 def lease_ttl() -> timedelta:
     """``[cosell] lease_ttl`` (seconds): how long a run's CRM lease outlives its last renewal."""
-    from cosell_sync.sync.lease import LEASE_TTL
+    from cosell_sync.pipeline.lease import LEASE_TTL
 
     return _seconds("lease_ttl", LEASE_TTL)
 
@@ -257,8 +257,8 @@ def run_step(spec: dict[str, Any], step: Callable[[Any, Any], T]) -> T:
     parallel extract must not block other runs); lost to another run, the task fails without
     retrying (its plan may be stale); failed for good, the lease is released so that other
     runs need not wait for it to expire."""
+    from cosell_sync.pipeline import lease
     from cosell_sync.state import LeaseLostError
-    from cosell_sync.sync import lease
 
     job, store = _job(spec), state_store()
     try:
@@ -348,7 +348,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
         @records_failure
         def prepare() -> dict[str, Any]:
             """The run's window and options: small, so it can travel by XCom."""
-            from cosell_sync.sync.runner import initial_load_done, window
+            from cosell_sync.pipeline import initial_load_done, window
 
             context = get_current_context()
             params = context["params"]
@@ -401,69 +401,69 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
         @task(inlets=[REFERRALS_ASSET])
         @records_failure
         def extract_partner_center(spec: dict[str, Any]) -> dict[str, int]:
-            from cosell_sync.sync import runner
+            from cosell_sync import pipeline
 
             def step(job: Any, store: Any) -> dict[str, int]:
                 pc_side, _ = sync_sides(crm, job.mapping, spec.get("choices"))
-                return runner.extract_partner_center(job, pc_side, store)
+                return pipeline.extract_partner_center(job, pc_side, store)
 
             return run_step(spec, step)
 
         @task(inlets=[opportunities])
         @records_failure
         def extract_crm(spec: dict[str, Any]) -> dict[str, int]:
-            from cosell_sync.sync import runner
+            from cosell_sync import pipeline
 
             def step(job: Any, store: Any) -> dict[str, int]:
                 _, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
-                return runner.extract_crm(job, crm_side, store)
+                return pipeline.extract_crm(job, crm_side, store)
 
             return run_step(spec, step)
 
         @task
         @records_failure
         def plan(spec: dict[str, Any]) -> dict[str, Any]:
-            from cosell_sync.sync import runner
+            from cosell_sync import pipeline
 
             def step(job: Any, store: Any) -> dict[str, Any]:
                 pc_side, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
-                return runner.plan_run(job, store, pc_side, crm_side)
+                return pipeline.plan_run(job, store, pc_side, crm_side)
 
             return run_step(spec, step)
 
         @task(inlets=[REFERRALS_ASSET], outlets=[opportunities])
         @records_failure
         def load_crm(spec: dict[str, Any]) -> dict[str, int]:
-            from cosell_sync.sync import runner
+            from cosell_sync import pipeline
 
             def step(job: Any, store: Any) -> dict[str, int]:
                 _, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
-                return runner.load_crm(job, crm_side)
+                return pipeline.load_crm(job, crm_side)
 
             return run_step(spec, step)
 
         @task(inlets=[opportunities], outlets=[REFERRALS_ASSET])
         @records_failure
         def load_partner_center(spec: dict[str, Any]) -> dict[str, int]:
-            from cosell_sync.sync import runner
+            from cosell_sync import pipeline
 
             def step(job: Any, store: Any) -> dict[str, int]:
                 pc_side, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
-                return runner.load_partner_center(job, pc_side, crm_side)
+                return pipeline.load_partner_center(job, pc_side, crm_side)
 
             return run_step(spec, step)
 
         @task
         @records_failure
         def commit_state(spec: dict[str, Any]) -> dict[str, Any]:
-            from cosell_sync.sync import runner
+            from cosell_sync import pipeline
 
-            return run_step(spec, runner.commit)
+            return run_step(spec, pipeline.commit)
 
         @task
         @records_failure
         def report(spec: dict[str, Any], summary: dict[str, Any]) -> str:
-            from cosell_sync.sync.runner import format_report
+            from cosell_sync.pipeline import format_report
 
             text = format_report(spec["dag_id"], summary, spec["crm"])
             log.info("sync report:\n%s", text)

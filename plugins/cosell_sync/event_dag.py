@@ -7,7 +7,7 @@ pending inbox events, in both directions, for every configured CRM.
   after a burst settles; asset events queued while a run is active become one next run
   (``max_active_runs=1``), so a burst coalesces into few runs.
 * **One task.** ``sync_events`` claims every pending event (atomically, so two runs never
-  share one), runs the same engine as the scheduled DAGs (:func:`cosell_sync.sync.runner.sync`,
+  share one), runs the same engine as the scheduled DAGs (:func:`cosell_sync.pipeline.sync`,
   with ``referral_ids``: no watermark moves) for each configured CRM, and marks the events
   done only after every CRM's sync committed. If anything fails, the claim is released and
   the task's retry (or the next event's run) takes the events again. One task rather than
@@ -68,6 +68,7 @@ def sync_events(run_id: str) -> dict[str, Any]:
 
     While another run holds a CRM's lease, the events go back to the inbox and the task is
     rescheduled (:func:`~cosell_sync.dag_factory.wait_for_lease`)."""
+    from cosell_sync import pipeline
     from cosell_sync.dag_factory import (
         lease_ttl,
         mapping_override,
@@ -78,7 +79,6 @@ def sync_events(run_id: str) -> dict[str, Any]:
     )
     from cosell_sync.engine.mapping import load_mapping
     from cosell_sync.state import LeaseHeldError
-    from cosell_sync.sync import runner
 
     store = state_store()
     claimed = store.inbox_claim(run_id)
@@ -99,7 +99,7 @@ def sync_events(run_id: str) -> dict[str, Any]:
             busy = held
         for crm in crms if busy is None else []:
             mapping = load_mapping(crm, mapping_override(crm))
-            job = runner.SyncJob(
+            job = pipeline.SyncJob(
                 crm=crm,
                 dag_id=f"{DAG_ID}.{crm}",
                 run_id=run_id,
@@ -110,8 +110,8 @@ def sync_events(run_id: str) -> dict[str, Any]:
                 lease_ttl=ttl,
             )
             pc_side, crm_side = sync_sides(crm, mapping)
-            reports[crm] = runner.sync(job, pc_side, crm_side, store)  # releases the CRM's lease once committed
-            log.info("sync report:\n%s", runner.format_report(job.dag_id, reports[crm]))
+            reports[crm] = pipeline.sync(job, pc_side, crm_side, store)  # releases the CRM's lease once committed
+            log.info("sync report:\n%s", pipeline.format_report(job.dag_id, reports[crm]))
     except BaseException:
         released = store.inbox_release(run_id)
         for crm in crms:  # a new try reads everything again: nothing to keep them for
@@ -129,7 +129,7 @@ def sync_events(run_id: str) -> dict[str, Any]:
 
 def events_note(result: dict[str, Any]) -> str:
     """The run's note: how many events for how many referrals, then each CRM's report."""
-    from cosell_sync.sync.runner import format_report
+    from cosell_sync.pipeline import format_report
 
     if not result["events"]:
         return f"**{DAG_ID}** · no pending webhook events (an earlier run took them)"

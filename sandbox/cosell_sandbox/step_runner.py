@@ -56,9 +56,9 @@ def preload() -> None:
     import cosell_sync.hooks.dynamics365
     import cosell_sync.hooks.partner_center
     import cosell_sync.hooks.salesforce
-    import cosell_sync.sync.dynamics365
-    import cosell_sync.sync.runner
-    import cosell_sync.sync.salesforce  # noqa: F401
+    import cosell_sync.pipeline
+    import cosell_sync.sides.dynamics365
+    import cosell_sync.sides.salesforce  # noqa: F401
 
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     lease unless ``spec["lease"]`` is false. Returns the spec every later step gets."""
     from cosell_sync.dag_factory import check_mapping, state_store
     from cosell_sync.engine.mapping import load_mapping
-    from cosell_sync.sync.runner import window
+    from cosell_sync.pipeline import window
 
     store = state_store()
     since_pc, since_crm = window(store, spec["dag_id"], full_resync=bool(spec.get("full_resync")))
@@ -96,7 +96,7 @@ def run_step(step: str, spec: dict[str, Any]) -> Any:
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; one of {', '.join(STEPS)}")
     from cosell_sync import dag_factory
-    from cosell_sync.sync import runner
+    from cosell_sync import pipeline as runner
 
     fn = getattr(runner, step)
 

@@ -10,11 +10,11 @@ from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.hooks.dynamics365 import DynamicsHook
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 from cosell_sync.hooks.salesforce import SalesforceSyncHook
+from cosell_sync.pipeline import SyncJob, window_job
+from cosell_sync.sides.dynamics365 import DynamicsSide
+from cosell_sync.sides.partner_center import PartnerCenterSide
+from cosell_sync.sides.salesforce import SalesforceSide
 from cosell_sync.state import StateStore
-from cosell_sync.sync.dynamics365 import DynamicsSide
-from cosell_sync.sync.partner_center import PartnerCenterSide
-from cosell_sync.sync.runner import SyncJob, window_job
-from cosell_sync.sync.salesforce import SalesforceSide
 
 EVENTS = "cosell_referral_events"
 _runs = itertools.count(1)

@@ -24,10 +24,10 @@ from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import referrals_frame
 from cosell_sync.errors import ServerError, TransportError, ValidationError
 from cosell_sync.hooks.batch import BatchRequest
-from cosell_sync.sync.base import RunContext
-from cosell_sync.sync.crm import Pending
-from cosell_sync.sync.dynamics365 import DynamicsSide
-from cosell_sync.sync.salesforce import CREATE_ATTEMPTS, SalesforceSide
+from cosell_sync.sides.base import RunContext
+from cosell_sync.sides.crm import Pending
+from cosell_sync.sides.dynamics365 import DynamicsSide
+from cosell_sync.sides.salesforce import CREATE_ATTEMPTS, SalesforceSide
 
 log = logging.getLogger(__name__)
 N = 200

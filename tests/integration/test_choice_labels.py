@@ -11,9 +11,9 @@ from cosell_sync.engine.mapping import DEFAULTS, load_mapping, parse_mapping
 from cosell_sync.errors import ConfigurationError
 from cosell_sync.hooks.dynamics365 import DynamicsHook
 from cosell_sync.hooks.partner_center import PartnerCenterHook
-from cosell_sync.sync.dynamics365 import DynamicsSide
-from cosell_sync.sync.partner_center import PartnerCenterSide
-from cosell_sync.sync.runner import commit, extract_crm, extract_partner_center, load_crm, load_partner_center, plan_run
+from cosell_sync.pipeline import commit, extract_crm, extract_partner_center, load_crm, load_partner_center, plan_run
+from cosell_sync.sides.dynamics365 import DynamicsSide
+from cosell_sync.sides.partner_center import PartnerCenterSide
 from tests.integration.sync_jobs import no_sleep, scheduled_job
 
 

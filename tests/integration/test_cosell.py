@@ -16,8 +16,8 @@ import requests
 
 from cosell_sandbox.server import FaultConfig
 from cosell_sync.hooks.partner_center import REFERRAL_EVENTS
+from cosell_sync.sides.partner_center import MICROSOFT, microsoft_side
 from cosell_sync.state import StateStore
-from cosell_sync.sync.partner_center import MICROSOFT, microsoft_side
 from tests.helpers import Receiver
 from tests.integration.sync_jobs import event_job
 from tests.integration.test_sync_fuzz import run

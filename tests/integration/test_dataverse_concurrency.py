@@ -12,8 +12,8 @@ import pytest
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.errors import AuthenticationError
 from cosell_sync.hooks.batch import BatchRequest
-from cosell_sync.sync.crm import Pending
-from cosell_sync.sync.dynamics365 import DynamicsSide
+from cosell_sync.sides.crm import Pending
+from cosell_sync.sides.dynamics365 import DynamicsSide
 
 N, CHUNK = 60, 10
 

@@ -37,8 +37,8 @@ import sqlalchemy as sa
 
 from cosell_sandbox.airflow_cluster import AirflowCluster, Celery
 from cosell_sandbox.server import FaultConfig
+from cosell_sync.sides.partner_center import microsoft_side
 from cosell_sync.state import StateStore
-from cosell_sync.sync.partner_center import microsoft_side
 from tests import services
 from tests.integration.test_sync_runner import run_sync
 from tests.integration.test_webhooks_end_to_end import percentile

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from cosell_sync.errors import ApiError
-from cosell_sync.sync.dynamics365 import DynamicsSide
-from cosell_sync.sync.runner import commit, load_plan, read_frame, read_json
+from cosell_sync.pipeline import commit, load_plan, read_frame, read_json
+from cosell_sync.sides.dynamics365 import DynamicsSide
 from tests.integration.test_sync_retries import new_job, run_load_crm, run_load_pc, seed, up_to_load
 
 CRM = "dynamics365"

@@ -14,8 +14,8 @@ from cosell_sandbox.server import FaultConfig
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.errors import ConfigurationError
 from cosell_sync.hooks.partner_center import PartnerCenterHook
-from cosell_sync.sync.base import RunContext
-from cosell_sync.sync.partner_center import LOOKUP_CHUNK, MAX_WORKERS, PartnerCenterSide, microsoft_side
+from cosell_sync.sides.base import RunContext
+from cosell_sync.sides.partner_center import LOOKUP_CHUNK, MAX_WORKERS, PartnerCenterSide, microsoft_side
 from tests.integration.test_sync_partner_center_side import crm_row
 
 MAPPING = load_mapping("salesforce")

@@ -14,8 +14,8 @@ import pytest
 from cosell_sync.dag_factory import sync_sides
 from cosell_sync.hooks.dynamics365 import DynamicsHook
 from cosell_sync.hooks.odata import with_query
+from cosell_sync.pipeline import sync
 from cosell_sync.state import StateStore
-from cosell_sync.sync.runner import sync
 from tests.integration.sync_jobs import scheduled_job
 
 CONSENT = "consentToShareReferralWithMicrosoftSellers"

@@ -15,11 +15,8 @@ import requests
 
 from cosell_sync.dag_factory import check_mapping, sync_sides
 from cosell_sync.hooks.clock import ServerClock, server_clock
-from cosell_sync.state import StateStore
-from cosell_sync.sync.partner_center import microsoft_side
-from cosell_sync.sync.runner import (
+from cosell_sync.pipeline import (
     OVERLAP,
-    _mark,
     commit,
     extract_crm,
     extract_partner_center,
@@ -29,6 +26,9 @@ from cosell_sync.sync.runner import (
     sync,
     window_job,
 )
+from cosell_sync.pipeline.extract import _mark
+from cosell_sync.sides.partner_center import microsoft_side
+from cosell_sync.state import StateStore
 from tests.integration.sync_jobs import crm_amount
 
 CRMS = ["salesforce", "dynamics365"]

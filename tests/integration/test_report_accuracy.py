@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from cosell_sandbox.server import FaultConfig
+from cosell_sync import pipeline as runner
+from cosell_sync.pipeline import format_report
 from cosell_sync.state import StateStore
-from cosell_sync.sync import runner
-from cosell_sync.sync.runner import format_report
 from tests.integration.sync_jobs import quiet_sides, scheduled_job, seed
 
 CRMS = ["salesforce", "dynamics365"]

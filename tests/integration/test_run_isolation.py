@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from cosell_sync import pipeline as runner
 from cosell_sync.dag_factory import sync_sides
 from cosell_sync.engine.mapping import load_mapping
+from cosell_sync.pipeline import SyncJob, lease
 from cosell_sync.state import LeaseHeldError, LeaseLostError, StateStore
-from cosell_sync.sync import lease, runner
-from cosell_sync.sync.runner import SyncJob
 from tests.integration.sync_jobs import EVENTS, base_of, crm_amount, event_job, scheduled_job, seed
 from tests.integration.test_sync_runner import run_sync
 

@@ -22,10 +22,10 @@ from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import crm_frame, referrals_frame
 from cosell_sync.hooks.partner_center import PartnerCenterHook
 from cosell_sync.hooks.salesforce import SalesforceSyncHook
-from cosell_sync.sync.base import RunContext
-from cosell_sync.sync.partner_center import PartnerCenterSide
-from cosell_sync.sync.runner import commit, load_crm, read_frame
-from cosell_sync.sync.salesforce import DEFAULT_CLOSE_DAYS, SalesforceSide
+from cosell_sync.pipeline import commit, load_crm, read_frame
+from cosell_sync.sides.base import RunContext
+from cosell_sync.sides.partner_center import PartnerCenterSide
+from cosell_sync.sides.salesforce import DEFAULT_CLOSE_DAYS, SalesforceSide
 from tests.integration.test_sync_retries import new_job, run_load_crm, run_load_pc, up_to_load
 
 MAPPING = load_mapping("salesforce")

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from cosell_sync.sync import solutions as solutions_module
-from cosell_sync.sync.runner import commit
+from cosell_sync.pipeline import commit
+from cosell_sync.sides import solutions as solutions_module
 from tests.integration.test_sync_retries import flag_one_more, new_job, run_load_crm, run_load_pc, seed, up_to_load
 
 CRMS = ["salesforce", "dynamics365"]

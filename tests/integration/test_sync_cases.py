@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 import pytest
 
 from cosell_sandbox.server import FaultConfig
+from cosell_sync import pipeline as runner
 from cosell_sync.dag_factory import sync_sides
+from cosell_sync.pipeline import SyncJob
 from cosell_sync.state import StateStore
-from cosell_sync.sync import runner
-from cosell_sync.sync.runner import SyncJob
 from tests.integration.sync_jobs import base_of, crm_amount, scheduled_job, seed
 
 CRMS = ["salesforce", "dynamics365"]

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 
 from cosell_sandbox.server import FaultConfig
+from cosell_sync.pipeline import commit
 from cosell_sync.state import StateStore
 from cosell_sync.state import dead_letter as dead_letter_module
 from cosell_sync.state import runs as runs_module
-from cosell_sync.sync.runner import commit
 from tests.integration.test_sync_dead_letter import REFERRALS, edit_opportunity, no_sync_failures, rows_for, run
 from tests.integration.test_sync_retries import CRMS, new_job, run_load_crm, run_load_pc, seed, up_to_load
 

@@ -17,8 +17,8 @@ from sqlalchemy import select
 
 from cosell_sandbox.dynamics365.choices import DEFAULT_CHOICE_BASE
 from cosell_sandbox.server import FaultConfig
+from cosell_sync.pipeline import initial_load_done
 from cosell_sync.state import StateStore
-from cosell_sync.sync.runner import initial_load_done
 
 ROOT = Path(__file__).resolve().parents[2]
 CRMS = ["salesforce", "dynamics365"]

@@ -17,8 +17,8 @@ import pytest
 
 from cosell_sandbox.seed import iso
 from cosell_sandbox.server import FaultConfig
+from cosell_sync.pipeline import SyncJob, commit, read_frame
 from cosell_sync.state import StateStore
-from cosell_sync.sync.runner import SyncJob, commit, read_frame
 from tests.integration.test_sync_retries import (
     CRMS,
     crm_link_values,

@@ -16,8 +16,8 @@ from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import crm_frame, referrals_frame
 from cosell_sync.errors import TransportError
 from cosell_sync.hooks.batch import BatchRequest
-from cosell_sync.sync.base import RunContext
-from cosell_sync.sync.dynamics365 import DynamicsSide, match_key
+from cosell_sync.sides.base import RunContext, match_key
+from cosell_sync.sides.dynamics365 import DynamicsSide
 from tests.helpers import with_paths
 
 DV = load_mapping("dynamics365")

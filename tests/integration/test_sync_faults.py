@@ -33,13 +33,13 @@ from cosell_sandbox.seed import iso
 from cosell_sandbox.server import FaultConfig
 from cosell_sandbox.step_runner import prepare
 from cosell_sync import dag_factory
+from cosell_sync import pipeline as runner
 from cosell_sync.hooks import dynamics365 as dynamics
 from cosell_sync.hooks import salesforce as salesforce_hook
 from cosell_sync.hooks.entra import forget_tokens
+from cosell_sync.sides.dynamics365 import DynamicsSide
+from cosell_sync.sides.salesforce import writes as salesforce_side
 from cosell_sync.state import StateStore
-from cosell_sync.sync import runner
-from cosell_sync.sync import salesforce as salesforce_side
-from cosell_sync.sync.dynamics365 import DynamicsSide
 from tests.integration.sync_jobs import quiet_sides
 from tests.integration.test_sync_kill import LINK_FIELD, duplicates, link_problems, snapshot
 from tests.integration.test_sync_retries import crm_counts, flag_one_more
@@ -414,7 +414,7 @@ def test_salesforce_contact_roles_of_new_opportunities_survive_a_failed_call(
     a 500, the record failed, and the next run found the opportunity linked (it holds the
     referral id) and never created the role. The roles are tried again in the run, after
     looking which ones a call whose answer was lost created."""
-    from cosell_sync.sync.salesforce import SalesforceSide
+    from cosell_sync.sides.salesforce import SalesforceSide
 
     seed(pc, "salesforce")
     job = _steps_up_to_load("salesforce", store, tmp_path / "staging")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from cosell_sandbox.seed import iso
-from cosell_sync.sync.runner import commit
+from cosell_sync.pipeline import commit
 from tests.integration.test_sync_retries import CRMS, new_job, run_load_crm, run_load_pc, up_to_load
 
 SEED = 20261130

@@ -45,8 +45,8 @@ import pytest
 
 from cosell_sandbox.dynamics365 import clock as dataverse_emulator
 from cosell_sandbox.partner_center import clock as partner_center_emulator
+from cosell_sync.sides.partner_center import microsoft_side
 from cosell_sync.state import StateStore
-from cosell_sync.sync.partner_center import microsoft_side
 
 pytestmark = pytest.mark.xdist_group("kill")
 

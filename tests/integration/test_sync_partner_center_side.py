@@ -9,8 +9,8 @@ import pytest
 
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import referrals_frame
-from cosell_sync.sync.base import RunContext
-from cosell_sync.sync.partner_center import PartnerCenterSide, microsoft_side, patch_operations
+from cosell_sync.sides.base import RunContext
+from cosell_sync.sides.partner_center import PartnerCenterSide, microsoft_side, patch_operations
 
 MAPPING = load_mapping("salesforce")
 

@@ -30,9 +30,9 @@ from typing import Any
 import pytest
 
 from cosell_sandbox.server import FaultConfig, Headers, Request
+from cosell_sync import pipeline as runner
+from cosell_sync.pipeline import SyncJob, lease
 from cosell_sync.state import StateStore
-from cosell_sync.sync import lease, runner
-from cosell_sync.sync.runner import SyncJob
 from tests.integration.sync_jobs import quiet_sides, scheduled_job
 
 pytestmark = pytest.mark.xdist_group("races")

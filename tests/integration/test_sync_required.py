@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from cosell_sandbox.seed import iso
-from cosell_sync.sync.runner import commit, read_frame
+from cosell_sync.pipeline import commit, read_frame
 from tests.integration.test_sync_retries import CRMS, new_job, run_load_crm, run_load_pc, seed, up_to_load
 
 

@@ -20,9 +20,7 @@ from cosell_sandbox.server import FaultConfig
 from cosell_sync.dag_factory import sync_sides
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.hooks.partner_center import PartnerCenterHook
-from cosell_sync.state import StateStore
-from cosell_sync.sync.partner_center import PartnerCenterSide
-from cosell_sync.sync.runner import (
+from cosell_sync.pipeline import (
     SyncJob,
     commit,
     extract_crm,
@@ -32,6 +30,8 @@ from cosell_sync.sync.runner import (
     plan_run,
     read_frame,
 )
+from cosell_sync.sides.partner_center import PartnerCenterSide
+from cosell_sync.state import StateStore
 from tests.integration.sync_jobs import scheduled_job
 
 CRMS = ["salesforce", "dynamics365"]
@@ -417,11 +417,11 @@ def test_killed_load_crm_is_retried_without_duplicates(pc, conns, store, tmp_pat
     assert planned
     # Killed after the accounts, contacts and opportunities were written, before the rest.
     if crm == "salesforce":
-        from cosell_sync.sync.salesforce import SalesforceSide
+        from cosell_sync.sides.salesforce import SalesforceSide
 
         target, name = SalesforceSide, "_ensure_roles"
     else:
-        from cosell_sync.sync.dynamics365 import DynamicsSide
+        from cosell_sync.sides.dynamics365 import DynamicsSide
 
         target, name = DynamicsSide, "_upsert_opportunities"
     real = getattr(target, name)
@@ -469,8 +469,8 @@ def _side():
 
 def test_lookup_is_batched_and_falls_back_when_or_is_refused(pc, pc_conn, monkeypatch):
     from cosell_sync.errors import ValidationError
-    from cosell_sync.sync.base import RunContext
-    from cosell_sync.sync.partner_center import LOOKUP_CHUNK
+    from cosell_sync.sides.base import RunContext
+    from cosell_sync.sides.partner_center import LOOKUP_CHUNK
 
     side, ctx = _side(), RunContext(dag_id="cosell_sync_salesforce", run_id="manual__lookup")
     rows = _crm_rows(LOOKUP_CHUNK + 5)
@@ -494,7 +494,7 @@ def test_lookup_is_batched_and_falls_back_when_or_is_refused(pc, pc_conn, monkey
 
 
 def test_a_failed_lookup_fails_those_creates_and_posts_nothing(pc, pc_conn):
-    from cosell_sync.sync.base import RunContext
+    from cosell_sync.sides.base import RunContext
 
     side, ctx = _side(), RunContext(dag_id="cosell_sync_salesforce", run_id="manual__lookup")
     pc.partner_center.faults.configure(

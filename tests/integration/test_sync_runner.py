@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from cosell_sync.dag_factory import sync_sides
+from cosell_sync.pipeline import sync, window_job
 from cosell_sync.state import StateStore
-from cosell_sync.sync.runner import sync, window_job
 
 _runs = itertools.count(1)
 

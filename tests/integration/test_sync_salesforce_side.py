@@ -13,8 +13,8 @@ import pytest
 from cosell_sync.engine.mapping import load_mapping
 from cosell_sync.engine.normalize import crm_frame, referrals_frame
 from cosell_sync.errors import AuthenticationError, ServerError
-from cosell_sync.sync.base import AUDIT_MAX_CHARS, RunContext
-from cosell_sync.sync.salesforce import SalesforceSide
+from cosell_sync.sides.base import AUDIT_MAX_CHARS, RunContext
+from cosell_sync.sides.salesforce import SalesforceSide
 
 MAPPING = load_mapping("salesforce")
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

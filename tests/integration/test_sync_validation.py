@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from cosell_sandbox.seed import iso
-from cosell_sync.sync.runner import commit
+from cosell_sync.pipeline import commit
 from tests.integration.test_sync_retries import CRMS, new_job, run_load_crm, run_load_pc, seed, up_to_load
 
 # referral id suffix -> (how to spoil the document, the field its error names)

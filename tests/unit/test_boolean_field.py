@@ -14,9 +14,9 @@ import yaml
 from cosell_sync.engine.mapping import DEFAULTS, KEEP, MappingError, load_mapping, parse_mapping
 from cosell_sync.engine.normalize import as_boolean, crm_frame, referrals_frame, side_value
 from cosell_sync.engine.plan import plan
-from cosell_sync.sync.dynamics365 import DynamicsSide
-from cosell_sync.sync.partner_center import referral_assignments
-from cosell_sync.sync.salesforce import SalesforceSide
+from cosell_sync.sides.dynamics365 import DynamicsSide
+from cosell_sync.sides.partner_center import referral_assignments
+from cosell_sync.sides.salesforce import SalesforceSide
 from tests.helpers import DV_ORG_CHOICES, dynamics_org_mapping, with_paths
 
 SF = load_mapping("salesforce")

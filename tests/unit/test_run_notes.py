@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cosell_sync.notes import NOTE_LIMIT, compose, error_text, ours, scrub, truncate
-from cosell_sync.sync.runner import describe_skip, format_report
+from cosell_sync.pipeline import describe_skip, format_report
 
 REPORT = {
     "pc_to_crm": {"created": 2, "updated": 1, "conflicts": 0, "failed": 0},

@@ -9,8 +9,8 @@ import types
 import pytest
 
 from cosell_sync.errors import ConfigurationError
-from cosell_sync.sync import solutions as mod
-from cosell_sync.sync.solutions import (
+from cosell_sync.sides import solutions as mod
+from cosell_sync.sides.solutions import (
     SolutionCatalog,
     configured_catalog,
     merge_solutions,

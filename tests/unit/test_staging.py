@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from cosell_sync import pipeline as runner
 from cosell_sync.engine.mapping import load_mapping
-from cosell_sync.sync import runner
 
 
 def _job(staging: Any) -> runner.SyncJob:

@@ -270,7 +270,7 @@ def create_app(store_factory: Callable[[], StateStore] | None = None) -> FastAPI
         return state.store().max_attempts
 
     def overview_data(request: Request, crms: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-        from cosell_sync.sync.runner import format_report
+        from cosell_sync.pipeline import format_report
 
         data = queries.overview(engine(), crms, max_attempts=max_attempts())
         runs = airflow_last_runs([queries.sync_dag_id(c) for c in crms] + list(EXTRA_DAGS))
@@ -336,7 +336,7 @@ def create_app(store_factory: Callable[[], StateStore] | None = None) -> FastAPI
 
     @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
     def run_report(request: Request, user: UserDep, dag_id: str, run_id: str) -> HTMLResponse:
-        from cosell_sync.sync.runner import format_report
+        from cosell_sync.pipeline import format_report
 
         crm = check_dag(dag_id)
         if crm not in readable_crms(request, user):

@@ -261,7 +261,7 @@ def with_solution_details(
     """``value`` to write at ``path`` of a referral that holds ``current`` (None: a new referral).
 
     The one call the Partner Center side makes for each (path, value) pair
-    :func:`~cosell_sync.sync.partner_center.referral_assignments` yields: the solution list
+    :func:`~cosell_sync.sides.partner_center.referral_assignments` yields: the solution list
     (``[{"id": ...}, ...]`` at ``details/requirements/solutions``) becomes :func:`merge_solutions`
     of what ``current`` holds (for a create, nothing: catalog details or id alone); any other
     path's value is returned unchanged. The catalog defaults to :func:`configured_catalog`."""

@@ -15,15 +15,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import pandas as pd
 
-from cosell_sync.engine.mapping import SyncMapping
 from cosell_sync.errors import AuthenticationError, ConfigurationError, CosellError
 
 Action = Literal["create", "update", "win", "lose", "link"]
@@ -171,46 +169,3 @@ def prepend_audit(existing: str | None, line: str, limit: int = AUDIT_MAX_CHARS)
         return text
     cut = text[:limit]
     return cut[: cut.rfind("\n")] if "\n" in cut else cut
-
-
-class CrmSide(Protocol):
-    """What a CRM implementation provides to the sync stages."""
-
-    crm: str
-    mapping: SyncMapping
-
-    def extract(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        crm_ids: list[str] | None = None,
-        referral_ids: list[str] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Opportunities as nested records whose paths match the mapping's ``crm`` paths
-        (the account and primary contact nested under the names the mapping uses)."""
-
-    def create(self, creates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
-        """New opportunities from ``creates`` (``referral_id`` + canonical values), with the
-        account matched by name + postal code or created, the contact matched by email or
-        created, and the link written (referral id, referral link), sync status and audit."""
-
-    def version(self, record: Mapping[str, Any]) -> str | None:
-        """The version of an extracted opportunity that a conditional write checks
-        (Dataverse: its ``@odata.etag``; Salesforce: its ``SystemModstamp``)."""
-
-    def update(
-        self, updates: pd.DataFrame, ctx: RunContext, versions: Mapping[str, str] | None = None
-    ) -> list[WriteResult]:
-        """``updates``: ``crm_id``, ``referral_id``, ``fields`` (canonical field -> value),
-        ``expected`` (what the CRM held when planned). Only those fields are written, plus the
-        audit and sync-status fields. ``versions``: CRM id -> :meth:`version` at extract; a
-        record changed since is re-merged (Dataverse, on 412) or deferred (Salesforce), and
-        the fields not written are listed in its result's ``deferred``."""
-
-    def mark(self, crm_ids: list[str], status: str, ctx: RunContext, *, error: str | None = None) -> None:
-        """Set the sync-status field (``Synced``/``Error``), and on error the audit field."""
-
-    def write_links(self, links: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
-        """``links``: ``crm_id``, ``referral_id``: store the referral id and link on opportunities
-        that Partner Center referrals were just created for."""

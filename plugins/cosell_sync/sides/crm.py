@@ -1,14 +1,16 @@
-"""The write sequence every CRM side runs, once: each CRM overrides small, named steps.
+"""The base of every CRM side: :class:`CrmSide`, what a CRM provides to the pipeline (extract,
+create, update, version, mark, write_links), and the write sequence each one runs, once:
+a CRM overrides small, named steps (``read_opportunities`` for the extract, and these).
 
-**Create** (a new opportunity per referral): :meth:`CrmWorkflow.prepare_create` (convert and
-check the row's values) -> :meth:`~CrmWorkflow.find_existing` (an opportunity that already
+**Create** (a new opportunity per referral): :meth:`CrmSide.prepare_create` (convert and
+check the row's values) -> :meth:`~CrmSide.find_existing` (an opportunity that already
 holds the referral id, made by an earlier try of this task or a run that died before its
 commit, is *adopted*: never written over, never duplicated) -> ``ensure_accounts`` (match by
 name + postal code, or create) -> ``ensure_contacts`` (match by e-mail, or create) ->
 ``upsert_opportunities`` (keyed by the referral id, carrying the link, the sync status and
 the audit) -> ``after_create`` (the primary contact role, won/lost actions ...).
 
-**Update** (the planned fields of linked opportunities): :meth:`CrmWorkflow.prepare_update`
+**Update** (the planned fields of linked opportunities): :meth:`CrmSide.prepare_update`
 -> ``read_current`` (the audit trail to prepend to, and the version check: a record changed
 since extract is re-merged or deferred) -> ``write_updates`` -> ``after_update``.
 
@@ -22,13 +24,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
 
 from cosell_sync.engine.mapping import KEEP, SyncMapping
 from cosell_sync.engine.normalize import crm_frame
-from cosell_sync.sync.base import Action, RunContext, WriteResult, fails_the_task, missing, plain, same_value
+from cosell_sync.sides.base import Action, RunContext, WriteResult, fails_the_task, missing, plain, same_value
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +102,13 @@ class Pending:
 def describe(exc: BaseException, limit: int = 2000) -> tuple[str, str | None]:
     """(message, code) of an exception that failed some records; never a credential (our errors
     carry the service's message and a URL path only)."""
-    text = str(exc) or type(exc).__name__
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    message = str(exc) or type(exc).__name__
+    message = message if len(message) <= limit else message[: limit - 3] + "..."
     code = getattr(exc, "code", None)
-    return text, str(code) if code else type(exc).__name__
+    return message, str(code) if code else type(exc).__name__
 
 
-def _text(value: Any) -> str | None:
+def text(value: Any) -> str | None:
     """A frame cell as stripped text, None when missing or empty."""
     return None if missing(value) else (str(value).strip() or None)
 
@@ -113,12 +116,39 @@ def _text(value: Any) -> str | None:
 Step = Callable[[list[Pending], RunContext], None]
 
 
-class CrmWorkflow:
-    """Create and update for one CRM, as a fixed sequence of overridable steps."""
+@dataclass(frozen=True)
+class Selection:
+    """Which opportunities an extract reads: those modified in ``(since, until]``, or with
+    ``crm_ids`` and/or ``referral_ids``, those (an empty list names none)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    crm_ids: list[str] | None = None
+    referral_ids: list[str] | None = None
+
+
+class CrmSide:
+    """What a CRM provides to the pipeline, and the create and update it runs as a fixed
+    sequence of overridable steps (as the Singer SDK's streams and sinks do)."""
 
     crm: str
     mapping: SyncMapping
     id_field: str  # the opportunity's id in an extracted record
+
+    # -- extract --------------------------------------------------------------------------------
+    def extract(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        crm_ids: list[str] | None = None,
+        referral_ids: list[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Opportunities as nested records whose paths match the mapping's ``crm`` paths (the
+        account and primary contact nested under the names the mapping uses): those modified
+        in ``(since, until]`` (every one when neither is given), or, with ``crm_ids`` and/or
+        ``referral_ids``, those (the union when both are given; an empty list names none)."""
+        return self.read_opportunities(Selection(since, until, crm_ids, referral_ids))
 
     # -- the sequences ------------------------------------------------------------------------
     def create(self, creates: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
@@ -128,7 +158,7 @@ class CrmWorkflow:
         rows: list[Pending] = []
         names = [n for n in self.mapping.fields if n in creates.columns]
         for pos, item in enumerate(creates.to_dict("records") if len(creates) else []):
-            referral_id = _text(item.get("referral_id"))
+            referral_id = text(item.get("referral_id"))
             values = {n: plain(item[n]) for n in names if not missing(item[n]) and plain(item[n]) != KEEP}
             row = Pending(pos, referral_id or "", referral_id, None, values, "create")
             rows.append(row)
@@ -161,7 +191,7 @@ class CrmWorkflow:
         known = {self.id_key(k): str(v) for k, v in (versions or {}).items() if not missing(v) and str(v)}
         rows: list[Pending] = []
         for pos, item in enumerate(updates.to_dict("records") if len(updates) else []):
-            referral_id, crm_id = _text(item.get("referral_id")), _text(item.get("crm_id"))
+            referral_id, crm_id = text(item.get("referral_id")), text(item.get("crm_id"))
             fields = item.get("fields") if isinstance(item.get("fields"), Mapping) else {}
             expected = item.get("expected") if isinstance(item.get("expected"), Mapping) else {}
             row = Pending(pos, referral_id or crm_id or "", referral_id, crm_id, {}, "update", dict(expected))
@@ -262,8 +292,23 @@ class CrmWorkflow:
         return out
 
     # -- what each CRM provides ----------------------------------------------------------------------
-    def extract(self, **kwargs: Any) -> list[dict[str, Any]]:  # pragma: no cover - each CRM implements it
+    def read_opportunities(self, which: Selection) -> list[dict[str, Any]]:  # pragma: no cover - each CRM
+        """The opportunities :meth:`extract` names, nested as it says."""
         raise NotImplementedError
+
+    def version(self, record: Mapping[str, Any]) -> str | None:  # pragma: no cover - each CRM implements it
+        """The version of an extracted opportunity that a conditional write checks
+        (Dataverse: its ``@odata.etag``; Salesforce: its ``SystemModstamp``)."""
+        raise NotImplementedError
+
+    def mark(self, crm_ids: list[str], status: str, ctx: RunContext, *, error: str | None = None) -> None:
+        """Set the sync-status field (``Synced``/``Error``), and on error the audit field."""
+        raise NotImplementedError  # pragma: no cover - each CRM implements it
+
+    def write_links(self, links: pd.DataFrame, ctx: RunContext) -> list[WriteResult]:
+        """``links``: ``crm_id``, ``referral_id``: store the referral id and link on opportunities
+        that Partner Center referrals were just created for."""
+        raise NotImplementedError  # pragma: no cover - each CRM implements it
 
     def opportunity_level(self) -> set[str]:
         """Canonical fields stored on the opportunity itself (the ones an update writes)."""
@@ -307,4 +352,4 @@ class CrmWorkflow:
         """Anything after the updates (won/lost actions)."""
 
 
-__all__ = ["CHANGED_DURING_RUN", "CrmWorkflow", "Pending", "describe"]
+__all__ = ["CHANGED_DURING_RUN", "CrmSide", "Pending", "Selection", "describe", "text"]

@@ -38,8 +38,8 @@ from cosell_sync.errors import (
 )
 from cosell_sync.hooks.odata import datetime_literal, quote
 from cosell_sync.hooks.partner_center import PartnerCenterHook
-from cosell_sync.sync.base import RunContext, WriteResult, fails_the_task
-from cosell_sync.sync.solutions import with_solution_details
+from cosell_sync.sides.base import RunContext, WriteResult, fails_the_task
+from cosell_sync.sides.solutions import with_solution_details
 
 log = logging.getLogger(__name__)
 

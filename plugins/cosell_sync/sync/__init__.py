@@ -1,1 +1,0 @@
-"""Sync stages wired to each system: extract and load (see base.py)."""

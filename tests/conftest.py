@@ -124,8 +124,8 @@ def sf_hook(sf_conn: dict):
 
 @pytest.fixture(scope="session")
 def airflow_db() -> None:
-    """A migrated Airflow metadata DB (SQLite) under the test AIRFLOW_HOME, for dag.test()."""
-    import subprocess
-    import sys
+    """A migrated Airflow metadata DB (SQLite) under the test AIRFLOW_HOME, for dag.test(): a
+    copy of the migrated DB the Airflow clusters start from (migrated once, cached in .airflow/)."""
+    from cosell_sandbox.airflow_cluster import AirflowCluster
 
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, timeout=600)
+    AirflowCluster(Path(os.environ["AIRFLOW_HOME"]), {}).migrate()

@@ -48,8 +48,6 @@ from cosell_sandbox import partner_center as partner_center_emulator
 from cosell_sync.state import StateStore
 from cosell_sync.sync.partner_center import microsoft_side
 
-pytestmark = pytest.mark.xdist_group("kill")
-
 REFERRALS = int(os.environ.get("COSELL_KILL_REFERRALS", "1500"))
 OPPORTUNITIES = int(os.environ.get("COSELL_KILL_OPPORTUNITIES", "800"))
 FLAGGED = OPPORTUNITIES // 2

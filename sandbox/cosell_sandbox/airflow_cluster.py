@@ -237,6 +237,10 @@ class AirflowCluster:
             os.replace(scratch / "airflow.db", template)  # atomic: a concurrent start copies a whole file
             shutil.rmtree(scratch, ignore_errors=True)
         shutil.copyfile(template, db)
+        # The first airflow command writes $AIRFLOW_HOME/airflow.cfg with the secrets it generates
+        # (the execution API's JWT secret among them): one command now, not the components at once,
+        # which would each write their own and refuse each other's tokens ("Invalid auth token").
+        self.cli("config", "get-value", "core", "executor")
 
     def start_component(self, name: str) -> None:
         """Start one component: ``api-server``, ``scheduler``, ... or ``celery-worker-N``."""

@@ -54,8 +54,8 @@ lint: venv
 # --dist loadgroup hands out the largest groups first, so the lanes start at once on two workers
 # while the third takes every other test, and a lane's worker joins it when the lane is done.
 # A cluster test mostly waits (for the scheduler, a cron minute, a task process), so the third
-# worker uses the CPU the lanes leave idle; with one lane on one of two workers, that lane was
-# the longest chain of the run. The 15 slowest tests are listed at the end.
+# worker uses the CPU the lanes leave idle (before: one lane, every cluster start end to end on
+# one of two workers). The 15 slowest tests are listed at the end.
 test: venv lint browser
 	$(BIN)/python -m pytest -n 3 --dist loadgroup --durations=15
 

@@ -47,17 +47,15 @@ browser:
 lint: venv
 	$(BIN)/ruff check .
 
-# Three xdist workers on this 2-core machine. The tests that start real Airflow components
+# Two xdist workers (this machine has 2 cores). The tests that start real Airflow components
 # (scheduler, Celery workers, API server, `airflow standalone`, the browser's Airflow) run in two
 # lanes, xdist groups "airflow-cluster-a" and "airflow-cluster-b" of about the same length: a
 # lane's tests run one after another on one worker, so at most two clusters run at once.
-# --dist loadgroup hands out the largest groups first, so the lanes start at once on two workers
-# while the third takes every other test, and a lane's worker joins it when the lane is done.
-# A cluster test mostly waits (for the scheduler, a cron minute, a task process), so the third
-# worker uses the CPU the lanes leave idle (before: one lane, every cluster start end to end on
-# one of two workers). The 15 slowest tests are listed at the end.
+# --dist loadgroup hands out the largest groups first, so both lanes start at once, and every
+# other test is spread over both workers as they free up (before: one lane, every cluster start
+# end to end on one worker). The 15 slowest tests are listed at the end.
 test: venv lint browser
-	$(BIN)/python -m pytest -n 3 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
 # The fast tier: pure logic and the emulators, no Airflow components, under two minutes.
 test-fast: venv lint

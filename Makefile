@@ -47,14 +47,17 @@ browser:
 lint: venv
 	$(BIN)/ruff check .
 
-# Two xdist workers (this machine has 2 cores). Tests that must not share the machine's load
-# with each other keep to one worker by xdist_group: those that start real Airflow components
-# ("airflow-cluster"), the kill test ("kill") and the race tests ("races"); the rest is spread
-# over both. The 15 slowest tests are listed at the end, to see where the time goes.
+# Two xdist workers (this machine has 2 cores). The tests that start real Airflow components
+# (scheduler, Celery workers, API server, `airflow standalone`, the browser's Airflow) run in two
+# lanes, xdist groups "airflow-cluster-a" and "airflow-cluster-b" of about the same length: a
+# lane's tests run one after another on one worker, so at most two clusters run at once.
+# --dist loadgroup hands out the largest groups first, so both lanes start at once, and every
+# other test is spread over both workers as they free up (before: one lane, every cluster start
+# end to end on one worker). The 15 slowest tests are listed at the end.
 test: venv lint browser
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
-# The fast tier: pure logic and the emulators, no Airflow components, under a minute.
+# The fast tier: pure logic and the emulators, no Airflow components, under two minutes.
 test-fast: venv lint
 	$(BIN)/python -m pytest -n 2 tests/unit tests/sandbox
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,15 @@ _REPO = Path(__file__).resolve().parents[1]
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(_REPO / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(_REPO / "plugins")
 os.environ["COSELL_SANDBOX_HOME"] = str(_HOME / "sandbox")
+# Bytecode cached, as AirflowCluster does for its processes: with PYTHONDONTWRITEBYTECODE (set on
+# these machines) and a venv installed without .pyc files, every Python process the suite starts
+# (xdist workers, spawned state-store writers, the kill test's step server, CLI runs) compiled
+# Airflow, pandas, SQLAlchemy and our code from source again: 1.5-2 s of CPU each. One cache in
+# .airflow/pycache (git-ignored), shared with the clusters; Python checks each file's mtime.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+os.environ.setdefault("PYTHONPYCACHEPREFIX", str(_REPO / ".airflow" / "pycache"))
+sys.dont_write_bytecode = False
+sys.pycache_prefix = sys.pycache_prefix or os.environ["PYTHONPYCACHEPREFIX"]
 # A task that fails for a transient reason is retried (3 times, from 30 s by default): in tests,
 # from 1 s, so a dag.test() with a failing task does not wait minutes. Tests of the retry
 # settings themselves set their own values.
@@ -124,8 +134,8 @@ def sf_hook(sf_conn: dict):
 
 @pytest.fixture(scope="session")
 def airflow_db() -> None:
-    """A migrated Airflow metadata DB (SQLite) under the test AIRFLOW_HOME, for dag.test()."""
-    import subprocess
-    import sys
+    """A migrated Airflow metadata DB (SQLite) under the test AIRFLOW_HOME, for dag.test(): a
+    copy of the migrated DB the Airflow clusters start from (migrated once, cached in .airflow/)."""
+    from cosell_sandbox.airflow_cluster import AirflowCluster
 
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, timeout=600)
+    AirflowCluster(Path(os.environ["AIRFLOW_HOME"]), {}).migrate()

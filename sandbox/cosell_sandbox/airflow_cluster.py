@@ -19,8 +19,10 @@ Center's webhook deliveries require.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -72,6 +74,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def migrated_sqlite_template(auth_manager: str = "") -> Path:
+    """Where a freshly migrated SQLite metadata DB is kept, named after the installed Airflow
+    and providers and the auth manager (which may add tables of its own): another version gets
+    a DB of its own."""
+    from importlib import metadata
+
+    versions = sorted(
+        f"{d.metadata['Name']}=={d.version}"
+        for d in metadata.distributions()
+        if (d.metadata["Name"] or "").lower().startswith(("apache-airflow", "apache_airflow"))
+    )
+    key = hashlib.sha256("\n".join([*versions, auth_manager]).encode()).hexdigest()[:16]
+    return REPO / ".airflow" / "migrated" / f"airflow-{key}.db"
+
+
 class AirflowCommandError(RuntimeError):
     """An ``airflow`` command failed; the message holds the end of its stderr."""
 
@@ -119,7 +136,10 @@ class AirflowCluster:
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+            # The DAG files do not change while a cluster runs: each is parsed when found (within
+            # REFRESH_INTERVAL) and again only every 30 s, not every 5 s (4 files, each parse a
+            # process of its own and a metadata write, a steady load beside the tasks under test).
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
             "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",
             # As docker-compose.yml: an idle scheduler looks again after 0.25 s, not 1 s (a
@@ -179,13 +199,48 @@ class AirflowCluster:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def start(self) -> AirflowCluster:
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.cli("db", "migrate", timeout=600)
+        self.migrate()
         for name in self.components:
             self.start_component(name)
         if "api-server" in self.components:
             self.wait_for(lambda: self._healthy(), 180, "the API server to answer")
         return self
+
+    def migrate(self) -> None:
+        """Airflow's metadata DB, migrated: on SQLite, a copy of a freshly migrated DB cached
+        under ``.airflow/`` for this Airflow and its providers (a ``db migrate`` from nothing
+        costs 10-20 s of CPU; a test suite starts several clusters); ``db migrate`` otherwise."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        db = self.home / "airflow.db"
+        if not self.metadata_url.startswith("sqlite") or db.exists():
+            self.cli("db", "migrate", timeout=600)
+            return
+        template = migrated_sqlite_template(self.env.get("AIRFLOW__CORE__AUTH_MANAGER", ""))
+        if not template.exists():
+            scratch = template.with_name(f"{template.stem}.{os.getpid()}.tmp")
+            scratch.mkdir(parents=True, exist_ok=True)
+            env = self.env | {
+                "AIRFLOW_HOME": str(scratch),
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{scratch / 'airflow.db'}",
+            }
+            done = subprocess.run(
+                [sys.executable, "-m", "airflow", "db", "migrate"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+            if done.returncode:
+                shutil.rmtree(scratch, ignore_errors=True)
+                raise AirflowCommandError(f"airflow db migrate exited {done.returncode}:\n{done.stderr[-3000:]}")
+            os.replace(scratch / "airflow.db", template)  # atomic: a concurrent start copies a whole file
+            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.copyfile(template, db)
+        # The first airflow command writes $AIRFLOW_HOME/airflow.cfg with the secrets it generates
+        # (the execution API's JWT secret among them): one command now, not the components at once,
+        # which would each write their own and refuse each other's tokens ("Invalid auth token").
+        self.cli("config", "get-value", "core", "executor")
 
     def start_component(self, name: str) -> None:
         """Start one component: ``api-server``, ``scheduler``, ... or ``celery-worker-N``."""

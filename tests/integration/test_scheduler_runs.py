@@ -29,9 +29,9 @@ import pytest
 from cosell_sandbox.airflow_cluster import AirflowCluster
 from cosell_sync.state import StateStore
 
-# Real Airflow components: `make test` runs these one after another on one xdist worker
-# (two clusters at once would starve this 2-core machine), beside the rest of the suite.
-pytestmark = pytest.mark.xdist_group("airflow-cluster")
+# Real Airflow components: `make test` runs the tests of one lane ("airflow-cluster-a") one after another on
+# one xdist worker, so at most two clusters (one per lane) run at once, beside the rest of the suite.
+pytestmark = pytest.mark.xdist_group("airflow-cluster-a")
 SF, DYN, EVENTS = "cosell_sync_salesforce", "cosell_sync_dynamics365", "cosell_referral_events"
 BAD_SECRET = "not-the-secret-7f3a9c"
 

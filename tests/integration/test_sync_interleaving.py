@@ -23,8 +23,6 @@ from cosell_sync.pipeline import SyncJob, lease
 from cosell_sync.state import LeaseHeldError, StateStore
 from tests.integration.sync_jobs import event_job, quiet_sides, scheduled_job
 
-pytestmark = pytest.mark.xdist_group("races")
-
 CRMS = ["salesforce", "dynamics365"]
 EVENTS = "cosell_referral_events"
 PC, CRM = "partner_center", "crm"

@@ -48,8 +48,6 @@ from cosell_sandbox.partner_center import clock as partner_center_emulator
 from cosell_sync.sides.partner_center import microsoft_side
 from cosell_sync.state import StateStore
 
-pytestmark = pytest.mark.xdist_group("kill")
-
 REFERRALS = int(os.environ.get("COSELL_KILL_REFERRALS", "1500"))
 OPPORTUNITIES = int(os.environ.get("COSELL_KILL_OPPORTUNITIES", "800"))
 FLAGGED = OPPORTUNITIES // 2

@@ -35,8 +35,6 @@ from cosell_sync.pipeline import SyncJob, lease
 from cosell_sync.state import StateStore
 from tests.integration.sync_jobs import quiet_sides, scheduled_job
 
-pytestmark = pytest.mark.xdist_group("races")
-
 PC, CRM = "partner_center", "crm"
 WRITES = {"POST", "PATCH", "PUT", "DELETE"}
 STEPS = ("extract_partner_center", "extract_crm", "plan_run", "load_crm", "load_partner_center", "commit")

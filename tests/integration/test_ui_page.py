@@ -16,7 +16,7 @@ import requests
 from cosell_sandbox.airflow_cluster import AirflowCluster
 from cosell_sync.state import StateStore
 
-pytestmark = pytest.mark.xdist_group("airflow-cluster")
+pytestmark = pytest.mark.xdist_group("airflow-cluster-a")  # a real Airflow: see test_scheduler_runs
 
 DAG = "cosell_sync_salesforce"
 

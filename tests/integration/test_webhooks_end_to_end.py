@@ -30,9 +30,9 @@ from cosell_sandbox.airflow_cluster import AirflowCluster
 from cosell_sync.state import StateStore
 from tests.integration.test_sync_runner import run_sync
 
-# Real Airflow components: `make test` runs these one after another on one xdist worker
-# (two clusters at once would starve this 2-core machine), beside the rest of the suite.
-pytestmark = pytest.mark.xdist_group("airflow-cluster")
+# Real Airflow components: `make test` runs the tests of one lane ("airflow-cluster-b") one after another on
+# one xdist worker, so at most two clusters (one per lane) run at once, beside the rest of the suite.
+pytestmark = pytest.mark.xdist_group("airflow-cluster-b")
 EVENTS_DAG = "cosell_referral_events"
 LATENCY_EVENTS = 24
 BURST_REFERRALS, BURST_EDITS = 100, 5

@@ -31,8 +31,8 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from cosell_sandbox.seed import iso
 from tests.ui.conftest import AirflowUI, Screens
 
-# Real Airflow components: `make test` runs these one after another on one xdist worker.
-pytestmark = pytest.mark.xdist_group("airflow-cluster")
+# Real Airflow components: `make test` runs them in the lane "airflow-cluster-b" (one cluster at a time per lane).
+pytestmark = pytest.mark.xdist_group("airflow-cluster-b")
 SF = "cosell_sync_salesforce"
 PARAMS = ("dry_run", "referral_ids", "full_resync", "directions")
 RUN_TIMEOUT = 240  # seconds for a sync run to end, on a machine shared with other clusters

@@ -375,7 +375,7 @@ def run_task(task: str, spec: dict[str, Any]) -> tuple[float, float, Any]:
     """One task of the sync DAG, as its task body in ``dag_factory`` runs it: (the step's
     seconds, its CPU seconds, its result). ``prepare`` returns the run's spec (window, choices, lease)."""
     from cosell_sync import pipeline as runner
-    from cosell_sync.dag_factory import check_mapping, run_step, state_store, sync_sides
+    from cosell_sync.dag_factory import check_mapping, run_side_step, run_step, state_store
     from cosell_sync.engine.mapping import load_mapping
 
     crm = spec["crm"]
@@ -393,18 +393,8 @@ def run_task(task: str, spec: dict[str, Any]) -> tuple[float, float, Any]:
         }
         return time.perf_counter() - start, time.process_time() - cpu, result
 
-    def sides(job: Any) -> tuple[Any, Any]:
-        return sync_sides(crm, job.mapping, spec.get("choices"))
-
-    steps: dict[str, Callable[[Any, Any], Any]] = {
-        "extract_partner_center": lambda job, store: runner.extract_partner_center(job, sides(job)[0], store),
-        "extract_crm": lambda job, store: runner.extract_crm(job, sides(job)[1], store),
-        "plan": lambda job, store: runner.plan_run(job, store, *sides(job)),
-        "load_crm": lambda job, store: runner.load_crm(job, sides(job)[1]),
-        "load_partner_center": lambda job, store: runner.load_partner_center(job, *sides(job)),
-        "commit_state": runner.commit,
-    }
-    result = run_step(spec, steps[task])
+    # the step as the DAG's task runs it
+    result = run_step(spec, runner.commit) if task == "commit_state" else run_side_step(spec, task)
     return time.perf_counter() - start, time.process_time() - cpu, result
 
 

@@ -251,6 +251,32 @@ def _later_try() -> bool:
         return True
 
 
+def side_step(name: str) -> Callable[[Any, Any, Any, Any], Any]:
+    """The pipeline call of the sync DAG's task ``name``, as ``(job, store, partner_center_side,
+    crm_side)``: one table for the DAG's tasks and the throughput benchmark."""
+    from cosell_sync import pipeline
+
+    steps: dict[str, Callable[[Any, Any, Any, Any], Any]] = {
+        "extract_partner_center": lambda job, store, pc, _crm: pipeline.extract_partner_center(job, pc, store),
+        "extract_crm": lambda job, store, _pc, crm_side: pipeline.extract_crm(job, crm_side, store),
+        "plan": pipeline.plan_run,
+        "load_crm": lambda job, _store, _pc, crm_side: pipeline.load_crm(job, crm_side),
+        "load_partner_center": lambda job, _store, pc, crm_side: pipeline.load_partner_center(job, pc, crm_side),
+    }
+    return steps[name]
+
+
+def run_side_step(spec: dict[str, Any], name: str) -> Any:
+    """:func:`run_step` for the task ``name``, whose step works through the run's sides (:func:`side_step`)."""
+    call = side_step(name)
+
+    def step(job: Any, store: Any) -> Any:
+        pc_side, crm_side = sync_sides(spec["crm"], job.mapping, spec.get("choices"))
+        return call(job, store, pc_side, crm_side)
+
+    return run_step(spec, step)
+
+
 def run_step(spec: dict[str, Any], step: Callable[[Any, Any], T]) -> T:
     """One step of the run under its CRM lease: renewed before and during the step (a first
     try never takes back a lease its run released after another task failed for good: the
@@ -401,57 +427,27 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
         @task(inlets=[REFERRALS_ASSET])
         @records_failure
         def extract_partner_center(spec: dict[str, Any]) -> dict[str, int]:
-            from cosell_sync import pipeline
-
-            def step(job: Any, store: Any) -> dict[str, int]:
-                pc_side, _ = sync_sides(crm, job.mapping, spec.get("choices"))
-                return pipeline.extract_partner_center(job, pc_side, store)
-
-            return run_step(spec, step)
+            return run_side_step(spec, "extract_partner_center")
 
         @task(inlets=[opportunities])
         @records_failure
         def extract_crm(spec: dict[str, Any]) -> dict[str, int]:
-            from cosell_sync import pipeline
-
-            def step(job: Any, store: Any) -> dict[str, int]:
-                _, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
-                return pipeline.extract_crm(job, crm_side, store)
-
-            return run_step(spec, step)
+            return run_side_step(spec, "extract_crm")
 
         @task
         @records_failure
         def plan(spec: dict[str, Any]) -> dict[str, Any]:
-            from cosell_sync import pipeline
-
-            def step(job: Any, store: Any) -> dict[str, Any]:
-                pc_side, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
-                return pipeline.plan_run(job, store, pc_side, crm_side)
-
-            return run_step(spec, step)
+            return run_side_step(spec, "plan")
 
         @task(inlets=[REFERRALS_ASSET], outlets=[opportunities])
         @records_failure
         def load_crm(spec: dict[str, Any]) -> dict[str, int]:
-            from cosell_sync import pipeline
-
-            def step(job: Any, store: Any) -> dict[str, int]:
-                _, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
-                return pipeline.load_crm(job, crm_side)
-
-            return run_step(spec, step)
+            return run_side_step(spec, "load_crm")
 
         @task(inlets=[opportunities], outlets=[REFERRALS_ASSET])
         @records_failure
         def load_partner_center(spec: dict[str, Any]) -> dict[str, int]:
-            from cosell_sync import pipeline
-
-            def step(job: Any, store: Any) -> dict[str, int]:
-                pc_side, crm_side = sync_sides(crm, job.mapping, spec.get("choices"))
-                return pipeline.load_partner_center(job, pc_side, crm_side)
-
-            return run_step(spec, step)
+            return run_side_step(spec, "load_partner_center")
 
         @task
         @records_failure

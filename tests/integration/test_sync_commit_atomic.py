@@ -16,8 +16,8 @@ from cosell_sync.pipeline import commit
 from cosell_sync.state import StateStore
 from cosell_sync.state import dead_letter as dead_letter_module
 from cosell_sync.state import runs as runs_module
-from tests.integration.test_sync_dead_letter import REFERRALS, edit_opportunity, no_sync_failures, rows_for, run
-from tests.integration.test_sync_retries import CRMS, new_job, run_load_crm, run_load_pc, seed, up_to_load
+from tests.integration.test_sync_dead_letter import REFERRALS, rows_for, synced_then_edited_by_a_seller
+from tests.integration.test_sync_retries import CRMS, new_job, run_load_crm, run_load_pc, up_to_load
 
 SIDES = ("partner_center", "crm", "full_sync")
 
@@ -38,13 +38,8 @@ def _recorded(store: StateStore, crm: str, dag_id: str, run_id: str) -> tuple:
 def test_a_commit_that_dies_recording_failures_or_the_summary_records_nothing(
     pc, conns, store, tmp_path, monkeypatch, crm, broken
 ):
-    seed(pc, crm)
     staging = tmp_path / "staging"
-    _, first = run(crm, store, staging)
-    assert no_sync_failures(first), first
-    link = store.get_links(crm).iloc[0]
-    rid, crm_id = str(link["referral_id"]), str(link["crm_id"])
-    edit_opportunity(pc, crm, crm_id, notes="a seller's notes that must reach Microsoft")
+    rid, crm_id = synced_then_edited_by_a_seller(pc, crm, store, staging)
 
     job = new_job(crm, store, staging)
     up_to_load(job, store)

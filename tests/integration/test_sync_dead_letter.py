@@ -106,16 +106,22 @@ def no_sync_failures(report: dict) -> bool:
     return report["pc_to_crm"]["failed"] == 0 and report["crm_to_pc"]["failed"] == 0
 
 
-# -- case 5 -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("crm", CRMS)
-def test_failed_crm_to_pc_update_is_retried_outside_the_window(pc, conns, store, tmp_path, crm):
+def synced_then_edited_by_a_seller(pc, crm: str, store: StateStore, staging) -> tuple[str, str]:
+    """A clean first sync, then a seller's edit of a linked opportunity's notes: (referral id, CRM id)."""
     seed(pc, crm)
-    staging = tmp_path / "staging"
     _, first = run(crm, store, staging)
     assert no_sync_failures(first), first
     link = store.get_links(crm).iloc[0]
     rid, crm_id = str(link["referral_id"]), str(link["crm_id"])
     edit_opportunity(pc, crm, crm_id, notes="a seller's notes that must reach Microsoft")
+    return rid, crm_id
+
+
+# -- case 5 -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("crm", CRMS)
+def test_failed_crm_to_pc_update_is_retried_outside_the_window(pc, conns, store, tmp_path, crm):
+    staging = tmp_path / "staging"
+    rid, crm_id = synced_then_edited_by_a_seller(pc, crm, store, staging)
 
     def refuse_patch():
         pc.partner_center.faults.configure(FaultConfig(rate_5xx=1.0, methods=("PATCH",), path_prefix=REFERRALS + rid))

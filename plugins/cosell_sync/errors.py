@@ -8,6 +8,7 @@ from the service's error body, and URLs are reduced to their path.
 
 from __future__ import annotations
 
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from urllib.parse import urlsplit
 
 
@@ -19,26 +20,22 @@ class ConfigurationError(CosellError):
     """A connection or setting is missing or invalid."""
 
 
+@dataclass(eq=False)
 class ApiError(CosellError):
-    """An API call failed."""
+    """An API call failed: the system, the service's message, and what is known of the call.
+    ``url`` is kept as its path only (``path``), so no query value reaches a message."""
 
-    def __init__(
-        self,
-        system: str,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        request_id: str | None = None,
-        method: str | None = None,
-        url: str | None = None,
-    ) -> None:
-        self.system = system
-        self.status = status
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-        self.method = method
+    system: str
+    message: str
+    _: KW_ONLY
+    status: int | None = None
+    code: str | None = None
+    request_id: str | None = None
+    method: str | None = None
+    url: InitVar[str | None] = None
+    path: str | None = field(init=False, default=None)
+
+    def __post_init__(self, url: str | None) -> None:
         self.path = urlsplit(url).path if url else None
         super().__init__(str(self))
 

@@ -96,6 +96,16 @@ class FreeText(sa.types.TypeDecorator):
         return value if self.length is None else value[: self.length]
 
 
+def crm_column(**kwargs: Any) -> sa.Column:
+    """The CRM's name (``crms.NAMES``), stored alike by every table that has one."""
+    return sa.Column("crm", sa.String(32), **kwargs)
+
+
+def airflow_id_column(name: str, **kwargs: Any) -> sa.Column:
+    """A DAG id or run id (or a run's id as a claimant), as long as Airflow allows."""
+    return sa.Column(name, sa.String(RUN_ID_LENGTH), **kwargs)
+
+
 # --------------------------------------------------------------------------- tables
 
 metadata = sa.MetaData()
@@ -113,23 +123,23 @@ schema_version_t = sa.Table(
 links_t = sa.Table(
     "cosell_links",
     metadata,
-    sa.Column("crm", sa.String(32), primary_key=True),
+    crm_column(primary_key=True),
     sa.Column("referral_id", sa.String(ID_LENGTH), primary_key=True),
     sa.Column("crm_id", sa.String(ID_LENGTH), nullable=False),
     sa.Column("base", JSONText, nullable=False),
     sa.Column("base_hash", sa.String(64), nullable=False),
     sa.Column("synced_at", UTCDateTime, nullable=False),
-    sa.Column("run_id", sa.String(RUN_ID_LENGTH), nullable=True),
+    airflow_id_column("run_id", nullable=True),
     sa.Index("ux_cosell_links_crm_crm_id", "crm", "crm_id", unique=True),
 )
 
 watermarks_t = sa.Table(
     "cosell_watermarks",
     metadata,
-    sa.Column("dag_id", sa.String(RUN_ID_LENGTH), primary_key=True),
+    airflow_id_column("dag_id", primary_key=True),
     sa.Column("side", sa.String(32), primary_key=True),
     sa.Column("value", UTCDateTime, nullable=False),
-    sa.Column("run_id", sa.String(RUN_ID_LENGTH), nullable=True),
+    airflow_id_column("run_id", nullable=True),
     sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
@@ -138,9 +148,9 @@ audit_t = sa.Table(
     metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("at", UTCDateTime, nullable=False),
-    sa.Column("dag_id", sa.String(RUN_ID_LENGTH), nullable=False),
-    sa.Column("run_id", sa.String(RUN_ID_LENGTH), nullable=False),
-    sa.Column("crm", sa.String(32), nullable=False),
+    airflow_id_column("dag_id", nullable=False),
+    airflow_id_column("run_id", nullable=False),
+    crm_column(nullable=False),
     sa.Column("direction", sa.String(16), nullable=False),
     sa.Column("referral_id", sa.String(ID_LENGTH), nullable=True),
     sa.Column("crm_id", sa.String(ID_LENGTH), nullable=True),
@@ -159,7 +169,7 @@ audit_t = sa.Table(
 dead_letter_t = sa.Table(
     "cosell_dead_letter",
     metadata,
-    sa.Column("crm", sa.String(32), primary_key=True),
+    crm_column(primary_key=True),
     sa.Column("direction", sa.String(16), primary_key=True),
     sa.Column("record_key", sa.String(ID_LENGTH), primary_key=True),
     sa.Column("payload", JSONText, nullable=False),
@@ -168,15 +178,15 @@ dead_letter_t = sa.Table(
     sa.Column("last_seen", UTCDateTime, nullable=False),
     sa.Column("last_error", FreeText(), nullable=False),
     sa.Column("error_code", FreeText(ID_LENGTH), nullable=True),
-    sa.Column("last_run_id", sa.String(RUN_ID_LENGTH), nullable=True),
+    airflow_id_column("last_run_id", nullable=True),
 )
 
 runs_t = sa.Table(
     "cosell_runs",
     metadata,
-    sa.Column("dag_id", sa.String(RUN_ID_LENGTH), primary_key=True),
-    sa.Column("run_id", sa.String(RUN_ID_LENGTH), primary_key=True),
-    sa.Column("crm", sa.String(32), nullable=True),
+    airflow_id_column("dag_id", primary_key=True),
+    airflow_id_column("run_id", primary_key=True),
+    crm_column(nullable=True),
     sa.Column("summary", JSONText, nullable=False),
     sa.Column("finished_at", UTCDateTime, nullable=False),
     sa.Index("ix_cosell_runs_dag_finished", "dag_id", "finished_at"),
@@ -194,7 +204,7 @@ inbox_t = sa.Table(
     sa.Column("change_date", UTCDateTime, nullable=True),
     sa.Column("received_at", UTCDateTime, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("claimed_by", sa.String(RUN_ID_LENGTH), nullable=True),
+    airflow_id_column("claimed_by", nullable=True),
     sa.Column("claimed_at", UTCDateTime, nullable=True),
     sa.Column("done_at", UTCDateTime, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False),
@@ -207,9 +217,9 @@ inbox_t = sa.Table(
 leases_t = sa.Table(
     "cosell_leases",
     metadata,
-    sa.Column("crm", sa.String(32), primary_key=True),
-    sa.Column("dag_id", sa.String(RUN_ID_LENGTH), nullable=False),
-    sa.Column("run_id", sa.String(RUN_ID_LENGTH), nullable=False),
+    crm_column(primary_key=True),
+    airflow_id_column("dag_id", nullable=False),
+    airflow_id_column("run_id", nullable=False),
     sa.Column("epoch", sa.Integer, nullable=False),
     sa.Column("acquired_at", UTCDateTime, nullable=False),
     sa.Column("expires_at", UTCDateTime, nullable=False),

@@ -90,7 +90,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+
+from cosell_sync.webhooks.hosts import on_allowed_host, split_https_url
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -266,10 +267,6 @@ def _dedup_key(doc: Any, body: bytes) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def _normalise_host(host: str) -> str:
-    return host.strip().lower().strip("[]")
-
-
 def referral_id_from_uri(uri: str, allowed_hosts: Collection[str] = DEFAULT_RESOURCE_HOSTS) -> str:
     """The referral id (a GUID) of a referral event's ``ResourceUri``; an :class:`EventError` otherwise.
 
@@ -281,17 +278,10 @@ def referral_id_from_uri(uri: str, allowed_hosts: Collection[str] = DEFAULT_RESO
     """
     if not _RESOURCE_URI_CHARS_RE.fullmatch(uri):
         raise EventError("ResourceUri contains characters a Partner Center referral URI does not")
-    try:
-        parts = urlsplit(uri)
-        host = parts.hostname
-        port = parts.port  # raises ValueError on a malformed port
-    except ValueError:
-        raise EventError("ResourceUri is malformed") from None
-    if parts.scheme != "https" or not host or parts.username is not None or parts.password is not None:
-        raise EventError("ResourceUri must be an https URL with a plain host")
+    parts, host, port = split_https_url(uri, EventError, "ResourceUri")
     if parts.netloc.lower() != _netloc(host, port):  # e.g. an empty or zero-padded port
         raise EventError("ResourceUri must be an https URL with a plain host")
-    if _normalise_host(host) not in {_normalise_host(h) for h in allowed_hosts if h.strip()}:
+    if not on_allowed_host(host, allowed_hosts):
         raise EventError("ResourceUri is not on a configured Partner Center host")
     segments = parts.path.split("/")
     if (

@@ -39,13 +39,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+from cosell_sync.webhooks.hosts import on_allowed_host, split_https_url
 
 log = logging.getLogger(__name__)
 
@@ -96,26 +97,12 @@ def certificate_url_from_headers(headers: Mapping[str, str]) -> str:
     return value
 
 
-def _normalise_host(host: str) -> str:
-    return host.strip().lower().rstrip(".").strip("[]")
-
-
 def check_certificate_url(url: str, allowed_hosts: Iterable[str]) -> str:
     """``url`` when it is ``https://`` on a host of ``allowed_hosts`` (exact, case-insensitive; any port)."""
     if len(url) > MAX_CERTIFICATE_URL:
         raise CertificateError("the certificate URL is too long")
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        _ = parts.port  # raises ValueError on a malformed port
-    except ValueError:
-        raise CertificateError("the certificate URL is malformed") from None
-    if parts.scheme.lower() != "https":
-        raise CertificateError("the certificate URL must be https")
-    if not host or parts.username is not None or parts.password is not None:
-        raise CertificateError("the certificate URL has no plain host")
-    allowed = {_normalise_host(h) for h in allowed_hosts if h.strip()}
-    if _normalise_host(host) not in allowed:
+    _, host, _ = split_https_url(url, CertificateError, "the certificate URL")
+    if not on_allowed_host(host, allowed_hosts, root_dot=True):
         raise CertificateError(f"the certificate host {host!r} is not on the allowlist")
     return url
 

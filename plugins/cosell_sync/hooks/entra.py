@@ -62,7 +62,7 @@ DEFAULT_POLICY = RetryPolicy()
 # OAuth errors that mean the token service is busy or failing, not that it refused us.
 TRANSIENT_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 
-_apps: dict[tuple[str, str, str], msal.ConfidentialClientApplication] = {}
+_apps: dict[tuple[str, str, str], msal.ClientApplication] = {}
 _tokens: dict[tuple[str, ...], tuple[str, float]] = {}
 _lock = threading.Lock()
 
@@ -161,25 +161,56 @@ def confidential_app(
 ) -> msal.ConfidentialClientApplication:
     """The msal application for these credentials, built once (building it fetches the
     authority's OpenID configuration, with retries; see :class:`EntraHttpClient`)."""
-    key = (authority, client_id, fingerprint(client_secret))
+    app = _msal_app(authority, client_id, client_secret, session, policy, sleep)
+    assert isinstance(app, msal.ConfidentialClientApplication)
+    return app
+
+
+def public_app(
+    authority: str,
+    client_id: str,
+    session: requests.Session,
+    *,
+    policy: RetryPolicy | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> msal.PublicClientApplication:
+    """The msal *public* client application of this app (no secret is ever sent): the device-code
+    sign-in, and the refresh of the token it gave. Entra refuses a secret with a refresh token
+    issued to a public client (AADSTS700025), so that token must be redeemed this way."""
+    app = _msal_app(authority, client_id, None, session, policy, sleep)
+    assert isinstance(app, msal.PublicClientApplication)
+    return app
+
+
+def _msal_app(
+    authority: str,
+    client_id: str,
+    client_secret: str | None,
+    session: requests.Session,
+    policy: RetryPolicy | None,
+    sleep: Callable[[float], None],
+) -> msal.ClientApplication:
+    key = (authority, client_id, fingerprint(client_secret) if client_secret is not None else "public")
     with _lock:
         app = _apps.get(key)
     if app is None:
         host = urlsplit(authority).hostname or ""
+        options: dict[str, Any] = dict(
+            authority=authority,
+            http_client=EntraHttpClient(session, policy, sleep=sleep),
+            instance_discovery=host in MICROSOFT_AUTHORITY_HOSTS,
+        )
         try:
-            app = msal.ConfidentialClientApplication(
-                client_id,
-                client_credential=client_secret,
-                authority=authority,
-                http_client=EntraHttpClient(session, policy, sleep=sleep),
-                instance_discovery=host in MICROSOFT_AUTHORITY_HOSTS,
-            )
+            if client_secret is None:
+                app = msal.PublicClientApplication(client_id, **options)
+            else:
+                app = msal.ConfidentialClientApplication(client_id, client_credential=client_secret, **options)
         except ValueError as exc:
             raise ConfigurationError(f"Cannot use the authority {authority}: {exc}") from None
         except requests.RequestException as exc:  # not a connection failure (those are retried): a bad URL
             raise ConfigurationError(f"Cannot use the authority {authority}: {type(exc).__name__}") from None
         with _lock:
-            _apps.setdefault(key, app)
+            app = _apps.setdefault(key, app)
     return app
 
 
@@ -281,14 +312,11 @@ class RefreshTokenStore:
 
 def settings_app(
     settings: Any, session: requests.Session, policy: RetryPolicy, sleep: Callable[[float], None]
-) -> msal.ConfidentialClientApplication:
+) -> msal.ClientApplication:
     """:func:`confidential_app` for a hook's settings (``authority``, ``tenant_id``,
-    ``client_id``, ``client_secret``): token requests retried with the hook's own policy."""
-    return confidential_app(
-        authority_url(settings.authority, settings.tenant_id),
-        settings.client_id,
-        settings.client_secret,
-        session,
-        policy=policy,
-        sleep=sleep,
-    )
+    ``client_id``, ``client_secret``): token requests retried with the hook's own policy; the
+    :func:`public_app` when the settings say ``public_client`` (a device-code sign-in's token)."""
+    authority = authority_url(settings.authority, settings.tenant_id)
+    if getattr(settings, "public_client", False):
+        return public_app(authority, settings.client_id, session, policy=policy, sleep=sleep)
+    return confidential_app(authority, settings.client_id, settings.client_secret, session, policy=policy, sleep=sleep)

@@ -49,7 +49,7 @@ def _setup(conn_id: str, dry_run: bool, solution: str | None, wait: float) -> No
     specs = required_columns(mapping, SYNC_STATUSES)
     key_column = mapping.records["link_field"]
     click.echo(
-        f"Dataverse {hook.settings.host}: table {LOGICAL}, {len(specs)} custom columns and the key on {key_column}."
+        f"Dataverse {hook.settings.url}: table {LOGICAL}, {len(specs)} custom columns and the key on {key_column}."
     )
     plan = plan_setup(specs, meta.read_columns(hook, LOGICAL, ENTITY_SET), meta.read_keys(hook, LOGICAL), key_column)
     _show(plan)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import msal
 
 from cosell_sync.cli.connections import (
     connection_json,
@@ -66,7 +67,7 @@ def partner_center(conn_id: str, env_file: Path | None) -> None:
 
 
 def _login(conn_id: str, env_file: Path | None) -> None:
-    from cosell_sync.hooks.entra import authority_url, public_app
+    from cosell_sync.hooks.entra import authority_url, msal_app
     from cosell_sync.hooks.http import TrustedSession
     from cosell_sync.hooks.partner_center import PartnerCenterSettings
 
@@ -78,9 +79,9 @@ def _login(conn_id: str, env_file: Path | None) -> None:
         )
     click.echo(f"Connection '{conn_id}' (from {stored.source}), tenant {settings.tenant_id}.")
     click.echo(SERVICE_ACCOUNT_ADVICE)
-    app = public_app(
-        authority_url(settings.authority, settings.tenant_id), settings.client_id, TrustedSession(settings.ca_bundle)
-    )
+    authority = authority_url(settings.authority, settings.tenant_id)
+    app = msal_app(authority, settings.client_id, None, TrustedSession(settings.ca_bundle))
+    assert isinstance(app, msal.PublicClientApplication)  # no secret: the device flow is a public client's
     flow = app.initiate_device_flow(scopes=[settings.referrals_scope])
     if "user_code" not in flow:
         raise ConfigurationError(f"The token service refused the sign-in: {_describe(flow)}")

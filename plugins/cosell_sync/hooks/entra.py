@@ -150,46 +150,21 @@ class EntraHttpClient:
         return cls(SYSTEM, message or "the token service is unavailable", **kwargs)
 
 
-def confidential_app(
-    authority: str,
-    client_id: str,
-    client_secret: str,
-    session: requests.Session,
-    *,
-    policy: RetryPolicy | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> msal.ConfidentialClientApplication:
-    """The msal application for these credentials, built once (building it fetches the
-    authority's OpenID configuration, with retries; see :class:`EntraHttpClient`)."""
-    app = _msal_app(authority, client_id, client_secret, session, policy, sleep)
-    assert isinstance(app, msal.ConfidentialClientApplication)
-    return app
-
-
-def public_app(
-    authority: str,
-    client_id: str,
-    session: requests.Session,
-    *,
-    policy: RetryPolicy | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> msal.PublicClientApplication:
-    """The msal *public* client application of this app (no secret is ever sent): the device-code
-    sign-in, and the refresh of the token it gave. Entra refuses a secret with a refresh token
-    issued to a public client (AADSTS700025), so that token must be redeemed this way."""
-    app = _msal_app(authority, client_id, None, session, policy, sleep)
-    assert isinstance(app, msal.PublicClientApplication)
-    return app
-
-
-def _msal_app(
+def msal_app(
     authority: str,
     client_id: str,
     client_secret: str | None,
     session: requests.Session,
-    policy: RetryPolicy | None,
-    sleep: Callable[[float], None],
+    *,
+    policy: RetryPolicy | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> msal.ClientApplication:
+    """The msal application for these credentials, built once (building it fetches the
+    authority's OpenID configuration, with retries; see :class:`EntraHttpClient`).
+
+    With a secret, a confidential client; with ``client_secret=None``, the app as a *public*
+    client (no secret is ever sent): the device-code sign-in, and the refresh of the token it
+    gave, since Entra refuses a secret with a public client's refresh token (AADSTS700025)."""
     key = (authority, client_id, fingerprint(client_secret) if client_secret is not None else "public")
     with _lock:
         app = _apps.get(key)
@@ -313,10 +288,9 @@ class RefreshTokenStore:
 def settings_app(
     settings: Any, session: requests.Session, policy: RetryPolicy, sleep: Callable[[float], None]
 ) -> msal.ClientApplication:
-    """:func:`confidential_app` for a hook's settings (``authority``, ``tenant_id``,
+    """:func:`msal_app` for a hook's settings (``authority``, ``tenant_id``,
     ``client_id``, ``client_secret``): token requests retried with the hook's own policy; the
-    :func:`public_app` when the settings say ``public_client`` (a device-code sign-in's token)."""
+    public client when the settings say ``public_client`` (a device-code sign-in's token)."""
+    secret = None if getattr(settings, "public_client", False) else settings.client_secret
     authority = authority_url(settings.authority, settings.tenant_id)
-    if getattr(settings, "public_client", False):
-        return public_app(authority, settings.client_id, session, policy=policy, sleep=sleep)
-    return confidential_app(authority, settings.client_id, settings.client_secret, session, policy=policy, sleep=sleep)
+    return msal_app(authority, settings.client_id, secret, session, policy=policy, sleep=sleep)

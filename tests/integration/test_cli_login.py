@@ -91,7 +91,9 @@ def new_refresh_token(pc: Sandbox) -> str:
 # -- the env-var connection: a new 0600 file with the updated line ------------------------------
 
 
-def test_login_with_an_env_var_connection_writes_a_private_env_file(pc, signed_out, tmp_path, monkeypatch):
+def test_login_with_an_env_var_connection_writes_a_private_env_file(
+    pc, signed_out, dyn_conn, store, tmp_path, monkeypatch
+):
     pc.partner_center.seed(12, seed=3)
     env_file = tmp_path / "out" / "pc.env"
     result = run_login(pc, ["--env-file", str(env_file)])
@@ -119,6 +121,16 @@ def test_login_with_an_env_var_connection_writes_a_private_env_file(pc, signed_o
     assert len(list(PartnerCenterHook().list_referrals())) == 12
     assert pc.entra.grants["refresh_token"] > before
     assert pc.entra.refresh_tokens_presented[-1] == conn["extra"]["refresh_token"]
+
+    # ... and a whole sync runs on the signed-in user's token.
+    from cosell_sync.dag_factory import sync_sides
+    from cosell_sync.pipeline import sync, window_job
+
+    pc.dataverse.seed(opportunities=6, accounts=3, flagged=3, seed=3)
+    job = window_job("dynamics365", store, tmp_path / "staging", "manual__login1")
+    report = sync(job, *sync_sides("dynamics365", job.mapping), store)
+    assert report["pc_to_crm"]["failed"] == 0 and report["crm_to_pc"]["failed"] == 0, report
+    assert report["pc_to_crm"]["created"] > 0 and report["crm_to_pc"]["created"] > 0, report
 
 
 def test_login_never_overwrites_an_existing_file(pc, signed_out, tmp_path):

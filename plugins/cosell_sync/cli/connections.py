@@ -59,12 +59,16 @@ def _db_row(conn_id: str) -> Any:
     from airflow.models.connection import Connection
     from airflow.utils.session import create_session
     from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
 
-    with create_session() as session:
-        row = session.scalar(select(Connection).where(Connection.conn_id == conn_id))
-        if row is not None:
-            session.expunge(row)
-        return row
+    try:
+        with create_session() as session:
+            row = session.scalar(select(Connection).where(Connection.conn_id == conn_id))
+            if row is not None:
+                session.expunge(row)
+            return row
+    except SQLAlchemyError:  # no metadata DB here (not migrated, unreachable): the row is not in it
+        return None
 
 
 def update_extra_in_db(conn_id: str, changes: dict[str, Any]) -> None:

@@ -86,7 +86,8 @@ class Sandbox:
         entra_server = EmulatorServer(self.entra, ctx, self._port("entra")).start()
         self._servers.append(entra_server)
         creds = self.credentials
-        self.entra.add_client(creds.client_id, creds.client_secret)
+        # The app registration has "Allow public client flows" on: `cosell-sync login` signs in with it.
+        self.entra.add_client(creds.client_id, creds.client_secret, public_client_flows=True)
         self.entra.add_user(creds.username, creds.password)
         # The app+user bootstrap: as if the service account had consented once interactively.
         self.entra.issue_refresh_token(creds.client_id, creds.username, token=creds.refresh_token)

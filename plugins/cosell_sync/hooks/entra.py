@@ -62,7 +62,7 @@ DEFAULT_POLICY = RetryPolicy()
 # OAuth errors that mean the token service is busy or failing, not that it refused us.
 TRANSIENT_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 
-_apps: dict[tuple[str, str, str], msal.ConfidentialClientApplication] = {}
+_apps: dict[tuple[str, str, str], msal.ClientApplication] = {}
 _tokens: dict[tuple[str, ...], tuple[str, float]] = {}
 _lock = threading.Lock()
 
@@ -150,36 +150,42 @@ class EntraHttpClient:
         return cls(SYSTEM, message or "the token service is unavailable", **kwargs)
 
 
-def confidential_app(
+def msal_app(
     authority: str,
     client_id: str,
-    client_secret: str,
+    client_secret: str | None,
     session: requests.Session,
     *,
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
-) -> msal.ConfidentialClientApplication:
+) -> msal.ClientApplication:
     """The msal application for these credentials, built once (building it fetches the
-    authority's OpenID configuration, with retries; see :class:`EntraHttpClient`)."""
-    key = (authority, client_id, fingerprint(client_secret))
+    authority's OpenID configuration, with retries; see :class:`EntraHttpClient`).
+
+    With a secret, a confidential client; with ``client_secret=None``, the app as a *public*
+    client (no secret is ever sent): the device-code sign-in, and the refresh of the token it
+    gave, since Entra refuses a secret with a public client's refresh token (AADSTS700025)."""
+    key = (authority, client_id, fingerprint(client_secret) if client_secret is not None else "public")
     with _lock:
         app = _apps.get(key)
     if app is None:
         host = urlsplit(authority).hostname or ""
+        options: dict[str, Any] = dict(
+            authority=authority,
+            http_client=EntraHttpClient(session, policy, sleep=sleep),
+            instance_discovery=host in MICROSOFT_AUTHORITY_HOSTS,
+        )
         try:
-            app = msal.ConfidentialClientApplication(
-                client_id,
-                client_credential=client_secret,
-                authority=authority,
-                http_client=EntraHttpClient(session, policy, sleep=sleep),
-                instance_discovery=host in MICROSOFT_AUTHORITY_HOSTS,
-            )
+            if client_secret is None:
+                app = msal.PublicClientApplication(client_id, **options)
+            else:
+                app = msal.ConfidentialClientApplication(client_id, client_credential=client_secret, **options)
         except ValueError as exc:
             raise ConfigurationError(f"Cannot use the authority {authority}: {exc}") from None
         except requests.RequestException as exc:  # not a connection failure (those are retried): a bad URL
             raise ConfigurationError(f"Cannot use the authority {authority}: {type(exc).__name__}") from None
         with _lock:
-            _apps.setdefault(key, app)
+            app = _apps.setdefault(key, app)
     return app
 
 
@@ -281,14 +287,10 @@ class RefreshTokenStore:
 
 def settings_app(
     settings: Any, session: requests.Session, policy: RetryPolicy, sleep: Callable[[float], None]
-) -> msal.ConfidentialClientApplication:
-    """:func:`confidential_app` for a hook's settings (``authority``, ``tenant_id``,
-    ``client_id``, ``client_secret``): token requests retried with the hook's own policy."""
-    return confidential_app(
-        authority_url(settings.authority, settings.tenant_id),
-        settings.client_id,
-        settings.client_secret,
-        session,
-        policy=policy,
-        sleep=sleep,
-    )
+) -> msal.ClientApplication:
+    """:func:`msal_app` for a hook's settings (``authority``, ``tenant_id``,
+    ``client_id``, ``client_secret``): token requests retried with the hook's own policy; the
+    public client when the settings say ``public_client`` (a device-code sign-in's token)."""
+    secret = None if getattr(settings, "public_client", False) else settings.client_secret
+    authority = authority_url(settings.authority, settings.tenant_id)
+    return msal_app(authority, settings.client_id, secret, session, policy=policy, sleep=sleep)

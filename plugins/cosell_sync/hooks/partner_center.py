@@ -8,7 +8,12 @@ Connection (type ``partner_center``)::
                  "referrals_url": "https://api.partner.microsoft.com/v1.0/engagements/referrals",
                  "webhooks_url": "https://api.partnercenter.microsoft.com/webhooks/v1",
                  "refresh_token": "...",            # app+user; or "username" + "user_password"
+                 "public_client": true,             # the refresh token is a public client's
                  "ca_bundle": "/path/ca.pem"}       # optional
+
+``cosell-sync login partner-center`` stores a device-code sign-in's refresh token with
+``public_client``: Entra issued it to the app as a public client, and redeeming it with the
+client secret fails (AADSTS700025), so the hook then refreshes it without the secret.
 
 Partner Center accepts app+user tokens only. The referrals API and the webhooks API
 are different resources (``api.partner.microsoft.com`` and
@@ -70,9 +75,12 @@ class PartnerCenterSettings:
     referrals_scope: str
     webhooks_scope: str
     token_store_path: str | None
+    public_client: bool = False
 
     @classmethod
-    def from_connection(cls, conn: Any) -> PartnerCenterSettings:
+    def from_connection(cls, conn: Any, *, validate: bool = True) -> PartnerCenterSettings:
+        """The settings of a ``partner_center`` connection; ``validate=False`` for a connection
+        that has no user credential yet (``cosell-sync login`` is about to add one)."""
         extra: dict[str, Any] = conn.extra_dejson or {}
         settings = cls(
             conn_id=conn.conn_id,
@@ -89,16 +97,18 @@ class PartnerCenterSettings:
             referrals_scope=extra.get("referrals_scope") or REFERRALS_SCOPE,
             webhooks_scope=extra.get("webhooks_scope") or WEBHOOKS_SCOPE,
             token_store_path=extra.get("token_store_path") or None,
+            public_client=str(extra.get("public_client", "")).lower() in ("true", "1", "yes"),
         )
         for secret in (settings.client_secret, settings.refresh_token, settings.user_password):
             if secret:
                 mask(secret)
-        settings.validate()
+        if validate:
+            settings.validate()
         return settings
 
     def validate(self) -> None:
         where = f"Connection '{self.conn_id}' (partner_center)"
-        if not self.client_id or not self.client_secret:
+        if not self.client_id or not (self.client_secret or (self.public_client and self.refresh_token)):
             raise ConfigurationError(f"{where}: set the client id as login and the client secret as password.")
         if not self.tenant_id:
             raise ConfigurationError(f"{where}: set 'tenant_id' in the extras.")
@@ -186,7 +196,7 @@ class PartnerCenterHook(BaseHook):
     def get_token(self, scope: str, *, force: bool = False) -> str:
         """An app+user access token for ``scope``, cached until shortly before it expires."""
         s = self.settings
-        principal = "rt" if s.refresh_token else f"user:{s.username}"
+        principal = ("public-rt" if s.public_client else "rt") if s.refresh_token else f"user:{s.username}"
         secrets = fingerprint(s.client_secret, s.refresh_token or s.user_password)
         key = (s.authority, s.tenant_id, s.client_id, principal, secrets, scope)
 

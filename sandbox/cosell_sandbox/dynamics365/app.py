@@ -52,6 +52,7 @@ from ..entra import EntraEmulator
 from ..server import EmulatorApp, HTTPError, Request, Response, Router, new_request_id
 from .batch import BatchMixin
 from .control import ControlMixin
+from .customizations import CustomizationMixin, Customizations
 from .limits import ServiceProtection
 from .metadata import Metadata
 from .query import QueryMixin
@@ -63,7 +64,15 @@ from .writes import WritesMixin
 
 
 class DataverseEmulator(
-    ControlMixin, SeedMixin, BatchMixin, WritesMixin, QueryMixin, ValidationMixin, StoreMixin, EmulatorApp
+    CustomizationMixin,
+    ControlMixin,
+    SeedMixin,
+    BatchMixin,
+    WritesMixin,
+    QueryMixin,
+    ValidationMixin,
+    StoreMixin,
+    EmulatorApp,
 ):
     name = "dataverse"
     control_error_code = "0x80040203"
@@ -74,7 +83,14 @@ class DataverseEmulator(
         self.business_unit_id = str(uuid.uuid4())
         self.protection = ServiceProtection()
         self.config = DataverseConfig()
-        self.metadata = Metadata(list(TABLES.values()), lambda: self.config.choice_value_base, self.audience)
+        self.custom = Customizations()
+        self.metadata = Metadata(
+            list(TABLES.values()),
+            lambda: self.config.choice_value_base,
+            self.audience,
+            lambda: self.custom,
+            self._key_status,
+        )
         self._secret = secrets.token_bytes(32)
         self._inner = Router()  # the API routes without auth/limits, for requests inside $batch
         self._local = threading.local()
@@ -104,6 +120,8 @@ class DataverseEmulator(
             ("GET", api + r"/WhoAmI(?:\(\))?", self._whoami),
             ("POST", api + r"/\$batch", self._batch),
             ("GET", api + r"/EntityDefinitions(?P<rest>(?:\(.*|/.*)?)", self._entity_definitions),
+            ("POST", api + r"/EntityDefinitions(?P<rest>\(.*)", self._create_definition),
+            ("POST", api + r"/InsertOptionValue", self._insert_option_value),
             ("GET", api + r"/GlobalOptionSetDefinitions(?P<rest>(?:\(.*)?)", self._global_option_sets),
             ("POST", api + r"/(?P<action>WinOpportunity|LoseOpportunity)", self._close_opportunity),
             (

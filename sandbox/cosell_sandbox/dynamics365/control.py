@@ -9,6 +9,7 @@ from typing import Any
 
 from ..server import Request, Response
 from .choices import DEFAULT_CHOICE_BASE
+from .customizations import Customizations
 from .limits import ProtectionLimits
 from .records import DataverseConfig, _json, _not_found, _stamp
 from .schema import TABLES
@@ -27,6 +28,7 @@ class ControlMixin:
                 self._deleted[name].clear()
             self._floor = self._seq + 1
             self.config = DataverseConfig()
+            self.custom = Customizations()
             self._seed_currencies()
         self.protection.reset()
         super().reset()
@@ -65,6 +67,11 @@ class ControlMixin:
             raise ValueError("choice_value_base must be an integer option value (e.g. 858880000)")
         current.update(changes)
         self.config = DataverseConfig(**current)
+        if "cosell_columns" in changes:
+            with self.lock:
+                self.custom = Customizations()
+                if not self.config.cosell_columns:
+                    self.custom.strip()
         return asdict(self.config)
 
     def config_state(self) -> dict[str, Any]:

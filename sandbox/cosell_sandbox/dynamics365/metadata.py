@@ -39,21 +39,32 @@ from .records import _err, _query_error
 class Metadata:
     """Definitions of the emulator's tables, built from its schema and :data:`CHOICES`."""
 
-    def __init__(self, tables: list[Any], base: Callable[[], int], origin: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        tables: list[Any],
+        base: Callable[[], int],
+        origin: Callable[[], str],
+        custom: Callable[[], Any] | None = None,
+        key_status: Callable[[Any], str | None] | None = None,
+    ) -> None:
         self.tables = {t.logical: t for t in tables}
         self.base = base
         self.origin = origin
+        self.custom = custom  # the org's customizations.Customizations (columns it has, created choices)
+        self.key_status = key_status or (lambda table: "Active" if table.alternate_key else None)
 
     # -- choices -----------------------------------------------------------------------------
     def choice(self, logical: str, column: str) -> Choice | None:
-        return CHOICES.get((logical, column))
+        created = self.custom().choices.get(column) if self.custom and logical == "opportunity" else None
+        return created or CHOICES.get((logical, column))
 
     def values(self, logical: str, column: str) -> list[int]:
         choice = self.choice(logical, column)
         return [v for v, _ in option_values(choice, self.base())] if choice else []
 
     def value_of(self, logical: str, column: str, label: str) -> int:
-        choice = CHOICES[(logical, column)]
+        choice = self.choice(logical, column)
+        assert choice is not None
         return next(v for v, o in option_values(choice, self.base()) if o.label == label)
 
     def label(self, logical: str, column: str, value: Any) -> str | None:
@@ -256,7 +267,8 @@ class Metadata:
         return next((t.logical for t in self.tables.values() if t.set == entity_set), entity_set or "")
 
     def attributes(self, table: Any) -> list[dict[str, Any]]:
-        return [self.attribute(table, c) for c in table.columns]
+        custom = self.custom() if self.custom else None
+        return [self.attribute(table, c) for c in table.columns if custom is None or custom.has(table, c.name)]
 
     def find_attribute(self, table: Any, key: str) -> dict[str, Any]:
         key = key.strip()
@@ -346,7 +358,8 @@ class Metadata:
 
     # -- keys ------------------------------------------------------------------------------------
     def keys(self, table: Any) -> list[dict[str, Any]]:
-        if not table.alternate_key:
+        status = self.key_status(table)
+        if not table.alternate_key or status is None:
             return []
         name = f"{table.alternate_key}_key"
         return [
@@ -358,7 +371,7 @@ class Metadata:
                 "DisplayName": _label("Referral ID"),
                 "EntityLogicalName": table.logical,
                 "KeyAttributes": [table.alternate_key],
-                "EntityKeyIndexStatus": "Active",
+                "EntityKeyIndexStatus": status,
                 "IsManaged": False,
                 "IsCustomizable": {"Value": True, "CanBeChanged": True, "ManagedPropertyLogicalName": "iscustomizable"},
                 "IsSecondaryKey": False,

@@ -58,7 +58,7 @@ class QueryMixin:
     # -- reads: query options --------------------------------------------------------------------
     def _check_names(self, table: Table, expr: str) -> None:
         """Property names are case-sensitive: ``Name`` is not ``name``."""
-        known = {name.lower(): name for name in table.names}
+        known = {name.lower(): name for name in self._names(table)}
         for word in _IDENTIFIER.findall(_STRING_LITERAL.sub("''", expr)):
             exact = known.get(word.lower())
             if exact is not None and exact != word:
@@ -82,7 +82,7 @@ class QueryMixin:
         if "$select" in raw:
             names = [s.strip() for s in raw["$select"].split(",") if s.strip()]
             for name in names:
-                if table.column(name) is None:
+                if table.column(name) is None or name not in self._names(table):
                     raise _unknown_property(table, name)
             q.select = names or None
         q.filter = raw.get("$filter") or None
@@ -113,7 +113,7 @@ class QueryMixin:
             return None
         self._check_names(table, q.filter)
         options = FilterOptions(
-            allowed_paths=frozenset(table.names),
+            allowed_paths=frozenset(self._names(table)),
             functions=frozenset({"contains", "startswith", "endswith"}),
             case_insensitive_strings=True,  # SQL's case-insensitive collation
         )
@@ -127,7 +127,7 @@ class QueryMixin:
             return []
         self._check_names(table, q.orderby)
         try:
-            return parse_orderby(q.orderby, frozenset(table.names))
+            return parse_orderby(q.orderby, frozenset(self._names(table)))
         except ODataError as exc:
             raise self._rephrase(table, exc) from None
 

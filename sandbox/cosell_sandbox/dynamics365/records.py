@@ -271,6 +271,10 @@ class DataverseConfig:
     # The option value base of the publisher's custom choice columns (cosell_*): their options are
     # base + 0, base + 1, ... (a publisher's option value prefix x 10,000, e.g. 858,880,000).
     choice_value_base: int = DEFAULT_CHOICE_BASE
+    # False: an org without the cosell_* columns and key yet (for `cosell-sync setup dynamics365`).
+    cosell_columns: bool = True
+    # How long a new alternate key's index stays Pending before it is Active (built asynchronously).
+    key_activation_seconds: float = 2.0
 
 
 class StoreMixin:
@@ -358,6 +362,11 @@ class StoreMixin:
     def _find(self, table: Table, ref: KeyRef) -> dict[str, Any] | None:
         if ref.kind == "id":
             return self.tables[table.set].get(ref.value)
+        if not self._key_active(table):  # no key yet, or its index is still being built
+            raise _query_error(
+                f"The key attribute '{table.alternate_key}' does not match any alternate key defined for entity "
+                f"'{table.logical}'."
+            )
         row_id = self._alt[table.set].get(ref.value.casefold())
         return self.tables[table.set].get(row_id) if row_id else None
 
@@ -370,7 +379,7 @@ class StoreMixin:
     def _public(self, table: Table, row: dict[str, Any], select: list[str] | None) -> dict[str, Any]:
         out: dict[str, Any] = {"@odata.etag": _etag(row)}
         formatted = getattr(self._local, "formatted", False)
-        for name in select if select is not None else table.names:
+        for name in select if select is not None else self._names(table):
             if name != table.pk:
                 out[name] = row.get(name)
                 if formatted and row.get(name) is not None:

@@ -143,7 +143,7 @@ class ValidationMixin:
                     )
                 continue
             prop, at, annotation = key.partition("@")
-            column = table.column(prop)
+            column = table.column(prop) if self.custom.has(table, prop) else None
             if at:
                 nav = table.navs.get(prop)
                 if annotation == "odata.bind":
@@ -193,7 +193,7 @@ class ValidationMixin:
                         f"A validation error occurred. The value for '{column.name}' on record of type "
                         f"'{table.logical}' is required."
                     )
-        if table.alternate_key and row.get(table.alternate_key) is not None:
+        if table.alternate_key and row.get(table.alternate_key) is not None and self._key_active(table):
             owner = self._alt[table.set].get(str(row[table.alternate_key]).casefold())
             if owner is not None and owner != row[table.pk]:
                 raise _duplicate()

@@ -4,6 +4,8 @@
 * ``POST /{tenant}/oauth2/v2.0/token`` for the ``client_credentials``, ``refresh_token``
   and ``password`` grants, with AADSTS-style error bodies;
 * ``GET /common/userrealm/{username}`` (msal's user realm discovery for the password grant);
+* the device authorization grant (``devicecode``, the ``device_code`` grant, public clients and
+  the ``POST /_sandbox/devicecode`` control call): see :mod:`.device`;
 * the shared ``/_sandbox/`` endpoints of :class:`~cosell_sandbox.server.EmulatorApp` (``seed``
   registers clients and users), and ``POST /_sandbox/revoke`` (every refresh token revoked).
 
@@ -26,10 +28,11 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from ..server import EmulatorApp, HTTPError, Request, Response, Router
+from .device import DEVICE_CODE_GRANT, DeviceCodeMixin
 from .tokens import EntraConfig, RefreshToken, TokenError, _b64url, _b64url_decode
 
 
-class EntraEmulator(EmulatorApp):
+class EntraEmulator(DeviceCodeMixin, EmulatorApp):
     name = "entra"
 
     def __init__(self, config: EntraConfig | None = None) -> None:
@@ -39,23 +42,38 @@ class EntraEmulator(EmulatorApp):
         self.users: dict[str, tuple[str, str]] = {}  # username -> (password, object id)
         self.refresh_tokens: dict[str, RefreshToken] = {}
         self.resources: set[str] = set()
-        self.grants: dict[str, int] = {"client_credentials": 0, "refresh_token": 0, "password": 0}
+        self.grants: dict[str, int] = {
+            "client_credentials": 0,
+            "refresh_token": 0,
+            "password": 0,
+            DEVICE_CODE_GRANT: 0,
+        }
         self.refresh_tokens_presented: list[str] = []
+        self._device_codes_init()
         super().__init__()
 
     # -- setup used by the sandbox runtime ----------------------------------
-    def add_client(self, client_id: str | None = None, secret: str | None = None) -> tuple[str, str]:
+    def add_client(
+        self, client_id: str | None = None, secret: str | None = None, *, public_client_flows: bool = False
+    ) -> tuple[str, str]:
+        """Register an app; ``public_client_flows`` is the registration's "Allow public client flows"."""
         client_id = client_id or str(uuid.uuid4())
         secret = secret or secrets.token_urlsafe(24)
         self.clients[client_id] = secret
+        if public_client_flows:
+            self.public_clients.add(client_id)
+        else:
+            self.public_clients.discard(client_id)
         return client_id, secret
 
     def add_user(self, username: str, password: str) -> None:
         self.users[username.lower()] = (password, str(uuid.uuid5(uuid.NAMESPACE_URL, username.lower())))
 
-    def issue_refresh_token(self, client_id: str, username: str, token: str | None = None) -> str:
+    def issue_refresh_token(
+        self, client_id: str, username: str, token: str | None = None, *, public: bool = False
+    ) -> str:
         token = token or "0.sandbox." + secrets.token_urlsafe(48)
-        self.refresh_tokens[token] = RefreshToken(client_id, username.lower(), time.time())
+        self.refresh_tokens[token] = RefreshToken(client_id, username.lower(), time.time(), public=public)
         return token
 
     def register_resource(self, resource: str) -> None:
@@ -137,6 +155,7 @@ class EntraEmulator(EmulatorApp):
         router.add("POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token", self._token)
         router.add("GET", r"/common/userrealm/(?P<username>[^/]+)", self._user_realm)
         router.add("POST", r"/_sandbox/revoke", self._revoke)
+        self._device_routes(router)
 
     def error_response(self, err: HTTPError, request: Request) -> Response:
         if isinstance(err, TokenError) or request.path.endswith("/token"):
@@ -199,7 +218,18 @@ class EntraEmulator(EmulatorApp):
             }
         )
 
-    def _client(self, form: dict[str, str], request: Request) -> str:
+    def _unknown_client(self, client_id: str) -> TokenError:
+        return TokenError(
+            400,
+            "unauthorized_client",
+            f"AADSTS700016: Application with identifier '{client_id}' was not found in the "
+            f"directory '{self.config.tenant_id}'.",
+            codes=[700016],
+        )
+
+    def _client(self, form: dict[str, str], request: Request, *, public_ok: bool = False) -> tuple[str, bool]:
+        """(client id, whether it authenticated with its secret). Without a secret, only a
+        ``public_ok`` grant of an app with public client flows allowed goes through."""
         client_id = form.get("client_id", "")
         secret = form.get("client_secret")
         basic = request.headers.get("Authorization", "")
@@ -209,12 +239,16 @@ class EntraEmulator(EmulatorApp):
             except ValueError:
                 secret = None
         if client_id not in self.clients:
+            raise self._unknown_client(client_id)
+        if secret is None and public_ok and client_id in self.public_clients:
+            return client_id, False
+        if secret is None and form.get("client_assertion") is None:
             raise TokenError(
-                400,
-                "unauthorized_client",
-                f"AADSTS700016: Application with identifier '{client_id}' was not found in the "
-                f"directory '{self.config.tenant_id}'.",
-                codes=[700016],
+                401,
+                "invalid_client",
+                "AADSTS7000218: The request body must contain the following parameter: 'client_assertion' "
+                "or 'client_secret'.",
+                codes=[7000218],
             )
         if not secret or not hmac.compare_digest(secret, self.clients[client_id]):
             raise TokenError(
@@ -224,7 +258,7 @@ class EntraEmulator(EmulatorApp):
                 "the request is the client secret value, not the client secret ID.",
                 codes=[7000215],
             )
-        return client_id
+        return client_id, True
 
     def _resource(self, scope: str) -> str:
         for item in scope.split():
@@ -263,9 +297,16 @@ class EntraEmulator(EmulatorApp):
                 codes=[70003],
             )
         with self.lock:
-            client_id = self._client(form, request)
-            resource = self._resource(form.get("scope", ""))
+            public_ok = grant in ("refresh_token", "password", DEVICE_CODE_GRANT)
+            client_id, confidential = self._client(form, request, public_ok=public_ok)
+            public = False
             username: str | None = None
+            if grant == DEVICE_CODE_GRANT:
+                code = self.device_codes.get(form.get("device_code", ""))
+                username, public = self._device_code_grant(form, client_id, confidential)
+                if not form.get("scope"):
+                    form["scope"] = code.scope if code else ""
+            resource = self._resource(form.get("scope", ""))
             if grant == "refresh_token":
                 rt = form.get("refresh_token", "")
                 self.refresh_tokens_presented.append(rt)
@@ -277,9 +318,26 @@ class EntraEmulator(EmulatorApp):
                         "AADSTS70000: The provided value for the 'refresh_token' is not valid.",
                         codes=[70000],
                     )
+                if record.public and confidential:
+                    raise TokenError(
+                        401,
+                        "invalid_client",
+                        "AADSTS700025: Client is public so neither 'client_assertion' nor 'client_secret' "
+                        "should be presented.",
+                        codes=[700025],
+                    )
+                if not record.public and not confidential:
+                    raise TokenError(
+                        401,
+                        "invalid_client",
+                        "AADSTS7000218: The request body must contain the following parameter: "
+                        "'client_assertion' or 'client_secret'.",
+                        codes=[7000218],
+                    )
                 if self.config.single_use_refresh_tokens:
                     record.revoked = True
                 username = record.username
+                public = record.public
             elif grant == "password":
                 username = form.get("username", "").lower()
                 expected = self.users.get(username)
@@ -291,9 +349,11 @@ class EntraEmulator(EmulatorApp):
                         codes=[50126],
                     )
             self.grants[grant] += 1
-            return Response.json(self._token_response(client_id, resource, username, form.get("scope", "")))
+            return Response.json(self._token_response(client_id, resource, username, form.get("scope", ""), public))
 
-    def _token_response(self, client_id: str, resource: str, username: str | None, scope: str) -> dict[str, Any]:
+    def _token_response(
+        self, client_id: str, resource: str, username: str | None, scope: str, public: bool = False
+    ) -> dict[str, Any]:
         now = int(time.time())
         lifetime = self.config.token_lifetime
         tid = self.config.tenant_id
@@ -315,7 +375,7 @@ class EntraEmulator(EmulatorApp):
             claims.update(scp="user_impersonation", upn=username, oid=oid, idtyp="user")
             body["scope"] = f"{resource}/user_impersonation"
             if "offline_access" in scope.split():
-                body["refresh_token"] = self.issue_refresh_token(client_id, username)
+                body["refresh_token"] = self.issue_refresh_token(client_id, username, public=public)
             if "openid" in scope.split():
                 body["id_token"] = self._encode(
                     {
@@ -342,15 +402,22 @@ class EntraEmulator(EmulatorApp):
             self.config = EntraConfig(tenant_id=self.config.tenant_id)
             self.refresh_tokens.clear()
             self.refresh_tokens_presented.clear()
+            self.device_codes.clear()
             self.grants = dict.fromkeys(self.grants, 0)
         super().reset()
 
     # -- control plane (the shared endpoints are EmulatorApp's) ------------------
-    def seed(self, clients: dict[str, str] | None = None, users: dict[str, str] | None = None) -> dict[str, list[str]]:
-        """Register app ``clients`` ({client id: secret}) and ``users`` ({username: password})."""
+    def seed(
+        self,
+        clients: dict[str, str] | None = None,
+        users: dict[str, str] | None = None,
+        public_client_flows: list[str] | None = None,
+    ) -> dict[str, list[str]]:
+        """Register app ``clients`` ({client id: secret}, "Allow public client flows" on for the ids
+        in ``public_client_flows``) and ``users`` ({username: password})."""
         with self.lock:
             for client_id, secret in (clients or {}).items():
-                self.add_client(client_id, secret)
+                self.add_client(client_id, secret, public_client_flows=client_id in (public_client_flows or ()))
             for username, password in (users or {}).items():
                 self.add_user(username, password)
         return {"clients": sorted(clients or {}), "users": sorted(users or {})}
@@ -364,13 +431,26 @@ class EntraEmulator(EmulatorApp):
                 "grants": dict(self.grants),
                 "refresh_tokens_active": sum(1 for r in self.refresh_tokens.values() if not r.revoked),
                 "refresh_tokens_presented": len(self.refresh_tokens_presented),
+                "public_clients": sorted(self.public_clients),
+                "device_codes_pending": self.pending_device_codes(),
+                "device_code_lifetime": self.config.device_code_lifetime,
+                "device_code_interval": self.config.device_code_interval,
             }
 
     def configure(
-        self, token_lifetime: int | None = None, single_use_refresh_tokens: bool | None = None
+        self,
+        token_lifetime: int | None = None,
+        single_use_refresh_tokens: bool | None = None,
+        device_code_lifetime: int | None = None,
+        device_code_interval: int | None = None,
     ) -> dict[str, Any]:
-        """Access token lifetime (seconds), and whether a refresh token works once; returns the state."""
+        """Access token lifetime (seconds), whether a refresh token works once, and a device code's
+        lifetime and polling interval (seconds); returns the state."""
         with self.lock:
+            if device_code_lifetime is not None:
+                self.config.device_code_lifetime = int(device_code_lifetime)
+            if device_code_interval is not None:
+                self.config.device_code_interval = max(1, int(device_code_interval))
             if token_lifetime is not None:
                 self.config.token_lifetime = int(token_lifetime)
             if single_use_refresh_tokens is not None:

@@ -24,6 +24,7 @@ class RefreshToken:
     username: str
     issued_at: float
     revoked: bool = False
+    public: bool = False  # issued to a public client (no secret): redeemed without one
 
 
 @dataclass
@@ -31,6 +32,8 @@ class EntraConfig:
     tenant_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     token_lifetime: int = 3600
     single_use_refresh_tokens: bool = False  # AAD keeps old ones valid; tests can make rotation strict
+    device_code_lifetime: int = 900  # seconds a device code stays valid (Entra's default)
+    device_code_interval: int = 5  # seconds between polls the client is told to wait
 
 
 class TokenError(HTTPError):

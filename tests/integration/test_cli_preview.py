@@ -42,7 +42,11 @@ def dump(url: str) -> dict[str, list]:
     try:
         with engine.connect() as conn:
             tables = sa.inspect(conn).get_table_names()
-            return {t: sorted(map(repr, conn.execute(sa.text(f'SELECT * FROM "{t}"')).all())) for t in tables}
+            meta = sa.MetaData()
+            return {
+                t: sorted(map(repr, conn.execute(sa.select(sa.Table(t, meta, autoload_with=conn))).all()))
+                for t in tables
+            }
     finally:
         engine.dispose()
 
@@ -82,9 +86,11 @@ def test_a_referral_previewed_then_synced_to_salesforce(sandbox_sf, store, state
     assert write["target"] == "salesforce" and write["referral_id"] == rid and write["error"] is None
     assert write["link"] == {"PC_Referral_Id__c": rid}
     assert write["account"]["values"]["Account.Name"] and "name + postal code" in write["account"]["rule"]
+    assert write["account"]["action"] in ("match", "create") and write["contact"]["action"] in ("match", "create")
     assert not [o for o in pc.salesforce.list_records("Opportunity") if o.get("PC_Referral_Id__c") == rid]
 
     # the real run for this referral (the webhook DAG's) writes exactly the previewed values
+    accounts_before = {a["Id"] for a in pc.salesforce.list_records("Account")}
     job = event_job("salesforce", ObjectStoragePath(f"file://{tmp_path / 'staging'}"), [rid])
     sync(job, *quiet_sides("salesforce", job.mapping), store)
     [stored] = [o for o in pc.salesforce.list_records("Opportunity") if o.get("PC_Referral_Id__c") == rid]
@@ -94,6 +100,36 @@ def test_a_referral_previewed_then_synced_to_salesforce(sandbox_sf, store, state
     account = pc.salesforce.get_record("Account", stored["AccountId"])
     for path, value in write["account"]["values"].items():
         assert account[path.split(".", 1)[1]] == value, path
+    if write["account"]["action"] == "match":
+        assert stored["AccountId"] == write["account"]["id"]
+    else:  # created by the run, as the preview said
+        assert stored["AccountId"] not in accounts_before
+
+
+def test_the_account_and_contact_a_referral_would_match(sandbox_sf, store, state_url):
+    """An account with the referral's customer name and postal code (spaced and cased otherwise),
+    and a contact with its e-mail, exist: the preview names them; nothing is created."""
+    pc = sandbox_sf
+    rid = open_unlinked_referral(pc)
+    profile = pc.partner_center.referrals[rid]["customerProfile"]
+    account = pc.salesforce.user_create(
+        "Account",
+        {
+            "Name": f"  {profile['name'].upper()} ",
+            "BillingPostalCode": profile["address"]["postalCode"].replace(" ", ""),
+        },
+    )
+    member = profile["team"][0]
+    contact = pc.salesforce.user_create("Contact", {"LastName": "Someone", "Email": member["email"].upper()})
+    accounts, contacts = (len(pc.salesforce.list_records(o)) for o in ("Account", "Contact"))
+    doc = preview("--crm", "salesforce", "--referral", rid)
+    [write] = doc["writes"]
+    assert write["account"]["action"] == "match" and write["account"]["id"] == account["Id"]
+    assert write["contact"]["action"] == "match" and write["contact"]["id"] == contact["Id"]
+    assert (len(pc.salesforce.list_records("Account")), len(pc.salesforce.list_records("Contact"))) == (
+        accounts,
+        contacts,
+    )
 
 
 def test_an_opportunity_previewed_then_synced_to_partner_center(sandbox_sf, store, state_url, tmp_path):

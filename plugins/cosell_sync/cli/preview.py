@@ -25,11 +25,9 @@ import pandas as pd
 
 from cosell_sync import crms
 from cosell_sync.sides.base import missing, plain
+from cosell_sync.sides.crm import NEW_ID
 
-MATCH_RULES = {
-    "account": "matched by name + postal code (case- and space-insensitive), or created",
-    "contact": "matched by e-mail, or created",
-}
+MATCH_RULES = {"account": "by name + postal code, case- and space-insensitive", "contact": "by e-mail"}
 
 
 def _plain(value: Any) -> Any:
@@ -58,19 +56,24 @@ def _crm_fields(side: Any, row: Any) -> dict[str, Any]:
     return {side.mapping.fields[k].crm: _plain(v) for k, v in row.written.items() if k in side.opportunity_level()}
 
 
-def _related(side: Any, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The account and contact a new opportunity gets: the values they are matched by or created with."""
+def _related(side: Any, row: Any) -> dict[str, Any]:
+    """The account and contact a new opportunity gets: the one matched (its id), or the values it
+    would be created with (as the side recorded them instead of creating it)."""
     out: dict[str, Any] = {}
     names = [n for n in side.mapping.fields if n not in side.opportunity_level()]
-    for kind in ("account", "contact"):
+    for kind, held in (("account", row.account_id), ("contact", row.contact_id)):
         prefixes = (f"{side.mapping.records[kind]}.".lower(), f"{kind}.")
         fields = {
-            side.mapping.fields[n].crm: _plain(values[n])
+            side.mapping.fields[n].crm: _plain(row.values[n])
             for n in names
-            if side.mapping.fields[n].crm.lower().startswith(prefixes) and _plain(values.get(n)) is not None
+            if side.mapping.fields[n].crm.lower().startswith(prefixes) and _plain(row.values.get(n)) is not None
         }
-        if fields:
-            out[kind] = {"rule": MATCH_RULES[kind], "values": fields}
+        if not fields and held is None:
+            continue
+        if held == NEW_ID:
+            out[kind] = {"action": "create", "rule": MATCH_RULES[kind], "values": fields}
+        else:
+            out[kind] = {"action": "match", "rule": MATCH_RULES[kind], "id": held, "values": fields}
     return out
 
 
@@ -87,7 +90,11 @@ def build_preview(job: Any, store: Any, pc_side: Any, crm_side: Any) -> dict[str
     docs = read_json(job, "pc_docs")
     ctx = job.ctx
     out: dict[str, Any] = {"crm": job.crm, "writes": [], "skips": [], "errors": [], "conflicts": []}
-    for row in crm_side.pending_creates(the_plan.crm_creates, ctx):
+    creates = crm_side.pending_creates(the_plan.crm_creates, ctx)
+    crm_side.previewed = []  # the accounts and contacts are matched (read), those to create only recorded
+    matching = (crm_side.find_existing, crm_side.ensure_accounts, crm_side.ensure_contacts)
+    crm_side.run_steps(creates, ctx, matching, "create")
+    for row in creates:
         out["writes"].append(
             {
                 "target": crm_side.crm,
@@ -95,7 +102,8 @@ def build_preview(job: Any, store: Any, pc_side: Any, crm_side: Any) -> dict[str
                 "referral_id": row.referral_id,
                 "fields": _crm_fields(crm_side, row),
                 "link": {crm_side.mapping.records["link_field"]: row.referral_id},
-                **_related(crm_side, row.values),
+                **_related(crm_side, row),
+                "adopted": row.adopted,
                 "error": row.error[0] if row.error else None,
             }
         )
@@ -198,8 +206,14 @@ def render(doc: dict[str, Any], what: str) -> list[str]:
             lines += ["  " + line for line in json.dumps(body, indent=2, ensure_ascii=False, default=str).splitlines()]
         for kind in ("account", "contact"):
             if write.get(kind):
-                shown = json.dumps(write[kind]["values"], ensure_ascii=False)
-                lines.append(f"  {kind}: {write[kind]['rule']}: {shown}")
+                related = write[kind]
+                if related["action"] == "match":
+                    lines.append(f"  {kind}: matches the existing {related['id']} ({related['rule']})")
+                else:
+                    shown = json.dumps(related["values"], ensure_ascii=False)
+                    lines.append(f"  {kind}: none matches ({related['rule']}): created with {shown}")
+        if write.get("adopted"):
+            lines.append("  an opportunity already holds this referral id: it is adopted (linked), not written")
         if write.get("error"):
             lines.append(f"  would fail: {write['error']}")
     if not doc["writes"]:

@@ -35,6 +35,7 @@ from cosell_sync.sides.base import Action, RunContext, WriteResult, fails_the_ta
 
 log = logging.getLogger(__name__)
 
+NEW_ID = "(new)"  # a preview's id of an account or contact that would be created
 CHANGED_DURING_RUN = "changed_during_run"  # error code of a record deferred because it changed since extract
 
 
@@ -134,6 +135,10 @@ class CrmSide:
     crm: str
     mapping: SyncMapping
     id_field: str  # the opportunity's id in an extracted record
+    # A preview's (``cosell-sync preview``): not None, the accounts and contacts ``ensure_accounts``
+    # and ``ensure_contacts`` would create are appended here ({"object", "key", "values"}) instead of
+    # being created, and the rows get a ``NEW_ID`` placeholder; matching (the reads) runs as usual.
+    previewed: list[dict[str, Any]] | None = None
 
     # -- extract --------------------------------------------------------------------------------
     def extract(

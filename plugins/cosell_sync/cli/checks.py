@@ -9,7 +9,7 @@ own call works. Nothing here prints a secret: the hooks' errors never carry one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -265,26 +265,38 @@ def field_items(
     yield from bad or [passed(f"{crms.label(crm)}: all {len(wanted)} mapped fields exist with compatible types")]
 
 
+def _connected(
+    crm: str, what: str, hook: Any, token: Callable[[], Any], token_fix: str, read_fix: str
+) -> Generator[Item, None, SyncMapping | None]:
+    """A CRM's token (``what``), its Test button's cheap read, then the mapping its DAG uses:
+    the lines, and the mapping (None after a ✘)."""
+    item, _ = attempt(what, token, lambda exc: token_fix)
+    yield item
+    if not item.ok:
+        return None
+    ok, message = hook.test_connection()
+    yield Item(ok, f"{what.rsplit(':', 1)[0]}: {message}", None if ok else read_fix)
+    item, mapping = attempt(
+        f"{crms.label(crm)} mapping loads", lambda: mapping_of(crm), lambda exc: "fix the mapping file"
+    )
+    yield item
+    return mapping if item.ok else None
+
+
 def salesforce(conn_id: str) -> Iterator[Item]:
     from cosell_sync.hooks.salesforce import SalesforceSyncHook
 
     where = f"Salesforce ({conn_id})"
     hook = SalesforceSyncHook(salesforce_conn_id=conn_id)
-    item, _ = attempt(
+    mapping = yield from _connected(
+        crms.SALESFORCE,
         f"{where}: signed in",
+        hook,
         lambda: hook.conn,
-        lambda exc: f"check the connection's instance_url and access token or login fields ({env_var(conn_id)})",
+        f"check the connection's instance_url and access token or login fields ({env_var(conn_id)})",
+        "check the integration user's API access (API Enabled)",
     )
-    yield item
-    if not item.ok:
-        return
-    ok, message = hook.test_connection()
-    yield Item(ok, f"{where}: {message}", None if ok else "check the integration user's API access (API Enabled)")
-    item, mapping = attempt(
-        "Salesforce mapping loads", lambda: mapping_of(crms.SALESFORCE), lambda exc: "fix the mapping file"
-    )
-    yield item
-    if not item.ok:
+    if mapping is None:
         return
     described: dict[str, dict[str, Any]] = {}
     for kind in ("opportunity", "account", "contact"):
@@ -359,24 +371,16 @@ def dynamics365(conn_id: str) -> Iterator[Item]:
 
     where = f"Dynamics 365 ({conn_id})"
     hook = DynamicsHook(conn_id)
-    item, _ = attempt(
+    mapping = yield from _connected(
+        crms.DYNAMICS365,
         f"{where}: token acquired",
+        hook,
         hook.get_token,
-        lambda exc: (
-            f"check the connection's client id, secret, tenant and host ({env_var(conn_id)}); the app "
-            "needs an application user in the environment (Power Platform admin center > Application users)"
-        ),
+        f"check the connection's client id, secret, tenant and host ({env_var(conn_id)}); the app needs an "
+        "application user in the environment (Power Platform admin center > Application users)",
+        "give the application user a security role",
     )
-    yield item
-    if not item.ok:
-        return
-    ok, message = hook.test_connection()
-    yield Item(ok, f"{where}: {message}", None if ok else "give the application user a security role")
-    item, mapping = attempt(
-        "Dynamics 365 mapping loads", lambda: mapping_of(crms.DYNAMICS365), lambda exc: "fix the mapping file"
-    )
-    yield item
-    if not item.ok:
+    if mapping is None:
         return
     tables = {}
     for kind in ("opportunity", "account", "contact"):

@@ -193,6 +193,12 @@ def test_a_closed_unlinked_referral_is_a_skip_with_its_reason(sandbox_sf, store,
     assert "No write" in result.output
 
 
+def test_an_unknown_record_is_an_error(sandbox_sf):
+    for args in (["--referral", "00000000-0000-0000-0000-000000000000"], ["--opportunity", "0065g0003ZZZZZZAAA"]):
+        result = CliRunner().invoke(main, ["preview", "--crm", "salesforce", *args])
+        assert result.exit_code == 1 and "has no" in result.output, result.output
+
+
 def test_the_preview_needs_exactly_one_record():
     result = CliRunner().invoke(main, ["preview", "--crm", "salesforce"])
     assert result.exit_code == 2 and "exactly one of" in result.output

@@ -185,10 +185,15 @@ def preview_record(crm: str, *, referral_id: str | None = None, opportunity_id: 
             crm_ids=[opportunity_id] if opportunity_id else None,
             dry_run=True,
         )
-        return build_preview(job, store, pc_side, crm_side)
+        doc = build_preview(job, store, pc_side, crm_side)
     finally:
         store.close()
         shutil.rmtree(folder, ignore_errors=True)
+    named = doc["found"]["referrals"] + len(doc["errors"]) if referral_id else doc["found"]["opportunities"]
+    if not named and not doc["errors"]:
+        where = "Partner Center has no referral" if referral_id else f"{crms.label(crm)} has no opportunity"
+        raise click.ClickException(f"{where} {referral_id or opportunity_id} (or the connection cannot read it)")
+    return doc
 
 
 def render(doc: dict[str, Any], what: str) -> list[str]:

@@ -199,6 +199,13 @@ def test_an_unknown_record_is_an_error(sandbox_sf):
         assert result.exit_code == 1 and "has no" in result.output, result.output
 
 
+def test_a_missing_connection_is_an_error_pointing_at_check(conns, pc, store, state_url, monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_SALESFORCE_DEFAULT")
+    result = CliRunner().invoke(main, ["preview", "--crm", "salesforce", "--referral", "r-1"])
+    assert result.exit_code == 1 and "salesforce_default" in result.output, result.output
+    assert "cosell-sync check --crm salesforce" in result.output
+
+
 def test_the_preview_needs_exactly_one_record():
     result = CliRunner().invoke(main, ["preview", "--crm", "salesforce"])
     assert result.exit_code == 2 and "exactly one of" in result.output

@@ -246,7 +246,14 @@ def preview(crm: str, opportunity_id: str | None, referral_id: str | None, as_js
     """Show what one opportunity or referral would become on the other side; writes nothing."""
     if bool(opportunity_id) == bool(referral_id):
         raise click.UsageError("give exactly one of --opportunity ID or --referral ID")
-    doc = preview_record(crm, referral_id=referral_id, opportunity_id=opportunity_id)
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from cosell_sync.errors import CosellError
+
+    try:
+        doc = preview_record(crm, referral_id=referral_id, opportunity_id=opportunity_id)
+    except (CosellError, ValueError, AirflowNotFoundException) as exc:  # our errors never carry a secret
+        raise click.ClickException(f"{exc} (run `cosell-sync check --crm {crm}`)") from None
     if as_json:
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
         return

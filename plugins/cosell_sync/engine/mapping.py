@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping as MappingABC
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -44,7 +45,12 @@ Authority = Literal["partner_center", "crm", "newest"]
 
 
 class MappingError(ValueError):
-    """A mapping file is invalid; the message names the file and the key."""
+    """A mapping file is invalid; the message names the file and the key (``problems``: each
+    problem found, when there are several, e.g. every choice label an org lacks)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
 
 
 @dataclass(frozen=True)
@@ -379,7 +385,7 @@ def resolve_choices(
         }
         fields[name] = dataclasses.replace(fm, crm_values=ValueMap(read, write, write_from))
     if problems:
-        raise MappingError(f"mapping {mapping.source}: " + "; ".join(problems))
+        raise MappingError(f"mapping {mapping.source}: " + "; ".join(problems), problems)
     return dataclasses.replace(mapping, fields=fields)
 
 

@@ -1,7 +1,10 @@
-"""Dataverse table definitions through the Web API, for ``cosell-sync setup dynamics365``: read a
-table's columns and alternate keys, create columns (String, Memo, Boolean, Picklist), add choice
-options (``InsertOptionValue``) and create an alternate key (Microsoft Learn: "Create and update
-column definitions using the Web API", "Define alternate keys using the Web API").
+"""Dataverse table definitions (``EntityDefinitions``) through the Web API, beyond the choice
+options :meth:`~cosell_sync.hooks.dynamics365.DynamicsHook.choice_options` reads: a table's
+columns with their types and its alternate keys (``cosell-sync check`` compares them with the
+mapping), and the writes of ``cosell-sync setup dynamics365``: create columns (String, Memo,
+Boolean, Picklist), add choice options (``InsertOptionValue``) and create an alternate key
+(Microsoft Learn: "Create and update column definitions using the Web API", "Define alternate
+keys using the Web API").
 
 Every call goes through the :class:`~cosell_sync.hooks.dynamics365.DynamicsHook`'s client (its
 token, retries and typed errors). ``solution`` adds ``MSCRM.SolutionUniqueName`` so that new
@@ -13,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from cosell_sync.engine.dataverse_setup import ColumnSpec, ExistingColumn
-from cosell_sync.hooks.dynamics365 import DynamicsHook
+from cosell_sync.errors import ConfigurationError
+from cosell_sync.hooks.dynamics365 import LOGICAL_NAMES, DynamicsHook
 from cosell_sync.hooks.odata import quote, with_query
 
 NS = "Microsoft.Dynamics.CRM"
@@ -39,10 +43,34 @@ def _entity(logical: str) -> str:
     return f"EntityDefinitions(LogicalName={quote(logical)})"
 
 
+def _definition(hook: DynamicsHook, logical: str, part: str, select: str) -> list[dict[str, Any]]:
+    """The rows of a table definition's ``part`` (``Attributes``, ``Keys``), ``select``ed."""
+    url = with_query(_url(hook, f"{_entity(logical)}/{part}"), {"$select": select})
+    return list(hook.api.request("GET", url).json().get("value", []))
+
+
+def _logical(entity_set: str) -> str:
+    logical = LOGICAL_NAMES.get(entity_set)
+    if logical is None:
+        raise ConfigurationError(f"unknown entity set {entity_set!r}; known: {sorted(LOGICAL_NAMES)}")
+    return logical
+
+
+def column_types(hook: DynamicsHook, entity_set: str) -> dict[str, str]:
+    """The table's columns, logical name -> ``AttributeType`` (``String``, ``Picklist``, ``Lookup`` ...)."""
+    rows = _definition(hook, _logical(entity_set), "Attributes", "LogicalName,AttributeType")
+    return {str(a["LogicalName"]): str(a["AttributeType"]) for a in rows}
+
+
+def alternate_keys(hook: DynamicsHook, entity_set: str) -> dict[str, list[str]]:
+    """The table's alternate keys, key logical name -> its columns (``KeyAttributes``)."""
+    rows = _definition(hook, _logical(entity_set), "Keys", "LogicalName,KeyAttributes")
+    return {str(k["LogicalName"]): [str(c) for c in k.get("KeyAttributes") or []] for k in rows}
+
+
 def read_columns(hook: DynamicsHook, logical: str, entity_set: str) -> dict[str, ExistingColumn]:
     """Every column of the table: its metadata type, and a choice column's option labels."""
-    url = with_query(_url(hook, f"{_entity(logical)}/Attributes"), {"$select": "LogicalName"})
-    items = hook.api.request("GET", url).json().get("value", [])
+    items = _definition(hook, logical, "Attributes", "LogicalName")
     types = {str(a["LogicalName"]): str(a.get("@odata.type", "")).lstrip("#").removeprefix(f"{NS}.") for a in items}
     picklists = [name for name, kind in types.items() if kind == "PicklistAttributeMetadata"]
     options = hook.choice_options(entity_set, picklists) if picklists else {}
@@ -51,10 +79,9 @@ def read_columns(hook: DynamicsHook, logical: str, entity_set: str) -> dict[str,
 
 def read_keys(hook: DynamicsHook, logical: str) -> list[tuple[list[str], str | None]]:
     """The table's alternate keys: (their columns, ``EntityKeyIndexStatus``)."""
-    url = with_query(_url(hook, f"{_entity(logical)}/Keys"), {"$select": "KeyAttributes,EntityKeyIndexStatus"})
     return [
         (list(k.get("KeyAttributes") or []), k.get("EntityKeyIndexStatus"))
-        for k in hook.api.request("GET", url).json().get("value", [])
+        for k in _definition(hook, logical, "Keys", "KeyAttributes,EntityKeyIndexStatus")
     ]
 
 

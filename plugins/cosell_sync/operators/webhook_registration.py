@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -318,41 +319,52 @@ class PartnerCenterWebhookRegistrationOperator(BaseOperator):
 
     def _send_test_event(self, hook: PartnerCenterHook, url: str) -> dict[str, Any]:
         """Send a validation (``test-created``) event and poll it until Partner Center reports it done."""
-        correlation_id = hook.create_validation_event()
-        self.log.info("Validation event sent; correlation id %s. Waiting for its delivery.", correlation_id)
-        deadline = time.monotonic() + self.validation_timeout
-        delay = min(0.5, self.validation_poll_interval)
-        status = ""
-        while True:
-            doc = hook.get_validation_event(correlation_id)
-            status = str(registration_value(doc, "status") or "").lower()
-            if status in VALIDATION_DONE or status in VALIDATION_FAILED:
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WebhookVerificationError(
-                    f"The validation event {correlation_id} did not complete within {self.validation_timeout:g} s "
-                    f"(last status: {status or 'none'}). Check that {display_url(url)} is reachable from Partner "
-                    "Center."
-                )
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, self.validation_poll_interval)
+        return send_validation_event(
+            hook, url, timeout=self.validation_timeout, poll_interval=self.validation_poll_interval, log=self.log
+        )
 
-        results = [r for r in registration_value(doc, "results") or [] if isinstance(r, Mapping)]
-        codes = [str(registration_value(r, "responseCode")) for r in results]
-        failed = [r for r in results if not _delivered(registration_value(r, "responseCode"))]
-        if status in VALIDATION_FAILED or failed:
-            detail = "; ".join(_describe_result(r) for r in failed)
+
+def send_validation_event(
+    hook: PartnerCenterHook, url: str, *, timeout: float, poll_interval: float, log: logging.Logger | Any
+) -> dict[str, Any]:
+    """Send a validation (``test-created``) event to the registered ``url`` and poll it until Partner
+    Center reports it done: ``{"correlation_id", "status", "response_codes"}``, or a
+    :class:`WebhookVerificationError` saying why it was not delivered (also ``cosell-sync check``'s)."""
+    correlation_id = hook.create_validation_event()
+    log.info("Validation event sent; correlation id %s. Waiting for its delivery.", correlation_id)
+    deadline = time.monotonic() + timeout
+    delay = min(0.5, poll_interval)
+    status = ""
+    while True:
+        doc = hook.get_validation_event(correlation_id)
+        status = str(registration_value(doc, "status") or "").lower()
+        if status in VALIDATION_DONE or status in VALIDATION_FAILED:
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise WebhookVerificationError(
-                f"The validation event {correlation_id} was not delivered to {display_url(url)} "
-                f"(status {status}{'; ' + detail if detail else ''}). The receiver must be reachable from "
-                "Partner Center over https and answer 2xx."
+                f"The validation event {correlation_id} did not complete within {timeout:g} s "
+                f"(last status: {status or 'none'}). Check that {display_url(url)} is reachable from Partner "
+                "Center."
             )
-        if not results:
-            self.log.warning("The validation event %s completed without delivery results.", correlation_id)
-        else:
-            self.log.info("The validation event %s was delivered: %s.", correlation_id, ", ".join(codes))
-        return {"correlation_id": correlation_id, "status": status, "response_codes": codes}
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, poll_interval)
+
+    results = [r for r in registration_value(doc, "results") or [] if isinstance(r, Mapping)]
+    codes = [str(registration_value(r, "responseCode")) for r in results]
+    failed = [r for r in results if not _delivered(registration_value(r, "responseCode"))]
+    if status in VALIDATION_FAILED or failed:
+        detail = "; ".join(_describe_result(r) for r in failed)
+        raise WebhookVerificationError(
+            f"The validation event {correlation_id} was not delivered to {display_url(url)} "
+            f"(status {status}{'; ' + detail if detail else ''}). The receiver must be reachable from "
+            "Partner Center over https and answer 2xx."
+        )
+    if not results:
+        log.warning("The validation event %s completed without delivery results.", correlation_id)
+    else:
+        log.info("The validation event %s was delivered: %s.", correlation_id, ", ".join(codes))
+    return {"correlation_id": correlation_id, "status": status, "response_codes": codes}
 
 
 def _delivered(code: Any) -> bool:

@@ -106,7 +106,7 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
         cleared_failures=cleared,
         failures={direction: items for direction, items in failures.items() if items},
         summary=report,
-        move_watermarks=not job.backfill and job.referral_ids is None,
+        move_watermarks=not job.backfill and not job.named,
         lease_epoch=job.lease_epoch,  # still ours, checked in the commit's transaction
     )
     if job.lease_epoch is not None:

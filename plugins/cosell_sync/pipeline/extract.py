@@ -121,8 +121,10 @@ def _read(
     """The records an event run names (by referral id), or those changed in the run's window;
     a window read stages where the side's watermark may move (``<prefix>_mark``, see :func:`_mark`,
     ``stamp``: a record's change time)."""
-    if job.referral_ids is not None:
-        return side.extract(referral_ids=job.referral_ids)
+    if job.named:
+        if isinstance(side, PartnerCenterSide):
+            return side.extract(referral_ids=job.referral_ids or [])
+        return side.extract(referral_ids=job.referral_ids or [], crm_ids=job.crm_ids)
     with server_clock() as clock:
         records = side.extract(since=since, until=job.until)
     write_json(job, f"{prefix}_mark", {"mark": _mark(clock, (stamp(r) for r in records), job.until)})
@@ -141,7 +143,7 @@ def extract_partner_center(job: SyncJob, side: PartnerCenterSide, store: StateSt
     referrals linked to the opportunities it retries)."""
     retry: list[str] = []
     docs = _read(job, side, job.since_pc, lambda d: d.get("updatedDateTime"), "pc")
-    if job.referral_ids is None:
+    if not job.named:
         seen = {str(d.get("id")) for d in docs}
         retry = [k for k in _retry_ids(store, job, "partner_center") if k not in seen]
         docs += side.extract(referral_ids=retry) if retry else []
@@ -166,7 +168,7 @@ def extract_crm(job: SyncJob, side: CrmSide, store: StateStore) -> dict[str, int
     id_field = crms.get(job.crm).id_field
     retry: list[str] = []
     records = _read(job, side, job.since_crm, compile_path(job.mapping.records["modified_field"]), "crm")
-    if job.referral_ids is None:
+    if not job.named:
         seen = {str(r.get(id_field)) for r in records}
         retry = [k for k in _retry_ids(store, job, "crm") if k not in seen]
         records += [r for r in side.extract(crm_ids=retry) if str(r.get(id_field)) not in seen] if retry else []

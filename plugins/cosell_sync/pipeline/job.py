@@ -33,6 +33,7 @@ class SyncJob:
     since_crm: datetime | None = None
     until: datetime | None = None
     referral_ids: list[str] | None = None
+    crm_ids: list[str] | None = None  # with referral_ids: a run of just these records (a preview's)
     directions: tuple[str, ...] = ("pc_to_crm", "crm_to_pc")
     dry_run: bool = False
     backfill: bool = False
@@ -42,6 +43,11 @@ class SyncJob:
     @property
     def folder(self) -> Any:
         return self.staging / self.dag_id / re.sub(r"[^A-Za-z0-9_.-]", "_", self.run_id)
+
+    @property
+    def named(self) -> bool:
+        """A run of named records (``referral_ids``/``crm_ids``), not of a window."""
+        return self.referral_ids is not None or self.crm_ids is not None
 
     @property
     def ctx(self) -> RunContext:

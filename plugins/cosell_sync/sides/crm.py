@@ -35,6 +35,7 @@ from cosell_sync.sides.base import Action, RunContext, WriteResult, fails_the_ta
 
 log = logging.getLogger(__name__)
 
+NEW_ID = "(new)"  # a preview's id of an account or contact that would be created
 CHANGED_DURING_RUN = "changed_during_run"  # error code of a record deferred because it changed since extract
 
 
@@ -134,6 +135,10 @@ class CrmSide:
     crm: str
     mapping: SyncMapping
     id_field: str  # the opportunity's id in an extracted record
+    # A preview's (``cosell-sync preview``): not None, the accounts and contacts ``ensure_accounts``
+    # and ``ensure_contacts`` would create are appended here ({"object", "key", "values"}) instead of
+    # being created, and the rows get a ``NEW_ID`` placeholder; matching (the reads) runs as usual.
+    previewed: list[dict[str, Any]] | None = None
 
     # -- extract --------------------------------------------------------------------------------
     def extract(
@@ -155,6 +160,20 @@ class CrmSide:
         """New opportunities from ``creates`` (``referral_id`` + canonical values); one result per
         row, keyed by referral id, whose ``fields`` are the canonical values the opportunity holds
         (those the CRM required and we filled in included)."""
+        rows = self.pending_creates(creates, ctx)
+        if not ctx.dry_run:
+            self.run_steps(
+                rows,
+                ctx,
+                (self.find_existing, self.ensure_accounts, self.ensure_contacts, self.upsert_opportunities),
+                "create",
+            )
+            self.run_steps(rows, ctx, (self.after_create,), "create", include_done=True)
+        return self.finish(rows, "create")
+
+    def pending_creates(self, creates: pd.DataFrame, ctx: RunContext) -> list[Pending]:
+        """The rows of :meth:`create`, prepared (:meth:`prepare_create`: each one's ``payload``,
+        the opportunity's own fields, and ``written``), before any call to the CRM."""
         rows: list[Pending] = []
         names = [n for n in self.mapping.fields if n in creates.columns]
         for pos, item in enumerate(creates.to_dict("records") if len(creates) else []):
@@ -169,15 +188,7 @@ class CrmSide:
                 self.prepare_create(row, ctx)
             except ValueError as exc:
                 row.fail(f"referral {referral_id}: {exc}", "INVALID_VALUE")
-        if not ctx.dry_run:
-            self.run_steps(
-                rows,
-                ctx,
-                (self.find_existing, self.ensure_accounts, self.ensure_contacts, self.upsert_opportunities),
-                "create",
-            )
-            self.run_steps(rows, ctx, (self.after_create,), "create", include_done=True)
-        return self.finish(rows, "create")
+        return rows
 
     def update(
         self, updates: pd.DataFrame, ctx: RunContext, versions: Mapping[str, str] | None = None
@@ -188,6 +199,14 @@ class CrmSide:
         shared between deals), with the sync status and a new audit line. A record changed
         since extract is re-merged or deferred (:meth:`read_current`, :meth:`write_updates`):
         the fields not written are listed in its result's ``deferred``."""
+        rows = self.pending_updates(updates, versions)
+        if not ctx.dry_run:
+            self.run_steps(rows, ctx, (self.read_current, self.write_updates), "update")
+            self.run_steps(rows, ctx, (self.after_update,), "update")
+        return self.finish(rows, "update")
+
+    def pending_updates(self, updates: pd.DataFrame, versions: Mapping[str, str] | None = None) -> list[Pending]:
+        """The rows of :meth:`update`, prepared (:meth:`prepare_update`), before any call to the CRM."""
         known = {self.id_key(k): str(v) for k, v in (versions or {}).items() if not missing(v) and str(v)}
         rows: list[Pending] = []
         for pos, item in enumerate(updates.to_dict("records") if len(updates) else []):
@@ -212,10 +231,7 @@ class CrmSide:
                 continue
             if not row.values:
                 row.done = True  # nothing on the opportunity itself: no write
-        if not ctx.dry_run:
-            self.run_steps(rows, ctx, (self.read_current, self.write_updates), "update")
-            self.run_steps(rows, ctx, (self.after_update,), "update")
-        return self.finish(rows, "update")
+        return rows
 
     def run_steps(
         self, rows: list[Pending], ctx: RunContext, steps: Sequence[Step], what: str, *, include_done: bool = False

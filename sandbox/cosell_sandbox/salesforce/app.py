@@ -204,6 +204,7 @@ class SalesforceEmulator(
         router.add("POST", r"/_sandbox/tokens", self._cp_issue)
         router.add("POST", r"/_sandbox/tokens/revoke", self._cp_revoke)
         router.add("POST", r"/_sandbox/schema/external-id", self._cp_external_id)
+        router.add("DELETE", r"/_sandbox/schema/fields/(?P<obj>[^/]+)/(?P<field>[^/]+)", self._cp_remove_field)
         router.add("GET", r"/_sandbox/records/(?P<obj>[^/]+)", self._cp_records)
         router.add("POST", r"/_sandbox/records/(?P<obj>[^/]+)", self._cp_create)
         router.add("GET", r"/_sandbox/records/(?P<obj>[^/]+)/(?P<id>[^/]+)", self._cp_record)

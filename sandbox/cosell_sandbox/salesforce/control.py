@@ -82,6 +82,19 @@ class ControlMixin:
                 self._index_ops_single(index, record, fdef.name)
             return fdef
 
+    def remove_field(self, obj: str, field_name: str) -> None:
+        """An admin deletes a custom field: ``describe`` no longer lists it and records lose its
+        values (``reset`` brings the default schema back). Standard fields cannot be deleted."""
+        with self.lock:
+            odef = self._object(obj)
+            fdef = odef.field(field_name)
+            if fdef is None or not fdef.custom:
+                raise ValueError(f"{obj}.{field_name} is not a custom field of this org")
+            del odef.fields[fdef.name]
+            self._ext_index.pop((odef.name, fdef.name), None)
+            for record in self.records[odef.name].values():
+                record.pop(fdef.name, None)
+
     @staticmethod
     def _index_ops_single(index: dict[str, set[str]], record: dict[str, Any], fname: str) -> None:
         if record.get(fname) is not None and not record.get("IsDeleted"):
@@ -179,6 +192,13 @@ class ControlMixin:
         except ValueError as exc:
             raise _bad("INVALID_REQUEST", str(exc)) from None
         return Response.json(self._describe_field(fdef))
+
+    def _cp_remove_field(self, request: Request) -> Response:
+        try:
+            self.remove_field(request.params["obj"], request.params["field"])
+        except ValueError as exc:
+            raise _bad("INVALID_REQUEST", str(exc)) from None
+        return Response.empty()
 
     def _cp_records(self, request: Request) -> Response:
         include = (request.arg("include_deleted") or "").lower() in ("1", "true")

@@ -19,7 +19,7 @@ from cosell_sync.sides.base import (
     match_key,
     missing,
 )
-from cosell_sync.sides.crm import Pending
+from cosell_sync.sides.crm import NEW_ID, Pending
 from cosell_sync.sides.dynamics365.batch import (
     DUPLICATE_RECORD,
     OUTCOMES,
@@ -105,6 +105,12 @@ class DynamicsLookups:
         Each create names the id generated for it, so the hook sends the call again after a
         lost answer; a create that landed on the earlier send is then refused as DuplicateRecord.
         Such a record is read back by its id: found, it is the one we created."""
+        if self.previewed is not None:  # a preview: recorded, not created
+            for first, request in creating:
+                key = key_of[first.pos]
+                self.previewed.append({"object": request.url, "key": key, "values": dict(request.body or {})})
+                found[key] = NEW_ID
+            return
         request_of = {row.pos: request for row, request in creating}
         duplicate: list[tuple[Pending, str]] = []
 
@@ -210,7 +216,7 @@ class DynamicsLookups:
             body.setdefault(CONTACT_EMAIL, email)
             if not body.get(CONTACT_LAST_NAME):  # required: fall back to the e-mail's local part
                 body[CONTACT_LAST_NAME] = (email.partition("@")[0] or email)[:LAST_NAME_MAX]
-            if first.account_id:
+            if first.account_id and first.account_id != NEW_ID:  # (a preview's new account has no id)
                 body[f"{CONTACT_ACCOUNT_LOOKUP}@odata.bind"] = DynamicsHook.bind(self.account_set, first.account_id)
             body[self.contact_pk] = str(uuid.uuid4())
             creating.append((first, BatchRequest("POST", self.contact_set, body)))

@@ -12,7 +12,7 @@ from typing import Any
 from cosell_sync.errors import AuthenticationError, ConfigurationError
 from cosell_sync.hooks.soql import Condition
 from cosell_sync.sides.base import RunContext, match_key, plain
-from cosell_sync.sides.crm import Pending
+from cosell_sync.sides.crm import NEW_ID, Pending
 from cosell_sync.sides.salesforce.writes import error_of
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ class SalesforceMatching:
         (key -> new Id, key -> (message, code) for those not created)."""
         created: dict[str, str] = {}
         failed: dict[str, tuple[str, str]] = {}
+        if self.previewed is not None:  # a preview: recorded, not created
+            pairs = zip(missing, payloads, strict=True)
+            self.previewed += [{"object": sobject, "key": k, "values": v} for k, v in pairs]
+            return dict.fromkeys(missing, NEW_ID), failed
         for key, outcome in zip(missing, self._write("create", sobject, payloads), strict=True):
             if outcome.ok and outcome.id:
                 created[key] = outcome.id

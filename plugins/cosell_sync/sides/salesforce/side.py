@@ -88,22 +88,27 @@ class SalesforceSide(SalesforceReads, SalesforceWrites, SalesforceMatching, CrmS
         ``write_from``) is an active value of that Opportunity picklist in the org, as ``describe()``
         lists it; else a :class:`ConfigurationError` naming the file, the field and the value, and
         listing the org's values. One describe call; fields that are not picklists are not checked."""
-        enums = [fm for fm in self.opp_fields if fm.type == "enum" and fm.crm_values is not None]
-        if not enums:
+        if not any(fm.type == "enum" and fm.crm_values is not None for fm in self.opp_fields):
             return {}
-        described = self.hook.describe(self.opportunity)
+        problems = self.picklist_problems(self.hook.describe(self.opportunity))
+        if problems:
+            raise ConfigurationError(f"mapping {self.mapping.source}: " + "; ".join(problems))
+        return {}
+
+    def picklist_problems(self, described: Mapping[str, Any]) -> list[str]:
+        """Each picklist value the mapping names that the Opportunity's ``describe()`` (``described``)
+        does not list as active, as one message naming the mapping key, the value and the org's values."""
         picklists = {
             str(f["name"]).lower(): [str(p["value"]) for p in f.get("picklistValues") or [] if p.get("active", True)]
             for f in described.get("fields", [])
             if f.get("type") in ("picklist", "multipicklist")
         }
         problems = []
-        for fm in enums:
+        for fm in self.opp_fields:
             values = picklists.get(fm.crm.lower())
-            if values is None:
+            if fm.type != "enum" or fm.crm_values is None or values is None:
                 continue
             vmap = fm.crm_values
-            assert vmap is not None
             named = [(f"read.{v}", v) for v in vmap.read]
             named += [(f"write.{c}", v) for c, v in vmap.write.items()]
             named += [(f"write_from.{h}.{c}", v) for h, o in vmap.write_from.items() for c, v in o.items()]
@@ -113,9 +118,7 @@ class SalesforceSide(SalesforceReads, SalesforceWrites, SalesforceMatching, CrmS
                         f"fields.{fm.name}.values.crm.{where}: '{value}' is not a value of the {fm.crm} picklist "
                         f"in this Salesforce org; its values: {', '.join(repr(v) for v in values) or 'none'}"
                     )
-        if problems:
-            raise ConfigurationError(f"mapping {self.mapping.source}: " + "; ".join(problems))
-        return {}
+        return problems
 
     def _check_name(self, key: str, value: str, *, dotted: bool) -> None:
         try:

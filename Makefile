@@ -14,7 +14,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export COSELL_SANDBOX_HOME ?= $(CURDIR)/.sandbox
 
-.PHONY: venv browser test test-fast lint demo tour airflow bench clean
+.PHONY: venv browser test test-fast lint demo tour connect-tour airflow bench clean
 
 $(UV):
 	$(PY) -m venv $(TOOLS)
@@ -66,6 +66,10 @@ demo: venv
 
 tour: venv
 	$(BIN)/python scripts/hook_tour.py
+
+# The README's "Connect your tenant" path against the sandbox: sign-in, setup, check, preview, first run.
+connect-tour: venv
+	$(BIN)/python scripts/connect_tour.py
 
 airflow: venv
 	bash scripts/airflow_standalone.sh

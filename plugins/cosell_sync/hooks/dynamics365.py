@@ -315,6 +315,21 @@ class DynamicsHook(BaseHook):
         for page in self.iter_pages(entity_set, **kwargs):
             yield from page
 
+    def query_each(
+        self, entity_set: str, filters: Sequence[str], *, select: Sequence[str] | None = None
+    ) -> list[list[dict[str, Any]] | Exception]:
+        """One query per filter (every page of it), sent concurrently (:meth:`map_concurrently`):
+        each one's rows, or the exception its read raised, in the filters' order (the caller
+        decides what a failed read means)."""
+
+        def read(flt: str) -> list[dict[str, Any]] | Exception:
+            try:
+                return list(self.query(entity_set, select=select, filter=flt))
+            except Exception as exc:  # handed back: the caller raises it or fails its records
+                return exc
+
+        return self.map_concurrently(read, list(filters))
+
     def read_modified_since(
         self,
         entity_set: str,

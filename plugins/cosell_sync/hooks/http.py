@@ -64,9 +64,7 @@ class TrustedSession(requests.Session):
         # (host, the environment's values) -> (its proxies, its CA bundle): merge_environment_settings
         self._environment: dict[tuple[str, tuple[str | None, ...]], tuple[dict[str, str], str | None]] = {}
 
-    def merge_environment_settings(
-        self, url: str, proxies: Any, stream: Any, verify: Any, cert: Any
-    ) -> dict[str, Any]:
+    def merge_environment_settings(self, url: str, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
         """``requests``' own merge of the environment's proxies and CA bundle into a request's
         settings, with the environment looked up once per host instead of on every request.
 

@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -40,7 +39,7 @@ from cosell_sync.hooks.batch import BatchRequest, BatchResponse, ChangeSet, buil
 from cosell_sync.hooks.entra import cached_token, fingerprint, settings_app
 from cosell_sync.hooks.http import RestClient, RetryPolicy, TrustedSession, follow_link
 from cosell_sync.hooks.odata import datetime_literal, quote, with_query
-from cosell_sync.hooks.pool import widen_pool
+from cosell_sync.hooks.pool import map_on_threads, widen_pool
 from cosell_sync.masking import mask
 
 API_PATH = "/api/data/v9.2"
@@ -225,8 +224,7 @@ class DynamicsHook(BaseHook):
         rest = list(items[1:])
         if not rest:
             return [first]
-        with ThreadPoolExecutor(max_workers=min(self.parallelism, len(rest))) as pool:
-            return [first, *pool.map(work, rest)]
+        return [first, *map_on_threads(work, rest, self.parallelism)]
 
     def get_token(self, *, force: bool = False) -> str:
         s = self.settings

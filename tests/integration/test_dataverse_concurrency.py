@@ -91,20 +91,27 @@ def test_chunked_reads_go_out_concurrently_and_find_every_row(dv, dyn_hook, slow
     assert dv.protection.peak_inflight > 1  # the chunks overlapped
 
 
-def test_a_failed_chunk_read_fails_its_rows_only(dv, dyn_hook, monkeypatch):
-    from cosell_sync.errors import ValidationError
-
-    ids = [str(i).lower() for i in dv.seed(opportunities=12, seed=8)["opportunities"]]
+def _refusing(dv, dyn_hook, monkeypatch, n: int, bad: int, exc: Exception) -> tuple[DynamicsSide, list[str]]:
+    """A side reading ``n`` seeded opportunities 4 ids a query; the query naming the ``bad``-th raises ``exc``."""
+    ids = [str(i).lower() for i in dv.seed(opportunities=n, seed=n)["opportunities"]]
     side = DynamicsSide(dyn_hook, load_mapping("dynamics365"))
     side.id_chunk = 4
     real = dyn_hook.query
 
     def query(entity_set, **kwargs):
-        if ids[5] in (kwargs.get("filter") or ""):
-            raise ValidationError("Dataverse", "the filter was refused", status=400, code="0x80060888")
+        if ids[bad] in (kwargs.get("filter") or ""):
+            raise exc
         return real(entity_set, **kwargs)
 
     monkeypatch.setattr(dyn_hook, "query", query)
+    return side, ids
+
+
+def test_a_failed_chunk_read_fails_its_rows_only(dv, dyn_hook, monkeypatch):
+    from cosell_sync.errors import ValidationError
+
+    refused = ValidationError("Dataverse", "the filter was refused", status=400, code="0x80060888")
+    side, ids = _refusing(dv, dyn_hook, monkeypatch, 12, 5, refused)
     rows = _pending(ids)
     side.read_current(rows, None)
     assert [row.ok for row in rows] == [True] * 4 + [False] * 4 + [True] * 4
@@ -113,16 +120,7 @@ def test_a_failed_chunk_read_fails_its_rows_only(dv, dyn_hook, monkeypatch):
 
 
 def test_a_failed_lookup_read_that_fails_the_task_is_raised(dv, dyn_hook, monkeypatch):
-    ids = [str(i).lower() for i in dv.seed(opportunities=8, seed=9)["opportunities"]]
-    side = DynamicsSide(dyn_hook, load_mapping("dynamics365"))
-    side.id_chunk = 4
-    real = dyn_hook.query
-
-    def query(entity_set, **kwargs):
-        if ids[6] in (kwargs.get("filter") or ""):
-            raise AuthenticationError("Dataverse", "token refused", status=401)
-        return real(entity_set, **kwargs)
-
-    monkeypatch.setattr(dyn_hook, "query", query)
+    refused = AuthenticationError("Dataverse", "token refused", status=401)
+    side, ids = _refusing(dv, dyn_hook, monkeypatch, 8, 6, refused)
     with pytest.raises(AuthenticationError):
         side.read_current(_pending(ids), None)

@@ -20,7 +20,7 @@ What it reports, per CRM:
   the run did write, per system and per write kind, as read from the requests themselves:
 
   - Salesforce: ⌈n/200⌉ sObject Collections calls per write kind (object and operation), or one
-    Bulk API 2.0 job above 2,000 records, counted as its :data:`BULK_JOB_CALLS` requests (create,
+    Bulk API 2.0 job above 2,000 records, counted as its :data:`benchmarks.calls.BULK_JOB_CALLS` requests (create,
     upload, close, one status poll, successful and failed results);
   - Dataverse: ⌈n/1000⌉ ``$batch`` or ``*Multiple`` calls per write kind (table and operation);
   - Partner Center: one call per referral written (created, patched, asked of Microsoft);
@@ -34,41 +34,34 @@ What it reports, per CRM:
 Sizes: ``BENCH_TP_REFERRALS`` (10000), ``BENCH_TP_OPPORTUNITIES`` (5000), ``BENCH_TP_FLAGGED``
 (2000), ``BENCH_TP_LATENCY_MS`` (50); ``BENCH_TP_CRMS`` (``salesforce,dynamics365``);
 ``BENCH_THROUGHPUT=0`` leaves it out of ``make bench``; ``BENCH_TP_PROFILE=<task>,...`` writes a
-cProfile of those tasks next to their output (``<task>.out.prof``).
+cProfile of those tasks next to their output (``<task>.out.prof``), or with ``BENCH_TP_PYSPY=<py-spy
+executable>`` a py-spy profile of the threads holding the GIL (``<task>.pyspy``, raw stacks).
 Targets: task time <= 60 s per CRM, calls <= 1.05 x the floor. Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+
+from benchmarks.calls import floor_table, kind_rows, sf_write_kinds, task_at
 
 REFERRALS = int(os.environ.get("BENCH_TP_REFERRALS", "10000"))
 OPPORTUNITIES = int(os.environ.get("BENCH_TP_OPPORTUNITIES", "5000"))
 FLAGGED = int(os.environ.get("BENCH_TP_FLAGGED", "2000"))
 LATENCY_MS = int(os.environ.get("BENCH_TP_LATENCY_MS", "50"))
 CRMS = [c for c in os.environ.get("BENCH_TP_CRMS", "salesforce,dynamics365").split(",") if c]
+PROFILE = os.environ.get("BENCH_TP_PROFILE", "").split(",")
+PYSPY = os.environ.get("BENCH_TP_PYSPY")  # a py-spy executable: it profiles the PROFILE tasks instead
 TARGET_SECONDS = 60.0
 TARGET_RATIO = 1.05
-
-SF_COLLECTION = 200  # records per sObject Collections call
-SF_BULK_ABOVE = 2000  # above this many records a write kind is one Bulk API 2.0 job
-BULK_JOB_CALLS = 6  # create job, upload, close, one status poll, successful and failed results
-SF_QUERY_PAGE = 2000
-DV_BATCH = 1000  # requests per $batch, targets per *Multiple
-DV_PAGE = 5000
-PC_PAGE = 100
 
 
 @dataclass
@@ -124,230 +117,6 @@ class InFlight:
             self.peak = self.now
             self.busy.clear()
             self.seen.clear()
-
-
-# -- classifying requests ---------------------------------------------------------------------------
-def _query(target: str) -> dict[str, list[str]]:
-    return parse_qs(urlsplit(target).query, keep_blank_values=True)
-
-
-def _json(entry: Any) -> Any:
-    try:
-        return json.loads(entry.body) if entry.body else None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def classify_entra(entry: Any) -> tuple[str, str, int]:
-    if entry.path.endswith("/token"):
-        return "token", "token grant", 0
-    return "token", "token: " + ("openid discovery" if "openid" in entry.path else entry.path), 0
-
-
-def classify_partner_center(entry: Any) -> tuple[str, str, int]:
-    """(read|write, kind, records) of a Partner Center request."""
-    method, path = entry.method, entry.path.rstrip("/")
-    if method == "GET":
-        q = _query(entry.target)
-        flt = (q.get("$filter") or [""])[0]
-        if re.search(r"/referrals/[^/]+$", path) and "skiptoken" not in entry.target.lower():
-            return "read", "get referral by id", 1
-        if "engagementId eq" in flt:
-            return "read", "list: engagement lookup (Microsoft's side)", 0
-        if "externalReferenceId eq" in flt:
-            return "read", "list: lookup by externalReferenceId (before creates)", 0
-        if "$skiptoken" in entry.target.lower() or "skiptoken" in entry.target.lower():
-            return "read", "list: extract (next pages)", 0
-        return "read", "list: extract", 0
-    body = _json(entry)
-    if method == "POST":
-        targets = (body or {}).get("target") or []
-        if any(t.get("id") == "msft" for t in targets if isinstance(t, dict)):
-            return "write", "create: ask Microsoft (co-sell)", 1
-        return "write", "create referral", 1
-    if method == "PATCH":
-        paths = {str(op.get("path")) for op in body or [] if isinstance(op, dict)}
-        if paths and paths <= {"/externalReferenceId"}:
-            return "write", "patch: link stamp (externalReferenceId)", 1
-        return "write", "patch: update", 1
-    return "write", f"{method.lower()} referral", 1
-
-
-def classify_salesforce(entry: Any, jobs: dict[str, Any]) -> tuple[str, str, int]:
-    method, path = entry.method, entry.path.rstrip("/")
-    tail = re.sub(r"^/services/data/v[\d.]+", "", path)
-    if tail.startswith("/query"):
-        if re.match(r"/query/[^/]+$", tail):
-            return "read", "query: next page", 0
-        soql = (_query(entry.target).get("q") or [""])[0]
-        obj = re.search(r"\bFROM\s+(\w+)\s*(?:WHERE|ORDER|LIMIT|$)", soql.replace("\n", " "), re.I)
-        name = obj.group(1) if obj else "?"
-        if "OpportunityContactRoles" in soql and " IN (" not in soql:
-            return "read", "query: extract Opportunity", 0
-        if "OpportunityContactRoles" in soql:
-            return "read", "query: Opportunity by id/referral id (extract shape)", 0
-        return "read", f"query: {name} lookup", 0
-    if tail.startswith("/jobs/ingest"):
-        m = re.match(r"/jobs/ingest/([^/]+)", tail)
-        job = jobs.get(m.group(1)) if m else None
-        if job is None and method == "POST":
-            body = _json(entry) or {}
-            label = f"bulk {body.get('operation')} {body.get('object')}"
-        else:
-            label = f"bulk {job.operation} {job.object}" if job else "bulk ?"
-        records = len(job.successes) + len(job.failures) if job and method == "PUT" else 0
-        return "write", label, records
-    if tail.startswith("/composite/sobjects"):
-        body = _json(entry) or {}
-        records = body.get("records") or []
-        types = {(r.get("attributes") or {}).get("type") for r in records if isinstance(r, dict)}
-        obj = "/".join(sorted(t for t in types if t)) or "?"
-        op = {"POST": "create", "PATCH": "update", "DELETE": "delete"}.get(method, method.lower())
-        if method == "PATCH" and re.match(r"/composite/sobjects/[^/]+/[^/]+$", tail):
-            op = "upsert"
-        return "write", f"collections {op} {obj}", len(records)
-    if method == "GET" and tail.endswith("/describe"):
-        return "read", "describe (metadata)", 0
-    return ("read" if method == "GET" else "write"), f"{method} {tail}", 0 if method == "GET" else 1
-
-
-_DV_PART = re.compile(rb"^(GET|POST|PATCH|PUT|DELETE) (\S+) HTTP/1\.1", re.M)
-
-
-def classify_dataverse(entry: Any) -> tuple[str, str, int]:
-    method, path = entry.method, unquote(entry.path).rstrip("/")
-    tail = re.sub(r"^/api/data/v[\d.]+", "", path)
-    if tail == "/$batch":
-        parts = _DV_PART.findall(entry.body or b"")
-        kinds = Counter()
-        for verb, url in parts:
-            target = unquote(re.sub(r"^.*/api/data/v[\d.]+/", "", url.decode()).lstrip("/"))
-            set_name = re.split(r"[(?/]", target)[0]
-            op = {"POST": "create", "PATCH": "update", "DELETE": "delete"}.get(verb.decode(), verb.decode())
-            if verb == b"PATCH" and re.match(r"\w+\(\w+=", target):
-                op = "upsert"  # by an alternate key
-            elif verb == b"POST" and "Microsoft.Dynamics.CRM." in target:
-                op = target.rsplit(".", 1)[-1]
-            kinds[f"{op} {set_name}"] += 1
-        label = ", ".join(sorted(kinds)) or "empty"
-        return "write", f"$batch [{label}]", len(parts)
-    m = re.match(r"/(\w+)/Microsoft\.Dynamics\.CRM\.(\w+)$", tail)
-    if m and method == "POST":
-        body = _json(entry) or {}
-        return "write", f"{m.group(2)} {m.group(1)}", len(body.get("Targets") or [])
-    if method == "GET":
-        if tail.startswith("/EntityDefinitions"):
-            return "read", "metadata (EntityDefinitions)", 0
-        set_name = re.split(r"[(?/]", tail.lstrip("/"))[0]
-        q = _query(entry.target)
-        if "$skiptoken" in entry.target or "skiptoken" in entry.target.lower():
-            return "read", f"query {set_name}: next page", 0
-        flt = (q.get("$filter") or [""])[0]
-        if set_name == "opportunities" and (not flt or "modifiedon" in flt) and " or " not in flt:
-            return "read", "query opportunities: extract", 0
-        return "read", f"query {set_name}: lookup", 0
-    m = re.match(r"/(\w+)", tail)
-    return "write", f"{method} {m.group(1) if m else tail}", 1
-
-
-# -- the floor ----------------------------------------------------------------------------------------
-def _sf_write_floor(records: int) -> int:
-    if records <= 0:
-        return 0
-    return BULK_JOB_CALLS if records > SF_BULK_ABOVE else math.ceil(records / SF_COLLECTION)
-
-
-def _write_kind(system: str, label: str) -> str:
-    """The write kind a call belongs to (its object and operation), whatever API carried it."""
-    if system == "salesforce":
-        m = re.match(r"(?:bulk|collections) (\w+) (\S+)", label)
-        if m:
-            op = {"insert": "create"}.get(m.group(1), m.group(1))
-            return f"{op} {m.group(2)}"
-    return label
-
-
-def floor_table(rows: list[dict[str, Any]], *, pc_listed: int, crm_extracted: int, crm: str) -> dict[str, int]:
-    """The floor per system, from the calls' own records."""
-    floor: Counter[str] = Counter()
-    sf_kinds: Counter[str] = Counter()
-    for row in rows:
-        if row["direction"] != "write":
-            continue
-        if row["system"] == "partner_center":
-            floor["partner_center"] += row["records"]
-        elif row["system"] == "salesforce":
-            sf_kinds[_write_kind("salesforce", row["kind"])] += row["records"]
-        elif row["system"] == "dynamics365":
-            floor["dynamics365"] += math.ceil(row["records"] / DV_BATCH) if row["records"] else 0
-    floor["salesforce"] += sum(_sf_write_floor(n) for n in sf_kinds.values())
-    floor["partner_center"] += max(1, math.ceil(pc_listed / PC_PAGE))
-    page = SF_QUERY_PAGE if crm == "salesforce" else DV_PAGE
-    floor[crm] += max(1, math.ceil(crm_extracted / page))
-    floor["token"] += 1 if crm == "salesforce" else 2  # Partner Center (+ Dataverse)
-    return dict(floor)
-
-
-def _task_at(at: float, windows: dict[str, tuple[float, float]]) -> str:
-    for task, (start, end) in windows.items():
-        if start <= at <= end:
-            return task
-    return "?"
-
-
-def _kind_rows(
-    sb: Any, crm: str, inflight: dict[str, InFlight], windows: dict[str, tuple[float, float]]
-) -> list[dict[str, Any]]:
-    """One row per (system, direction, kind): calls, records, the tasks that made them, and
-    the floor of that kind."""
-    jobs = dict(sb.salesforce.bulk.jobs) if crm == "salesforce" else {}
-    systems: list[tuple[str, Callable[[Any], tuple[str, str, int]]]] = [
-        ("token", classify_entra),
-        ("partner_center", classify_partner_center),
-        (crm, (lambda e: classify_salesforce(e, jobs)) if crm == "salesforce" else classify_dataverse),
-    ]
-    grouped: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for system, classify in systems:
-        for entry in list(inflight[system].seen):
-            direction, kind, records = classify(entry)
-            if system == "token":
-                direction = "token"
-            key = (system, direction, kind)
-            row = grouped.setdefault(
-                key,
-                {"system": system, "direction": direction, "kind": kind, "calls": 0, "records": 0, "status": {}},
-            )
-            row.setdefault("tasks", Counter())[_task_at(entry.at, windows)] += 1
-            row["calls"] += 1
-            row["records"] += records
-            row["status"][str(entry.status)] = row["status"].get(str(entry.status), 0) + 1
-    rows = sorted(grouped.values(), key=lambda r: (r["system"], r["direction"], -r["calls"]))
-    for row in rows:
-        row["tasks"] = dict(row["tasks"])
-    for row in rows:  # each kind's own floor, where the floor counts it
-        if row["direction"] == "write" and row["system"] == "partner_center":
-            row["floor"] = row["records"]
-        elif row["direction"] == "write" and row["system"] == "dynamics365":
-            row["floor"] = math.ceil(row["records"] / DV_BATCH) if row["records"] else 0
-        elif row["direction"] == "token":
-            row["floor"] = None
-        elif row["direction"] == "write" and row["system"] == "salesforce":
-            row["floor"] = None  # per write kind across collections and bulk: see by_write_kind
-        else:
-            row["floor"] = None
-    return rows
-
-
-def _sf_write_kinds(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for row in rows:
-        if row["system"] == "salesforce" and row["direction"] == "write":
-            kind = out.setdefault(_write_kind("salesforce", row["kind"]), {"calls": 0, "records": 0})
-            kind["calls"] += row["calls"]
-            kind["records"] += row["records"]
-    for kind in out.values():
-        kind["floor"] = _sf_write_floor(kind["records"])
-    return out
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -414,10 +183,13 @@ def _task_process(task: str, spec: dict[str, Any], tmp: Path) -> tuple[float, fl
     # source again, 10 s and more of its time.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPYCACHEPREFIX"] = str(tmp.parent / "pycache")
+    command = [sys.executable, "-m", "benchmarks.throughput", "--task", task, str(spec_file), str(out_file)]
+    if PYSPY and task in PROFILE:  # the samples of the threads holding the GIL: where its CPU goes
+        command = [PYSPY, "record", "--gil", "-r", "200", "-f", "raw", "-o", str(tmp / f"{task}.pyspy"), "--", *command]
     start = time.perf_counter()
     with open(tmp / f"{task}.log", "w") as log_file:
         done = subprocess.run(  # our own interpreter, on our own code
-            [sys.executable, "-m", "benchmarks.throughput", "--task", task, str(spec_file), str(out_file)],
+            command,
             stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=root, check=False,
         )  # fmt: skip
     wall = time.perf_counter() - start
@@ -466,6 +238,7 @@ def run_one(sb: Any, crm: str, tmp: Path, inflight: dict[str, InFlight]) -> dict
     windows: dict[str, tuple[float, float]] = {}
     results: dict[str, Any] = {}
     sandbox_cpu = time.process_time()
+    load_before = os.getloadavg()
     try:
         for task in TASKS:
             began = time.time()
@@ -477,7 +250,7 @@ def run_one(sb: Any, crm: str, tmp: Path, inflight: dict[str, InFlight]) -> dict
         _latency(sb, 0)
         sandbox_cpu = time.process_time() - sandbox_cpu
     report = results["commit_state"]
-    rows = _kind_rows(sb, crm, inflight, windows)
+    rows = kind_rows(sb, crm, inflight, windows)
     crm_extracted = int(results["extract_crm"]["opportunities"])
     floor = floor_table(rows, pc_listed=pc_total, crm_extracted=crm_extracted, crm=crm)
     calls = Counter()
@@ -492,7 +265,7 @@ def run_one(sb: Any, crm: str, tmp: Path, inflight: dict[str, InFlight]) -> dict
     sandbox_busy: dict[str, dict[str, float]] = {task: {} for task in TASKS}
     for name, counter in inflight.items():
         for at, spent in counter.busy:
-            task = _task_at(at, windows)
+            task = task_at(at, windows)
             if task in sandbox_busy:
                 sandbox_busy[task][name] = sandbox_busy[task].get(name, 0.0) + spent
     throttled = {
@@ -511,6 +284,9 @@ def run_one(sb: Any, crm: str, tmp: Path, inflight: dict[str, InFlight]) -> dict
         "calls_by_system": dict(calls),
         "floor_by_system": floor,
         "tasks": tasks,
+        "task_cpu_seconds": sum(task_cpu.values()),  # the tasks' own CPU: less noisy than their wall times
+        # the machine's 1/5/15-minute load averages as the run began and ended (2 cores; others share them)
+        "load_average": {"before": load_before, "after": os.getloadavg()},
         "task_processes_seconds": processes,  # each task's process, interpreter start-up and imports included
         "cpu_seconds": {"tasks": task_cpu, "sandbox": sandbox_cpu},  # the emulators run in this process
         "sandbox_busy_seconds": sandbox_busy,  # per task and emulator: handling time beyond the latency
@@ -521,7 +297,7 @@ def run_one(sb: Any, crm: str, tmp: Path, inflight: dict[str, InFlight]) -> dict
         "failed": {d: report[d]["failed"] for d in ("pc_to_crm", "crm_to_pc")},
         "concurrency": {"peak_in_flight": peaks, "throttled_429": throttled},
         "by_kind": rows,
-        **({"salesforce_write_kinds": _sf_write_kinds(rows)} if crm == "salesforce" else {}),
+        **({"salesforce_write_kinds": sf_write_kinds(rows)} if crm == "salesforce" else {}),
     }
 
 
@@ -531,7 +307,8 @@ def _line(crm: str, f: dict[str, Any]) -> str:
     return (
         f"throughput {crm}: {f['referrals']:,} referrals + {f['opportunities']:,} opportunities "
         f"({f['flagged']:,} flagged), {f['latency_ms']} ms/request: task time {f['task_seconds']:.1f}s "
-        f"(target <= {TARGET_SECONDS:.0f} s; " + ", ".join(f"{k} {v:.1f}s" for k, v in slowest) + "); "
+        f"(target <= {TARGET_SECONDS:.0f} s; " + ", ".join(f"{k} {v:.1f}s" for k, v in slowest) + "), "
+        f"task CPU {f['task_cpu_seconds']:.1f}s, load {f['load_average']['after'][0]:.1f}; "
         f"{f['calls']:,} calls vs floor {f['floor_calls']:,} = {ratio:.2f}x (target <= {TARGET_RATIO}x); "
         f"peak in flight {f['concurrency']['peak_in_flight']}, 429s {f['concurrency']['throttled_429'] or 0}"
     )
@@ -595,8 +372,7 @@ def main(argv: list[str]) -> int:
         logging.getLogger("cosell_sync").setLevel(logging.WARNING)
         task, spec_file, out_file = argv[1:4]
         _as_a_worker_forks_it()
-        profile = os.environ.get("BENCH_TP_PROFILE", "").split(",")
-        if task in profile:  # BENCH_TP_PROFILE=load_partner_center,...: a cProfile of those tasks
+        if task in PROFILE and not PYSPY:  # BENCH_TP_PROFILE=load_partner_center,...: a cProfile of those tasks
             import cProfile
 
             with cProfile.Profile() as prof:

@@ -71,3 +71,56 @@ def test_an_error_failing_the_task_is_raised_after_the_other_chunks_are_told(dv,
     with pytest.raises(AuthenticationError):
         side._run_batch(items, lambda row, response: answered.append(row.pos), lambda *a: None)
     assert answered == [i for i in range(N) if not 20 <= i < 30]  # the other chunks' outcomes were told
+
+
+def _pending(crm_ids: list[str]) -> list[Pending]:
+    return [Pending(pos=i, key=f"read-{i:03d}", referral_id=None, crm_id=c, values={}) for i, c in enumerate(crm_ids)]
+
+
+def test_chunked_reads_go_out_concurrently_and_find_every_row(dv, dyn_hook, slow):
+    ids = dv.seed(opportunities=24, seed=7)["opportunities"]
+    side = DynamicsSide(dyn_hook, load_mapping("dynamics365"))
+    side.id_chunk = 4
+    dv.log.clear()
+    rows = _pending([str(i).lower() for i in ids])
+    side.read_current(rows, None)
+
+    assert all(row.ok and row.current and row.current["opportunityid"].lower() == row.crm_id for row in rows)
+    reads = [e for e in dv.log if e.method == "GET" and e.path.endswith("/opportunities")]
+    assert len(reads) == 6  # one query per chunk of 4 ids
+    assert dv.protection.peak_inflight > 1  # the chunks overlapped
+
+
+def _refusing(dv, dyn_hook, monkeypatch, n: int, bad: int, exc: Exception) -> tuple[DynamicsSide, list[str]]:
+    """A side reading ``n`` seeded opportunities 4 ids a query; the query naming the ``bad``-th raises ``exc``."""
+    ids = [str(i).lower() for i in dv.seed(opportunities=n, seed=n)["opportunities"]]
+    side = DynamicsSide(dyn_hook, load_mapping("dynamics365"))
+    side.id_chunk = 4
+    real = dyn_hook.query
+
+    def query(entity_set, **kwargs):
+        if ids[bad] in (kwargs.get("filter") or ""):
+            raise exc
+        return real(entity_set, **kwargs)
+
+    monkeypatch.setattr(dyn_hook, "query", query)
+    return side, ids
+
+
+def test_a_failed_chunk_read_fails_its_rows_only(dv, dyn_hook, monkeypatch):
+    from cosell_sync.errors import ValidationError
+
+    refused = ValidationError("Dataverse", "the filter was refused", status=400, code="0x80060888")
+    side, ids = _refusing(dv, dyn_hook, monkeypatch, 12, 5, refused)
+    rows = _pending(ids)
+    side.read_current(rows, None)
+    assert [row.ok for row in rows] == [True] * 4 + [False] * 4 + [True] * 4
+    assert all(row.current for row in rows[:4] + rows[8:])
+    assert "the filter was refused" in rows[5].error[0]
+
+
+def test_a_failed_lookup_read_that_fails_the_task_is_raised(dv, dyn_hook, monkeypatch):
+    refused = AuthenticationError("Dataverse", "token refused", status=401)
+    side, ids = _refusing(dv, dyn_hook, monkeypatch, 8, 6, refused)
+    with pytest.raises(AuthenticationError):
+        side.read_current(_pending(ids), None)

@@ -461,3 +461,58 @@ def test_dry_run_writes_nothing(sf, side, two):
     assert created[0].ok and created[0].crm_id is None and created[0].fields["deal_value"] == 1000
     assert updated[0].ok and updated[0].fields == {"deal_value": 7.0}
     assert linked[0].ok and linked[0].key == b
+
+
+@pytest.fixture
+def overlapping(sf, monkeypatch):
+    """Salesforce queries stay in flight 0.2 s longer; ``peak``: the most at once."""
+    import threading
+    import time
+
+    real, lock, now, peak = sf.dispatch, threading.Lock(), [0], [0]
+
+    def dispatch(request):
+        if "/query" not in request.path:
+            return real(request)
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            time.sleep(0.2)
+            return real(request)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(sf, "dispatch", dispatch)
+    return peak
+
+
+def test_chunked_reads_go_out_a_few_at_once_and_find_every_record(sf, side, overlapping, monkeypatch):
+    from cosell_sync.sides.crm import Selection
+    from cosell_sync.sides.salesforce import query
+
+    ids = sf.seed(opportunities=12, seed=5)["opportunities"]
+    monkeypatch.setattr(query, "_chunks", lambda values: (list(values[i : i + 3]) for i in range(0, len(values), 3)))
+    found = side.read_opportunities(Selection(crm_ids=ids))
+    assert sorted(r["Id"] for r in found) == sorted(ids)
+    assert overlapping[0] > 1  # four chunks, read concurrently
+
+
+def test_a_failed_chunk_of_an_audit_read_fails_its_values_only(sf, side, monkeypatch):
+    from cosell_sync.sides.salesforce import query
+
+    ids = sf.seed(opportunities=9, seed=6)["opportunities"]
+    monkeypatch.setattr(query, "_chunks", lambda values: (list(values[i : i + 3]) for i in range(0, len(values), 3)))
+    real = side.hook.query_records
+
+    def query_records(soql, **kwargs):
+        if ids[4] in soql:
+            raise ServerError("Salesforce", "the query timed out", status=500)
+        return real(soql, **kwargs)
+
+    monkeypatch.setattr(side.hook, "query_records", query_records)
+    audit, failed = side._read_audit(ids)
+    assert sorted(failed) == sorted(i[:15] for i in ids[3:6])
+    assert sorted(audit) == sorted(i[:15] for i in ids[:3] + ids[6:])
+    assert "timed out" in failed[ids[4][:15]][0]

@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -40,7 +39,7 @@ from cosell_sync.hooks.batch import BatchRequest, BatchResponse, ChangeSet, buil
 from cosell_sync.hooks.entra import cached_token, fingerprint, settings_app
 from cosell_sync.hooks.http import RestClient, RetryPolicy, TrustedSession, follow_link
 from cosell_sync.hooks.odata import datetime_literal, quote, with_query
-from cosell_sync.hooks.pool import widen_pool
+from cosell_sync.hooks.pool import map_on_threads, widen_pool
 from cosell_sync.masking import mask
 
 API_PATH = "/api/data/v9.2"
@@ -225,8 +224,7 @@ class DynamicsHook(BaseHook):
         rest = list(items[1:])
         if not rest:
             return [first]
-        with ThreadPoolExecutor(max_workers=min(self.parallelism, len(rest))) as pool:
-            return [first, *pool.map(work, rest)]
+        return [first, *map_on_threads(work, rest, self.parallelism)]
 
     def get_token(self, *, force: bool = False) -> str:
         s = self.settings
@@ -314,6 +312,21 @@ class DynamicsHook(BaseHook):
     def query(self, entity_set: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
         for page in self.iter_pages(entity_set, **kwargs):
             yield from page
+
+    def query_each(
+        self, entity_set: str, filters: Sequence[str], *, select: Sequence[str] | None = None
+    ) -> list[list[dict[str, Any]] | Exception]:
+        """One query per filter (every page of it), sent concurrently (:meth:`map_concurrently`):
+        each one's rows, or the exception its read raised, in the filters' order (the caller
+        decides what a failed read means)."""
+
+        def read(flt: str) -> list[dict[str, Any]] | Exception:
+            try:
+                return list(self.query(entity_set, select=select, filter=flt))
+            except Exception as exc:  # handed back: the caller raises it or fails its records
+                return exc
+
+        return self.map_concurrently(read, list(filters))
 
     def read_modified_since(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import threading
 import time
@@ -25,6 +26,8 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
+from requests.sessions import merge_setting
+from requests.utils import get_environ_proxies
 
 from cosell_sync.errors import ApiError, ThrottledError, TransportError, error_class_for
 from cosell_sync.hooks.clock import observe as observe_server_clock
@@ -32,6 +35,16 @@ from cosell_sync.hooks.clock import observe as observe_server_clock
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+# What requests reads from the environment for a request (urllib's getproxies_environment and
+# proxy_bypass_environment on POSIX; requests' CA bundle variables): a change to any of them is
+# seen on the next request.
+ENVIRONMENT = (
+    *(f"{name}_proxy" for name in ("https", "http", "all", "no")),
+    *(f"{name}_PROXY" for name in ("HTTPS", "HTTP", "ALL", "NO")),
+    "REQUEST_METHOD",  # CGI: HTTP_PROXY is then ignored
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+)
 
 
 class TrustedSession(requests.Session):
@@ -48,6 +61,39 @@ class TrustedSession(requests.Session):
         super().__init__()
         self.ca_bundle = ca_bundle or None
         self.headers["User-Agent"] = user_agent
+        # (host, the environment's values) -> (its proxies, its CA bundle): merge_environment_settings
+        self._environment: dict[tuple[str, tuple[str | None, ...]], tuple[dict[str, str], str | None]] = {}
+
+    def merge_environment_settings(self, url: str, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+        """``requests``' own merge of the environment's proxies and CA bundle into a request's
+        settings, with the environment looked up once per host instead of on every request.
+
+        ``requests`` scans the whole environment (``getproxies``, ``NO_PROXY`` matching) for each
+        request: some 10% of a Partner Center write's client CPU. Here its answer is kept per
+        host, keyed by the values of the variables it reads (:data:`ENVIRONMENT`), so a changed
+        ``HTTPS_PROXY``, ``NO_PROXY`` or ``REQUESTS_CA_BUNDLE`` still applies from the next
+        request on. A request's own ``no_proxy`` takes requests' path unchanged."""
+        if not self.trust_env or (proxies and proxies.get("no_proxy")):
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        values = tuple(map(os.environ.get, ENVIRONMENT))
+        key = (urlsplit(url).netloc, values)
+        found = self._environment.get(key)
+        if found is None:
+            if len(self._environment) > 64:  # hosts x environments: a handful in practice
+                self._environment.clear()
+            found = self._environment[key] = get_environ_proxies(url), values[-2] or values[-1]
+        env_proxies, env_ca = found
+        proxies = dict(proxies or {})
+        for scheme, proxy in env_proxies.items():
+            proxies.setdefault(scheme, proxy)
+        if verify is True or verify is None:
+            verify = env_ca or verify
+        return {
+            "proxies": merge_setting(proxies, self.proxies),
+            "stream": merge_setting(stream, self.stream),
+            "verify": merge_setting(verify, self.verify),
+            "cert": merge_setting(cert, self.cert),
+        }
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         if self.ca_bundle and kwargs.get("verify") in (None, True):

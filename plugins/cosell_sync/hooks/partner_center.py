@@ -193,12 +193,18 @@ class PartnerCenterHook(BaseHook):
         return self.referrals
 
     # -- auth ------------------------------------------------------------------------------
-    def get_token(self, scope: str, *, force: bool = False) -> str:
-        """An app+user access token for ``scope``, cached until shortly before it expires."""
+    @cached_property
+    def _grant(self) -> tuple[str, ...]:
+        """Whose tokens (the token cache's key but the scope): worked out once, not per request."""
         s = self.settings
         principal = ("public-rt" if s.public_client else "rt") if s.refresh_token else f"user:{s.username}"
         secrets = fingerprint(s.client_secret, s.refresh_token or s.user_password)
-        key = (s.authority, s.tenant_id, s.client_id, principal, secrets, scope)
+        return (s.authority, s.tenant_id, s.client_id, principal, secrets)
+
+    def get_token(self, scope: str, *, force: bool = False) -> str:
+        """An app+user access token for ``scope``, cached until shortly before it expires."""
+        s = self.settings
+        key = (*self._grant, scope)
 
         def acquire() -> dict[str, Any]:
             app = settings_app(s, self.session, self.retry_policy, self._sleep)  # retried like the API

@@ -59,16 +59,20 @@ def commit(job: SyncJob, store: StateStore) -> dict[str, Any]:
     pc_rows = pc.set_index("referral_id") if len(pc) else pd.DataFrame(columns=fields)
     crm_rows = crm.set_index("crm_id") if len(crm) else pd.DataFrame(columns=fields)
     created_links = []
-    for r in crm_results.itertuples():
-        if r.action == "create" and r.ok and r.crm_id and r.referral_id in pc_rows.index:
+    crm_created = [r for r in crm_results.itertuples() if r.action == "create" and r.ok and r.crm_id]
+    pc_created = [r for r in pc_results.itertuples() if r.action == "create" and r.ok and r.referral_id]
+    pc_values = _values_by_key(pc_rows, fields, {r.referral_id for r in crm_created})
+    crm_values = _values_by_key(crm_rows, fields, {r.crm_id for r in pc_created})
+    for r in crm_created:
+        if r.referral_id in pc_values:
             # The base is what the new opportunity holds (r.fields: a value the CRM filled in,
             # such as Salesforce's required CloseDate, included), over the referral's values.
-            base_values = _values(pc_rows.loc[r.referral_id], fields) | _written(r.fields, fields)
+            base_values = pc_values[r.referral_id] | _written(r.fields, fields)
             created_links.append({"referral_id": r.referral_id, "crm_id": r.crm_id, "base": base_values})
-    for r in pc_results.itertuples():
-        if r.action == "create" and r.ok and r.referral_id and r.crm_id in crm_rows.index:
+    for r in pc_created:
+        if r.crm_id in crm_values:
             # The base is what the new referral holds (r.fields), over the CRM row's values.
-            base_values = _values(crm_rows.loc[r.crm_id], fields) | _written(r.fields, fields)
+            base_values = crm_values[r.crm_id] | _written(r.fields, fields)
             created_links.append({"referral_id": r.referral_id, "crm_id": r.crm_id, "base": base_values})
     links = pd.concat([ok_base[["referral_id", "crm_id", "base"]], pd.DataFrame(created_links)], ignore_index=True)
 
@@ -169,9 +173,20 @@ def _keep_deferred(
     return out
 
 
-def _values(row: pd.Series, fields: list[str]) -> dict[str, Any]:
-    """Canonical values for a link's base; "no opinion" (KEEP) is stored as nothing."""
-    return {f: None if row.get(f) == KEEP else plain(row.get(f)) for f in fields}
+def _values_by_key(rows: pd.DataFrame, fields: list[str], keys: set[Any]) -> dict[Any, dict[str, Any]]:
+    """Canonical values for a link's base, of the rows (indexed by their id) with these ids, in
+    one pass (a ``.loc`` per row was a fifth of the commit); "no opinion" (KEEP) is stored as
+    nothing, a field the rows lack as None."""
+    wanted = rows[rows.index.isin(list(keys))] if keys else rows.iloc[:0]
+    wanted = wanted[~wanted.index.duplicated()]
+    columns = [f for f in fields if f in wanted.columns]
+    out: dict[Any, dict[str, Any]] = {}
+    for key, cells in zip(wanted.index, wanted[columns].itertuples(index=False, name=None), strict=True):
+        values: dict[str, Any] = dict.fromkeys(fields)
+        for name, value in zip(columns, cells, strict=True):
+            values[name] = None if value == KEEP else plain(value)
+        out[key] = values
+    return out
 
 
 def _without_never_sync(errors: pd.DataFrame, skips: pd.DataFrame) -> pd.DataFrame:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +37,7 @@ from cosell_sync.errors import (
 )
 from cosell_sync.hooks.odata import datetime_literal, quote
 from cosell_sync.hooks.partner_center import PartnerCenterHook
+from cosell_sync.hooks.pool import map_on_threads
 from cosell_sync.sides.base import RunContext, WriteResult, fails_the_task
 from cosell_sync.sides.solutions import with_solution_details
 
@@ -186,8 +186,7 @@ class PartnerCenterSide:
     def _parallel(self, items: Sequence[Any], work: Callable[[Any], WriteResult]) -> list[WriteResult]:
         if not items:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(items))) as pool:
-            return list(pool.map(work, items))
+        return map_on_threads(work, items, self.max_workers)
 
     # -- extract ------------------------------------------------------------------------------
     def extract(
@@ -200,8 +199,7 @@ class PartnerCenterSide:
         """Referrals updated in (since, until], or the named ones, or all (the initial load)."""
         if referral_ids is not None:
             ids = list(dict.fromkeys(referral_ids))
-            with ThreadPoolExecutor(max_workers=max(1, min(self.max_workers, len(ids) or 1))) as pool:
-                found = list(pool.map(self._get_or_none, ids))
+            found = map_on_threads(self._get_or_none, ids, self.max_workers)
             return self.with_engagements([doc for doc in found if doc is not None and not microsoft_side(doc)])
         clauses = []
         if since is not None:

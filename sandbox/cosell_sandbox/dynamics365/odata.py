@@ -341,8 +341,11 @@ def _any_of_equals(terms: list[Predicate]) -> Predicate | None:
     exact = frozenset(str(value) for _, value, folded in found if not folded)  # type: ignore[misc]
     folded = frozenset(str(value).casefold() for _, value, fold in found if fold)  # type: ignore[misc]
 
+    top_level = "/" not in path
+
     def predicate(record: Mapping[str, Any]) -> bool:
-        value = resolve_path(record, path)
+        # resolve_path's exact-key step, inline for a top-level property: a lookup scans every row
+        value = record[path] if top_level and path in record else resolve_path(record, path)
         if not isinstance(value, str):
             return False
         if value in exact:

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import base64
-import copy
 import json
 from typing import Any
 
 from ..dynamics365.odata import FilterOptions, ODataError, compile_filter, parse_orderby, resolve_path
-from ..server import HTTPError, Request, Response
+from ..server import HTTPError, Request, Response, json_copy
 from .records import (
     FILTER_PATHS,
     MAX_TOP,
@@ -27,7 +26,7 @@ class QueryMixin:
 
     # -- referrals ---------------------------------------------------------------
     def _public(self, doc: dict[str, Any], origin: str) -> dict[str, Any]:
-        out = copy.deepcopy(doc)
+        out = json_copy(doc)
         out["links"] = {
             "self": {"uri": f"{origin}{REFERRALS_PATH}/{doc['id']}", "method": "GET", "headers": []},
             "relatedReferrals": {

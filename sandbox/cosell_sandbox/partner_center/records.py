@@ -3,14 +3,13 @@ validation, JSON Patch, and the fields a list may filter, order and select on.""
 
 from __future__ import annotations
 
-import copy
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..seed import HELP_CODES
-from ..server import HTTPError
+from ..server import HTTPError, json_copy
 
 REFERRALS_AUDIENCE = "https://api.partner.microsoft.com"
 WEBHOOKS_AUDIENCE = "https://api.partnercenter.microsoft.com"
@@ -261,7 +260,7 @@ def apply_json_patch(doc: dict[str, Any], ops: Any) -> dict[str, Any]:
     """RFC 6902 ``replace`` and ``add`` (the two operations Partner Center supports)."""
     if not isinstance(ops, list) or not ops:
         raise _bad("The request body must be a non-empty JSON Patch array.")
-    result = copy.deepcopy(doc)
+    result = json_copy(doc)
     for i, op in enumerate(ops):
         if not isinstance(op, dict) or "path" not in op or "op" not in op:
             raise _bad(f"JSON Patch operation {i} must have 'op' and 'path'.")
@@ -289,7 +288,7 @@ def apply_json_patch(doc: dict[str, Any], ops: Any) -> dict[str, Any]:
             else:
                 raise _bad(f"The path '/{'/'.join(parts[: depth + 1])}' does not exist.")
         last = parts[-1]
-        value = copy.deepcopy(op["value"])
+        value = json_copy(op["value"])
         if isinstance(parent, list):
             if last == "-" and kind == "add":
                 parent.append(value)

@@ -3,13 +3,12 @@ and Microsoft's side of a shared referral."""
 
 from __future__ import annotations
 
-import copy
 import uuid
 from datetime import timedelta
 from typing import Any
 
 from ..seed import iso
-from ..server import HTTPError, Request, Response
+from ..server import HTTPError, Request, Response, json_copy
 from . import clock
 from .records import (
     INCOMING_EXPIRY_DAYS,
@@ -98,7 +97,7 @@ class WritesMixin:
                 "Microsoft can only be invited to an engagement whose referral is of type 'Shared'.",
                 target="type",
             )
-        body = copy.deepcopy(doc)
+        body = json_copy(doc)
         body.update(status="New", substatus="Pending", type="Shared")
         invite = dict(body.get("inviteContext") or {})
         invite["invitedBy"] = {"organizationId": self.organization_id, "organizationName": PARTNER_ORG_NAME}
@@ -134,7 +133,7 @@ class WritesMixin:
     ) -> dict[str, Any]:
         now = clock.stamp()
         org_id, org_name = organization or (self.organization_id, PARTNER_ORG_NAME)
-        stored = copy.deepcopy(doc)
+        stored = json_copy(doc)
         stored.update(
             {
                 "id": str(uuid.uuid4()),
@@ -203,7 +202,7 @@ class WritesMixin:
             old = self._lookup(request.params["id"])
             check_not_terminal(old)
             self._check_if_match(request, old, required=True)
-            new = strip_annotations(copy.deepcopy(body))
+            new = strip_annotations(json_copy(body))
             for key in READ_ONLY - {"links"}:  # server-owned values are kept; a different value is an error
                 new.setdefault(key, old.get(key))
             return self._single(self._commit_update(old, new, "API"), request)

@@ -207,23 +207,25 @@ class DataverseBatches:
         select: Sequence[str],
         on_error: Callable[[Pending, str, str | None], None],
     ) -> list[dict[str, Any]]:
-        """Opportunities matching ``clause(value(row))`` for the rows, in chunks; a chunk whose
-        read fails fails its records."""
+        """Opportunities matching ``clause(value(row))`` for the rows, in chunks read concurrently;
+        a chunk whose read fails fails its records."""
         found: list[dict[str, Any]] = []
         by_value: dict[str, list[Pending]] = {}
         for row in rows:
             by_value.setdefault(value(row), []).append(row)
-        for chunk in chunks(list(by_value), self.id_chunk):
-            flt = " or ".join(clause(v) for v in chunk)
-            try:
-                found += list(self.hook.query(self.opportunity_set, select=list(select), filter=flt))
-            except Exception as exc:
-                if fails_the_task(exc):
-                    raise
-                message, code = exception_error(exc)
-                for v in chunk:
-                    for row in by_value[v]:
-                        on_error(row, message, code)
+        groups = list(chunks(list(by_value), self.id_chunk))
+        filters = [" or ".join(clause(v) for v in chunk) for chunk in groups]
+        answers = self.hook.query_each(self.opportunity_set, filters, select=select)
+        for chunk, answer in zip(groups, answers, strict=True):
+            if not isinstance(answer, Exception):
+                found += answer
+                continue
+            if fails_the_task(answer):
+                raise answer
+            message, code = exception_error(answer)
+            for v in chunk:
+                for row in by_value[v]:
+                    on_error(row, message, code)
         return found
 
     def _patch(self, row: Pending, body: dict[str, Any], etag: str | None = None) -> BatchRequest:

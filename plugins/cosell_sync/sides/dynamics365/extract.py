@@ -23,6 +23,7 @@ from cosell_sync.sides.dynamics365.values import (
     CURRENCY_CODE,
     CURRENCY_LOOKUP,
     chunks,
+    every_row,
     is_guid,
 )
 
@@ -112,14 +113,12 @@ class DynamicsReads:
     def _read_by_ids(
         self, entity_set: str, pk: str, ids: Iterable[str], select: Sequence[str]
     ) -> dict[str, dict[str, Any]]:
-        """Rows by primary key, ``id eq a or id eq b ...`` in chunks; keyed by the lowercase id."""
+        """Rows by primary key, ``id eq a or id eq b ...`` in chunks read concurrently; keyed by the
+        lowercase id."""
         wanted = list(dict.fromkeys(str(i).lower() for i in ids if is_guid(str(i))))
-        out: dict[str, dict[str, Any]] = {}
-        for chunk in chunks(wanted, self.id_chunk):
-            flt = " or ".join(eq(pk, uuid.UUID(i)) for i in chunk)
-            for row in self.hook.query(entity_set, select=list(select), filter=flt):
-                out[str(row[pk]).lower()] = row
-        return out
+        filters = [" or ".join(eq(pk, uuid.UUID(i)) for i in chunk) for chunk in chunks(wanted, self.id_chunk)]
+        answers = self.hook.query_each(entity_set, filters, select=select)
+        return {str(row[pk]).lower(): row for row in every_row(answers)}
 
     def _currency_rows(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The currency table, read once (again only if an opportunity names an unknown currency)."""

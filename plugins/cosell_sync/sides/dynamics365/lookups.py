@@ -35,6 +35,7 @@ from cosell_sync.sides.dynamics365.values import (
     CONTACT_LAST_NAME,
     chunks,
     email_key,
+    every_row,
 )
 
 log = logging.getLogger(__name__)
@@ -172,13 +173,15 @@ class DynamicsLookups:
         if self._account_postal:
             select.append(ACCOUNT_POSTAL_CODE)
         candidates: dict[str, list[dict[str, Any]]] = {}
-        for chunk in chunks(prefixes, self.id_chunk):
-            flt = " or ".join(f"startswith({ACCOUNT_NAME},{quote(prefix)})" for prefix in chunk)
-            for row in self.hook.query(self.account_set, select=select, filter=flt):
-                postal = row.get(ACCOUNT_POSTAL_CODE) if self._account_postal else None
-                key = match_key(row.get(ACCOUNT_NAME), postal)
-                if key in wanted:
-                    candidates.setdefault(key, []).append(row)
+        filters = [
+            " or ".join(f"startswith({ACCOUNT_NAME},{quote(prefix)})" for prefix in chunk)
+            for chunk in chunks(prefixes, self.id_chunk)
+        ]
+        for row in every_row(self.hook.query_each(self.account_set, filters, select=select)):
+            postal = row.get(ACCOUNT_POSTAL_CODE) if self._account_postal else None
+            key = match_key(row.get(ACCOUNT_NAME), postal)
+            if key in wanted:
+                candidates.setdefault(key, []).append(row)
         return {key: str(_preferred(rows)[self.account_pk]).lower() for key, rows in candidates.items()}
 
     def _ensure_contacts(self, rows: list[Pending], ctx: RunContext, outcomes: Outcomes) -> None:
@@ -194,12 +197,11 @@ class DynamicsLookups:
             return
         select = [self.contact_pk, CONTACT_EMAIL, "statecode", "createdon"]
         candidates: dict[str, list[dict[str, Any]]] = {}
-        for chunk in chunks(list(need), self.id_chunk):
-            flt = " or ".join(eq(CONTACT_EMAIL, email) for email in chunk)
-            for row in self.hook.query(self.contact_set, select=select, filter=flt):
-                email = email_key(row.get(CONTACT_EMAIL))
-                if email in need:
-                    candidates.setdefault(email, []).append(row)
+        filters = [" or ".join(eq(CONTACT_EMAIL, e) for e in chunk) for chunk in chunks(list(need), self.id_chunk)]
+        for row in every_row(self.hook.query_each(self.contact_set, filters, select=select)):
+            email = email_key(row.get(CONTACT_EMAIL))
+            if email in need:
+                candidates.setdefault(email, []).append(row)
         found = {email: str(_preferred(rows)[self.contact_pk]).lower() for email, rows in candidates.items()}
         creating: list[tuple[Pending, BatchRequest]] = []
         email_of: dict[int, str] = {}

@@ -51,6 +51,16 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def every_row(answers: Sequence[list[dict[str, Any]] | Exception]) -> Iterator[dict[str, Any]]:
+    """Every row of :meth:`~cosell_sync.hooks.dynamics365.DynamicsHook.query_each`'s answers,
+    once none failed (else the first failed read's exception is raised)."""
+    for answer in answers:
+        if isinstance(answer, Exception):
+            raise answer
+    for answer in answers:
+        yield from answer  # type: ignore[misc]
+
+
 def is_guid(value: Any) -> bool:
     return isinstance(value, str) and bool(GUID.fullmatch(value))
 

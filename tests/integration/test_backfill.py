@@ -75,8 +75,19 @@ def test_backfill_resyncs_its_range_and_leaves_the_live_watermark(pc, cluster_en
         # meets "database is locked" (a busy scheduler) it deletes the runs it made and exits, and
         # `af.cli` tries again. Had the scheduler already started one of those runs, its next UPDATE
         # of it matched no row: StaleDataError, and the scheduler died. Paused, it never touched them.
+        # The lock is SQLite's "busy snapshot": the command read in its savepoint, a component committed,
+        # and the write is refused at once (no busy timeout); on a loaded machine, several times running
+        # (a run here failed all three tries), so it may try more often: each failed try cleaned up.
         done = af.cli(
-            "backfill", "create", "--dag-id", DAG_ID, "--from-date", start.isoformat(), "--to-date", end.isoformat()
+            "backfill",
+            "create",
+            "--dag-id",
+            DAG_ID,
+            "--from-date",
+            start.isoformat(),
+            "--to-date",
+            end.isoformat(),
+            attempts=8,
         )
         assert "error" not in done.stdout.lower(), done.stdout
         af.cli("dags", "unpause", DAG_ID)

@@ -27,12 +27,9 @@ from pathlib import Path
 
 import pytest
 import requests
-import sqlalchemy as sa
 
 from cosell_sandbox.airflow_cluster import COMPONENTS, AirflowCluster
 from cosell_sandbox.runtime import Sandbox
-from cosell_sync.state import StateStore
-from cosell_sync.state.schema import metadata, schema_version_t
 from tests.xdist_groups import group_of
 
 SHARED_GROUP = "airflow-cluster-a"  # the lane (xdist group) whose worker runs them
@@ -112,6 +109,11 @@ class SharedAirflow:
             api("DELETE", f"/dags/{run['dag_id']}/dagRuns/{run['dag_run_id']}")
         left = runs()
         assert not left, f"DAG runs left after the reset: {[(r['dag_id'], r['dag_run_id']) for r in left]}"
+        import sqlalchemy as sa  # here, not at the top: conftest loads this module in every process
+
+        from cosell_sync.state import StateStore
+        from cosell_sync.state.schema import metadata, schema_version_t
+
         store = StateStore(self.state_url)
         store.migrate()
         with store.engine.begin() as conn:

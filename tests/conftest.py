@@ -39,7 +39,7 @@ os.environ.setdefault("AIRFLOW__COSELL__TASK_RETRY_DELAY", "1")
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from tests import services  # noqa: E402
 
-pytest_plugins = ["tests.xdist_groups"]
+pytest_plugins = ["tests.xdist_groups", "tests.shared_airflow"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

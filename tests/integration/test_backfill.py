@@ -68,12 +68,29 @@ def test_backfill_resyncs_its_range_and_leaves_the_live_watermark(pc, cluster_en
 
     with AirflowCluster(tmp_path / "airflow", cluster_env, ("api-server", "scheduler", "dag-processor")) as af:
         af.wait_for(lambda: af.dag_serialized(DAG_ID), 180, f"{DAG_ID} to be parsed")
-        af.cli("dags", "unpause", DAG_ID)  # the scheduler starts no run of a paused DAG, backfills included
         start, end = hour, hour + timedelta(minutes=15)
+        # Created while the DAG is paused, then unpaused (the scheduler starts no run of a paused DAG,
+        # backfills included). Not the other way round: on SQLite, `backfill create` commits each run
+        # as it creates it (pysqlite commits a released outermost SAVEPOINT), and when a later run
+        # meets "database is locked" (a busy scheduler) it deletes the runs it made and exits, and
+        # `af.cli` tries again. Had the scheduler already started one of those runs, its next UPDATE
+        # of it matched no row: StaleDataError, and the scheduler died. Paused, it never touched them.
+        # The lock is SQLite's "busy snapshot": the command read in its savepoint, a component committed,
+        # and the write is refused at once (no busy timeout); on a loaded machine, several times running
+        # (a run here failed all three tries), so it may try more often: each failed try cleaned up.
         done = af.cli(
-            "backfill", "create", "--dag-id", DAG_ID, "--from-date", start.isoformat(), "--to-date", end.isoformat()
+            "backfill",
+            "create",
+            "--dag-id",
+            DAG_ID,
+            "--from-date",
+            start.isoformat(),
+            "--to-date",
+            end.isoformat(),
+            attempts=8,
         )
         assert "error" not in done.stdout.lower(), done.stdout
+        af.cli("dags", "unpause", DAG_ID)
 
         def finished():  # every run, the scheduled one too: none may hold the lease when Airflow stops
             runs = af.dag_runs(DAG_ID)

@@ -43,7 +43,7 @@ from tests import services
 from tests.integration.test_sync_runner import run_sync
 from tests.integration.test_webhooks_end_to_end import percentile
 
-pytestmark = pytest.mark.xdist_group("airflow-cluster-b")  # a real Airflow: see test_webhooks_end_to_end
+pytestmark = pytest.mark.xdist_group("airflow-cluster-b")  # a real Airflow: see test_scheduler_runs
 SYNC_DAGS = {"salesforce": "cosell_sync_salesforce", "dynamics365": "cosell_sync_dynamics365"}
 EVENTS_DAG = "cosell_referral_events"
 LATENCY_EVENTS = 20

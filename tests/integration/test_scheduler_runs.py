@@ -29,9 +29,10 @@ import pytest
 from cosell_sandbox.airflow_cluster import AirflowCluster
 from cosell_sync.state import StateStore
 
-# Real Airflow components: `make test` runs the tests of one lane ("airflow-cluster-a") one after another on
-# one xdist worker, so at most two clusters (one per lane) run at once, beside the rest of the suite.
-pytestmark = pytest.mark.xdist_group("airflow-cluster-a")
+# Real Airflow components, a cluster of its own (a schedule every minute, the Dynamics connection in the
+# metadata DB): `make test` runs the tests of one lane ("airflow-cluster-b") one after another on one
+# xdist worker, so at most two clusters (one per lane) run at once, beside the rest of the suite.
+pytestmark = pytest.mark.xdist_group("airflow-cluster-b")
 SF, DYN, EVENTS = "cosell_sync_salesforce", "cosell_sync_dynamics365", "cosell_referral_events"
 BAD_SECRET = "not-the-secret-7f3a9c"
 

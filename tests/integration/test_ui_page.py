@@ -1,5 +1,5 @@
-"""The Co-sell page on a real API server (and DAG processor), with the simple auth manager's
-users logging in through ``/auth/token``: it is listed in the navigation, refuses anonymous
+"""The Co-sell page on a real API server (the shared Airflow, tests/shared_airflow.py), with the
+simple auth manager's users logging in through ``/auth/token``: it is listed in the navigation, refuses anonymous
 requests, lets a viewer read and refuses their actions, and lets an admin Retry now (a DAG
 run with the dead letter's referral ids) and Dismiss (an audit row naming them) through the
 HTML forms (cookie + CSRF token) and the JSON API (Bearer)."""
@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import requests
 
-from cosell_sandbox.airflow_cluster import AirflowCluster
 from cosell_sync.state import StateStore
+from tests.shared_airflow import SHARED_GROUP, SharedAirflow
 
-pytestmark = pytest.mark.xdist_group("airflow-cluster-a")  # a real Airflow: see test_scheduler_runs
+pytestmark = pytest.mark.xdist_group(SHARED_GROUP)  # the shared real Airflow: see tests/shared_airflow.py
 
 DAG = "cosell_sync_salesforce"
 
@@ -62,127 +62,117 @@ def _fill(store: StateStore) -> None:
         )
 
 
-def _token(af: AirflowCluster, user: str, password: str) -> str:
-    resp = requests.post(f"{af.url}/auth/token", json={"username": user, "password": password}, timeout=30)
-    assert resp.status_code in (200, 201), resp.text
-    return resp.json()["access_token"]
-
-
-def test_cosell_page_behind_airflow_auth(tmp_path):
-    state_url = f"sqlite:///{tmp_path / 'state.db'}"
-    store = StateStore(state_url)
+def test_cosell_page_behind_airflow_auth(shared_airflow: SharedAirflow, pc):
+    store = StateStore(shared_airflow.state_url)
     store.migrate()
     _fill(store)
-    passwords = tmp_path / "passwords.json"
-    passwords.write_text(json.dumps({"admin": "admin-pw", "viewer": "viewer-pw"}))
-    env = {
-        "AIRFLOW_CONN_COSELL_STATE": json.dumps({"conn_type": "generic", "host": state_url}),
-        "AIRFLOW_CONN_SALESFORCE_DEFAULT": json.dumps(
-            {"conn_type": "salesforce", "extra": {"instance_url": "https://acme.my.salesforce.com"}}
-        ),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-    }
-    with AirflowCluster(tmp_path / "airflow", env, components=("api-server", "dag-processor")) as af:
-        ui = f"{af.url}/cosell/ui"
-        # -- anonymous: refused (a redirect to the login page for HTML, 401 for the API)
-        page = requests.get(f"{ui}/", allow_redirects=False, timeout=30)
-        assert page.status_code == 303 and "/auth/login" in page.headers["location"], (page.status_code, page.text)
-        for path in (
-            "/api/overview",
-            "/api/links?crm=salesforce",
-            "/api/dead-letter",
-            "/api/conflicts",
-            "/api/timeline?crm=salesforce&referral_id=ref-1",
-        ):
-            assert requests.get(ui + path, timeout=30).status_code == 401, path
-        anon_post = requests.post(f"{ui}/api/dead-letter/{DAG}/dismiss", json={"items": []}, timeout=30)
-        assert anon_post.status_code == 401
-        assert requests.get(
-            f"{ui}/", cookies={"_token": "not-a-jwt"}, allow_redirects=False, timeout=30
-        ).status_code in (303, 401, 403)
-        # the webhook receiver stays public: it answers for itself (405 to a GET, not 401)
-        assert requests.get(f"{af.url}/cosell/webhooks/partner-center", timeout=30).status_code == 405
+    af = shared_airflow.af
+    instance_url = pc.connections()["salesforce_default"]["extra"]["instance_url"].rstrip("/")
+    ca = shared_airflow.ca  # every request trusts the sandbox's CA: the shared Airflow serves HTTPS
+    ui = f"{af.url}/cosell/ui"
+    # -- anonymous: refused (a redirect to the login page for HTML, 401 for the API)
+    page = requests.get(f"{ui}/", allow_redirects=False, timeout=30, verify=ca)
+    assert page.status_code == 303 and "/auth/login" in page.headers["location"], (page.status_code, page.text)
+    for path in (
+        "/api/overview",
+        "/api/links?crm=salesforce",
+        "/api/dead-letter",
+        "/api/conflicts",
+        "/api/timeline?crm=salesforce&referral_id=ref-1",
+    ):
+        assert requests.get(ui + path, timeout=30, verify=ca).status_code == 401, path
+    anon_post = requests.post(f"{ui}/api/dead-letter/{DAG}/dismiss", json={"items": []}, timeout=30, verify=ca)
+    assert anon_post.status_code == 401
+    assert requests.get(
+        f"{ui}/", cookies={"_token": "not-a-jwt"}, allow_redirects=False, timeout=30, verify=ca
+    ).status_code in (303, 401, 403)
+    # the webhook receiver stays public: it answers for itself (405 to a GET, not 401)
+    assert requests.get(f"{af.url}/cosell/webhooks/partner-center", timeout=30, verify=ca).status_code == 405
 
-        admin, viewer = _token(af, "admin", "admin-pw"), _token(af, "viewer", "viewer-pw")
-        # -- listed in Airflow's navigation
-        plugins = requests.get(f"{af.url}/api/v2/plugins", headers={"Authorization": f"Bearer {viewer}"}, timeout=30)
-        views = [v for p in plugins.json()["plugins"] for v in p["external_views"]]
-        assert any(v["name"] == "Co-sell" and v["href"] == "/cosell/ui/" and v["destination"] == "nav" for v in views)
+    admin, viewer = shared_airflow.token("admin"), shared_airflow.token("viewer")
+    # -- listed in Airflow's navigation
+    plugins = requests.get(
+        f"{af.url}/api/v2/plugins", headers={"Authorization": f"Bearer {viewer}"}, timeout=30, verify=ca
+    )
+    views = [v for p in plugins.json()["plugins"] for v in p["external_views"]]
+    assert any(v["name"] == "Co-sell" and v["href"] == "/cosell/ui/" and v["destination"] == "nav" for v in views)
 
-        # -- a viewer reads, and may not act
-        as_viewer = {"Authorization": f"Bearer {viewer}"}
-        html = requests.get(f"{ui}/", headers=as_viewer, timeout=60)
-        assert html.status_code == 200, html.text
-        for heading in ("Overview", "Links", "Dead letter", "Conflicts"):
-            assert f">{heading}</h2>" in html.text
-        assert "Retry now" not in html.text and "read only" in html.text
-        assert "&lt;b&gt;F&lt;/b&gt;" in html.text and "<b>F</b>" not in html.text
-        assert 'href="https://acme.my.salesforce.com/lightning/r/Opportunity/006A/view"' in html.text
-        dead = requests.get(f"{ui}/api/dead-letter", headers=as_viewer, timeout=30).json()
-        assert sorted(r["record_key"] for r in dead["rows"]) == ["ref-2", "ref-3"]
-        links = requests.get(
-            f"{ui}/api/links", params={"crm": "salesforce", "q": "contoso"}, headers=as_viewer, timeout=30
-        ).json()
-        assert [r["referral_id"] for r in links["rows"]] == ["ref-1"]
-        timeline = requests.get(
-            f"{ui}/timeline", params={"crm": "salesforce", "referral_id": "ref-1"}, headers=as_viewer, timeout=30
-        )
-        assert timeline.status_code == 200 and "manual__seed" in timeline.text
-        item = {"items": [{"direction": "pc_to_crm", "record_key": "ref-2"}]}
-        assert (
-            requests.post(f"{ui}/api/dead-letter/{DAG}/retry", json=item, headers=as_viewer, timeout=30).status_code
-            == 403
-        )
-        assert (
-            requests.post(f"{ui}/api/dead-letter/{DAG}/dismiss", json=item, headers=as_viewer, timeout=30).status_code
-            == 403
-        )
+    # -- a viewer reads, and may not act
+    as_viewer = {"Authorization": f"Bearer {viewer}"}
+    html = requests.get(f"{ui}/", headers=as_viewer, timeout=60, verify=ca)
+    assert html.status_code == 200, html.text
+    for heading in ("Overview", "Links", "Dead letter", "Conflicts"):
+        assert f">{heading}</h2>" in html.text
+    assert "Retry now" not in html.text and "read only" in html.text
+    assert "&lt;b&gt;F&lt;/b&gt;" in html.text and "<b>F</b>" not in html.text
+    assert f'href="{instance_url}/lightning/r/Opportunity/006A/view"' in html.text
+    dead = requests.get(f"{ui}/api/dead-letter", headers=as_viewer, timeout=30, verify=ca).json()
+    assert sorted(r["record_key"] for r in dead["rows"]) == ["ref-2", "ref-3"]
+    links = requests.get(
+        f"{ui}/api/links", params={"crm": "salesforce", "q": "contoso"}, headers=as_viewer, timeout=30, verify=ca
+    ).json()
+    assert [r["referral_id"] for r in links["rows"]] == ["ref-1"]
+    timeline = requests.get(
+        f"{ui}/timeline", params={"crm": "salesforce", "referral_id": "ref-1"}, headers=as_viewer, timeout=30, verify=ca
+    )
+    assert timeline.status_code == 200 and "manual__seed" in timeline.text
+    item = {"items": [{"direction": "pc_to_crm", "record_key": "ref-2"}]}
+    assert (
+        requests.post(
+            f"{ui}/api/dead-letter/{DAG}/retry", json=item, headers=as_viewer, timeout=30, verify=ca
+        ).status_code
+        == 403
+    )
+    assert (
+        requests.post(
+            f"{ui}/api/dead-letter/{DAG}/dismiss", json=item, headers=as_viewer, timeout=30, verify=ca
+        ).status_code
+        == 403
+    )
 
-        # -- an admin: Retry now through the JSON API triggers the DAG for that referral
-        af.wait_for(lambda: af.dag_serialized(DAG), 240, f"{DAG} to be parsed")
-        as_admin = {"Authorization": f"Bearer {admin}"}
-        retried = requests.post(f"{ui}/api/dead-letter/{DAG}/retry", json=item, headers=as_admin, timeout=60)
-        assert retried.status_code == 200, retried.text
-        run_id = retried.json()["run_id"]
-        conf = af.query("select conf from dag_run where dag_id = ? and run_id = ?", DAG, run_id)
-        assert conf, f"no run {run_id}"
-        stored = conf[0][0]
-        stored = json.loads(stored) if isinstance(stored, str | bytes) else stored
-        assert stored == {"referral_ids": ["ref-2"]}
+    # -- an admin: Retry now through the JSON API triggers the DAG for that referral
+    af.wait_for(lambda: af.dag_serialized(DAG), 240, f"{DAG} to be parsed")
+    as_admin = {"Authorization": f"Bearer {admin}"}
+    retried = requests.post(f"{ui}/api/dead-letter/{DAG}/retry", json=item, headers=as_admin, timeout=60, verify=ca)
+    assert retried.status_code == 200, retried.text
+    run_id = retried.json()["run_id"]
+    conf = af.query("select conf from dag_run where dag_id = ? and run_id = ?", DAG, run_id)
+    assert conf, f"no run {run_id}"
+    stored = conf[0][0]
+    stored = json.loads(stored) if isinstance(stored, str | bytes) else stored
+    assert stored == {"referral_ids": ["ref-2"]}
 
-        # -- the HTML form with the cookie the UI sets: the CSRF token is required
-        session = requests.Session()
-        session.cookies.set("_token", admin)
-        page = session.get(f"{ui}/", timeout=60)
-        assert page.status_code == 200 and page.text.count(">Retry now</button>") == 2
-        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)[1]
-        form = {"item": "pc_to_crm:ref-3"}
-        bad = session.post(
-            f"{ui}/dead-letter/{DAG}/dismiss", data=form | {"csrf": "0" * 64}, allow_redirects=False, timeout=30
-        )
-        assert bad.status_code == 403
-        cross = session.post(
-            f"{ui}/dead-letter/{DAG}/dismiss",
-            data=form | {"csrf": csrf},
-            allow_redirects=False,
-            headers={"Origin": "https://evil.example"},
-            timeout=30,
-        )
-        assert cross.status_code == 403
-        done = session.post(
-            f"{ui}/dead-letter/{DAG}/dismiss", data=form | {"csrf": csrf}, allow_redirects=False, timeout=30
-        )
-        assert done.status_code == 303, done.text
-        assert sorted(store.dead_letter("salesforce")["record_key"]) == ["ref-2"]
-        audit = store.audit(referral_id="ref-3")
-        assert len(audit) == 1 and "dismissed from the dead letter by admin" in audit.iloc[0]["detail"]
-        after = session.get(
-            done.headers["location"]
-            if done.headers["location"].startswith("http")
-            else af.url + done.headers["location"],
-            timeout=60,
-        )
-        assert "Dismissed 1 record(s)" in after.text and 'data-record-key="ref-3"' not in after.text
+    # -- the HTML form with the cookie the UI sets: the CSRF token is required
+    session = requests.Session()
+    session.cookies.set("_token", admin)
+    page = session.get(f"{ui}/", timeout=60, verify=ca)
+    assert page.status_code == 200 and page.text.count(">Retry now</button>") == 2
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)[1]
+    form = {"item": "pc_to_crm:ref-3"}
+    bad = session.post(
+        f"{ui}/dead-letter/{DAG}/dismiss", data=form | {"csrf": "0" * 64}, allow_redirects=False, timeout=30, verify=ca
+    )
+    assert bad.status_code == 403
+    cross = session.post(
+        f"{ui}/dead-letter/{DAG}/dismiss",
+        data=form | {"csrf": csrf},
+        allow_redirects=False,
+        headers={"Origin": "https://evil.example"},
+        timeout=30,
+        verify=ca,
+    )
+    assert cross.status_code == 403
+    done = session.post(
+        f"{ui}/dead-letter/{DAG}/dismiss", data=form | {"csrf": csrf}, allow_redirects=False, timeout=30, verify=ca
+    )
+    assert done.status_code == 303, done.text
+    assert sorted(store.dead_letter("salesforce")["record_key"]) == ["ref-2"]
+    audit = store.audit(referral_id="ref-3")
+    assert len(audit) == 1 and "dismissed from the dead letter by admin" in audit.iloc[0]["detail"]
+    after = session.get(
+        done.headers["location"] if done.headers["location"].startswith("http") else af.url + done.headers["location"],
+        timeout=60,
+        verify=ca,
+    )
+    assert "Dismissed 1 record(s)" in after.text and 'data-record-key="ref-3"' not in after.text
     store.close()

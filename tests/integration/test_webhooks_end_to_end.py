@@ -1,5 +1,6 @@
 """Webhooks end to end, with Airflow's API server, scheduler, DAG processor and triggerer
-actually running (LocalExecutor, SQLite), against the sandbox:
+actually running (LocalExecutor, SQLite: the shared Airflow of tests/shared_airflow.py),
+against the sandbox:
 
 1. a Microsoft-side edit in the sandbox;
 2. the sandbox's signed delivery reaches the plugin route on the API server (HTTPS);
@@ -29,10 +30,9 @@ import requests
 from cosell_sandbox.airflow_cluster import AirflowCluster
 from cosell_sync.state import StateStore
 from tests.integration.test_sync_runner import run_sync
+from tests.shared_airflow import SHARED_GROUP, SharedAirflow
 
-# Real Airflow components: `make test` runs the tests of one lane ("airflow-cluster-b") one after another on
-# one xdist worker, so at most two clusters (one per lane) run at once, beside the rest of the suite.
-pytestmark = pytest.mark.xdist_group("airflow-cluster-b")
+pytestmark = pytest.mark.xdist_group(SHARED_GROUP)  # the shared real Airflow: see tests/shared_airflow.py
 EVENTS_DAG = "cosell_referral_events"
 LATENCY_EVENTS = 24
 BURST_REFERRALS, BURST_EDITS = 100, 5
@@ -61,14 +61,16 @@ class Live:
 
 
 @pytest.mark.timeout(1500)
-def test_webhooks_drive_event_syncs_end_to_end(pc, pc_conn, sf_conn, tmp_path, monkeypatch):
-    state_url = f"sqlite:///{tmp_path}/state.db"
-    monkeypatch.setenv("AIRFLOW_CONN_COSELL_STATE", json.dumps({"conn_type": "generic", "host": state_url}))
+def test_webhooks_drive_event_syncs_end_to_end(pc, pc_conn, sf_conn, shared_airflow: SharedAirflow, monkeypatch):
+    # The cluster's state DB, as the DAGs and the receiver on the API server find it (their cosell_state).
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_COSELL_STATE", json.dumps({"conn_type": "generic", "host": shared_airflow.state_url})
+    )
     store = StateStore.from_airflow()
     store.migrate()
     pc.partner_center.seed(260, seed=77)
     pc.salesforce.seed(opportunities=10, accounts=4, flagged=2, seed=77)
-    first = run_sync("salesforce", store, tmp_path / "staging")  # the scheduled sync has linked everything
+    first = run_sync("salesforce", store, shared_airflow.staging)  # the scheduled sync has linked everything
     assert first["pc_to_crm"]["failed"] == 0, first
     links = dict(zip(*(store.get_links("salesforce")[c] for c in ("referral_id", "crm_id")), strict=True))
     incoming = [
@@ -78,83 +80,79 @@ def test_webhooks_drive_event_syncs_end_to_end(pc, pc_conn, sf_conn, tmp_path, m
     ]
     assert len(incoming) >= LATENCY_EVENTS + BURST_REFERRALS
 
-    env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
-    env |= {f"AIRFLOW__COSELL__{k.upper()}": v for k, v in pc.webhook_settings().items()}
-    env["AIRFLOW__COSELL__EVENT_CRMS"] = "salesforce"
-    env["COSELL_STAGING_URL"] = f"file://{tmp_path / 'staging'}"
-    tls = (pc.pki.server_cert, pc.pki.server_key, pc.pki.ca_cert)
-    with AirflowCluster(tmp_path / "airflow", env, tls=tls) as af:
-        live = Live(pc, af, store)
-        af.wait_for(lambda: af.dag_serialized(EVENTS_DAG), 180, f"{EVENTS_DAG} to be parsed")
-        af.cli("dags", "unpause", EVENTS_DAG)
-        af.wait_for(
-            lambda: af.query("select count(*) from trigger where classpath like '%InboxTrigger%'")[0][0],
-            120,
-            "the inbox watcher's trigger to be registered",
-        )
-        # Register the receiver on the API server (its plugin route) as Partner Center's webhook.
-        from cosell_sync.hooks.partner_center import REFERRAL_EVENTS, PartnerCenterHook
+    # The shared Airflow has the sandbox's connections and webhook settings, EVENT_CRMS salesforce and HTTPS.
+    af = shared_airflow.af
+    live = Live(pc, af, store)
+    af.wait_for(lambda: af.dag_serialized(EVENTS_DAG), 180, f"{EVENTS_DAG} to be parsed")
+    af.cli("dags", "unpause", EVENTS_DAG)
+    af.wait_for(
+        lambda: af.query("select count(*) from trigger where classpath like '%InboxTrigger%'")[0][0],
+        120,
+        "the inbox watcher's trigger to be registered",
+    )
+    # Register the receiver on the API server (its plugin route) as Partner Center's webhook.
+    from cosell_sync.hooks.partner_center import REFERRAL_EVENTS, PartnerCenterHook
 
-        PartnerCenterHook().create_webhook_registration(f"{af.url}/cosell/webhooks/partner-center", REFERRAL_EVENTS)
+    PartnerCenterHook().create_webhook_registration(f"{af.url}/cosell/webhooks/partner-center", REFERRAL_EVENTS)
 
-        # -- latency: one Microsoft edit at a time, timed until the CRM holds the new value.
-        latencies = []
-        for n, rid in enumerate(incoming[:LATENCY_EVENTS]):
-            value = 50_000.0 + n
-            started = time.monotonic()
-            live.microsoft_edit(rid, value)
-            af.wait_for(
-                lambda rid=rid, value=value: live.crm_amount(links, rid) == value,
-                120,
-                f"referral {rid}'s new deal value in the CRM",
-                interval=0.05,
-            )
-            latencies.append(time.monotonic() - started)
-        p50, p95 = statistics.median(latencies), percentile(latencies, 0.95)
-        print(f"\nwebhook -> CRM write latency over {len(latencies)} events: p50 {p50:.2f}s, p95 {p95:.2f}s")
-        if os.environ.get("COSELL_LATENCY_OUT"):
-            out = {"events": len(latencies), "p50_s": p50, "p95_s": p95, "latencies_s": latencies}
-            Path(os.environ["COSELL_LATENCY_OUT"]).write_text(json.dumps(out, indent=2))
-        # The CRM write lands before the run marks its events done: wait for that too.
-        af.wait_for(lambda: store.inbox_counts()["done"] == LATENCY_EVENTS, 60, "the events to be marked done")
-        runs_before_burst = len(live.runs())
-
-        # -- durability: a burst of 500 events (5 edits each of 100 referrals), sent at once.
-        burst = incoming[LATENCY_EVENTS : LATENCY_EVENTS + BURST_REFERRALS]
-        final = {}
-        for edit in range(BURST_EDITS):
-            for n, rid in enumerate(burst):
-                final[rid] = 70_000.0 + 100 * n + edit
-                live.microsoft_edit(rid, final[rid])
-        total = LATENCY_EVENTS + BURST_REFERRALS * BURST_EDITS
-        af.wait_for(lambda: store.inbox_counts()["done"] == total, 600, "all 500 burst events to be synced", 1)
-        af.wait_for(lambda: all(r["state"] == "success" for r in live.runs()), 120, "the last run to finish", 1)
-        burst_runs = len(live.runs()) - runs_before_burst
-
-        # -- the scheduler is down: an accepted event waits in the inbox, and syncs once it is back.
-        af.stop_component("scheduler")
-        rid, value = incoming[-1], 99_999.0
+    # -- latency: one Microsoft edit at a time, timed until the CRM holds the new value.
+    latencies = []
+    for n, rid in enumerate(incoming[:LATENCY_EVENTS]):
+        value = 50_000.0 + n
+        started = time.monotonic()
         live.microsoft_edit(rid, value)
-        af.wait_for(lambda: store.inbox_counts()["pending"] == 1, 60, "the event stored with the scheduler down")
-        time.sleep(3)
-        assert live.crm_amount(links, rid) != value and store.inbox_counts()["pending"] == 1
-        af.start_component("scheduler")
-        af.wait_for(lambda: live.crm_amount(links, rid) == value, 180, "the event to sync once the scheduler is back")
-        af.wait_for(lambda: store.inbox_counts()["done"] == total + 1, 60, "the event to be marked done")
-        af.wait_for(lambda: all(r["state"] == "success" for r in live.runs()), 120, "the last run to finish", 1)
-        total += 1
-
-        # The scheduler's listener wrote each run's report into its note (the grid view shows it).
-        notes = af.query(
-            "select n.content from dag_run_note n join dag_run r on r.id = n.dag_run_id where r.dag_id = ?",
-            EVENTS_DAG,
+        af.wait_for(
+            lambda rid=rid, value=value: live.crm_amount(links, rid) == value,
+            120,
+            f"referral {rid}'s new deal value in the CRM",
+            interval=0.05,
         )
-        assert notes and all(
-            "**cosell_referral_events.salesforce**" in n or "no pending webhook events" in n for (n,) in notes
-        ), notes
-        assert any("**cosell_referral_events.salesforce**" in n for (n,) in notes), notes
-        # No scheduled sync ran: every change came through the webhook DAG.
-        assert af.query("select count(*) from dag_run where dag_id like 'cosell_sync_%'")[0][0] == 0
+        latencies.append(time.monotonic() - started)
+    p50, p95 = statistics.median(latencies), percentile(latencies, 0.95)
+    print(f"\nwebhook -> CRM write latency over {len(latencies)} events: p50 {p50:.2f}s, p95 {p95:.2f}s")
+    if os.environ.get("COSELL_LATENCY_OUT"):
+        out = {"events": len(latencies), "p50_s": p50, "p95_s": p95, "latencies_s": latencies}
+        Path(os.environ["COSELL_LATENCY_OUT"]).write_text(json.dumps(out, indent=2))
+    # The CRM write lands before the run marks its events done: wait for that too.
+    af.wait_for(lambda: store.inbox_counts()["done"] == LATENCY_EVENTS, 60, "the events to be marked done")
+    runs_before_burst = len(live.runs())
+
+    # -- durability: a burst of 500 events (5 edits each of 100 referrals), sent at once.
+    burst = incoming[LATENCY_EVENTS : LATENCY_EVENTS + BURST_REFERRALS]
+    final = {}
+    for edit in range(BURST_EDITS):
+        for n, rid in enumerate(burst):
+            final[rid] = 70_000.0 + 100 * n + edit
+            live.microsoft_edit(rid, final[rid])
+    total = LATENCY_EVENTS + BURST_REFERRALS * BURST_EDITS
+    af.wait_for(lambda: store.inbox_counts()["done"] == total, 600, "all 500 burst events to be synced", 1)
+    af.wait_for(lambda: all(r["state"] == "success" for r in live.runs()), 120, "the last run to finish", 1)
+    burst_runs = len(live.runs()) - runs_before_burst
+
+    # -- the scheduler is down: an accepted event waits in the inbox, and syncs once it is back.
+    af.stop_component("scheduler")
+    rid, value = incoming[-1], 99_999.0
+    live.microsoft_edit(rid, value)
+    af.wait_for(lambda: store.inbox_counts()["pending"] == 1, 60, "the event stored with the scheduler down")
+    time.sleep(3)
+    assert live.crm_amount(links, rid) != value and store.inbox_counts()["pending"] == 1
+    af.start_component("scheduler")
+    af.wait_for(lambda: live.crm_amount(links, rid) == value, 180, "the event to sync once the scheduler is back")
+    af.wait_for(lambda: store.inbox_counts()["done"] == total + 1, 60, "the event to be marked done")
+    af.wait_for(lambda: all(r["state"] == "success" for r in live.runs()), 120, "the last run to finish", 1)
+    total += 1
+
+    # The scheduler's listener wrote each run's report into its note (the grid view shows it).
+    notes = af.query(
+        "select n.content from dag_run_note n join dag_run r on r.id = n.dag_run_id where r.dag_id = ?",
+        EVENTS_DAG,
+    )
+    assert notes and all(
+        "**cosell_referral_events.salesforce**" in n or "no pending webhook events" in n for (n,) in notes
+    ), notes
+    assert any("**cosell_referral_events.salesforce**" in n for (n,) in notes), notes
+    # No scheduled sync ran: every change came through the webhook DAG.
+    assert af.query("select count(*) from dag_run where dag_id like 'cosell_sync_%'")[0][0] == 0
     # Every event was stored (none lost), synced once (one claim each), by few runs.
     with store.engine.connect() as conn:
         import sqlalchemy as sa

@@ -4,8 +4,9 @@
   Playwright. Browsers cannot be downloaded here, so Playwright's own are never used, and the
   flags keep Chromium from reaching for the internet, which this machine refuses.
 * ``airflow_ui``: a real Airflow (API server, scheduler, DAG processor, triggerer as processes)
-  against the sandbox, with Airflow's simple auth manager and one real user (role ``user``:
-  reads DAGs and triggers runs, not an admin) whose password only the test knows.
+  against the sandbox: the shared one (tests/shared_airflow.py), over HTTPS, with Airflow's
+  simple auth manager and a real user, ``ada`` (role ``user``: reads DAGs and triggers runs, not
+  an admin), whose password only the tests know.
 * ``screens``: screenshots of each step under the test's output folder
   (``tmp_path / "screenshots"``, their paths printed), and one of the page as it was when the
   test failed, so a failure shows what the user saw.
@@ -13,9 +14,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from cosell_sandbox.airflow_cluster import AirflowCluster
+from tests.shared_airflow import SharedAirflow
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = (
@@ -34,12 +34,7 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--no-first-run",
 )
-USERNAME = "ada"
-ROLE = "user"  # simple auth manager roles: viewer < user < op < admin; "user" may trigger DAG runs
-SYNC_DAGS = ("cosell_sync_salesforce", "cosell_sync_dynamics365")
-# A schedule that never comes due during a test (start_date is 2026-01-01, catchup off): the
-# trigger form unpauses the DAG, and a scheduled run must not take the DAG's one active run slot.
-NEVER = "0 0 1 1 *"
+USERNAME = "ada"  # role "user" in the shared Airflow (viewer < user < op < admin): may trigger DAG runs
 
 
 @dataclass
@@ -127,24 +122,9 @@ def screens(browser, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
 
 
 @pytest.fixture
-def airflow_ui(pc, pc_conn, sf_conn, tmp_path: Path) -> Iterator[AirflowUI]:
-    """A real Airflow on the sandbox (as ``make airflow`` runs it: LocalExecutor, SQLite, the
-    state DB at its default place under ``$AIRFLOW_HOME``), behind the simple auth manager
-    with one user, ``ada``, whose password is in a passwords file only the test reads."""
-    password = secrets.token_urlsafe(18)
-    passwords = tmp_path / "simple_auth_manager_passwords.json"
-    passwords.touch(mode=0o600)
-    passwords.write_text(json.dumps({USERNAME: password}))
-    env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
-    env.pop("AIRFLOW_CONN_COSELL_STATE", None)  # the default state DB, which the Co-sell page reads too
-    env |= {
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:{ROLE}",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "AIRFLOW__COSELL__SYNC_SCHEDULE": NEVER,
-    }
-    with AirflowCluster(tmp_path / "airflow", env) as af:
-        for dag_id in SYNC_DAGS:
-            af.wait_for(lambda dag_id=dag_id: af.dag_serialized(dag_id), 180, f"{dag_id} to be parsed")
-        yield AirflowUI(af, USERNAME, password)
+def airflow_ui(shared_airflow: SharedAirflow) -> AirflowUI:
+    """The shared real Airflow on the sandbox (as ``make airflow`` runs it: LocalExecutor, SQLite,
+    the state DB at its default place under ``$AIRFLOW_HOME``; a sync schedule that never comes
+    due, so the trigger form, which unpauses the DAG, starts only the run it triggers), reset for
+    this test, behind the simple auth manager; the user ``ada``."""
+    return AirflowUI(shared_airflow.af, USERNAME, shared_airflow.passwords[USERNAME])

@@ -25,18 +25,23 @@ from datetime import UTC, datetime
 from urllib.parse import unquote
 
 import pytest
-from playwright.sync_api import Browser, FrameLocator, Locator, Page, expect
+from playwright.sync_api import Browser, FrameLocator, Locator, Page, Request, Response, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from cosell_sandbox.seed import iso
+from tests.shared_airflow import SHARED_GROUP
 from tests.ui.conftest import AirflowUI, Screens
 
-# Real Airflow components: `make test` runs them in the lane "airflow-cluster-b" (one cluster at a time per lane).
-pytestmark = pytest.mark.xdist_group("airflow-cluster-b")
+pytestmark = pytest.mark.xdist_group(SHARED_GROUP)  # the shared real Airflow: see tests/shared_airflow.py
 SF = "cosell_sync_salesforce"
 PARAMS = ("dry_run", "referral_ids", "full_resync", "directions")
 RUN_TIMEOUT = 240  # seconds for a sync run to end, on a machine shared with other clusters
 REFUSED_REDIRECTS = (301, 302, 303, 307, 308)
+# Playwright's assertions wait 5 s by default: on this 2-core machine, with another Airflow cluster
+# and the rest of the suite running, the UI can take longer to render a page (a run saw the DAG
+# list's four Trigger buttons, then none, while the DAG's page loaded, and gave up at 5 s). As long
+# as the context's default timeout for actions (30 s).
+expect.set_options(timeout=30_000)
 
 
 def seed(pc) -> str:
@@ -61,8 +66,10 @@ def refresh_until(page: Page, seen: Callable[[], bool], timeout: float, what: st
         if time.monotonic() > deadline:
             raise AssertionError(f"after {timeout:.0f}s the page still does not show {what}; {why()}")
         time.sleep(3)
-        page.reload()
-        page.wait_for_load_state("domcontentloaded")
+        try:  # the document, not every script and image ("load"): the check above waits for what it needs
+            page.reload(wait_until="domcontentloaded")
+        except PlaywrightTimeout:  # a loaded machine: a reload that hangs is pressed again, as a user would
+            print(f"a reload of {page.url} took over 30 s; reloading again")
 
 
 def visible(locator: Locator, timeout: float = 5_000) -> bool:
@@ -86,7 +93,60 @@ def sign_in(page: Page, ui: AirflowUI, screens: Screens) -> None:
     screens.snap(page, "signed-in", f"Airflow's home page, signed in as {ui.username}")
 
 
-def trigger_through_form(page: Page, screens: Screens, *, dry_run: bool, step: str) -> str:
+class Traffic:
+    """The page's requests from now on (method, path, status or "no answer yet", seconds taken),
+    for a failure report: what the UI was waiting for, and what the API answered."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.started: dict[int, tuple[float, Request]] = {}
+        self.ended: dict[int, float] = {}
+        page.on("request", self._request)
+        page.on("requestfinished", self._ended)
+        page.on("requestfailed", self._ended)
+
+    def _request(self, request: Request) -> None:
+        self.started[id(request)] = (time.monotonic(), request)
+
+    def _ended(self, request: Request) -> None:
+        self.ended[id(request)] = time.monotonic()
+
+    def stop(self) -> None:
+        self.page.remove_listener("request", self._request)
+        self.page.remove_listener("requestfinished", self._ended)
+        self.page.remove_listener("requestfailed", self._ended)
+
+    def report(self) -> str:
+        now, lines = time.monotonic(), []
+        for key, (began, request) in self.started.items():
+            if "/api/" not in request.url and "/ui/" not in request.url:
+                continue
+            path = request.url.split("//", 1)[-1].split("/", 1)[-1]
+            if key not in self.ended:
+                lines.append(f"  {request.method} /{path}: no answer yet after {now - began:.1f}s")
+                continue
+            response = request.response() if request.failure is None else None
+            status = response.status if response else f"failed ({request.failure})"
+            lines.append(f"  {request.method} /{path}: {status} in {self.ended[key] - began:.1f}s")
+        return "\n".join(lines) or "  (none)"
+
+
+def page_messages(page: Page) -> str:
+    """The toasts and alerts the page shows (Chakra's toasts, the forms' error alerts)."""
+    texts = page.locator("[data-scope=toast][data-part=root], [role=alert]").all_inner_texts()
+    return " | ".join(t.strip().replace("\n", " ") for t in texts if t.strip()) or "none"
+
+
+def trigger_report(page: Page, ui: AirflowUI, traffic: Traffic, what: str) -> str:
+    runs = ui.af.dag_runs(SF)[-3:]
+    return (
+        f"{what}\nthe page is at {page.url}; dialog open: {page.get_by_role('dialog').count() > 0};"
+        f" toasts/alerts: {page_messages(page)}\nits requests since the click:\n{traffic.report()}\n"
+        f"the last runs of {SF} in Airflow: {[(r['run_id'], r['run_type'], r['state']) for r in runs]}"
+    )
+
+
+def trigger_through_form(page: Page, ui: AirflowUI, screens: Screens, *, dry_run: bool, step: str) -> str:
     """From the DAG list: open the DAG, open its Trigger form, set ``dry_run``, trigger.
     Returns the new run's id (the run page the UI goes to)."""
     page.get_by_role("link", name="Dags", exact=True).click()
@@ -105,10 +165,35 @@ def trigger_through_form(page: Page, screens: Screens, *, dry_run: bool, step: s
         form.locator("label:has(input[name=element_dry_run])").click()  # the switch
         expect(switch).to_be_checked()
     screens.snap(page, f"{step}-trigger-form", f"the params form of {SF}, dry_run {'on' if dry_run else 'off'}")
-    form.get_by_role("button", name="Trigger", exact=True).click()
-    page.wait_for_url(re.compile(rf"/dags/{SF}/runs/[^/]+$"), timeout=60_000)
+    traffic = Traffic(page)
+    try:
+        # The form POSTs the run, then (the DAG being paused) unpauses it; the UI goes to the run's
+        # page only once it has refetched the DAG's run lists and grid: on a loaded machine, several
+        # requests to one busy API server. So: the POST's answer first (the run's id, or the API's
+        # error), then that run's page, each with a report of the page and its requests if missing.
+        with page.expect_response(is_trigger_post, timeout=60_000) as posted:
+            form.get_by_role("button", name="Trigger", exact=True).click()
+        answer = posted.value
+        if answer.status != 200:
+            failed = f"the trigger POST failed: {answer.status} {answer.text()[:500]}"
+            raise AssertionError(trigger_report(page, ui, traffic, failed))
+        run_id = answer.json()["dag_run_id"]
+        page.wait_for_url(
+            lambda url: unquote(url.split("?", 1)[0]).endswith(f"/dags/{SF}/runs/{run_id}"), timeout=120_000
+        )
+    except PlaywrightTimeout as exc:
+        raise AssertionError(
+            trigger_report(page, ui, traffic, f"Trigger pressed: {exc.message.splitlines()[0]}")
+        ) from None
+    finally:
+        traffic.stop()
+    print(f"{step}: Trigger pressed, {run_id}'s page reached; the page's requests meanwhile:\n{traffic.report()}")
     expect(page.get_by_text("Dag Run Triggered").last).to_be_visible()  # the toast
-    return unquote(page.url.rsplit("/runs/", 1)[1])
+    return run_id
+
+
+def is_trigger_post(response: Response) -> bool:
+    return response.request.method == "POST" and response.url.split("?", 1)[0].endswith(f"/dags/{SF}/dagRuns")
 
 
 def run_note(page: Page) -> Locator:
@@ -128,7 +213,7 @@ def dead_letter_row(frame: FrameLocator, record: str) -> Locator:
 def anonymous_refusals(browser: Browser, ui: AirflowUI, screens: Screens) -> list[str]:
     """Step c: what a visitor without cookies gets. Returns the problems (empty when right)."""
     problems = []
-    anon = browser.new_context(base_url=ui.url)
+    anon = browser.new_context(base_url=ui.url, ignore_https_errors=True)
     try:
         assert anon.cookies() == []
         for path in ("/cosell/ui/", "/cosell/ui/api/overview"):
@@ -159,7 +244,8 @@ def test_a_user_signs_in_dry_runs_the_sync_and_works_the_dead_letter(
 ):
     ui = airflow_ui
     bad = seed(pc)
-    context = browser.new_context(base_url=ui.url, viewport={"width": 1400, "height": 1400})
+    # The shared Airflow serves HTTPS with the sandbox's certificate, whose CA Chromium does not know.
+    context = browser.new_context(base_url=ui.url, viewport={"width": 1400, "height": 1400}, ignore_https_errors=True)
     context.set_default_timeout(30_000)
     page = context.new_page()
     screens.page = page
@@ -168,7 +254,7 @@ def test_a_user_signs_in_dry_runs_the_sync_and_works_the_dead_letter(
     sign_in(page, ui, screens)
 
     # b. A dry run through the params form; its report in the run's note.
-    dry_id = trigger_through_form(page, screens, dry_run=True, step="dry-run")
+    dry_id = trigger_through_form(page, ui, screens, dry_run=True, step="dry-run")
     refresh_until(
         page,
         lambda: visible(run_note(page)),
@@ -185,7 +271,7 @@ def test_a_user_signs_in_dry_runs_the_sync_and_works_the_dead_letter(
     anonymous_problems = anonymous_refusals(browser, ui, screens)
 
     # d. A real sync: the bad referral lands in the dead letter.
-    real_id = trigger_through_form(page, screens, dry_run=False, step="real-run")
+    real_id = trigger_through_form(page, ui, screens, dry_run=False, step="real-run")
     refresh_until(
         page, lambda: visible(run_note(page)), RUN_TIMEOUT, "the real run's note", lambda: ui.run_state(SF, real_id)
     )

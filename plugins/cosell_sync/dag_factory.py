@@ -341,6 +341,8 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
     mapping_path = mapping_path or mapping_override(crm)
     mapping = load_mapping(crm, mapping_path)  # fails at parse time, naming the key
     schedule = schedule or _setting("sync_schedule", SCHEDULE)
+    # "none": no schedule, runs only when triggered (by hand, the API or the webhook's events).
+    timetable = None if schedule.strip().lower() == "none" else CronDataIntervalTimetable(schedule, timezone="UTC")
     dag_id = f"cosell_sync_{crm}"
     label = crms.get(crm).label
     opportunities = opportunities_asset(crm)
@@ -348,7 +350,7 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
     with DAG(
         dag_id=dag_id,
         description=f"Partner Center referrals <-> {label} opportunities, both ways",
-        schedule=CronDataIntervalTimetable(schedule, timezone="UTC"),
+        schedule=timetable,
         start_date=datetime(2026, 1, 1, tzinfo=UTC),
         catchup=False,
         max_active_runs=1,

@@ -133,3 +133,14 @@ def test_the_mapping_variable_points_the_dag_at_a_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_VAR_COSELL_MAPPING_SALESFORCE", "  ")  # blank: as if unset
     assert mapping_override("salesforce") is None
     assert build_sync_dag("salesforce").dag_id == "cosell_sync_salesforce"  # $COSELL_MAPPING_SALESFORCE
+
+
+@pytest.mark.parametrize(
+    ("setting", "timetable"), [("none", "NullTimetable"), ("*/5 * * * *", "CronDataIntervalTimetable")]
+)
+def test_sync_schedule_none_makes_a_dag_that_runs_only_when_triggered(monkeypatch, setting, timetable):
+    from cosell_sync.dag_factory import build_sync_dag
+
+    monkeypatch.setenv("AIRFLOW__COSELL__SYNC_SCHEDULE", setting)
+    dag = build_sync_dag("salesforce")
+    assert type(dag.timetable).__name__ == timetable

@@ -152,7 +152,7 @@ def distributed(pc, pc_conn, sf_conn, dyn_conn, tmp_path):
         env |= {
             "AIRFLOW_CONN_COSELL_STATE": json.dumps({"conn_type": "generic", "host": state_url}),
             "AIRFLOW__COSELL__EVENT_CRMS": "salesforce",
-            "AIRFLOW__COSELL__SYNC_SCHEDULE": "0 0 1 1 *",  # no scheduled run: every run is the test's
+            "AIRFLOW__COSELL__SYNC_SCHEDULE": "none",  # no scheduled run: every run is the test's
             "AIRFLOW__COSELL__TASK_RETRY_DELAY": "1",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",

@@ -51,15 +51,13 @@ T = TypeVar("T")
 R = TypeVar("R")
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 WON, LOST = 1, 2  # opportunity statecode
-# entity set -> primary key column, for the tables the sync uses; others: pass the logical name.
+# For the tables the sync uses: entity set -> primary key column, and -> logical name (the metadata's key).
 PRIMARY_KEYS = {
     "opportunities": "opportunityid",
     "accounts": "accountid",
     "contacts": "contactid",
     "transactioncurrencies": "transactioncurrencyid",
 }
-
-# entity set -> logical name (the metadata's key), for the tables the sync uses.
 LOGICAL_NAMES = {"opportunities": "opportunity", "accounts": "account", "contacts": "contact"}
 # The choice columns that are not picklists: their metadata type, for the cast that lists options.
 CHOICE_CASTS = {"statecode": "StateAttributeMetadata", "statuscode": "StatusAttributeMetadata"}
@@ -316,9 +314,8 @@ class DynamicsHook(BaseHook):
     def query_each(
         self, entity_set: str, filters: Sequence[str], *, select: Sequence[str] | None = None
     ) -> list[list[dict[str, Any]] | Exception]:
-        """One query per filter (every page of it), sent concurrently (:meth:`map_concurrently`):
-        each one's rows, or the exception its read raised, in the filters' order (the caller
-        decides what a failed read means)."""
+        """One query per filter (all its pages), sent concurrently (:meth:`map_concurrently`): each
+        one's rows, or the exception its read raised, in order (the caller decides what it means)."""
 
         def read(flt: str) -> list[dict[str, Any]] | Exception:
             try:

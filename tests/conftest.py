@@ -35,6 +35,11 @@ sys.pycache_prefix = sys.pycache_prefix or os.environ["PYTHONPYCACHEPREFIX"]
 # from 1 s, so a dag.test() with a failing task does not wait minutes. Tests of the retry
 # settings themselves set their own values.
 os.environ.setdefault("AIRFLOW__COSELL__TASK_RETRY_DELAY", "1")
+# Likewise the hooks' backoff between attempts after a 5xx or a dropped connection (0.5 s doubling
+# to 30 s by default): from 20 ms, capped at 0.2 s. Retry-After is still waited out in full.
+# Tests of the backoff itself pass their own RetryPolicy.
+os.environ.setdefault("AIRFLOW__COSELL__HTTP_RETRY_BACKOFF", "0.02")
+os.environ.setdefault("AIRFLOW__COSELL__HTTP_RETRY_BACKOFF_MAX", "0.2")
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from tests import services  # noqa: E402

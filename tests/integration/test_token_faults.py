@@ -13,7 +13,6 @@ import pytest
 
 from cosell_sandbox.server import FaultConfig
 from cosell_sync.errors import AuthenticationError, ServerError, ThrottledError, TransportError
-from cosell_sync.hooks import entra
 from cosell_sync.hooks.dynamics365 import DynamicsHook
 from cosell_sync.hooks.entra import forget_tokens
 from cosell_sync.hooks.http import RetryPolicy
@@ -23,9 +22,11 @@ FAST = RetryPolicy(max_attempts=3, backoff_base=0.05, backoff_max=0.2)
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    """Short backoff; Retry-After (1 s from the emulator) is still honoured. The hook's own
-    policy is the one its token requests are retried with."""
-    monkeypatch.setattr(entra, "DEFAULT_POLICY", FAST, raising=False)
+    """Short backoff for a hook given no policy ([cosell] http_retry_backoff); Retry-After (1 s
+    from the emulator) is still honoured. The hook's own policy is the one its token requests are
+    retried with."""
+    monkeypatch.setenv("AIRFLOW__COSELL__HTTP_RETRY_BACKOFF", str(FAST.backoff_base))
+    monkeypatch.setenv("AIRFLOW__COSELL__HTTP_RETRY_BACKOFF_MAX", str(FAST.backoff_max))
 
 
 def _paths(pc) -> tuple[str, str]:

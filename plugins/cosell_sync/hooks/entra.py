@@ -57,8 +57,6 @@ MICROSOFT_AUTHORITY_HOSTS = frozenset(
 )
 EXPIRY_SKEW = 300  # seconds: refresh this long before expiry
 SYSTEM = "Entra ID"
-# Retries of the token service's calls when the hook gives no policy (tests shorten it).
-DEFAULT_POLICY = RetryPolicy()
 # OAuth errors that mean the token service is busy or failing, not that it refused us.
 TRANSIENT_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 
@@ -117,7 +115,7 @@ class EntraHttpClient:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.session = session
-        self.retrier = Retrier(SYSTEM, policy or DEFAULT_POLICY, sleep=sleep)
+        self.retrier = Retrier(SYSTEM, policy or RetryPolicy(), sleep=sleep)
 
     def get(self, url: str, params: Any = None, headers: Any = None, **kwargs: Any) -> requests.Response:
         return self._send("GET", url, params=params, headers=headers, **kwargs)

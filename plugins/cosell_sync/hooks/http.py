@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -104,11 +104,35 @@ class TrustedSession(requests.Session):
         return response
 
 
+BACKOFF_BASE = 0.5  # seconds: [cosell] http_retry_backoff
+BACKOFF_MAX = 30.0  # seconds: [cosell] http_retry_backoff_max
+
+
+def backoff_setting(key: str, default: float) -> float:
+    """``[cosell] <key>``: seconds of the hooks' backoff between attempts (a positive number)."""
+    from airflow.sdk import conf
+
+    from cosell_sync.errors import ConfigurationError
+
+    raw = str(conf.get("cosell", key, fallback=str(default))).strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ConfigurationError(f"[cosell] {key} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
+    """How a hook retries. The backoff's first step and cap default to ``[cosell]
+    http_retry_backoff`` (0.5 s) and ``http_retry_backoff_max`` (30 s), read when the policy is
+    made (each hook makes its own); ``Retry-After`` is always waited out as the service says."""
+
     max_attempts: int = 6
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
+    backoff_base: float = field(default_factory=lambda: backoff_setting("http_retry_backoff", BACKOFF_BASE))
+    backoff_max: float = field(default_factory=lambda: backoff_setting("http_retry_backoff_max", BACKOFF_MAX))
     max_retry_after: float = 300.0  # a longer Retry-After fails fast with ThrottledError
 
     def backoff(self, attempt: int, rng: random.Random) -> float:

@@ -372,7 +372,10 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
         },
     ) as dag:
 
-        @task
+        # multiple_outputs=False on every task: TaskFlow infers True from a ``dict`` return
+        # annotation, and would then push each key as an XCom of its own besides the whole value
+        # (16 execution-API calls and metadata rows for ``prepare``'s spec): nothing reads them.
+        @task(multiple_outputs=False)
         @records_failure
         def prepare() -> dict[str, Any]:
             """The run's window and options: small, so it can travel by XCom."""
@@ -426,39 +429,39 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
                 spec["lease_epoch"] = taken.epoch
             return spec
 
-        @task(inlets=[REFERRALS_ASSET])
+        @task(multiple_outputs=False, inlets=[REFERRALS_ASSET])
         @records_failure
         def extract_partner_center(spec: dict[str, Any]) -> dict[str, int]:
             return run_side_step(spec, "extract_partner_center")
 
-        @task(inlets=[opportunities])
+        @task(multiple_outputs=False, inlets=[opportunities])
         @records_failure
         def extract_crm(spec: dict[str, Any]) -> dict[str, int]:
             return run_side_step(spec, "extract_crm")
 
-        @task
+        @task(multiple_outputs=False)
         @records_failure
         def plan(spec: dict[str, Any]) -> dict[str, Any]:
             return run_side_step(spec, "plan")
 
-        @task(inlets=[REFERRALS_ASSET], outlets=[opportunities])
+        @task(multiple_outputs=False, inlets=[REFERRALS_ASSET], outlets=[opportunities])
         @records_failure
         def load_crm(spec: dict[str, Any]) -> dict[str, int]:
             return run_side_step(spec, "load_crm")
 
-        @task(inlets=[opportunities], outlets=[REFERRALS_ASSET])
+        @task(multiple_outputs=False, inlets=[opportunities], outlets=[REFERRALS_ASSET])
         @records_failure
         def load_partner_center(spec: dict[str, Any]) -> dict[str, int]:
             return run_side_step(spec, "load_partner_center")
 
-        @task
+        @task(multiple_outputs=False)
         @records_failure
         def commit_state(spec: dict[str, Any]) -> dict[str, Any]:
             from cosell_sync import pipeline
 
             return run_step(spec, pipeline.commit)
 
-        @task
+        @task(multiple_outputs=False)
         @records_failure
         def report(spec: dict[str, Any], summary: dict[str, Any]) -> str:
             from cosell_sync.pipeline import format_report

@@ -177,7 +177,7 @@ def build_events_dag() -> DAG:
         default_args=task_default_args(),
     ) as dag:
 
-        @task(task_id="sync_events")
+        @task(task_id="sync_events", multiple_outputs=False)
         @records_failure
         def run() -> dict[str, Any]:
             result = sync_events(get_current_context()["run_id"])

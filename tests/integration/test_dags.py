@@ -36,6 +36,13 @@ def test_events_dag_is_scheduled_by_the_inbox_watcher(dagbag):
     assert [t.task_id for t in dag.tasks] == ["sync_events"]
 
 
+@pytest.mark.parametrize("dag_id", ["cosell_sync_dynamics365", "cosell_sync_salesforce", "cosell_referral_events"])
+def test_each_task_pushes_one_xcom_not_one_per_key(dagbag, dag_id):
+    """A TaskFlow task annotated ``-> dict`` would push every key as an XCom of its own too."""
+    tasks = dagbag.dags[dag_id].tasks
+    assert tasks and all(t.multiple_outputs is False for t in tasks), {t.task_id: t.multiple_outputs for t in tasks}
+
+
 @pytest.mark.parametrize("dag_id", ["cosell_sync_dynamics365", "cosell_sync_salesforce"])
 def test_sync_dag_shape(dagbag, dag_id):
     dag = dagbag.dags[dag_id]

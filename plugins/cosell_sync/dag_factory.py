@@ -371,7 +371,6 @@ def build_sync_dag(crm: str, *, mapping_path: str | None = None, schedule: str |
             ),
         },
     ) as dag:
-
         # multiple_outputs=False on every task: TaskFlow infers True from a ``dict`` return
         # annotation, and would then push each key as an XCom of its own besides the whole value
         # (16 execution-API calls and metadata rows for ``prepare``'s spec): nothing reads them.

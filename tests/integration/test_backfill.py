@@ -90,7 +90,7 @@ def test_backfill_resyncs_its_range_and_leaves_the_live_watermark(pc, cluster_en
             attempts=8,
         )
         assert "error" not in done.stdout.lower(), done.stdout
-        af.cli("dags", "unpause", DAG_ID)
+        af.unpause(DAG_ID)
 
         def finished():  # every run, the scheduled one too: none may hold the lease when Airflow stops
             runs = af.dag_runs(DAG_ID)

@@ -11,7 +11,7 @@ Against the sandbox, one story:
    reports and resulting records are the same as the same story run in one process on SQLite;
 2. the webhook path end to end (Salesforce): Microsoft-side edits reach the CRM through the
    receiver on the API server, the inbox, the triggerer and the event DAG; latency p50/p95
-   over 20 events;
+   over 20 events under make bench (5 in the suite);
 3. a burst of 200 webhook events: every one synced once, none lost;
 4. tasks ran on both workers;
 5. a worker SIGKILLed (with the task processes it runs) while ``load_crm`` creates
@@ -46,7 +46,9 @@ from tests.integration.test_webhooks_end_to_end import percentile
 pytestmark = pytest.mark.xdist_group("airflow-cluster-b")  # a real Airflow: see test_scheduler_runs
 SYNC_DAGS = {"salesforce": "cosell_sync_salesforce", "dynamics365": "cosell_sync_dynamics365"}
 EVENTS_DAG = "cosell_referral_events"
-LATENCY_EVENTS = 20
+# Latency over 20 events when make bench asks for the figures ($COSELL_DISTRIBUTED_OUT); the suite
+# sends 5 (each one waits for its sync: some 4 s): the path is the same, the percentiles are the bench's.
+LATENCY_EVENTS = 20 if os.environ.get("COSELL_DISTRIBUTED_OUT") else 5
 BURST_REFERRALS, BURST_EDITS = 40, 5  # 200 events
 SEED = 14
 
@@ -183,7 +185,7 @@ def test_the_celery_topology_on_postgresql_and_redis(pc, pc_conn, sf_conn, dyn_c
     figures: dict = {}
     for dag_id in (*SYNC_DAGS.values(), EVENTS_DAG):
         af.wait_for(lambda dag_id=dag_id: af.dag_serialized(dag_id), 180, f"{dag_id} to be parsed")
-        af.cli("dags", "unpause", dag_id)
+        af.unpause(dag_id)
 
     # 1. A first sync and an edit sync per CRM (Salesforce last: the webhook part goes on with
     # it), each as the same story run in one process on SQLite.

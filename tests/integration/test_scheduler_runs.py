@@ -21,7 +21,6 @@ ORM object, and every finished run has its note.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -65,13 +64,13 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         for dag_id in (SF, DYN, EVENTS):
             af.wait_for(lambda dag_id=dag_id: af.dag_serialized(dag_id), 180, f"{dag_id} to be parsed")
         bad = dynamics | {"password": BAD_SECRET}
-        af.cli("connections", "add", "dynamics365_default", "--conn-json", json.dumps(bad))
+        af.set_connection("dynamics365_default", bad)
 
         # Unpausing starts the schedule: with no initial load yet, its runs wait and say why.
         pc.salesforce.log.clear()
         pc.dataverse.log.clear()
-        af.cli("dags", "unpause", SF)
-        af.cli("dags", "unpause", DYN)
+        af.unpause(SF)
+        af.unpause(DYN)
         scheduled = af.wait_for(
             lambda: [r for r in af.dag_runs(SF) if r["run_type"] == "scheduled"], 120, "a scheduled run"
         )[0]
@@ -98,8 +97,7 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         assert crm_writes(pc) == 0, "a dry run, a failed run and waiting scheduled runs wrote to a CRM"
 
         # The connection is fixed; both CRMs do their initial load through manual runs.
-        af.cli("connections", "delete", "dynamics365_default")
-        af.cli("connections", "add", "dynamics365_default", "--conn-json", json.dumps(dynamics))
+        af.set_connection("dynamics365_default", dynamics)
         loads = {SF: af.trigger(SF), DYN: af.trigger(DYN)}
         for dag_id, run_id in loads.items():
             run = af.finished(dag_id, run_id)
@@ -135,7 +133,7 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
         assert "Allowed keys: dry\\_run, referral\\_ids, full\\_resync, directions" in typo["note"], typo["note"]
 
         # The event DAG, on an event waiting in the webhook inbox.
-        af.cli("dags", "unpause", EVENTS)
+        af.unpause(EVENTS)
         af.wait_for(
             lambda: af.query("select count(*) from trigger where classpath like '%InboxTrigger%'")[0][0],
             120,

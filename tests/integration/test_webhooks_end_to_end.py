@@ -84,7 +84,7 @@ def test_webhooks_drive_event_syncs_end_to_end(pc, pc_conn, sf_conn, shared_airf
     af = shared_airflow.af
     live = Live(pc, af, store)
     af.wait_for(lambda: af.dag_serialized(EVENTS_DAG), 180, f"{EVENTS_DAG} to be parsed")
-    af.cli("dags", "unpause", EVENTS_DAG)
+    af.unpause(EVENTS_DAG)
     af.wait_for(
         lambda: af.query("select count(*) from trigger where classpath like '%InboxTrigger%'")[0][0],
         120,

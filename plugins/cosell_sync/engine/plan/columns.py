@@ -81,6 +81,24 @@ def arrow(values: object) -> pa.Array | None:
     return None
 
 
+def dictionary_codes(column: object) -> tuple[np.ndarray, list[str | None]] | None:
+    """``(codes, dictionary)`` of a column of dictionary-encoded text (a categorical Series, or an
+    Arrow dictionary array), codes -1 where missing; ``(empty, [])`` for no column; else None."""
+    if column is None:
+        return np.empty(0, dtype=np.intp), []
+    if isinstance(column, pd.Series) and isinstance(column.dtype, pd.CategoricalDtype):
+        categories = text(column.dtype.categories)
+        if categories is None:
+            return None
+        return column.cat.codes.to_numpy(), categories.to_pylist()
+    if isinstance(column, pa.ChunkedArray) and column.num_chunks == 1:
+        column = column.chunk(0)
+    if isinstance(column, pa.DictionaryArray) and is_text(column.type.value_type):
+        codes = pac.fill_null(column.indices.cast(pa.int64()), -1).to_numpy(zero_copy_only=False)
+        return codes, column.dictionary.to_pylist()
+    return None
+
+
 def indexer(keys: object, values: object) -> np.ndarray:
     """The position in ``keys`` of each of ``values`` (-1: absent or missing), as
     ``Index.get_indexer``: hashed by Arrow when both are text, by pandas otherwise."""
@@ -142,23 +160,35 @@ def pair_column(column: pa.Array | pd.Series, pos: np.ndarray) -> object:
     return pair_objects(column, pos)  # numbers and booleans as Python values (None where missing)
 
 
-def pair_objects(column: pd.Series | None, pos: np.ndarray) -> np.ndarray:
-    """``column`` aligned by ``pos`` as an object array; None where ``pos`` < 0, missing, or no column."""
+def pair_objects(column: pd.Series | None, pos: np.ndarray, *, blank: str | None = None) -> np.ndarray:
+    """``column`` aligned by ``pos`` as an object array; None where ``pos`` < 0, missing, or no
+    column, and where the value is ``blank``. Dictionary-encoded text is looked up in its
+    dictionary (one Python value per distinct value, not per row)."""
     out = np.full(len(pos), None, dtype=object)
     if column is None or not len(column):
+        return out
+    if (found := dictionary_codes(column)) is not None:
+        codes, dictionary = found
+        lookup = np.full(len(dictionary) + 1, None, dtype=object)  # the last one: code -1, missing
+        lookup[:-1] = [None if value == blank else value for value in dictionary]
+        present = pos >= 0
+        out[present] = lookup[codes[pos[present]]]
         return out
     if isinstance(column, pa.Array):
         taken = column.take(pa.array(pos, mask=pos < 0))
         if pa.types.is_dictionary(taken.type):
             taken = taken.dictionary_decode()
         if pa.types.is_string(taken.type) or pa.types.is_large_string(taken.type):
-            return taken.to_numpy(zero_copy_only=False)
-        out[:] = taken.to_pylist()  # numbers or booleans: None where missing
-        return out
-    as_text = text(column)
-    if as_text is not None:
-        return as_text.take(pa.array(pos, mask=pos < 0)).to_numpy(zero_copy_only=False)
-    out[pos >= 0] = objects(column)[pos[pos >= 0]]
+            out = taken.to_numpy(zero_copy_only=False)
+        else:
+            out[:] = taken.to_pylist()  # numbers or booleans: None where missing
+    elif (as_text := text(column)) is not None:
+        out = as_text.take(pa.array(pos, mask=pos < 0)).to_numpy(zero_copy_only=False)
+    else:
+        out[pos >= 0] = objects(column)[pos[pos >= 0]]
+    if blank is not None:
+        out = np.array(out, dtype=object)  # a writable copy
+        out[out == blank] = None
     return out
 
 

@@ -102,6 +102,8 @@ def dictionary_codes(column: object) -> tuple[np.ndarray, list[str | None]] | No
 def indexer(keys: object, values: object) -> np.ndarray:
     """The position in ``keys`` of each of ``values`` (-1: absent or missing), as
     ``Index.get_indexer``: hashed by Arrow when both are text, by pandas otherwise."""
+    if not len(values):  # type: ignore[arg-type]
+        return np.empty(0, dtype=np.intp)
     k, v = text(keys), text(values)
     if k is None or v is None:
         index = pd.Index(np.asarray(keys, dtype=object), dtype=object)

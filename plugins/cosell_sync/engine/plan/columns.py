@@ -8,6 +8,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pac
 
+TEXT = pd.Series(["text"]).dtype  # the type pandas gives text: str, in Arrow, from pandas 3 on
+
+
+def labels(codes: np.ndarray, names: list[str]) -> object:
+    """``names[codes]`` as a column of the type pandas gives text, built by Arrow (no Python
+    string per row) when that type is Arrow's."""
+    if isinstance(TEXT, pd.StringDtype) and TEXT.storage == "pyarrow":
+        picked = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.large_string()))
+        return pd.arrays.ArrowStringArray(picked.dictionary_decode(), dtype=TEXT)
+    return np.asarray(names, dtype=object)[codes]
+
 
 def take_time(frame: pd.DataFrame, column: str, pos: np.ndarray, present: np.ndarray) -> np.ndarray:
     out = np.full(len(pos), np.datetime64("NaT"), dtype="datetime64[us]")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cosell_sync.engine.mapping import SyncMapping
-from cosell_sync.engine.plan.changes import blocked_skips, field_changes, field_conflicts
+from cosell_sync.engine.plan.changes import Writes, blocked_skips, change_frame, field_changes, field_conflicts
 from cosell_sync.engine.plan.creates import creates
 from cosell_sync.engine.plan.decide import decide
 from cosell_sync.engine.plan.new_base import idle_skips, new_base, settle
@@ -57,7 +57,7 @@ def plan(
     # Each field's three versions are compared as whole columns; only the values a run writes
     # or reports become Python objects.
     skips: list[pd.DataFrame] = []
-    changes: list[pd.DataFrame] = []
+    changes: list[Writes] = []
     conflicts: list[pd.DataFrame] = []
     moved = ~pairs.has_base
     touched = np.zeros(pairs.n, dtype=bool)
@@ -84,7 +84,7 @@ def plan(
         settled_values[fm.name] = (rows, values)
         del v, d
 
-    change_frame = pd.concat(changes, ignore_index=True) if changes else empty_frame(CHANGE_COLUMNS)
+    changes_planned = change_frame(changes, pairs)
     conflict_frame = pd.concat(conflicts, ignore_index=True) if conflicts else empty_frame(CONFLICT_COLUMNS)
     if (idle := idle_skips(pairs, touched)) is not None:
         skips.append(idle)
@@ -98,7 +98,7 @@ def plan(
     return Plan(
         crm_creates=crm_creates,
         pc_creates=pc_creates,
-        changes=change_frame[CHANGE_COLUMNS],
+        changes=changes_planned[CHANGE_COLUMNS],
         conflicts=conflict_frame[CONFLICT_COLUMNS],
         skips=skip_frame,
         new_base=base_frame,

@@ -123,11 +123,13 @@ def dictionary_versions(parts: list[tuple[object, np.ndarray]], sides: tuple[np.
     shared: dict[str, int] = {}
     aligned_codes = []
     for (codes, dictionary), (_, pos) in zip(found, parts, strict=True):  # type: ignore[misc]
-        remap = np.array([-1 if v is None else shared.setdefault(v, len(shared)) for v in dictionary] + [-1])
-        at = np.full(len(pos), -1, dtype=np.intp)
-        if len(codes):
-            present = pos >= 0
-            at[present] = codes[pos[present]]
+        remap = np.array([-1 if v is None else shared.setdefault(v, len(shared)) for v in dictionary] + [-1], np.int32)
+        if not len(codes):
+            aligned_codes.append(np.full(len(pos), -1, dtype=remap.dtype))
+            continue
+        at = codes[pos]
+        if not (present := pos >= 0).all():
+            at = np.where(present, at, -1)
         aligned_codes.append(remap[at])  # a code of -1 (missing) stays -1
     uniques = np.empty(len(shared), dtype=object)
     uniques[:] = list(shared)

@@ -74,13 +74,13 @@ def same_type(arrays: list[pa.Array]) -> list[pa.Array]:
 def arrow(values: object) -> pa.Array | None:
     """``values`` as an Arrow array of one plain type (text, float, integer or boolean; missing
     values null), or None when they are of mixed or other types."""
-    as_text = text(values)
-    if as_text is not None:
-        return as_text
-    try:
-        arr = values if isinstance(values, pa.Array) else pa.array(values, from_pandas=True)
+    try:  # converted once, whatever the type
+        arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
         return None
+    as_text = text(arr)
+    if as_text is not None:
+        return as_text
     if isinstance(arr, pa.ChunkedArray):
         arr = one_chunk(arr)
     if pa.types.is_floating(arr.type):
@@ -105,8 +105,12 @@ def dictionary_codes(column: object) -> tuple[np.ndarray, list[str | None]] | No
     if isinstance(column, pa.ChunkedArray) and column.num_chunks == 1:
         column = column.chunk(0)
     if isinstance(column, pa.DictionaryArray) and is_text(column.type.value_type):
-        codes = pac.fill_null(column.indices.cast(pa.int64()), -1).to_numpy(zero_copy_only=False)
-        return codes, column.dictionary.to_pylist()
+        codes = column.indices
+        if not pa.types.is_signed_integer(codes.type):
+            codes = codes.cast(pa.int64())
+        if codes.null_count:
+            codes = pac.fill_null(codes, -1)
+        return codes.to_numpy(zero_copy_only=False), column.dictionary.to_pylist()
     return None
 
 

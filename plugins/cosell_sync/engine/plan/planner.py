@@ -94,13 +94,18 @@ def plan(
     crm_creates, pc_creates, lone_skips = creates(pc, crm, pairs, fields, allow_to_crm, allow_to_pc)
     skips.extend(lone_skips)
 
-    skip_frame = pd.concat(skips, ignore_index=True)[SKIP_COLUMNS] if skips else empty_frame(SKIP_COLUMNS)
+    skip_frame = pd.concat(skips, ignore_index=True) if skips else empty_frame(SKIP_COLUMNS)
     return Plan(
         crm_creates=crm_creates,
         pc_creates=pc_creates,
-        changes=changes_planned[CHANGE_COLUMNS],
-        conflicts=conflict_frame[CONFLICT_COLUMNS],
-        skips=skip_frame,
+        changes=in_order(changes_planned, CHANGE_COLUMNS),
+        conflicts=in_order(conflict_frame, CONFLICT_COLUMNS),
+        skips=in_order(skip_frame, SKIP_COLUMNS),
         new_base=base_frame,
         recovered_links=pairs.recovered.reset_index(drop=True),
     )
+
+
+def in_order(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``frame[columns]``, without copying every column when they are in that order already."""
+    return frame if list(frame.columns) == columns else frame[columns]

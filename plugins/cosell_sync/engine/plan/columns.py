@@ -8,15 +8,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pac
 
-TEXT = pd.Series(["text"]).dtype  # the type pandas gives text: str, in Arrow, from pandas 3 on
-
 
 def labels(codes: np.ndarray, names: list[str]) -> object:
     """``names[codes]`` as a column of the type pandas gives text, built by Arrow (no Python
-    string per row) when that type is Arrow's."""
-    if isinstance(TEXT, pd.StringDtype) and TEXT.storage == "pyarrow":
+    string per row) when that type is Arrow's (``str`` from pandas 3 on, as configured now)."""
+    kind = pd.Series(["text"]).dtype
+    if isinstance(kind, pd.StringDtype) and kind.storage == "pyarrow":
         picked = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.large_string()))
-        return pd.arrays.ArrowStringArray(picked.dictionary_decode(), dtype=TEXT)
+        return pd.arrays.ArrowStringArray(picked.dictionary_decode(), dtype=kind)
     return np.asarray(names, dtype=object)[codes]
 
 

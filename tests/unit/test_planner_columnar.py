@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from benchmarks.synthetic import make_case
-from cosell_sync.engine.mapping import load_mapping
+from cosell_sync.engine.mapping import KEEP, load_mapping
 from cosell_sync.engine.plan import plan, with_base_dicts
 
 
@@ -58,3 +59,32 @@ def test_with_base_dicts_leaves_dict_links_alone():
     assert with_base_dicts(links) is links
     columnar = pd.DataFrame({"referral_id": ["r1"], "crm_id": ["c1"], "base.name": ["x"], "base.notes": [None]})
     assert with_base_dicts(columnar)["base"].tolist() == [{"name": "x", "notes": None}]
+
+
+@pytest.mark.parametrize("crm", ["salesforce", "dynamics365"])
+def test_categorical_text_plans_what_plain_text_plans(crm):
+    """Categorical columns (compared by their codes) plan exactly what the same values as Python
+    objects plan: with "no opinion" markers and missing values on every side, each side's
+    categories its own, and a tenth of each side not read this run."""
+    from benchmarks.synthetic import _typed
+
+    mapping = load_mapping(crm)
+    pc, crm_rows, links = make_case(3000, mapping, seed=11, changed=0.3, both=0.1, typed=False, shuffled=True)
+    rng = np.random.default_rng(11)
+    for frame, columns in (
+        (pc, ["stage", "help_code", "notes"]),
+        (crm_rows, ["stage", "help_code", "currency"]),
+        (links, ["base.stage", "base.help_code", "base.close_date"]),
+    ):
+        for column in columns:
+            values = frame[column].astype(object).to_numpy(copy=True)
+            values[rng.random(len(frame)) < 0.05] = KEEP
+            values[rng.random(len(frame)) < 0.03] = None
+            frame[column] = values
+    typed = [_typed(frame) for frame in (pc, crm_rows, links)]
+    assert isinstance(typed[0]["stage"].dtype, pd.CategoricalDtype)
+    assert isinstance(typed[2]["base.stage"].dtype, pd.CategoricalDtype)
+    got, want = plan(*typed, mapping), plan(pc, crm_rows, links, mapping)
+    for part in ("changes", "conflicts", "skips", "new_base", "recovered_links"):
+        assert _rows(getattr(got, part)) == _rows(getattr(want, part)), part
+    assert len(want.changes) and len(want.conflicts) and (want.changes["field"] == "stage").any()

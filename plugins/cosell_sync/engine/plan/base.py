@@ -58,8 +58,7 @@ def settled(
 ) -> np.ndarray:
     """A field's new base at the pairs ``rows``: its old base (the "no opinion" marker as None),
     overwritten at the pairs ``changed`` (sorted) by their settled ``values``."""
-    out = np.array(pair_objects(base, link_pos[rows]), dtype=object)  # a writable copy
-    out[out == KEEP] = None
+    out = pair_objects(base, link_pos[rows], blank=KEEP)
     at = np.searchsorted(rows, changed)
     hit = at < len(rows)
     hit[hit] = rows[at[hit]] == changed[hit]

@@ -4,13 +4,15 @@ values written or reported become Python objects."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from cosell_sync.engine.mapping import FieldMapping
 from cosell_sync.engine.plan.decide import Decision
 from cosell_sync.engine.plan.pairing import Pairs
-from cosell_sync.engine.plan.result import CRM, PC
+from cosell_sync.engine.plan.result import CHANGE_COLUMNS, CRM, PC, empty_frame
 from cosell_sync.engine.plan.versions import B, C, P, Versions
 
 
@@ -44,27 +46,52 @@ def blocked_skips(fm: FieldMapping, v: Versions, pairs: Pairs, d: Decision) -> l
     return out
 
 
-def field_changes(fm: FieldMapping, v: Versions, pairs: Pairs, d: Decision) -> list[pd.DataFrame]:
-    """The writes of field ``fm`` (``CHANGE_COLUMNS``): to the CRM, then to Partner Center."""
+@dataclass
+class Writes:
+    """One field's writes to one side: the pairs at ``rows``, their values there now (``old``) and
+    to write (``new``), and which of them settle a conflict."""
+
+    target: str
+    field: str
+    rows: np.ndarray
+    old: np.ndarray
+    new: np.ndarray
+    conflict: np.ndarray
+
+
+def field_changes(fm: FieldMapping, v: Versions, pairs: Pairs, d: Decision) -> list[Writes]:
+    """The writes of field ``fm``: to the CRM, then to Partner Center (:func:`change_frame` makes
+    them rows)."""
     out = []
     for mask, target, old, new in ((d.to_crm, CRM, C, P), (d.to_pc, PC, P, C)):
         if mask.any():
             rows = np.flatnonzero(mask)
-            reason = np.where(d.conflict[rows], "conflict", PC if target == CRM else CRM)
-            frame = pd.DataFrame(
-                dtype=object,
-                data={
-                    "target": target,
-                    "field": fm.name,
-                    "old": v.values(old, rows),
-                    "new": v.values(new, rows),
-                    "reason": reason,
-                },
-            )
-            frame.insert(0, "referral_id", pairs.referral_ids[rows])  # ids keep their (Arrow) type
-            frame.insert(1, "crm_id", pairs.crm_ids[rows])
-            out.append(frame)
+            out.append(Writes(target, fm.name, rows, v.values(old, rows), v.values(new, rows), d.conflict[rows]))
     return out
+
+
+def change_frame(writes: list[Writes], pairs: Pairs) -> pd.DataFrame:
+    """The changes (``CHANGE_COLUMNS``), one row per field to write, in the order of ``writes``:
+    built once for every field, so each column is one array and the ids are taken once."""
+    if not writes:
+        return empty_frame(CHANGE_COLUMNS)
+    counts = [len(w.rows) for w in writes]
+    rows = np.concatenate([w.rows for w in writes])
+    # a write is for the target's side unless it settles a conflict
+    cause = np.repeat(np.array([PC if w.target == CRM else CRM for w in writes], dtype=object), counts)
+    frame = pd.DataFrame(
+        dtype=object,
+        data={
+            "target": np.repeat(np.array([w.target for w in writes], dtype=object), counts),
+            "field": np.repeat(np.array([w.field for w in writes], dtype=object), counts),
+            "old": np.concatenate([w.old for w in writes]),
+            "new": np.concatenate([w.new for w in writes]),
+            "reason": np.where(np.concatenate([w.conflict for w in writes]), "conflict", cause),
+        },
+    )
+    frame.insert(0, "referral_id", pairs.referral_ids[rows])  # ids keep their (Arrow) type
+    frame.insert(1, "crm_id", pairs.crm_ids[rows])
+    return frame
 
 
 def field_conflicts(fm: FieldMapping, v: Versions, pairs: Pairs, d: Decision) -> pd.DataFrame | None:

@@ -9,6 +9,16 @@ import pyarrow as pa
 import pyarrow.compute as pac
 
 
+def labels(codes: np.ndarray, names: list[str]) -> object:
+    """``names[codes]`` as a column of the type pandas gives text, built by Arrow (no Python
+    string per row) when that type is Arrow's (``str`` from pandas 3 on, as configured now)."""
+    kind = pd.Series(["text"]).dtype
+    if isinstance(kind, pd.StringDtype) and kind.storage == "pyarrow":
+        picked = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.large_string()))
+        return pd.arrays.ArrowStringArray(picked.dictionary_decode(), dtype=kind)
+    return np.asarray(names, dtype=object)[codes]
+
+
 def take_time(frame: pd.DataFrame, column: str, pos: np.ndarray, present: np.ndarray) -> np.ndarray:
     out = np.full(len(pos), np.datetime64("NaT"), dtype="datetime64[us]")
     if column in frame and len(frame):
@@ -63,13 +73,13 @@ def same_type(arrays: list[pa.Array]) -> list[pa.Array]:
 def arrow(values: object) -> pa.Array | None:
     """``values`` as an Arrow array of one plain type (text, float, integer or boolean; missing
     values null), or None when they are of mixed or other types."""
-    as_text = text(values)
-    if as_text is not None:
-        return as_text
-    try:
-        arr = values if isinstance(values, pa.Array) else pa.array(values, from_pandas=True)
+    try:  # converted once, whatever the type
+        arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
         return None
+    as_text = text(arr)
+    if as_text is not None:
+        return as_text
     if isinstance(arr, pa.ChunkedArray):
         arr = one_chunk(arr)
     if pa.types.is_floating(arr.type):
@@ -81,9 +91,33 @@ def arrow(values: object) -> pa.Array | None:
     return None
 
 
+def dictionary_codes(column: object) -> tuple[np.ndarray, list[str | None]] | None:
+    """``(codes, dictionary)`` of a column of dictionary-encoded text (a categorical Series, or an
+    Arrow dictionary array), codes -1 where missing; ``(empty, [])`` for no column; else None."""
+    if column is None:
+        return np.empty(0, dtype=np.intp), []
+    if isinstance(column, pd.Series) and isinstance(column.dtype, pd.CategoricalDtype):
+        categories = text(column.dtype.categories)
+        if categories is None:
+            return None
+        return column.cat.codes.to_numpy(), categories.to_pylist()
+    if isinstance(column, pa.ChunkedArray) and column.num_chunks == 1:
+        column = column.chunk(0)
+    if isinstance(column, pa.DictionaryArray) and is_text(column.type.value_type):
+        codes = column.indices
+        if not pa.types.is_signed_integer(codes.type):
+            codes = codes.cast(pa.int64())
+        if codes.null_count:
+            codes = pac.fill_null(codes, -1)
+        return codes.to_numpy(zero_copy_only=False), column.dictionary.to_pylist()
+    return None
+
+
 def indexer(keys: object, values: object) -> np.ndarray:
     """The position in ``keys`` of each of ``values`` (-1: absent or missing), as
     ``Index.get_indexer``: hashed by Arrow when both are text, by pandas otherwise."""
+    if not len(values):  # type: ignore[arg-type]
+        return np.empty(0, dtype=np.intp)
     k, v = text(keys), text(values)
     if k is None or v is None:
         index = pd.Index(np.asarray(keys, dtype=object), dtype=object)
@@ -142,23 +176,35 @@ def pair_column(column: pa.Array | pd.Series, pos: np.ndarray) -> object:
     return pair_objects(column, pos)  # numbers and booleans as Python values (None where missing)
 
 
-def pair_objects(column: pd.Series | None, pos: np.ndarray) -> np.ndarray:
-    """``column`` aligned by ``pos`` as an object array; None where ``pos`` < 0, missing, or no column."""
+def pair_objects(column: pd.Series | None, pos: np.ndarray, *, blank: str | None = None) -> np.ndarray:
+    """``column`` aligned by ``pos`` as an object array; None where ``pos`` < 0, missing, or no
+    column, and where the value is ``blank``. Dictionary-encoded text is looked up in its
+    dictionary (one Python value per distinct value, not per row)."""
     out = np.full(len(pos), None, dtype=object)
     if column is None or not len(column):
+        return out
+    if (found := dictionary_codes(column)) is not None:
+        codes, dictionary = found
+        lookup = np.full(len(dictionary) + 1, None, dtype=object)  # the last one: code -1, missing
+        lookup[:-1] = [None if value == blank else value for value in dictionary]
+        present = pos >= 0
+        out[present] = lookup[codes[pos[present]]]
         return out
     if isinstance(column, pa.Array):
         taken = column.take(pa.array(pos, mask=pos < 0))
         if pa.types.is_dictionary(taken.type):
             taken = taken.dictionary_decode()
         if pa.types.is_string(taken.type) or pa.types.is_large_string(taken.type):
-            return taken.to_numpy(zero_copy_only=False)
-        out[:] = taken.to_pylist()  # numbers or booleans: None where missing
-        return out
-    as_text = text(column)
-    if as_text is not None:
-        return as_text.take(pa.array(pos, mask=pos < 0)).to_numpy(zero_copy_only=False)
-    out[pos >= 0] = objects(column)[pos[pos >= 0]]
+            out = taken.to_numpy(zero_copy_only=False)
+        else:
+            out[:] = taken.to_pylist()  # numbers or booleans: None where missing
+    elif (as_text := text(column)) is not None:
+        out = as_text.take(pa.array(pos, mask=pos < 0)).to_numpy(zero_copy_only=False)
+    else:
+        out[pos >= 0] = objects(column)[pos[pos >= 0]]
+    if blank is not None:
+        out = np.array(out, dtype=object)  # a writable copy
+        out[out == blank] = None
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from cosell_sync.engine.mapping import FieldMapping
 from cosell_sync.engine.plan.pairing import Pairs
@@ -44,10 +45,11 @@ def invalid_transitions(v: Versions, asked: np.ndarray, n: int) -> np.ndarray:
     """A mask over the ``n`` pairs: True where the stage write asked at ``asked`` is a
     transition Partner Center does not allow (:data:`STAGE_TRANSITIONS`)."""
     blocked = np.zeros(n, dtype=bool)
-    now, new = v.values(P, asked).astype(str), v.values(C, asked).astype(str)
-    allowed = np.fromiter(
-        (b in STAGE_TRANSITIONS.get(a, ()) for a, b in zip(now, new, strict=True)), dtype=bool, count=len(asked)
-    )
+    now, now_stages = pd.factorize(v.values(P, asked).astype(str))
+    new, new_stages = pd.factorize(v.values(C, asked).astype(str))
+    # each (stage now, stage asked) judged once, not once per pair
+    table = np.array([[b in STAGE_TRANSITIONS.get(a, ()) for b in new_stages] for a in now_stages], dtype=bool)
+    allowed = table.reshape(len(now_stages), len(new_stages))[now, new]
     blocked[asked[~allowed]] = True
     return blocked
 

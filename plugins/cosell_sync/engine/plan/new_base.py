@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from cosell_sync.engine.plan.base import BASE_PREFIX, settled
-from cosell_sync.engine.plan.columns import pair_column
+from cosell_sync.engine.plan.columns import labels, pair_column
 from cosell_sync.engine.plan.decide import Decision
 from cosell_sync.engine.plan.pairing import Pairs
 from cosell_sync.engine.plan.result import ECHO_TOLERANCE
@@ -42,15 +42,16 @@ def idle_skips(pairs: Pairs, touched: np.ndarray) -> pd.DataFrame | None:
     ours = ((pairs.crm_modified <= synced_at + tolerance) | ~pairs.has_crm) & (
         (pairs.pc_updated <= synced_at + tolerance) | ~pairs.has_pc
     )
-    reason = np.where(ours & pairs.has_base, "echo", "no_change")
+    echo = (ours & pairs.has_base)[idle]
+    nothing = np.full(len(echo), None, dtype=object)
     return pd.DataFrame(
         {
-            "side": "pair",
+            "side": labels(np.zeros(len(echo), dtype=np.int8), ["pair"]),
             "referral_id": pairs.referral_ids[idle],
             "crm_id": pairs.crm_ids[idle],
-            "reason": reason[idle],
-            "field": None,
-            "detail": None,
+            "reason": labels(echo.view(np.int8), ["no_change", "echo"]),
+            "field": nothing,
+            "detail": nothing.copy(),
         }
     )
 

@@ -5,6 +5,7 @@ position (ids hashed by Arrow), never by merging whole frames."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +98,11 @@ def link_bases(
 
 def pair(pc: pd.DataFrame, crm: pd.DataFrame, links: pd.DataFrame, synced: Sequence[FieldMapping]) -> Pairs:
     """The pairs of this run: every link or recovered link with a side read this run."""
-    link_pc_pos = indexer(pc["referral_id"], links["referral_id"])
-    link_crm_pos = indexer(crm["crm_id"], links["crm_id"])
+    # The two lookups are independent and hash in Arrow, which releases the GIL: one on a thread.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        on_pc = pool.submit(indexer, pc["referral_id"], links["referral_id"])
+        link_crm_pos = indexer(crm["crm_id"], links["crm_id"])
+        link_pc_pos = on_pc.result()
     recovered = recover_links(pc, crm, links, link_pc_pos, link_crm_pos)
     rec_refs = recovered["referral_id"].to_numpy(dtype=object)
     rec_cids = recovered["crm_id"].to_numpy(dtype=object)

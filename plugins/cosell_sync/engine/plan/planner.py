@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cosell_sync.engine.mapping import SyncMapping
-from cosell_sync.engine.plan.changes import blocked_skips, field_changes, field_conflicts
+from cosell_sync.engine.plan.changes import Writes, blocked_skips, change_frame, field_changes, field_conflicts
 from cosell_sync.engine.plan.creates import creates
 from cosell_sync.engine.plan.decide import decide
 from cosell_sync.engine.plan.new_base import idle_skips, new_base, settle
@@ -57,7 +57,7 @@ def plan(
     # Each field's three versions are compared as whole columns; only the values a run writes
     # or reports become Python objects.
     skips: list[pd.DataFrame] = []
-    changes: list[pd.DataFrame] = []
+    changes: list[Writes] = []
     conflicts: list[pd.DataFrame] = []
     moved = ~pairs.has_base
     touched = np.zeros(pairs.n, dtype=bool)
@@ -84,7 +84,7 @@ def plan(
         settled_values[fm.name] = (rows, values)
         del v, d
 
-    change_frame = pd.concat(changes, ignore_index=True) if changes else empty_frame(CHANGE_COLUMNS)
+    changes_planned = change_frame(changes, pairs)
     conflict_frame = pd.concat(conflicts, ignore_index=True) if conflicts else empty_frame(CONFLICT_COLUMNS)
     if (idle := idle_skips(pairs, touched)) is not None:
         skips.append(idle)
@@ -94,13 +94,18 @@ def plan(
     crm_creates, pc_creates, lone_skips = creates(pc, crm, pairs, fields, allow_to_crm, allow_to_pc)
     skips.extend(lone_skips)
 
-    skip_frame = pd.concat(skips, ignore_index=True)[SKIP_COLUMNS] if skips else empty_frame(SKIP_COLUMNS)
+    skip_frame = pd.concat(skips, ignore_index=True) if skips else empty_frame(SKIP_COLUMNS)
     return Plan(
         crm_creates=crm_creates,
         pc_creates=pc_creates,
-        changes=change_frame[CHANGE_COLUMNS],
-        conflicts=conflict_frame[CONFLICT_COLUMNS],
-        skips=skip_frame,
+        changes=in_order(changes_planned, CHANGE_COLUMNS),
+        conflicts=in_order(conflict_frame, CONFLICT_COLUMNS),
+        skips=in_order(skip_frame, SKIP_COLUMNS),
         new_base=base_frame,
         recovered_links=pairs.recovered.reset_index(drop=True),
     )
+
+
+def in_order(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``frame[columns]``, without copying every column when they are in that order already."""
+    return frame if list(frame.columns) == columns else frame[columns]

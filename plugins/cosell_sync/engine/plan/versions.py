@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pac
 
 from cosell_sync.engine.mapping import KEEP
-from cosell_sync.engine.plan.columns import aligned, arrow, pair_objects
+from cosell_sync.engine.plan.columns import aligned, arrow, dictionary_codes, pair_objects
 
 B, P, C = 0, 1, 2  # a field's three versions: the base, Partner Center's, the CRM's
 
@@ -72,10 +72,14 @@ def versions(
     crm_pos: np.ndarray,
     has_base: np.ndarray,
 ) -> Versions:
-    """One field's versions. Values of one plain type stay in Arrow; mixed ones are factorized."""
+    """One field's versions. Dictionary-encoded text is compared by its codes, values of one plain
+    type stay in Arrow, mixed ones are factorized."""
     n = len(link_pos)
     has_pc, has_crm = pc_pos >= 0, crm_pos >= 0
     parts = [(base, link_pos), (pc_col, pc_pos), (crm_col, crm_pos)]
+    pairs_sides = (has_pc, has_crm, has_base)
+    if (by_code := dictionary_versions(parts, pairs_sides)) is not None:
+        return by_code
     arrays = [pa.nulls(0) if col is None else arrow(col) for col, _ in parts]
     kinds = {a.type for a in arrays if a is not None and not pa.types.is_null(a.type) and len(a)}
     if kinds <= {pa.string(), pa.large_string()} and len(kinds) > 1:
@@ -106,11 +110,44 @@ def versions(
     columns = [pair_objects(col, pos) for col, pos in parts]
     columns[0] = np.where(columns[0] == KEEP, None, columns[0])
     codes, uniques = pd.factorize(np.concatenate(columns))
-    uniques = np.asarray(uniques, dtype=object)
-    cb, cp, cc = codes[:n], codes[n : 2 * n], codes[2 * n :]
+    return coded(codes[:n], codes[n : 2 * n], codes[2 * n :], np.asarray(uniques, dtype=object), pairs_sides)
+
+
+def dictionary_versions(parts: list[tuple[object, np.ndarray]], sides: tuple[np.ndarray, ...]) -> Versions | None:
+    """The versions of dictionary-encoded text (categorical columns, as a columnar store hands
+    them over), compared by their codes: each column's small dictionary is mapped onto one
+    shared dictionary and no value is decoded. None unless every column present is so encoded."""
+    found = [dictionary_codes(col) for col, _ in parts]
+    if any(f is None for f in found):
+        return None
+    shared: dict[str, int] = {}
+    aligned_codes = []
+    for (codes, dictionary), (_, pos) in zip(found, parts, strict=True):  # type: ignore[misc]
+        remap = np.array([-1 if v is None else shared.setdefault(v, len(shared)) for v in dictionary] + [-1], np.int32)
+        if not len(codes):
+            aligned_codes.append(np.full(len(pos), -1, dtype=remap.dtype))
+            continue
+        at = codes[pos]
+        if not (present := pos >= 0).all():
+            at = np.where(present, at, -1)
+        aligned_codes.append(remap[at])  # a code of -1 (missing) stays -1
+    uniques = np.empty(len(shared), dtype=object)
+    uniques[:] = list(shared)
+    return coded(*aligned_codes, uniques, sides)
+
+
+def coded(
+    cb: np.ndarray, cp: np.ndarray, cc: np.ndarray, uniques: np.ndarray, sides: tuple[np.ndarray, ...]
+) -> Versions:
+    """Versions from codes into ``uniques`` (-1 missing), with the rules of :func:`versions`: the
+    base's "no opinion" marker is missing, a side not read holds the base, and a side's marker
+    holds the base (or, with no base, the other side's value)."""
+    has_pc, has_crm, has_base = sides
+    keep = np.flatnonzero(uniques == KEEP)
+    if keep.size:
+        cb = np.where(cb == keep[0], -1, cb)
     cp = np.where(has_pc, cp, cb)
     cc = np.where(has_crm, cc, cb)
-    keep = np.flatnonzero(uniques == KEEP)
     if keep.size:
         cp = np.where(cp == keep[0], np.where(has_base, cb, cc), cp)
         cc = np.where(cc == keep[0], np.where(has_base, cb, cp), cc)

@@ -9,8 +9,15 @@ against the sandbox:
 5. the CRM (Salesforce here: one Partner Center account syncs with one CRM, since a
    referral's ``externalReferenceId`` holds one CRM id) is updated.
 
-The latency from the edit to the CRM write is measured over 24 events (printed, and
-written to ``$COSELL_LATENCY_OUT`` when set). Then a burst of 500 events: all synced, in
+The latency from the edit to the CRM write is measured over 24 events when ``make bench``
+asks for it (``$COSELL_LATENCY_OUT``, where the figures are written), over 6 in the suite (the
+path is the same; the percentiles are the bench's). It is the steady state's: the test's first
+event is sent first and timed apart (``cold_first_event_s``): on a cluster that has just started
+(as under ``make bench``) it pays Airflow's one-off start-up in each process on its path (the
+execution API's first request in the API server and in the triggerer, the receiver's first
+delivery), 10-30 s on this machine, which a deployment pays once after a restart, not per event.
+
+Then a burst of 500 events: all synced, in
 few runs, none lost and none synced twice. Then an event accepted while the scheduler is
 down waits in the inbox and syncs once the scheduler is back. No scheduled sync DAG runs
 meanwhile.
@@ -34,7 +41,7 @@ from tests.shared_airflow import SHARED_GROUP, SharedAirflow
 
 pytestmark = pytest.mark.xdist_group(SHARED_GROUP)  # the shared real Airflow: see tests/shared_airflow.py
 EVENTS_DAG = "cosell_referral_events"
-LATENCY_EVENTS = 24
+LATENCY_EVENTS = 24 if os.environ.get("COSELL_LATENCY_OUT") else 6
 BURST_REFERRALS, BURST_EDITS = 100, 5
 
 
@@ -78,7 +85,7 @@ def test_webhooks_drive_event_syncs_end_to_end(pc, pc_conn, sf_conn, shared_airf
         for rid, doc in pc.partner_center.referrals.items()
         if doc["direction"] == "Incoming" and doc["status"] in ("New", "Active") and rid in links
     ]
-    assert len(incoming) >= LATENCY_EVENTS + BURST_REFERRALS
+    assert len(incoming) >= 1 + LATENCY_EVENTS + BURST_REFERRALS
 
     # The shared Airflow has the sandbox's connections and webhook settings, EVENT_CRMS salesforce and HTTPS.
     af = shared_airflow.af
@@ -96,35 +103,41 @@ def test_webhooks_drive_event_syncs_end_to_end(pc, pc_conn, sf_conn, shared_airf
     PartnerCenterHook().create_webhook_registration(f"{af.url}/cosell/webhooks/partner-center", REFERRAL_EVENTS)
 
     # -- latency: one Microsoft edit at a time, timed until the CRM holds the new value.
-    latencies = []
-    for n, rid in enumerate(incoming[:LATENCY_EVENTS]):
-        value = 50_000.0 + n
+    def timed_edit(rid: str, value: float) -> float:
         started = time.monotonic()
         live.microsoft_edit(rid, value)
         af.wait_for(
-            lambda rid=rid, value=value: live.crm_amount(links, rid) == value,
+            lambda: live.crm_amount(links, rid) == value,
             120,
             f"referral {rid}'s new deal value in the CRM",
             interval=0.05,
         )
-        latencies.append(time.monotonic() - started)
+        return time.monotonic() - started
+
+    cold = timed_edit(incoming[0], 49_999.0)  # the cluster's first event: its processes' start-up
+    latencies = [timed_edit(rid, 50_000.0 + n) for n, rid in enumerate(incoming[1 : 1 + LATENCY_EVENTS])]
     p50, p95 = statistics.median(latencies), percentile(latencies, 0.95)
-    print(f"\nwebhook -> CRM write latency over {len(latencies)} events: p50 {p50:.2f}s, p95 {p95:.2f}s")
+    print(
+        f"\nwebhook -> CRM write latency over {len(latencies)} events: p50 {p50:.2f}s, p95 {p95:.2f}s"
+        f" (the cluster's first event, apart: {cold:.2f}s)"
+    )
     if os.environ.get("COSELL_LATENCY_OUT"):
         out = {"events": len(latencies), "p50_s": p50, "p95_s": p95, "latencies_s": latencies}
+        out["cold_first_event_s"] = cold
         Path(os.environ["COSELL_LATENCY_OUT"]).write_text(json.dumps(out, indent=2))
     # The CRM write lands before the run marks its events done: wait for that too.
-    af.wait_for(lambda: store.inbox_counts()["done"] == LATENCY_EVENTS, 60, "the events to be marked done")
+    af.wait_for(lambda: store.inbox_counts()["done"] == 1 + LATENCY_EVENTS, 60, "the events to be marked done")
     runs_before_burst = len(live.runs())
 
     # -- durability: a burst of 500 events (5 edits each of 100 referrals), sent at once.
-    burst = incoming[LATENCY_EVENTS : LATENCY_EVENTS + BURST_REFERRALS]
+    timed = 1 + LATENCY_EVENTS  # events so far: the cold one and the timed ones
+    burst = incoming[timed : timed + BURST_REFERRALS]
     final = {}
     for edit in range(BURST_EDITS):
         for n, rid in enumerate(burst):
             final[rid] = 70_000.0 + 100 * n + edit
             live.microsoft_edit(rid, final[rid])
-    total = LATENCY_EVENTS + BURST_REFERRALS * BURST_EDITS
+    total = timed + BURST_REFERRALS * BURST_EDITS
     af.wait_for(lambda: store.inbox_counts()["done"] == total, 600, "all 500 burst events to be synced", 1)
     af.wait_for(lambda: all(r["state"] == "success" for r in live.runs()), 120, "the last run to finish", 1)
     burst_runs = len(live.runs()) - runs_before_burst

@@ -105,3 +105,44 @@ def test_the_connections_ca_bundle_wins_over_requests_ca_bundle(monkeypatch, tmp
     with pytest.raises(requests.ConnectionError):
         TrustedSession().get(URL)
     assert seen["verify"] == "/etc/ssl/corp.pem"  # without a ca_bundle, REQUESTS_CA_BUNDLE is honoured
+
+
+# -- prepare_request: requests' own merge of the session's and the request's settings -------------------
+REQUESTS = [
+    {"headers": {"Authorization": "Bearer t", "If-Match": 'W/"1"'}, "json": [{"op": "add", "path": "/a", "value": 1}]},
+    {"headers": {"accept": "text/plain", "User-Agent": None}, "params": {"$top": "100", "$skip": None}},
+    {"headers": None, "data": {"grant_type": "refresh_token", "scope": "x"}},
+    {"headers": {"X-One": "1"}, "params": [("a", "1"), ("a", "2")], "cookies": {"affinity": "abc"}},
+    {"auth": ("user", "secret"), "data": b"raw", "hooks": {"response": [lambda r, **kw: r]}},
+]
+
+
+def _prepared(session, method, **kwargs):
+    return session.prepare_request(requests.Request(method, URL, **{"params": {}, "data": {}, **kwargs}))
+
+
+@pytest.mark.parametrize("kwargs", REQUESTS, ids=range(len(REQUESTS)))
+def test_prepare_request_is_requests_own(monkeypatch, tmp_path, kwargs):
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    ours, theirs = TrustedSession(), requests.Session()
+    for session in (ours, theirs):
+        session.headers["User-Agent"] = "cosell-sync"
+        session.params = {"api-version": "1"}
+        session.cookies.set("session", "s1", domain="api.partner.microsoft.com")
+    a, b = _prepared(ours, "post", **kwargs), _prepared(theirs, "post", **kwargs)
+    assert (a.method, a.url, a.body) == (b.method, b.url, b.body)
+    assert dict(a.headers) == dict(b.headers)
+    assert {k: len(v) for k, v in a.hooks.items()} == {k: len(v) for k, v in b.hooks.items()}
+
+
+def test_a_netrc_entry_never_replaces_a_requests_own_bearer_token(monkeypatch, tmp_path):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.partner.microsoft.com login someone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    bearer = _prepared(TrustedSession(), "GET", headers={"Authorization": "Bearer t"})
+    assert bearer.headers["Authorization"] == "Bearer t"
+    # without one of its own (msal's token requests), the netrc entry applies as in requests
+    plain = _prepared(TrustedSession(), "GET", headers={"Accept": "application/json"})
+    assert plain.headers["Authorization"] == _prepared(requests.Session(), "GET").headers["Authorization"]
+    assert plain.headers["Authorization"].startswith("Basic ")

@@ -94,7 +94,7 @@ def compile_path(path: str, *, strict: bool = False, objects: Sequence[str] = ()
         cur = doc
         for i in range(start, len(steps)):
             key, index = steps[i]
-            if not isinstance(cur, Mapping):
+            if type(cur) is not dict and not isinstance(cur, Mapping):  # (JSON objects are dicts: no ABC check)
                 if strict and cur is not None:
                     return ShapeError(f"{trail or 'the document'} must be an object, not {_kind(cur)}", cur)
                 return None

@@ -63,6 +63,7 @@ TRANSIENT_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 _apps: dict[tuple[str, str, str], msal.ClientApplication] = {}
 _tokens: dict[tuple[str, ...], tuple[str, float]] = {}
 _lock = threading.Lock()
+_acquiring: dict[tuple[str, ...], threading.Lock] = {}  # one acquisition at a time per key (see cached_token)
 
 
 def authority_url(base: str, tenant_id: str) -> str:
@@ -189,11 +190,25 @@ def msal_app(
 
 def cached_token(key: tuple[str, ...], acquire: Callable[[], dict[str, Any]], force: bool = False) -> str:
     """A cached access token for ``key``; ``acquire`` returns msal's result dict."""
-    now = time.time()
     with _lock:
         hit = _tokens.get(key)
-    if hit and not force and hit[1] - EXPIRY_SKEW > now:
+    if hit and not force and hit[1] - EXPIRY_SKEW > time.time():
         return hit[0]
+    with _lock:
+        gate = _acquiring.setdefault(key, threading.Lock())
+    # Threads that miss the cache together (a write pool's first requests) wait for one grant
+    # instead of each asking the token service for its own.
+    with gate:
+        if not force:
+            with _lock:
+                hit = _tokens.get(key)
+            if hit and hit[1] - EXPIRY_SKEW > time.time():
+                return hit[0]
+        return _acquired(key, acquire, time.time())
+
+
+def _acquired(key: tuple[str, ...], acquire: Callable[[], dict[str, Any]], now: float) -> str:
+    """A new token for ``key`` (``now``: when it was asked for, its lifetime counts from then)."""
     try:
         result = acquire()
     except MsalServiceError as exc:  # only if msal itself judged a response bad

@@ -10,6 +10,7 @@ run as separate Airflow tasks (on separate workers) and nothing large goes throu
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import pandas as pd
@@ -25,11 +26,21 @@ def write_frame(job: SyncJob, name: str, frame: pd.DataFrame) -> None:
     for column in out.columns:
         # Text and mixed columns travel as JSON text, so values keep their types (and None).
         if column in JSON_COLUMNS or out[column].dtype == object or pd.api.types.is_string_dtype(out[column]):
-            out[column] = [json.dumps(plain(v), default=str) for v in out[column]]
+            out[column] = [_json_cell(v) for v in out[column]]
     folder = job.folder
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / f"{name}.parquet").open("wb") as fh:
         out.to_parquet(fh, index=False)
+
+
+def _json_cell(value: Any) -> str:
+    """``json.dumps(plain(value), default=str)``, with text and None (most cells) encoded
+    directly: the same JSON text, without json.dumps' per-call set-up for each cell."""
+    if type(value) is str:
+        return encode_basestring_ascii(value)
+    if value is None:
+        return "null"
+    return json.dumps(plain(value), default=str)
 
 
 def read_frame(job: SyncJob, name: str) -> pd.DataFrame:

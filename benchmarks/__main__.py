@@ -114,7 +114,7 @@ def bench_quiet_run(sb) -> dict[str, dict[str, object]]:
         sb.reset()
         forget_tokens()
         sb.partner_center.seed(QUIET_REFERRALS, seed=16)
-        crm_emulator = sb.salesforce if crm == "salesforce" else sb.dataverse
+        crm_emulator = sb.salesforce if crm == "salesforce" else sb.dynamics365
         crm_emulator.seed(opportunities=QUIET_REFERRALS // 3, accounts=40, flagged=QUIET_REFERRALS // 6, seed=16)
         store = StateStore(f"sqlite:///{_TMP / f'quiet-{crm}.db'}")
         store.migrate()

@@ -133,7 +133,7 @@ def _open_referrals(pc: Any) -> int:
 def _latency(sb: Any, ms: int) -> None:
     from cosell_sandbox.server import FaultConfig
 
-    for app in (sb.entra, sb.partner_center, sb.dataverse, sb.salesforce):
+    for app in (sb.entra, sb.partner_center, sb.dynamics365, sb.salesforce):
         app.faults.configure(FaultConfig(latency_ms=(ms, ms)))
 
 
@@ -206,7 +206,7 @@ def run_one(sb: Any, crm: str, tmp: Path, inflight: dict[str, InFlight]) -> dict
     sb.reset()
     sb.partner_center.seed(REFERRALS, seed=16)
     pc_total = _open_referrals(sb.partner_center)
-    crm_emulator = sb.salesforce if crm == "salesforce" else sb.dataverse
+    crm_emulator = sb.salesforce if crm == "salesforce" else sb.dynamics365
     crm_emulator.seed(opportunities=OPPORTUNITIES, flagged=FLAGGED, seed=16)
     run_dir = tmp / crm
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -332,7 +332,7 @@ def bench_throughput(sb: Any = None) -> dict[str, dict[str, Any]]:
             "token": InFlight(sb.entra),
             "partner_center": InFlight(sb.partner_center),
             "salesforce": InFlight(sb.salesforce),
-            "dynamics365": InFlight(sb.dataverse),
+            "dynamics365": InFlight(sb.dynamics365),
         }
         figures = {}
         try:

@@ -126,7 +126,7 @@ class Tour:
 
     # -- the tour ------------------------------------------------------------------------------------
     def main(self) -> None:
-        self.sb.dataverse.configure(cosell_columns=False)  # an org before setup
+        self.sb.dynamics365.configure(cosell_columns=False)  # an org before setup
         self.airflow.migrate()
         self.login()
         self.run("cosell-sync", "setup", "dynamics365", "--dry-run")
@@ -151,7 +151,7 @@ class Tour:
         return next(r for r in referrals if r.get("status") in ("New", "Active"))
 
     def show_created(self, referral: dict[str, Any]) -> None:
-        rows = [r for r in self.sb.dataverse.rows("opportunities") if r.get("cosell_referralid") == referral["id"]]
+        rows = [r for r in self.sb.dynamics365.rows("opportunities") if r.get("cosell_referralid") == referral["id"]]
         self.show(f"\n# the opportunity the run created for referral {referral['id']}, read back from Dataverse:")
         for row in rows:
             self.show(json.dumps({k: row.get(k) for k in SHOWN}, indent=2, default=str))

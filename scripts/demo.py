@@ -191,7 +191,7 @@ class Demo:
         label = CRMS[crm]
         self.sandbox.reset()
         self.control("POST", "/_sandbox/seed", {"count": 200, "seed": 2026})
-        emulator = self.sandbox.salesforce if crm == "salesforce" else self.sandbox.dataverse
+        emulator = self.sandbox.salesforce if crm == "salesforce" else self.sandbox.dynamics365
         emulator.seed(opportunities=100, accounts=35, flagged=60, seed=2026)
         state_db = self.work / f"state-{crm}.db"
         state_db.unlink(missing_ok=True)

@@ -195,7 +195,7 @@ def main() -> int:
         pc.faults.clear()
 
         step("Dynamics 365: the Dataverse sandbox through DynamicsHook (client credentials)")
-        dv = sandbox.dataverse
+        dv = sandbox.dynamics365
         assert dv is not None
         dv.seed(opportunities=120, accounts=40, flagged=30, seed=2026)
         dyn = DynamicsHook()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .dynamics365 import DataverseEmulator
+from .dynamics365 import Dynamics365Emulator
 from .entra import EntraConfig, EntraEmulator
 from .partner_center import PartnerCenterEmulator, WebhookDispatcher
 from .partner_center.records import CERT_PATH, REFERRALS_PATH, WEBHOOKS_PATH
@@ -54,7 +54,7 @@ class Credentials:
 class Sandbox:
     """All emulators in one process, each on its own HTTPS port on 127.0.0.1."""
 
-    EMULATORS = ("entra", "partner_center", "dataverse", "salesforce")  # port order from base_port
+    EMULATORS = ("entra", "partner_center", "dynamics365", "salesforce")  # port order from base_port
 
     def __init__(
         self,
@@ -73,7 +73,7 @@ class Sandbox:
         self._servers: list[EmulatorServer] = []
         self.dispatcher: WebhookDispatcher | None = None
         self.partner_center: PartnerCenterEmulator | None = None
-        self.dataverse: DataverseEmulator | None = None
+        self.dynamics365: Dynamics365Emulator | None = None
         self.salesforce: SalesforceEmulator | None = None
 
     def _port(self, name: str) -> int:
@@ -97,10 +97,10 @@ class Sandbox:
         self.partner_center = PartnerCenterEmulator(self.entra, self.dispatcher)
         self.partner_center.signer_der = self.pki.signer_der()
         self._servers.append(EmulatorServer(self.partner_center, ctx, self._port("partner_center")).start())
-        self.dataverse = DataverseEmulator(self.entra)
-        self._servers.append(EmulatorServer(self.dataverse, ctx, self._port("dataverse")).start())
+        self.dynamics365 = Dynamics365Emulator(self.entra)
+        self._servers.append(EmulatorServer(self.dynamics365, ctx, self._port("dynamics365")).start())
         # Dataverse tokens are for the environment URL itself (scope "<host>/.default").
-        self.entra.register_resource(self.origin("dataverse"))
+        self.entra.register_resource(self.origin("dynamics365"))
         self.salesforce = SalesforceEmulator(access_token=creds.salesforce_token)
         self._servers.append(EmulatorServer(self.salesforce, ctx, self._port("salesforce")).start())
         return self
@@ -112,8 +112,8 @@ class Sandbox:
         the last one, as far as the data can tell."""
         from datetime import timedelta
 
-        assert self.partner_center is not None and self.dataverse is not None and self.salesforce is not None
-        for emulator in (self.partner_center, self.dataverse, self.salesforce):
+        assert self.partner_center is not None and self.dynamics365 is not None and self.salesforce is not None
+        for emulator in (self.partner_center, self.dynamics365, self.salesforce):
             emulator.age(seconds)
         for dag_id in dag_ids:
             for side in ("partner_center", "crm", "full_sync"):
@@ -123,9 +123,9 @@ class Sandbox:
 
     def reset(self) -> None:
         """Back to a fresh sandbox: no data, no registration, no faults, default token settings."""
-        assert self.partner_center is not None and self.dataverse is not None and self.salesforce is not None
+        assert self.partner_center is not None and self.dynamics365 is not None and self.salesforce is not None
         self.partner_center.reset()
-        self.dataverse.reset()
+        self.dynamics365.reset()
         self.salesforce.reset()
         self.entra.reset()
         creds = self.credentials
@@ -170,7 +170,7 @@ class Sandbox:
             },
             "dynamics365_default": {
                 "conn_type": "dynamics365",
-                "host": self.origin("dataverse"),
+                "host": self.origin("dynamics365"),
                 "login": creds.client_id,
                 "password": creds.client_secret,
                 "extra": {

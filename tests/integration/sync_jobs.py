@@ -53,7 +53,7 @@ def event_job(crm: str, staging: Any, referral_ids: list[str]) -> SyncJob:
 def seed(pc: Any, crm: str, *, referrals: int, opportunities: int, accounts: int, flagged: int, seed: int) -> None:
     """Referrals in Partner Center and opportunities in the CRM's emulator."""
     pc.partner_center.seed(referrals, seed=seed)
-    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
+    emulator = pc.salesforce if crm == "salesforce" else pc.dynamics365
     emulator.seed(opportunities=opportunities, accounts=accounts, flagged=flagged, seed=seed)
 
 
@@ -61,7 +61,7 @@ def crm_amount(pc: Any, crm: str, crm_id: str) -> float:
     """The opportunity's amount as the CRM holds it."""
     if crm == "salesforce":
         return pc.salesforce.get_record("Opportunity", crm_id)["Amount"]
-    return pc.dataverse.row("opportunities", crm_id)["estimatedvalue"]
+    return pc.dynamics365.row("opportunities", crm_id)["estimatedvalue"]
 
 
 def base_of(store: StateStore, crm: str, referral_id: str) -> dict:

@@ -257,7 +257,7 @@ def test_salesforce_bulk_update_rejected_as_a_whole_is_split(sf, sf_side, sf_hoo
 # -- Dataverse ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def dv(pc):
-    return pc.dataverse
+    return pc.dynamics365
 
 
 @pytest.fixture

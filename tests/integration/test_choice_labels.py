@@ -44,19 +44,19 @@ def test_dynamics_labels_resolve_to_the_orgs_publisher_values_and_sync(pc, conns
     """The emulator's org has its own publisher prefix (858,880,000); the shipped mapping, which
     names the choices by label, syncs unchanged: the options are read once, at the start of the run,
     and travel to the other tasks."""
-    base = pc.dataverse.configure()["choice_value_base"]
+    base = pc.dynamics365.configure()["choice_value_base"]
     assert base == 858_880_000
     pc.partner_center.seed(6, seed=5)
     for doc in pc.partner_center.referrals.values():
         doc.update(status="New", substatus="Pending", externalReferenceId=None)
         doc["inviteContext"]["assistanceRequestCode"] = "QuotesOrLicensing"
-    pc.dataverse.seed(opportunities=4, accounts=2, flagged=4, seed=5)
+    pc.dynamics365.seed(opportunities=4, accounts=2, flagged=4, seed=5)
     mapping = load_mapping("dynamics365")
-    before = len([e for e in pc.dataverse.log if "EntityDefinitions" in e.path])
+    before = len([e for e in pc.dynamics365.log if "EntityDefinitions" in e.path])
     choices = check_mapping("dynamics365", mapping)
     assert choices["cosell_howcanmicrosofthelp"]["Quotes or licensing"] == base + 3
     assert choices["cosell_syncstatus"]["Synced"] == base
-    metadata_reads = len([e for e in pc.dataverse.log if "EntityDefinitions" in e.path])
+    metadata_reads = len([e for e in pc.dynamics365.log if "EntityDefinitions" in e.path])
     assert metadata_reads - before == 2  # the picklists, and statecode's state options
 
     job = scheduled_job("dynamics365", store, tmp_path / "staging")
@@ -69,10 +69,10 @@ def test_dynamics_labels_resolve_to_the_orgs_publisher_values_and_sync(pc, conns
     assert load_partner_center(job, pc_side, crm_side)["failed"] == 0
     report = commit(job, store)
     assert report["pc_to_crm"]["created"] == 6 and report["crm_to_pc"]["created"] == 4, report
-    assert len([e for e in pc.dataverse.log if "EntityDefinitions" in e.path]) == metadata_reads  # not again
+    assert len([e for e in pc.dynamics365.log if "EntityDefinitions" in e.path]) == metadata_reads  # not again
 
     labels = {v: k for k, v in choices["cosell_howcanmicrosofthelp"].items()}
-    rows = pc.dataverse.rows("opportunities")
+    rows = pc.dynamics365.rows("opportunities")
     created = [r for r in rows if r.get("cosell_referralid") and r["cosell_referralid"] in pc.partner_center.referrals]
     imported = [
         r for r in created if pc.partner_center.referrals[r["cosell_referralid"]].get("direction") != "Outgoing"
@@ -109,6 +109,6 @@ def test_a_dynamics_label_the_org_lacks_fails_the_run_at_its_start_naming_it(pc,
         "'General or other' (858880000), 'Customer technical architecture' (858880001)"
     ), message
     # The org of another publisher: the same mapping resolves to its values.
-    pc.dataverse.configure(choice_value_base=100_000_000)
+    pc.dynamics365.configure(choice_value_base=100_000_000)
     choices = check_mapping("dynamics365", load_mapping("dynamics365"))
     assert choices["cosell_howcanmicrosofthelp"]["General or other"] == 100_000_000

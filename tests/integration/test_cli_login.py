@@ -126,7 +126,7 @@ def test_login_with_an_env_var_connection_writes_a_private_env_file(
     from cosell_sync.dag_factory import sync_sides
     from cosell_sync.pipeline import sync, window_job
 
-    pc.dataverse.seed(opportunities=6, accounts=3, flagged=3, seed=3)
+    pc.dynamics365.seed(opportunities=6, accounts=3, flagged=3, seed=3)
     job = window_job("dynamics365", store, tmp_path / "staging", "manual__login1")
     report = sync(job, *sync_sides("dynamics365", job.mapping), store)
     assert report["pc_to_crm"]["failed"] == 0 and report["crm_to_pc"]["failed"] == 0, report

@@ -27,13 +27,13 @@ READ_METHODS = {"GET", "HEAD"}
 def api_requests(pc) -> list[tuple[str, str, str]]:
     """(emulator, method, path) of every API request the emulators served (control plane excluded)."""
     out = []
-    for name, emulator in (("pc", pc.partner_center), ("sf", pc.salesforce), ("dv", pc.dataverse)):
+    for name, emulator in (("pc", pc.partner_center), ("sf", pc.salesforce), ("dv", pc.dynamics365)):
         out += [(name, e.method, e.path) for e in emulator.log if not e.path.startswith("/_sandbox/")]
     return out
 
 
 def clear_logs(pc) -> None:
-    for emulator in (pc.partner_center, pc.salesforce, pc.dataverse):
+    for emulator in (pc.partner_center, pc.salesforce, pc.dynamics365):
         emulator.log.clear()
 
 
@@ -221,7 +221,7 @@ def test_dynamics_referral_preview_matches_the_run(conns, pc, store, state_url, 
     [write] = [w for w in doc["writes"] if w["action"] in ("create", "win", "lose")]
     job = event_job("dynamics365", ObjectStoragePath(f"file://{tmp_path / 'staging'}"), [rid])
     sync(job, *quiet_sides("dynamics365", job.mapping), store)
-    [row] = [r for r in pc.dataverse.rows("opportunities") if r.get("cosell_referralid") == rid]
+    [row] = [r for r in pc.dynamics365.rows("opportunities") if r.get("cosell_referralid") == rid]
     for column in ("name", "estimatedvalue", "description"):
         if column in write["fields"]:
             assert row[column] == write["fields"][column], column

@@ -26,19 +26,19 @@ OPPORTUNITY = "EntityDefinitions(LogicalName='opportunity')"
 
 @pytest.fixture
 def empty_org(pc: Sandbox, dyn_conn: dict) -> Sandbox:
-    pc.dataverse.configure(cosell_columns=False, key_activation_seconds=0.5)
+    pc.dynamics365.configure(cosell_columns=False, key_activation_seconds=0.5)
     return pc
 
 
 def posts(pc: Sandbox) -> list[str]:
-    return [r.path for r in pc.dataverse.requests_matching("POST", API)]
+    return [r.path for r in pc.dynamics365.requests_matching("POST", API)]
 
 
 def api(pc: Sandbox, dyn_hook: Any, method: str, path: str, **kwargs: Any) -> requests.Response:
     token = dyn_hook.get_token()
     return requests.request(
         method,
-        f"{pc.origin('dataverse')}{API}{path}",
+        f"{pc.origin('dynamics365')}{API}{path}",
         headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
         verify=str(pc.pki.ca_cert),
         timeout=10,
@@ -71,13 +71,13 @@ def test_setup_on_an_empty_org_then_a_sync_then_again_with_no_changes(empty_org,
 
     # The new columns work for data: a whole sync both ways.
     pc.partner_center.seed(30, seed=8)
-    pc.dataverse.seed(opportunities=12, accounts=5, flagged=5, seed=8)
+    pc.dynamics365.seed(opportunities=12, accounts=5, flagged=5, seed=8)
     job = window_job("dynamics365", store, tmp_path / "staging", "manual__setup1")
     report = sync(job, *sync_sides("dynamics365", job.mapping), store)
     assert report["pc_to_crm"]["created"] > 0 and report["pc_to_crm"]["failed"] == 0, report
     assert report["crm_to_pc"]["created"] > 0 and report["crm_to_pc"]["failed"] == 0, report
 
-    pc.dataverse.log.clear()
+    pc.dynamics365.log.clear()
     second = setup()
     assert second.exit_code == 0, second.output
     assert "Nothing to do" in second.output and "No changes made" in second.output
@@ -86,7 +86,7 @@ def test_setup_on_an_empty_org_then_a_sync_then_again_with_no_changes(empty_org,
 
 def test_dry_run_prints_the_plan_and_writes_nothing(empty_org, dyn_hook):
     pc = empty_org
-    pc.dataverse.log.clear()
+    pc.dynamics365.log.clear()
     result = setup("--dry-run")
     assert result.exit_code == 0, result.output
     assert (
@@ -108,7 +108,7 @@ def test_setup_adds_the_options_a_choice_column_lacks(empty_org, dyn_hook):
     assert result.exit_code == 0, result.output
     assert "✔ added options to cosell_syncstatus: Pending, Error" in result.output
     values = dyn_hook.choice_options("opportunities", ["cosell_syncstatus"])["cosell_syncstatus"]
-    base = empty_org.dataverse.config.choice_value_base
+    base = empty_org.dynamics365.config.choice_value_base
     assert values == {"Synced": base, "Pending": base + 1, "Error": base + 2}
 
 

@@ -159,12 +159,12 @@ def test_the_list_rows_test_icon_on_a_saved_connection(
 
 def test_dynamics_test_gets_a_token_and_asks_who_am_i(api: TestClient, fresh: Sandbox) -> None:
     before = fresh.entra.grants["client_credentials"]
-    fresh.dataverse.log.clear()
+    fresh.dynamics365.log.clear()
     ok, message = press_test(api, dyn_form(fresh))
     assert ok, message
     assert "token acquired" in message and "WhoAmI" in message
     assert fresh.entra.grants["client_credentials"] > before
-    assert [r.path for r in fresh.dataverse.requests_matching("GET", "/api/data/v9.2/WhoAmI")] == [
+    assert [r.path for r in fresh.dynamics365.requests_matching("GET", "/api/data/v9.2/WhoAmI")] == [
         "/api/data/v9.2/WhoAmI"
     ]
 

@@ -29,7 +29,7 @@ def seed(pc, crm: str, flagged: int = 6) -> None:
     if crm == "salesforce":
         pc.salesforce.seed(opportunities=flagged + 2, accounts=3, flagged=flagged, seed=13)
     else:
-        pc.dataverse.seed(opportunities=flagged + 2, accounts=3, flagged=flagged, seed=13)
+        pc.dynamics365.seed(opportunities=flagged + 2, accounts=3, flagged=flagged, seed=13)
 
 
 def engagements(pc) -> dict[str, list[dict]]:
@@ -42,7 +42,7 @@ def engagements(pc) -> dict[str, list[dict]]:
 def opportunity_ids(pc, crm: str) -> dict[str, dict]:
     if crm == "salesforce":
         return {r["Id"]: r for r in pc.salesforce.list_records("Opportunity")}
-    return {r["opportunityid"]: r for r in pc.dataverse.rows("opportunities")}
+    return {r["opportunityid"]: r for r in pc.dynamics365.rows("opportunities")}
 
 
 def help_field(crm: str) -> str:
@@ -97,8 +97,8 @@ def test_help_requested_engages_microsoft_once_across_retries_lost_answers_and_r
         pc.salesforce.user_edit("Opportunity", no_help, {"PC_How_Can_Microsoft_Help__c": None})
         pc.salesforce.user_edit("Opportunity", private, {"PC_Share_With_Microsoft__c": False})
     else:
-        pc.dataverse.edit("opportunities", no_help, {"cosell_howcanmicrosofthelp": None})
-        pc.dataverse.edit("opportunities", private, {"cosell_sharewithmicrosoft": False})
+        pc.dynamics365.edit("opportunities", no_help, {"cosell_howcanmicrosofthelp": None})
+        pc.dynamics365.edit("opportunities", private, {"cosell_sharewithmicrosoft": False})
     # The answer to the first request to Microsoft is lost (processed, connection dropped).
     pc.partner_center.faults.configure(
         FaultConfig(drop_after_rate=1.0, max_faults=1, methods=("POST",), after=len(flagged))

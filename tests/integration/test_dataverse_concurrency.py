@@ -20,7 +20,7 @@ N, CHUNK = 60, 10
 
 @pytest.fixture
 def dv(pc):
-    return pc.dataverse
+    return pc.dynamics365
 
 
 @pytest.fixture

@@ -60,13 +60,13 @@ def seed(pc, crm: str) -> None:
     if crm == "salesforce":
         pc.salesforce.seed(opportunities=12, accounts=5, flagged=4, seed=SEED)
     else:
-        pc.dataverse.seed(opportunities=12, accounts=5, flagged=4, seed=SEED)
+        pc.dynamics365.seed(opportunities=12, accounts=5, flagged=4, seed=SEED)
 
 
 def amount(pc, crm: str, crm_id: str) -> float | None:
     if crm == "salesforce":
         return pc.salesforce.get_record("Opportunity", crm_id)["Amount"]
-    return pc.dataverse.row("opportunities", crm_id)["estimatedvalue"]
+    return pc.dynamics365.row("opportunities", crm_id)["estimatedvalue"]
 
 
 def links_of(store: StateStore, crm: str) -> dict[str, str]:
@@ -89,7 +89,7 @@ def outcome(pc, store: StateStore, crm: str) -> list[tuple]:
 def no_duplicates(pc) -> None:
     for name, records in (
         ("Salesforce", [o.get("PC_Referral_Id__c") for o in pc.salesforce.list_records("Opportunity")]),
-        ("Dataverse", [o.get("cosell_referralid") for o in pc.dataverse.rows("opportunities")]),
+        ("Dataverse", [o.get("cosell_referralid") for o in pc.dynamics365.rows("opportunities")]),
     ):
         ids = [i for i in records if i]
         assert len(ids) == len(set(ids)), f"a duplicate {name} opportunity: {Counter(ids).most_common(3)}"
@@ -114,7 +114,7 @@ def edit_both_sides(pc, store: StateStore, crm: str) -> tuple[str, str]:
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", crm_id, {"Description": f"edited in {crm}"})
     else:
-        pc.dataverse.edit("opportunities", crm_id, {"description": f"edited in {crm}"})
+        pc.dynamics365.edit("opportunities", crm_id, {"description": f"edited in {crm}"})
     return ms_rid, crm_rid
 
 

@@ -18,7 +18,7 @@ from cosell_sync.hooks.odata import quote
 @pytest.fixture
 def dv(pc):
     """The Dataverse emulator, reset."""
-    return pc.dataverse
+    return pc.dynamics365
 
 
 def make_accounts(hook: DynamicsHook, n: int, prefix: str = "Account") -> list[str]:

@@ -13,7 +13,7 @@ from cosell_sync.hooks.dynamics365 import DynamicsHook
 def test_client_credentials_token_for_the_environment_scope(pc, dyn_conn):
     hook = DynamicsHook()
     token = hook.get_token()
-    claims = pc.entra.validate_bearer(f"Bearer {token}", pc.origin("dataverse"))
+    claims = pc.entra.validate_bearer(f"Bearer {token}", pc.origin("dynamics365"))
     assert claims["appid"] == dyn_conn["login"] and "upn" not in claims  # an app token, no user
     assert hook.get_token() == token  # cached
     assert pc.entra.grants["client_credentials"] == 1

@@ -46,7 +46,7 @@ def open_links(pc, store, count: int) -> list[tuple[str, str]]:
     links = store.get_links(CRM)
     for rid, crm_id in zip(links["referral_id"], links["crm_id"], strict=True):
         doc = pc.partner_center.referrals.get(str(rid))
-        opp = pc.dataverse.row("opportunities", str(crm_id))
+        opp = pc.dynamics365.row("opportunities", str(crm_id))
         if doc and doc["status"] in ("New", "Active") and opp["statecode"] == 0:
             out.append((str(rid), str(crm_id).lower()))
     assert len(out) >= count, f"only {len(out)} open linked pairs"
@@ -65,7 +65,7 @@ def microsoft_edits_notes(pc, rid: str, notes: str) -> None:
 
 
 def etag_of(pc, crm_id: str) -> str:
-    return f'W/"{pc.dataverse.row("opportunities", crm_id)["versionnumber"]}"'
+    return f'W/"{pc.dynamics365.row("opportunities", crm_id)["versionnumber"]}"'
 
 
 def planned(job) -> dict[str, dict]:
@@ -99,7 +99,7 @@ def opportunity_patches(entry) -> dict[str, dict]:
 
 def patch_batches(pc) -> list[dict[str, dict]]:
     """The opportunity PATCHes of each $batch logged since the log was cleared, in order."""
-    batches = [opportunity_patches(e) for e in pc.dataverse.requests_matching("POST", f"{API}/$batch")]
+    batches = [opportunity_patches(e) for e in pc.dynamics365.requests_matching("POST", f"{API}/$batch")]
     return [b for b in batches if b]
 
 
@@ -129,13 +129,13 @@ def test_seller_edit_of_the_planned_field_is_deferred_not_overwritten(pc, conns,
     assert read_json(job, "crm_versions")[crm_id] == extracted  # staged at extract, per opportunity
 
     time.sleep(1.1)  # modifiedon has whole seconds: the seller's edit is the newer one ("newest" wins)
-    pc.dataverse.edit("opportunities", crm_id, {"description": "the seller's own notes"})
-    audit_before = pc.dataverse.row("opportunities", crm_id)["cosell_audit"]
-    pc.dataverse.log.clear()
+    pc.dynamics365.edit("opportunities", crm_id, {"description": "the seller's own notes"})
+    audit_before = pc.dynamics365.row("opportunities", crm_id)["cosell_audit"]
+    pc.dynamics365.log.clear()
     counts = run_load_crm(job)
 
     assert counts["failed"] == 0, counts
-    row = pc.dataverse.row("opportunities", crm_id)
+    row = pc.dynamics365.row("opportunities", crm_id)
     assert row["description"] == "the seller's own notes"  # kept, not overwritten
     assert row["cosell_audit"] == audit_before  # nothing written, so nothing audited
     result = crm_results(job)[crm_id]
@@ -154,7 +154,7 @@ def test_seller_edit_of_the_planned_field_is_deferred_not_overwritten(pc, conns,
     run_load_crm(after)
     run_load_pc(after)
     commit(after, store)
-    assert pc.dataverse.row("opportunities", crm_id)["description"] == "the seller's own notes"
+    assert pc.dynamics365.row("opportunities", crm_id)["description"] == "the seller's own notes"
     assert pc.partner_center.referrals[rid]["details"]["notes"] == "the seller's own notes"
 
 
@@ -166,13 +166,13 @@ def test_seller_edit_of_another_field_is_re_merged_and_written_with_the_new_etag
     job = prepared_run(pc, store, staging, [(rid, crm_id)], "other")
     extracted = etag_of(pc, crm_id)
 
-    pc.dataverse.edit("opportunities", crm_id, {"name": "Renamed by the seller", "estimatedvalue": 4321})
+    pc.dynamics365.edit("opportunities", crm_id, {"name": "Renamed by the seller", "estimatedvalue": 4321})
     reread = etag_of(pc, crm_id)
-    pc.dataverse.log.clear()
+    pc.dynamics365.log.clear()
     counts = run_load_crm(job)
 
     assert counts["failed"] == 0, counts
-    row = pc.dataverse.row("opportunities", crm_id)
+    row = pc.dynamics365.row("opportunities", crm_id)
     assert row["description"] == "other: Microsoft's notes 0"  # the planned field is written
     assert row["name"] == "Renamed by the seller" and row["estimatedvalue"] == 4321  # the seller's edit stays
     result = crm_results(job)[crm_id]
@@ -199,10 +199,10 @@ def test_only_the_changed_records_are_retried_in_one_more_batch(pc, conns, store
     extracted = {crm_id: etag_of(pc, crm_id) for _, crm_id in pairs}
     assert {k: v for k, v in read_json(job, "crm_versions").items() if k in extracted} == extracted
 
-    pc.dataverse.edit("opportunities", a, {"description": "A: the seller's notes"})
-    pc.dataverse.edit("opportunities", b, {"name": "B: renamed by the seller"})
+    pc.dynamics365.edit("opportunities", a, {"description": "A: the seller's notes"})
+    pc.dynamics365.edit("opportunities", b, {"name": "B: renamed by the seller"})
     reread_b = etag_of(pc, b)
-    pc.dataverse.log.clear()
+    pc.dynamics365.log.clear()
     counts = run_load_crm(job)
 
     assert counts["failed"] == 0, counts
@@ -211,7 +211,7 @@ def test_only_the_changed_records_are_retried_in_one_more_batch(pc, conns, store
     first, retry = batches
     assert {a, b, c} <= set(first) and {k: if_match(first, k) for k in (a, b, c)} == extracted
     assert set(retry) == {b} and if_match(retry, b) == reread_b  # one more batch, only the re-merged record
-    rows = {k: pc.dataverse.row("opportunities", k) for k in (a, b, c)}
+    rows = {k: pc.dynamics365.row("opportunities", k) for k in (a, b, c)}
     assert rows[a]["description"] == "A: the seller's notes"
     assert rows[b]["description"] == "three: Microsoft's notes 1" and rows[b]["name"] == "B: renamed by the seller"
     assert rows[c]["description"] == "three: Microsoft's notes 2"
@@ -230,7 +230,7 @@ def test_a_second_412_or_a_failed_re_read_fails_the_record_not_the_task(pc, conn
     pairs = open_links(pc, store, 2)
     (rid, crm_id), (_, other) = pairs
     job = prepared_run(pc, store, staging, pairs, race)
-    pc.dataverse.edit("opportunities", crm_id, {"name": "Renamed by the seller"})
+    pc.dynamics365.edit("opportunities", crm_id, {"name": "Renamed by the seller"})
 
     real_extract = DynamicsSide.extract
 
@@ -240,11 +240,11 @@ def test_a_second_412_or_a_failed_re_read_fails_the_record_not_the_task(pc, conn
         if race == "reread_fails":
             raise ApiError("Dataverse", "the re-read failed (injected)")
         records = real_extract(self, **kwargs)
-        pc.dataverse.edit("opportunities", crm_id, {"estimatedvalue": 999})  # the seller saves again
+        pc.dynamics365.edit("opportunities", crm_id, {"estimatedvalue": 999})  # the seller saves again
         return records
 
     monkeypatch.setattr(DynamicsSide, "extract", racing_extract)
-    pc.dataverse.log.clear()
+    pc.dynamics365.log.clear()
     counts = run_load_crm(job)  # never raises
 
     assert counts == {"ok": 1, "failed": 1}, counts
@@ -253,7 +253,7 @@ def test_a_second_412_or_a_failed_re_read_fails_the_record_not_the_task(pc, conn
     expected_error = "412 twice" if race == "edit_again" else "re-reading after 412: Dataverse failed"
     assert expected_error in results[crm_id]["error"], results[crm_id]
     assert results[other]["ok"] and results[other]["fields"] == {"notes": f"{race}: Microsoft's notes 1"}
-    row = pc.dataverse.row("opportunities", crm_id)
+    row = pc.dynamics365.row("opportunities", crm_id)
     assert row["description"] != f"{race}: Microsoft's notes 0" and row["name"] == "Renamed by the seller"
     assert len(patch_batches(pc)) == (2 if race == "edit_again" else 1)
 
@@ -293,16 +293,16 @@ def test_win_runs_only_when_the_stage_is_still_written_after_a_412(pc, conns, st
     assert planned(job).get(crm_id) == {"stage": "won"}, planned(job)
 
     if seller == "renames":
-        pc.dataverse.edit("opportunities", crm_id, {"name": "Renamed by the seller"})
+        pc.dynamics365.edit("opportunities", crm_id, {"name": "Renamed by the seller"})
     else:
-        pc.dataverse.edit("opportunities", crm_id, {"statecode": 2, "statuscode": 4})
-    pc.dataverse.log.clear()
+        pc.dynamics365.edit("opportunities", crm_id, {"statecode": 2, "statuscode": 4})
+    pc.dynamics365.log.clear()
     counts = run_load_crm(job)
 
     assert counts["failed"] == 0, counts
     result = crm_results(job)[crm_id]
-    row = pc.dataverse.row("opportunities", crm_id)
-    wins = pc.dataverse.requests_matching("POST", f"{API}/WinOpportunity")
+    row = pc.dynamics365.row("opportunities", crm_id)
+    wins = pc.dynamics365.requests_matching("POST", f"{API}/WinOpportunity")
     if seller == "renames":
         assert result["ok"] and result["fields"] == {"stage": "won"} and list(result["deferred"]) == [], result
         assert result["action"] == "win"
@@ -325,14 +325,14 @@ def test_a_retried_load_crm_does_not_write_again_and_the_next_run_is_quiet(pc, c
     [(rid, crm_id)] = open_links(pc, store, 1)
     job = prepared_run(pc, store, staging, [(rid, crm_id)], "retried")
     assert run_load_crm(job)["failed"] == 0
-    written = pc.dataverse.row("opportunities", crm_id)
+    written = pc.dynamics365.row("opportunities", crm_id)
     assert written["description"] == "retried: Microsoft's notes 0"
 
-    pc.dataverse.log.clear()
+    pc.dynamics365.log.clear()
     again = run_load_crm(job)  # the retry
     assert again["failed"] == 0, again
     assert len(patch_batches(pc)) == 1  # the conditional PATCH (412), and no second write
-    assert pc.dataverse.row("opportunities", crm_id)["versionnumber"] == written["versionnumber"]
+    assert pc.dynamics365.row("opportunities", crm_id)["versionnumber"] == written["versionnumber"]
     result = crm_results(job)[crm_id]
     assert result["ok"] and result["fields"] == {} and list(result["deferred"]) == ["notes"], result
     run_load_pc(job)
@@ -341,9 +341,9 @@ def test_a_retried_load_crm_does_not_write_again_and_the_next_run_is_quiet(pc, c
     after = new_job(CRM, store, staging)
     up_to_load(after, store)
     assert crm_id not in planned(after)
-    pc.dataverse.log.clear()
+    pc.dynamics365.log.clear()
     run_load_crm(after)
     run_load_pc(after)
     commit(after, store)
     assert not patch_batches(pc)
-    assert pc.dataverse.row("opportunities", crm_id)["versionnumber"] == written["versionnumber"]
+    assert pc.dynamics365.row("opportunities", crm_id)["versionnumber"] == written["versionnumber"]

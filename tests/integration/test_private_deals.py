@@ -47,7 +47,7 @@ def new_opportunity(pc, crm: str, name: str, share: bool | None) -> str:
         if share is not None:
             values[COLUMN[crm]] = share
         return str(sf.user_create("Opportunity", values)["Id"])
-    dv = pc.dataverse
+    dv = pc.dynamics365
     account = dv.create("accounts", {"name": f"{name} Inc", "address1_country": "US"})
     values = {
         "name": name,
@@ -64,14 +64,14 @@ def new_opportunity(pc, crm: str, name: str, share: bool | None) -> str:
 def box(pc, crm: str, crm_id: str):
     if crm == "salesforce":
         return pc.salesforce.get_record("Opportunity", crm_id)[COLUMN[crm]]
-    return pc.dataverse.row("opportunities", crm_id)[COLUMN[crm]]
+    return pc.dynamics365.row("opportunities", crm_id)[COLUMN[crm]]
 
 
 def set_box(pc, crm: str, crm_id: str, value: bool) -> None:
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", crm_id, {COLUMN[crm]: value})
     else:
-        pc.dataverse.edit("opportunities", crm_id, {COLUMN[crm]: value})
+        pc.dynamics365.edit("opportunities", crm_id, {COLUMN[crm]: value})
 
 
 def referral_for(pc, crm_id: str) -> dict:
@@ -141,6 +141,6 @@ def test_dataverse_describes_the_yes_no_column_yes_by_default(dyn_hook, pc):
     assert (options["TrueOption"]["Value"], options["FalseOption"]["Value"]) == (1, 0)
     # A row created through the Web API without the column gets the default; false is kept.
     made = str(dyn_hook.create("opportunities", {"name": "Web API deal"}))
-    assert pc.dataverse.row("opportunities", made)["cosell_sharewithmicrosoft"] is True
+    assert pc.dynamics365.row("opportunities", made)["cosell_sharewithmicrosoft"] is True
     unchecked = str(dyn_hook.create("opportunities", {"name": "Private", "cosell_sharewithmicrosoft": False}))
-    assert pc.dataverse.row("opportunities", unchecked)["cosell_sharewithmicrosoft"] is False
+    assert pc.dynamics365.row("opportunities", unchecked)["cosell_sharewithmicrosoft"] is False

@@ -45,7 +45,7 @@ def run(crm: str, store: StateStore, staging) -> dict:
 
 
 def crm_emulator(pc, crm: str):
-    return pc.salesforce if crm == "salesforce" else pc.dataverse
+    return pc.salesforce if crm == "salesforce" else pc.dynamics365
 
 
 def clear_logs(pc, crm: str) -> None:
@@ -69,7 +69,7 @@ def writes_of(report: dict) -> int:
 def microsoft_status(pc, crm: str, crm_id: str):
     if crm == "salesforce":
         return pc.salesforce.get_record("Opportunity", crm_id)["PC_Microsoft_Status__c"]
-    return pc.dataverse.row("opportunities", crm_id)["cosell_microsoftstatus"]
+    return pc.dynamics365.row("opportunities", crm_id)["cosell_microsoftstatus"]
 
 
 @pytest.mark.timeout(600)
@@ -161,7 +161,7 @@ def test_edits_made_between_a_runs_read_and_its_writes_reach_the_other_side_next
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", written_crm, {"Description": "edited in the CRM"})
     else:
-        pc.dataverse.edit("opportunities", written_crm, {"description": "edited in the CRM"})
+        pc.dynamics365.edit("opportunities", written_crm, {"description": "edited in the CRM"})
 
     job = window_job(crm, store, staging, f"scheduled__between_{next(_runs)}")
     choices = check_mapping(crm, job.mapping)

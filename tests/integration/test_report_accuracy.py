@@ -26,7 +26,7 @@ def _pc_writes(pc, since: float) -> dict[str, int]:
 
 
 def _opportunities(pc, crm: str) -> list[dict]:
-    return pc.salesforce.list_records("Opportunity") if crm == "salesforce" else pc.dataverse.rows("opportunities")
+    return pc.salesforce.list_records("Opportunity") if crm == "salesforce" else pc.dynamics365.rows("opportunities")
 
 
 def _run(job, store: StateStore, *, retry_loads: bool = False) -> dict:

@@ -39,7 +39,7 @@ BAD_SECRET = "not-the-secret-7f3a9c"
 def crm_writes(pc) -> int:
     return sum(
         1
-        for emulator in (pc.salesforce, pc.dataverse)
+        for emulator in (pc.salesforce, pc.dynamics365)
         for r in emulator.requests_matching()
         if r.method in ("POST", "PATCH", "PUT", "DELETE") and not r.path.startswith("/_sandbox/")
     )
@@ -49,7 +49,7 @@ def crm_writes(pc) -> int:
 def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_conn, sf_conn, tmp_path):
     pc.partner_center.seed(24, seed=31)
     pc.salesforce.seed(opportunities=9, accounts=3, flagged=4, seed=31)
-    pc.dataverse.seed(opportunities=9, accounts=3, flagged=4, seed=31)
+    pc.dynamics365.seed(opportunities=9, accounts=3, flagged=4, seed=31)
     dynamics = pc.connections()["dynamics365_default"]
     env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
     env.pop("AIRFLOW_CONN_COSELL_STATE", None)  # the default state DB, as `make airflow` has it
@@ -68,7 +68,7 @@ def test_sync_and_event_dags_run_to_completion_under_a_real_scheduler(pc, pc_con
 
         # Unpausing starts the schedule: with no initial load yet, its runs wait and say why.
         pc.salesforce.log.clear()
-        pc.dataverse.log.clear()
+        pc.dynamics365.log.clear()
         af.unpause(SF)
         af.unpause(DYN)
         scheduled = af.wait_for(

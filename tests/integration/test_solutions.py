@@ -57,14 +57,14 @@ def full_sync(crm: str, store, staging) -> dict:
 def crm_solutions(pc, crm: str, crm_id: str) -> str | None:
     if crm == "salesforce":
         return pc.salesforce.get_record("Opportunity", crm_id).get("PC_Solutions__c")
-    return pc.dataverse.row("opportunities", crm_id).get("cosell_solutions")
+    return pc.dynamics365.row("opportunities", crm_id).get("cosell_solutions")
 
 
 def crm_edit_solutions(pc, crm: str, crm_id: str, value: str) -> None:
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", crm_id, {"PC_Solutions__c": value})
     else:
-        pc.dataverse.edit("opportunities", crm_id, {"cosell_solutions": value})
+        pc.dynamics365.edit("opportunities", crm_id, {"cosell_solutions": value})
 
 
 def held_solutions(pc, referral_id: str) -> list[dict[str, Any]]:

@@ -58,7 +58,7 @@ def _seller_sets_amount(pc, crm: str, crm_id: str, amount: float) -> None:
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", crm_id, {"Amount": amount})
     else:
-        pc.dataverse.edit("opportunities", crm_id, {"estimatedvalue": amount})
+        pc.dynamics365.edit("opportunities", crm_id, {"estimatedvalue": amount})
 
 
 def _audit(store: StateStore, crm: str, referral_id: str, run_id: str):
@@ -224,7 +224,7 @@ def test_case_10_dynamics_won_is_audited(pc, conns, store, tmp_path):
     job = _job(crm, store, staging)
     report = _run(job, store)
     assert report["pc_to_crm"]["updated"] == 1, report
-    assert pc.dataverse.row("opportunities", row.crm_id)["statecode"] == 1
+    assert pc.dynamics365.row("opportunities", row.crm_id)["statecode"] == 1
     audit = _audit(store, crm, row.referral_id, job.run_id)
     won = audit[audit["field"] == "stage"]
     assert won[["action", "new_value"]].values.tolist() == [["win", "won"]], audit

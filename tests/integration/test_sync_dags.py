@@ -79,12 +79,12 @@ def run_dag(dags, crm: str, store: StateStore, **params) -> Run:
 
 def seed(pc, crm: str, referrals: int, opportunities: int, flagged: int, seed: int) -> None:
     pc.partner_center.seed(referrals, seed=seed)
-    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
+    emulator = pc.salesforce if crm == "salesforce" else pc.dynamics365
     emulator.seed(opportunities=opportunities, accounts=opportunities // 3, flagged=flagged, seed=seed)
 
 
 def crm_write_requests(pc, crm: str) -> list:
-    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
+    emulator = pc.salesforce if crm == "salesforce" else pc.dynamics365
     return [r for r in emulator.requests_matching() if r.method in WRITES and not r.path.startswith("/_sandbox/")]
 
 
@@ -93,7 +93,7 @@ def pc_write_requests(pc) -> list:
 
 
 def clear_logs(pc) -> None:
-    for emulator in (pc.partner_center, pc.salesforce, pc.dataverse):
+    for emulator in (pc.partner_center, pc.salesforce, pc.dynamics365):
         emulator.log.clear()
 
 
@@ -132,7 +132,7 @@ def opportunities(pc, crm: str) -> list[dict]:
             "contact": o.get("_parentcontactid_value"),
             "status": o.get("cosell_syncstatus"),
         }
-        for o in pc.dataverse.rows("opportunities")
+        for o in pc.dynamics365.rows("opportunities")
     ]
 
 
@@ -217,7 +217,7 @@ def test_first_sync_at_scale_then_quiet_then_only_changed_fields(pc, dags, store
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", crm_link["crm_id"], {"Description": "edited in the CRM"})
     else:
-        pc.dataverse.edit("opportunities", crm_link["crm_id"], {"description": "edited in the CRM"})
+        pc.dynamics365.edit("opportunities", crm_link["crm_id"], {"description": "edited in the CRM"})
     clear_logs(pc)
     third = run_dag(dags, crm, store)
     assert third.summary["pc_to_crm"]["updated"] == 1 and third.summary["crm_to_pc"]["updated"] == 1, third.summary
@@ -250,7 +250,7 @@ def test_crash_mid_load_then_rerun_loses_nothing_and_duplicates_nothing(pc, dags
     processing) part-way through the load; the rerun finishes the job exactly once."""
     seed(pc, crm, referrals=40, opportunities=20, flagged=8, seed=9)
     incoming = {i for i, d in pc.partner_center.referrals.items() if d["status"] in ("New", "Active")}
-    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
+    emulator = pc.salesforce if crm == "salesforce" else pc.dynamics365
     write_path = "/services/data/" if crm == "salesforce" else "/api/data/v9.2/"
     emulator.faults.configure(
         FaultConfig(seed=3, drop_after_rate=1.0, after=2, methods=("POST", "PATCH"), path_prefix=write_path)
@@ -287,7 +287,7 @@ def test_sync_ends_correct_under_throttling_and_server_errors(pc, dags, store, c
     edit sync: the results equal a clean run's, and a third (clean) run has nothing to do."""
     seed(pc, crm, referrals=120, opportunities=60, flagged=30, seed=13)
     incoming = {i for i, d in pc.partner_center.referrals.items() if d["status"] in ("New", "Active")}
-    emulators = (pc.partner_center, pc.salesforce if crm == "salesforce" else pc.dataverse)
+    emulators = (pc.partner_center, pc.salesforce if crm == "salesforce" else pc.dynamics365)
     injected = [0, 0]
     try:
         for n, emulator in enumerate(emulators):
@@ -305,7 +305,7 @@ def test_sync_ends_correct_under_throttling_and_server_errors(pc, dags, store, c
             if crm == "salesforce":
                 pc.salesforce.user_edit("Opportunity", row.crm_id, {"Description": f"fault run {row.crm_id}"})
             else:
-                pc.dataverse.edit("opportunities", row.crm_id, {"description": f"fault run {row.crm_id}"})
+                pc.dynamics365.edit("opportunities", row.crm_id, {"description": f"fault run {row.crm_id}"})
         second = run_dag(dags, crm, store)
         injected = [a + faults_injected(e) for a, e in zip(injected, emulators, strict=True)]
     finally:

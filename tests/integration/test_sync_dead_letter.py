@@ -33,7 +33,7 @@ REFERRALS = "/v1.0/engagements/referrals/"
 
 
 def crm_server(pc, crm: str):
-    return pc.salesforce if crm == "salesforce" else pc.dataverse
+    return pc.salesforce if crm == "salesforce" else pc.dynamics365
 
 
 def edit_opportunity(pc, crm: str, crm_id: str, *, notes=None, amount=None, flagged=None) -> None:
@@ -47,13 +47,13 @@ def edit_opportunity(pc, crm: str, crm_id: str, *, notes=None, amount=None, flag
         pc.salesforce.user_edit("Opportunity", crm_id, changes)
         return
     bad = {k: changes.pop(k) for k in [k for k, v in changes.items() if isinstance(v, int | float) and v < 0]}
-    pc.dataverse.edit("opportunities", crm_id, changes or {"description": "edited"})
+    pc.dynamics365.edit("opportunities", crm_id, changes or {"description": "edited"})
     # Dataverse refuses a negative value; a row holding one (an import, a plugin) is put there directly.
-    pc.dataverse.tables["opportunities"][crm_id.lower()].update(bad)
+    pc.dynamics365.tables["opportunities"][crm_id.lower()].update(bad)
 
 
 def opportunities(pc, crm: str) -> list[dict]:
-    rows = pc.salesforce.list_records("Opportunity") if crm == "salesforce" else pc.dataverse.rows("opportunities")
+    rows = pc.salesforce.list_records("Opportunity") if crm == "salesforce" else pc.dynamics365.rows("opportunities")
     out = []
     for r in rows:
         if crm == "salesforce":

@@ -76,7 +76,7 @@ def updates_of(*items: tuple[str, str, dict]) -> pd.DataFrame:
 
 @pytest.fixture
 def dv(pc):
-    return pc.dataverse
+    return pc.dynamics365
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ CRM_BATCH = 10
 
 
 def crm_app(pc, crm: str):
-    return pc.salesforce if crm == "salesforce" else pc.dataverse
+    return pc.salesforce if crm == "salesforce" else pc.dynamics365
 
 
 def seed(pc, crm: str) -> set[str]:
@@ -92,7 +92,7 @@ def seed(pc, crm: str) -> set[str]:
     if crm == "salesforce":
         pc.salesforce.seed(opportunities=OPPORTUNITIES, accounts=ACCOUNTS, flagged=FLAGGED, seed=SEED)
     else:
-        pc.dataverse.seed(opportunities=OPPORTUNITIES, accounts=ACCOUNTS, flagged=FLAGGED, seed=SEED)
+        pc.dynamics365.seed(opportunities=OPPORTUNITIES, accounts=ACCOUNTS, flagged=FLAGGED, seed=SEED)
     return seeded
 
 
@@ -184,7 +184,7 @@ def open_pairs(pc, store: StateStore, crm: str) -> list[tuple[str, str]]:
             opp = pc.salesforce.get_record("Opportunity", cid)
             is_open = not opp.get("IsClosed")
         else:
-            opp = pc.dataverse.row("opportunities", cid)
+            opp = pc.dynamics365.row("opportunities", cid)
             is_open = opp.get("statecode") == 0
         if ref["status"] == "Active" and is_open:
             out.append((rid, cid))
@@ -200,7 +200,7 @@ CRM_FIELDS = {
 def crm_record(pc, crm: str, cid: str) -> dict[str, Any]:
     if crm == "salesforce":
         return pc.salesforce.get_record("Opportunity", cid)
-    return pc.dataverse.row("opportunities", cid)
+    return pc.dynamics365.row("opportunities", cid)
 
 
 def edit_opportunity(pc, crm: str, cid: str, changes: dict[str, Any]) -> None:
@@ -208,7 +208,7 @@ def edit_opportunity(pc, crm: str, cid: str, changes: dict[str, Any]) -> None:
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", cid, fields)
     else:
-        pc.dataverse.edit("opportunities", cid, fields)
+        pc.dynamics365.edit("opportunities", cid, fields)
 
 
 def edit_referral(pc, rid: str, *, name: str | None = None, **details: Any) -> None:
@@ -384,25 +384,25 @@ def test_dataverse_create_batch_whose_answer_is_lost_is_sent_again_not_failed(pc
     seed(pc, "dynamics365")
     job = _steps_up_to_load("dynamics365", store, tmp_path / "staging")
     planned = len(runner.read_frame(job, "plan_crm_creates"))
-    pc.dataverse.faults.configure(
+    pc.dynamics365.faults.configure(
         FaultConfig(
             drop_after_rate=1.0, max_faults=1, after=which - 1, methods=("POST",), path_prefix="/api/data/v9.2/$batch"
         )
     )
     before = crm_counts(pc, "dynamics365")
     outcome = runner.load_crm(job, quiet_sides("dynamics365", job.mapping)[1])
-    assert pc.dataverse.faults.injected["drop_after"] == 1
+    assert pc.dynamics365.faults.injected["drop_after"] == 1
     assert outcome["failed"] == 0, outcome
-    batches = [e for e in pc.dataverse.log if e.method == "POST" and e.path.endswith("$batch")]
+    batches = [e for e in pc.dynamics365.log if e.method == "POST" and e.path.endswith("$batch")]
     assert [e.fault for e in batches[which - 1 : which + 1]] == ["drop_after", None]
     assert batches[which - 1].body == batches[which].body  # the same call, sent again
     assert b"0x80040237" not in b"".join(e.body for e in batches)
     counts = crm_counts(pc, "dynamics365")
     assert counts["opportunities"] - before["opportunities"] == planned
     # One contact per e-mail, every new opportunity bound to its account and contact.
-    emails = Counter(str(r.get("emailaddress1")).lower() for r in pc.dataverse.rows("contacts"))
+    emails = Counter(str(r.get("emailaddress1")).lower() for r in pc.dynamics365.rows("contacts"))
     assert max(emails.values()) == 1, emails.most_common(3)
-    new = [r for r in pc.dataverse.rows("opportunities") if r.get("cosell_referralid")]
+    new = [r for r in pc.dynamics365.rows("opportunities") if r.get("cosell_referralid")]
     assert len(new) == planned and all(r.get("_parentcontactid_value") for r in new), new[:1]
 
 

@@ -173,7 +173,7 @@ def opportunity_rows(pc, crm: str) -> dict[str, dict]:
     """The CRM's opportunities as it stores them (the live rows), by id."""
     if crm == SF:
         return {str(r["Id"]): r for r in pc.salesforce.records["Opportunity"].values() if not r.get("IsDeleted")}
-    return {str(k): r for k, r in pc.dataverse.tables["opportunities"].items()}
+    return {str(k): r for k, r in pc.dynamics365.tables["opportunities"].items()}
 
 
 def account_row(pc, crm: str, account_id: Any) -> dict | None:
@@ -181,7 +181,7 @@ def account_row(pc, crm: str, account_id: Any) -> dict | None:
         return None
     if crm == SF:
         return pc.salesforce.records["Account"].get(account_id)
-    return {str(k): r for k, r in pc.dataverse.tables["accounts"].items()}.get(str(account_id))
+    return {str(k): r for k, r in pc.dynamics365.tables["accounts"].items()}.get(str(account_id))
 
 
 def new_account(pc, crm: str, n: int) -> str:
@@ -192,7 +192,7 @@ def new_account(pc, crm: str, n: int) -> str:
                 "Account", {"Name": f"Fuzz Account {n}", "BillingCountry": "US", "BillingPostalCode": "98052"}
             )["Id"]
         )
-    row = pc.dataverse.create(
+    row = pc.dynamics365.create(
         "accounts", {"name": f"Fuzz Account {n}", "address1_country": "US", "address1_postalcode": "98052"}
     )
     return str(row["accountid"])
@@ -205,7 +205,7 @@ def prepare_opportunities(pc, crm: str, rng: random.Random) -> tuple[dict[str, s
     if crm == SF:
         pc.salesforce.seed(opportunities=OPPORTUNITIES + 150, accounts=120, flagged=OPPORTUNITIES + 150, seed=SEED)
     else:
-        pc.dataverse.seed(opportunities=OPPORTUNITIES, accounts=120, flagged=OPPORTUNITIES, seed=SEED)
+        pc.dynamics365.seed(opportunities=OPPORTUNITIES, accounts=120, flagged=OPPORTUNITIES, seed=SEED)
     rows = opportunity_rows(pc, crm)
     closed = (lambda r: r.get("IsClosed")) if crm == SF else (lambda r: r.get("statecode") not in (0, None))
     ours = [k for k, r in rows.items() if r.get(fields["flag"]) and not closed(r) and not r.get(fields["link"])]
@@ -261,7 +261,7 @@ def names_field(error: str, field: str) -> bool:
 def currency_of(pc, crm: str, row: dict) -> str | None:
     if crm == SF:
         return row.get("CurrencyIsoCode")
-    codes = {str(k): c["isocurrencycode"] for k, c in pc.dataverse.tables["transactioncurrencies"].items()}
+    codes = {str(k): c["isocurrencycode"] for k, c in pc.dynamics365.tables["transactioncurrencies"].items()}
     return codes.get(str(row.get("_transactioncurrencyid_value")))
 
 

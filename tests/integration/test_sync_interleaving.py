@@ -95,7 +95,7 @@ def read_crm(pc, crm: str, crm_ids: list[str]) -> dict[str, dict[str, Any]]:
         if crm == "salesforce":
             record = pc.salesforce.get_record("Opportunity", crm_id)
         else:
-            record = pc.dataverse.row("opportunities", crm_id)
+            record = pc.dynamics365.row("opportunities", crm_id)
         value = record[columns["deal_value"]]
         out[crm_id.lower()] = {
             "name": record[columns["name"]],
@@ -141,7 +141,7 @@ def seller_edit(pc, crm: str, crm_id: str, values: dict[str, Any]) -> None:
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", crm_id, columns)
     else:
-        pc.dataverse.edit("opportunities", crm_id, columns)
+        pc.dynamics365.edit("opportunities", crm_id, columns)
 
 
 # -- the scenario and its serial outcome ------------------------------------------------------------
@@ -306,7 +306,7 @@ class Checker:
 # -- the test ---------------------------------------------------------------------------------------
 def seed(pc, crm: str) -> None:
     pc.partner_center.seed(8, seed=71)
-    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
+    emulator = pc.salesforce if crm == "salesforce" else pc.dynamics365
     emulator.seed(opportunities=4, accounts=2, flagged=2, seed=71)
 
 
@@ -331,7 +331,7 @@ def settled_pairs(pc, crm: str, store: StateStore, staging) -> list[Pair]:
 
 
 def logged(pc) -> int:
-    return sum(len(e.log) for e in (pc.partner_center, pc.salesforce, pc.dataverse))
+    return sum(len(e.log) for e in (pc.partner_center, pc.salesforce, pc.dynamics365))
 
 
 def current_pairs(pc, crm: str, pairs: list[Pair]) -> list[Pair]:

@@ -195,7 +195,7 @@ def snapshot(pc, crm: str) -> dict[str, list[dict[str, Any]]]:
             out[kind] = pc.salesforce.list_records(obj)
     else:
         for kind in ("opportunities", "accounts", "contacts", "transactioncurrencies"):
-            out[kind] = pc.dataverse.rows(kind)
+            out[kind] = pc.dynamics365.rows(kind)
     return out
 
 
@@ -384,7 +384,7 @@ def seed(pc, crm: str, at: datetime) -> set[str]:
         if crm == "salesforce":
             pc.salesforce.seed(opportunities=OPPORTUNITIES, flagged=FLAGGED, seed=SEED)
         else:
-            pc.dataverse.seed(opportunities=OPPORTUNITIES, accounts=20, flagged=FLAGGED, seed=SEED)
+            pc.dynamics365.seed(opportunities=OPPORTUNITIES, accounts=20, flagged=FLAGGED, seed=SEED)
     return seeded
 
 
@@ -474,7 +474,7 @@ def run_killed(
 @pytest.mark.parametrize("crm", ["salesforce", "dynamics365"])
 def test_a_first_sync_killed_at_random_points_ends_as_a_clean_run(pc, conns, tmp_path, steps, monkeypatch, crm):
     started, seeded_at = time.monotonic(), datetime.now(UTC)
-    apps = [pc.partner_center, pc.salesforce if crm == "salesforce" else pc.dataverse]
+    apps = [pc.partner_center, pc.salesforce if crm == "salesforce" else pc.dynamics365]
     killer = Killer([*apps, pc.entra], monkeypatch)
 
     # The clean run: the state a first sync from this seed ends in.

@@ -93,12 +93,12 @@ class World:
     def opportunities(self) -> list[dict[str, Any]]:
         if self.crm == "salesforce":
             return self.pc.salesforce.list_records("Opportunity")
-        return self.pc.dataverse.rows("opportunities")
+        return self.pc.dynamics365.rows("opportunities")
 
     def opportunity(self, crm_id: str) -> dict[str, Any]:
         if self.crm == "salesforce":
             return self.pc.salesforce.get_record("Opportunity", crm_id)
-        return self.pc.dataverse.row("opportunities", crm_id)
+        return self.pc.dynamics365.row("opportunities", crm_id)
 
     def crm_id(self, record: dict[str, Any]) -> str:
         return str(record["Id"] if self.crm == "salesforce" else record["opportunityid"])
@@ -148,7 +148,7 @@ class World:
         if self.crm == "salesforce":
             self.pc.salesforce.user_edit("Opportunity", crm_id, change)
         else:
-            self.pc.dataverse.edit("opportunities", crm_id, change)
+            self.pc.dynamics365.edit("opportunities", crm_id, change)
 
     def microsoft_shares(self, seed: int) -> None:
         """Microsoft shares a new incoming referral (the emulator's control API, in process)."""
@@ -162,11 +162,11 @@ class World:
         if self.crm == "salesforce":
             self.pc.salesforce.user_edit("Opportunity", crm_id, change)
         else:
-            self.pc.dataverse.edit("opportunities", crm_id, change)
+            self.pc.dynamics365.edit("opportunities", crm_id, change)
 
     # faults and request logs
     def emulators(self) -> dict[str, Any]:
-        crm_emulator = self.pc.salesforce if self.crm == "salesforce" else self.pc.dataverse
+        crm_emulator = self.pc.salesforce if self.crm == "salesforce" else self.pc.dynamics365
         return {PC: self.pc.partner_center, CRM: crm_emulator}
 
     def clear_faults(self) -> None:
@@ -201,10 +201,9 @@ class World:
                 str(r["Email"]).casefold() for r in self.pc.salesforce.list_records("Contact") if r.get("Email")
             )
         else:
-            accounts = Counter(r["name"].casefold() for r in self.pc.dataverse.rows("accounts"))
-            contacts = Counter(
-                str(r["emailaddress1"]).casefold() for r in self.pc.dataverse.rows("contacts") if r.get("emailaddress1")
-            )
+            accounts = Counter(r["name"].casefold() for r in self.pc.dynamics365.rows("accounts"))
+            rows = self.pc.dynamics365.rows("contacts")
+            contacts = Counter(str(r["emailaddress1"]).casefold() for r in rows if r.get("emailaddress1"))
         return {"referrals": refs, "opportunities": opps, "accounts": accounts, "contacts": contacts}
 
 
@@ -450,7 +449,7 @@ class Property:
 
 def seed_sandbox(pc, crm: str, seed: int) -> None:
     pc.partner_center.seed(6, seed=seed)
-    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
+    emulator = pc.salesforce if crm == "salesforce" else pc.dynamics365
     emulator.seed(opportunities=6, accounts=3, flagged=2, seed=seed)
 
 

@@ -47,7 +47,7 @@ def seed(pc, crm: str) -> None:
     if crm == "salesforce":
         pc.salesforce.seed(opportunities=14, accounts=5, flagged=8, seed=61)
     else:
-        pc.dataverse.seed(opportunities=14, accounts=5, flagged=8, seed=61)
+        pc.dynamics365.seed(opportunities=14, accounts=5, flagged=8, seed=61)
 
 
 def new_job(crm: str, store: StateStore, staging) -> SyncJob:
@@ -84,21 +84,21 @@ def crm_link_values(pc, crm: str) -> dict[str, str | None]:
     """CRM id (lower case) -> the referral id its link field holds."""
     if crm == "salesforce":
         return {r["Id"].lower(): r.get("PC_Referral_Id__c") for r in pc.salesforce.list_records("Opportunity")}
-    return {r["opportunityid"].lower(): r.get("cosell_referralid") for r in pc.dataverse.rows("opportunities")}
+    return {r["opportunityid"].lower(): r.get("cosell_referralid") for r in pc.dynamics365.rows("opportunities")}
 
 
 def crm_audits(pc, crm: str) -> dict[str, str | None]:
     """CRM id -> the audit field of each opportunity."""
     if crm == "salesforce":
         return {r["Id"]: r.get("PC_Audit__c") for r in pc.salesforce.list_records("Opportunity")}
-    return {r["opportunityid"]: r.get("cosell_audit") for r in pc.dataverse.rows("opportunities")}
+    return {r["opportunityid"]: r.get("cosell_audit") for r in pc.dynamics365.rows("opportunities")}
 
 
 def crm_counts(pc, crm: str) -> dict[str, int]:
     if crm == "salesforce":
         objects = ("Opportunity", "Account", "Contact", "OpportunityContactRole")
         return {o: len(pc.salesforce.list_records(o)) for o in objects}
-    return {s: len(pc.dataverse.rows(s)) for s in ("opportunities", "accounts", "contacts")}
+    return {s: len(pc.dynamics365.rows(s)) for s in ("opportunities", "accounts", "contacts")}
 
 
 def opportunities_by_referral(pc, crm: str) -> Counter:
@@ -144,10 +144,10 @@ def flag_one_more(pc, crm: str) -> str:
         return str(opp["Id"])
     opp = next(
         r
-        for r in pc.dataverse.rows("opportunities")
+        for r in pc.dynamics365.rows("opportunities")
         if not r.get("cosell_syncwithpartnercenter") and r.get("statecode") == 0 and not r.get("cosell_referralid")
     )
-    pc.dataverse.edit("opportunities", opp["opportunityid"], {"cosell_syncwithpartnercenter": True})
+    pc.dynamics365.edit("opportunities", opp["opportunityid"], {"cosell_syncwithpartnercenter": True})
     return str(opp["opportunityid"])
 
 
@@ -295,7 +295,7 @@ def test_failed_reread_after_412_is_a_dead_letter_row_not_a_failed_task(pc, conn
         if crm == "salesforce":
             pc.salesforce.user_edit("Opportunity", row["crm_id"], {"Description": text})
         else:
-            pc.dataverse.edit("opportunities", row["crm_id"], {"description": text})
+            pc.dynamics365.edit("opportunities", row["crm_id"], {"description": text})
     # A seller flags one more opportunity, so the same task also creates a referral.
     new = flag_one_more(pc, crm)
     job = new_job(crm, store, staging)
@@ -346,7 +346,7 @@ def test_referral_gone_or_rejected_during_update_fails_alone(pc, conns, store, t
         if crm == "salesforce":
             pc.salesforce.user_edit("Opportunity", row["crm_id"], {"Description": "edited"})
         else:
-            pc.dataverse.edit("opportunities", row["crm_id"], {"description": "edited"})
+            pc.dynamics365.edit("opportunities", row["crm_id"], {"description": "edited"})
     job = new_job(crm, store, staging)
     up_to_load(job, store)
     run_load_crm(job)

@@ -23,7 +23,7 @@ def seed(pc, crm: str) -> None:
     if crm == "salesforce":
         pc.salesforce.seed(opportunities=20, accounts=8, flagged=8, seed=21)
     else:
-        pc.dataverse.seed(opportunities=20, accounts=8, flagged=8, seed=21)
+        pc.dynamics365.seed(opportunities=20, accounts=8, flagged=8, seed=21)
 
 
 @pytest.mark.parametrize("crm", ["salesforce", "dynamics365"])
@@ -52,14 +52,14 @@ def test_first_sync_then_idempotent_then_edits_both_ways(pc, conns, store, tmp_p
     if crm == "salesforce":
         pc.salesforce.user_edit("Opportunity", other["crm_id"], {"Description": "edited in Salesforce"})
     else:
-        pc.dataverse.edit("opportunities", other["crm_id"], {"description": "edited in Dynamics"})
+        pc.dynamics365.edit("opportunities", other["crm_id"], {"description": "edited in Dynamics"})
     third = run_sync(crm, store, tmp_path / "staging")
     assert third["pc_to_crm"]["updated"] == 1 and third["crm_to_pc"]["updated"] == 1, third
     assert pc.partner_center.referrals[other["referral_id"]]["details"]["notes"].startswith("edited in")
     if crm == "salesforce":
         assert pc.salesforce.get_record("Opportunity", link["crm_id"])["Amount"] == 31337.0
     else:
-        assert pc.dataverse.row("opportunities", link["crm_id"])["estimatedvalue"] == 31337.0
+        assert pc.dynamics365.row("opportunities", link["crm_id"])["estimatedvalue"] == 31337.0
     audit = store.audit(crm=crm, action="update")
     assert {(a.field, a.direction) for a in audit.itertuples()} >= {("deal_value", "pc_to_crm"), ("notes", "crm_to_pc")}
 

@@ -21,7 +21,7 @@ def synced(pc, pc_conn, dyn_conn, sf_conn, store_factory, tmp_path, request):
     if crm == "salesforce":
         pc.salesforce.seed(opportunities=10, accounts=5, flagged=4, seed=31)
     else:
-        pc.dataverse.seed(opportunities=10, accounts=5, flagged=4, seed=31)
+        pc.dynamics365.seed(opportunities=10, accounts=5, flagged=4, seed=31)
     store = store_factory()
     first = run_sync(crm, store, tmp_path / "staging")
     assert first["pc_to_crm"]["failed"] == 0 and first["crm_to_pc"]["failed"] == 0, first
@@ -55,7 +55,7 @@ def _crm_edit(pc, crm, crm_id, *, notes=None, amount=None):
         pc.salesforce.user_edit("Opportunity", crm_id, changes)
     else:
         changes = {k: v for k, v in (("description", notes), ("estimatedvalue", amount)) if v is not None}
-        pc.dataverse.edit("opportunities", crm_id, changes)
+        pc.dynamics365.edit("opportunities", crm_id, changes)
 
 
 @pytest.mark.parametrize("synced", CRMS, indirect=True)
@@ -72,9 +72,9 @@ def test_won_by_microsoft_closes_the_opportunity(pc, synced, tmp_path):
         opp = pc.salesforce.get_record("Opportunity", row.crm_id)
         assert opp["StageName"] == "Closed Won" and opp["IsClosed"] is True
     else:
-        opp = pc.dataverse.row("opportunities", row.crm_id)
+        opp = pc.dynamics365.row("opportunities", row.crm_id)
         assert (opp["statecode"], opp["statuscode"]) == (1, 3)  # through WinOpportunity
-        assert pc.dataverse.requests_matching("POST", "/api/data/v9.2/WinOpportunity")
+        assert pc.dynamics365.requests_matching("POST", "/api/data/v9.2/WinOpportunity")
 
 
 @pytest.mark.parametrize("synced", CRMS, indirect=True)
@@ -110,7 +110,7 @@ def test_dry_run_writes_nothing_and_reports_the_plan(pc, synced, tmp_path):
     crm, store, links = synced
     _, ref = _incoming_link(pc, links)
     pc.partner_center._commit_update(ref, {**ref, "name": "renamed by Microsoft"}, "Microsoft")
-    emulator = pc.salesforce if crm == "salesforce" else pc.dataverse
+    emulator = pc.salesforce if crm == "salesforce" else pc.dynamics365
     emulator.log.clear()
     pc.partner_center.log.clear()
     report = run_sync(crm, store, tmp_path / "staging", dry_run=True)

@@ -43,7 +43,7 @@ BAD_OPPORTUNITIES = {  # what to spoil -> the value
 def opportunity_rows(pc, crm: str) -> dict[str, dict]:
     if crm == "salesforce":
         return {str(r["Id"]): r for r in pc.salesforce.records["Opportunity"].values() if not r.get("IsDeleted")}
-    return {str(k): r for k, r in pc.dataverse.tables["opportunities"].items()}
+    return {str(k): r for k, r in pc.dynamics365.tables["opportunities"].items()}
 
 
 def flagged_unlinked(pc, crm: str) -> list[str]:

@@ -34,10 +34,10 @@ def test_parse_stamp_reads_the_formats_partner_center_writes():
 
 
 def test_dataverse_age_moves_createdon_and_modifiedon_back(pc):
-    pc.dataverse.seed(opportunities=2, accounts=1, flagged=1, seed=4)
-    rows = {r["opportunityid"]: dict(r) for r in pc.dataverse.rows("opportunities")}
-    assert pc.dataverse.age(120) >= 3  # opportunities, an account, currencies ...
-    for row in pc.dataverse.rows("opportunities"):
+    pc.dynamics365.seed(opportunities=2, accounts=1, flagged=1, seed=4)
+    rows = {r["opportunityid"]: dict(r) for r in pc.dynamics365.rows("opportunities")}
+    assert pc.dynamics365.age(120) >= 3  # opportunities, an account, currencies ...
+    for row in pc.dynamics365.rows("opportunities"):
         then = rows[row["opportunityid"]]
         for column in ("createdon", "modifiedon"):
             moved = datetime.fromisoformat(then[column].replace("Z", "+00:00")) - datetime.fromisoformat(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-EMULATORS = ("entra", "partner_center", "dataverse", "salesforce")
+EMULATORS = ("entra", "partner_center", "dynamics365", "salesforce")
 
 
 def control(pc, name: str, method: str, path: str, body: dict | None = None) -> requests.Response:
@@ -45,7 +45,7 @@ def test_a_control_request_the_emulator_cannot_take_is_400(pc, name):
 
 def test_seed_and_age_over_http_reach_each_emulators_data(pc):
     assert len(control(pc, "partner_center", "POST", "seed", {"count": 3}).json()["ids"]) == 3
-    assert len(control(pc, "dataverse", "POST", "seed", {"opportunities": 2}).json()["opportunities"]) == 2
+    assert len(control(pc, "dynamics365", "POST", "seed", {"opportunities": 2}).json()["opportunities"]) == 2
     assert len(control(pc, "salesforce", "POST", "seed", {"opportunities": 2}).json()["opportunities"]) == 2
     seeded = control(pc, "entra", "POST", "seed", {"clients": {"app-1": "s3cret"}, "users": {"u@example": "pw"}})
     assert seeded.json() == {"clients": ["app-1"], "users": ["u@example"]}
@@ -57,8 +57,8 @@ def test_seed_and_age_over_http_reach_each_emulators_data(pc):
 def test_limits_and_config_keep_each_emulators_shape(pc):
     assert control(pc, "salesforce", "POST", "limits", {"daily_api_requests": 50}).json()["limit"] == 50
     assert control(pc, "salesforce", "GET", "limits").json()["limit"] == 50
-    assert control(pc, "dataverse", "POST", "limits", {"requests": 100}).json()["requests"] == 100
-    assert control(pc, "dataverse", "GET", "config").json()["closed_opportunity_writes"] == "allow"
+    assert control(pc, "dynamics365", "POST", "limits", {"requests": 100}).json()["requests"] == 100
+    assert control(pc, "dynamics365", "GET", "config").json()["closed_opportunity_writes"] == "allow"
     state = control(pc, "partner_center", "POST", "config", {"nextlink_style": "clean"}).json()
     assert state["nextlinkStyle"] == "clean"
     assert control(pc, "entra", "POST", "config", {"token_lifetime": 60}).json()["token_lifetime"] == 60

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import requests
 
-from cosell_sandbox.dynamics365 import DataverseEmulator, ProtectionLimits, ServiceProtection
+from cosell_sandbox.dynamics365 import Dynamics365Emulator, ProtectionLimits, ServiceProtection
 from cosell_sandbox.entra import EntraEmulator
 from cosell_sandbox.server import EmulatorServer, HTTPError
 from cosell_sandbox.tls import SandboxPKI
@@ -26,7 +26,7 @@ GUID = re.compile(r"[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}")
 
 @dataclass
 class Dataverse:
-    emulator: DataverseEmulator
+    emulator: Dynamics365Emulator
     origin: str
     entra_origin: str
     tenant: str
@@ -79,7 +79,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dataverse]:
     entra = EntraEmulator()
     client_id, secret = entra.add_client()
     entra_server = EmulatorServer(entra, context).start()
-    emulator = DataverseEmulator(entra)
+    emulator = Dynamics365Emulator(entra)
     dataverse_server = EmulatorServer(emulator, context).start()
     try:
         entra.register_resource(emulator.audience())

@@ -168,7 +168,7 @@ def test_attributes(api: Api) -> None:
 
 
 def test_picklist_casts_and_option_sets(pc: Any, api: Api) -> None:
-    pc.dataverse.configure(choice_value_base=CUSTOM_BASE)
+    pc.dynamics365.configure(choice_value_base=CUSTOM_BASE)
     base = "EntityDefinitions(LogicalName='opportunity')/Attributes"
     cast = "Microsoft.Dynamics.CRM.PicklistAttributeMetadata"
     picklists = ok(
@@ -275,26 +275,26 @@ def test_choice_writes_use_the_option_sets(pc: Any, api: Api) -> None:
     assert error_of(old)[:2] == (400, "0x8004431a")
     stage = api.request("POST", "opportunities", json={"name": "Stage", "salesstage": 4})
     assert error_of(stage)[:2] == (400, "0x8004431a")  # a system choice: its own fixed options
-    stored = {r["name"]: r for r in pc.dataverse.rows("opportunities")}
+    stored = {r["name"]: r for r in pc.dynamics365.rows("opportunities")}
     assert set(stored) == {"Default base", "Custom base"}
     assert stored["Custom base"]["cosell_syncstatus"] == CUSTOM_BASE + 2
 
     bad = requests.post(f"{api.origin}/_sandbox/config", json={"choice_value_base": "x"}, verify=api.ca, timeout=30)
     assert bad.status_code == 400
-    pc.dataverse.reset()
-    assert pc.dataverse.configure()["choice_value_base"] == DEFAULT_CHOICE_BASE  # reset restores the default
+    pc.dynamics365.reset()
+    assert pc.dynamics365.configure()["choice_value_base"] == DEFAULT_CHOICE_BASE  # reset restores the default
 
 
 def test_seeded_help_values_follow_the_base(pc: Any) -> None:
-    pc.dataverse.configure(choice_value_base=CUSTOM_BASE)
-    pc.dataverse.seed(opportunities=20, flagged=20, seed=3)
-    values = {r["cosell_howcanmicrosofthelp"] for r in pc.dataverse.rows("opportunities")}
+    pc.dynamics365.configure(choice_value_base=CUSTOM_BASE)
+    pc.dynamics365.seed(opportunities=20, flagged=20, seed=3)
+    values = {r["cosell_howcanmicrosofthelp"] for r in pc.dynamics365.rows("opportunities")}
     assert values and values <= set(range(CUSTOM_BASE, CUSTOM_BASE + len(HELP)))
 
 
 def test_formatted_values_carry_option_labels(pc: Any, api: Api) -> None:
-    pc.dataverse.configure(choice_value_base=CUSTOM_BASE)
-    row = pc.dataverse.create(
+    pc.dynamics365.configure(choice_value_base=CUSTOM_BASE)
+    row = pc.dynamics365.create(
         "opportunities", {"name": "Labelled", "cosell_howcanmicrosofthelp": CUSTOM_BASE + 3, "salesstage": 2}
     )
     key = f"opportunities({row['opportunityid']})"

@@ -68,12 +68,12 @@ def client(pc: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 def rows(pc: Any, entity_set: str) -> dict[str, dict[str, Any]]:
     table = {"accounts": "accountid", "opportunities": "opportunityid", "contacts": "contactid"}[entity_set]
-    return {row[table]: row for row in pc.dataverse.rows(entity_set)}
+    return {row[table]: row for row in pc.dynamics365.rows(entity_set)}
 
 
 def test_create_retrieve_update_delete(pc: Any, client: Any) -> None:
     account_id = client.records.create("account", {"name": "Contoso Ltd", "address1_city": "Redmond"})
-    stored = pc.dataverse.row("accounts", account_id)
+    stored = pc.dynamics365.row("accounts", account_id)
     assert stored["name"] == "Contoso Ltd" and stored["address1_city"] == "Redmond"
 
     record = client.records.retrieve("account", account_id, select=["name", "address1_city"])
@@ -81,7 +81,7 @@ def test_create_retrieve_update_delete(pc: Any, client: Any) -> None:
     assert record.etag == f'W/"{stored["versionnumber"]}"'
 
     client.records.update("account", account_id, {"address1_city": "Oslo"})
-    updated = pc.dataverse.row("accounts", account_id)
+    updated = pc.dynamics365.row("accounts", account_id)
     assert updated["address1_city"] == "Oslo" and updated["versionnumber"] > stored["versionnumber"]
 
     opportunity_id = client.records.create(
@@ -93,7 +93,7 @@ def test_create_retrieve_update_delete(pc: Any, client: Any) -> None:
             "salesstage": 1,
         },
     )
-    opportunity = pc.dataverse.row("opportunities", opportunity_id)
+    opportunity = pc.dynamics365.row("opportunities", opportunity_id)
     assert opportunity["_parentaccountid_value"] == account_id and opportunity["salesstage"] == 1
 
     client.records.delete("opportunity", opportunity_id)
@@ -108,8 +108,8 @@ def test_create_retrieve_update_delete(pc: Any, client: Any) -> None:
 
 
 def test_query_builder_pages(pc: Any, client: Any) -> None:
-    pc.dataverse.seed(opportunities=23, flagged=0, seed=7)
-    expected = sorted(r["name"] for r in pc.dataverse.rows("opportunities"))
+    pc.dynamics365.seed(opportunities=23, flagged=0, seed=7)
+    expected = sorted(r["name"] for r in pc.dynamics365.rows("opportunities"))
     pages = list(
         client.query.builder("opportunity")
         .select("name", "estimatedvalue")
@@ -124,7 +124,7 @@ def test_query_builder_pages(pc: Any, client: Any) -> None:
 
     pages_read = [
         e
-        for e in pc.dataverse.requests_matching("GET", "/api/data/v9.2/opportunities")
+        for e in pc.dynamics365.requests_matching("GET", "/api/data/v9.2/opportunities")
         if e.path.endswith("opportunities")
     ]
     assert len(pages_read) == 5
@@ -137,7 +137,7 @@ def test_query_builder_pages(pc: Any, client: Any) -> None:
 
 
 def test_create_multiple_and_update_multiple(pc: Any, client: Any) -> None:
-    pc.dataverse.configure(choice_value_base=CUSTOM_BASE)
+    pc.dynamics365.configure(choice_value_base=CUSTOM_BASE)
     ids = client.records.create(
         "opportunity",
         [
@@ -164,7 +164,7 @@ def test_create_multiple_and_update_multiple(pc: Any, client: Any) -> None:
     assert (
         labelled["cosell_howcanmicrosofthelp@OData.Community.Display.V1.FormattedValue"] == "Proof of concept or demo"
     )
-    create_multiple = pc.dataverse.requests_matching(
+    create_multiple = pc.dynamics365.requests_matching(
         "POST", "/api/data/v9.2/opportunities/Microsoft.Dynamics.CRM.CreateMultiple"
     )
     assert len(create_multiple) == 1
@@ -174,7 +174,7 @@ def test_create_multiple_and_update_multiple(pc: Any, client: Any) -> None:
     stored = rows(pc, "opportunities")
     assert [stored[i]["estimatedvalue"] for i in ids[:2]] == [1000.0, 2000.0]
     assert [stored[i]["cosell_syncstatus"] for i in ids] == [None, None, CUSTOM_BASE + 1, CUSTOM_BASE + 1]
-    update_multiple = pc.dataverse.requests_matching(
+    update_multiple = pc.dynamics365.requests_matching(
         "POST", "/api/data/v9.2/opportunities/Microsoft.Dynamics.CRM.UpdateMultiple"
     )
     assert len(update_multiple) == 2

@@ -15,7 +15,7 @@ PACKAGES = [SANDBOX, ROOT / "plugins" / "cosell_sync"]
 QUERY_PARSERS = {"salesforce/soql.py", "dynamics365/odata.py"}  # the only modules allowed past 600 lines
 EMULATORS = {
     "partner_center": "PartnerCenterEmulator",
-    "dynamics365": "DataverseEmulator",
+    "dynamics365": "Dynamics365Emulator",
     "salesforce": "SalesforceEmulator",
     "entra": "EntraEmulator",
 }

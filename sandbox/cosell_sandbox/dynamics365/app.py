@@ -18,7 +18,7 @@ Errors are ``{"error": {"code": "0x...", "message": "..."}}`` with
 ``Content-Type: application/json; odata.metadata=minimal``; every API response carries
 ``REQ_ID`` and ``OData-Version: 4.0``.
 
-Wiring: ``DataverseEmulator(entra)``, start it in an ``EmulatorServer``, then
+Wiring: ``Dynamics365Emulator(entra)``, start it in an ``EmulatorServer``, then
 ``entra.register_resource(emulator.audience())``.
 
 Control plane (no token, no faults), each also a Python method:
@@ -63,7 +63,7 @@ from .validation import ValidationMixin
 from .writes import WritesMixin
 
 
-class DataverseEmulator(
+class Dynamics365Emulator(
     CustomizationMixin,
     ControlMixin,
     SeedMixin,
@@ -74,7 +74,7 @@ class DataverseEmulator(
     StoreMixin,
     EmulatorApp,
 ):
-    name = "dataverse"
+    name = "dynamics365"
     control_error_code = "0x80040203"
 
     def __init__(self, entra: EntraEmulator) -> None:

@@ -388,7 +388,7 @@ log = logging.getLogger(__name__)
 
 
 class BatchMixin:
-    """The ``$batch`` handler of :class:`DataverseEmulator`."""
+    """The ``$batch`` handler of :class:`Dynamics365Emulator`."""
 
     def _batch(self, request: Request) -> Response:
         prefer = _preferences(request.headers)

@@ -16,7 +16,7 @@ from .schema import TABLES
 
 
 class ControlMixin:
-    """Control methods and handlers of :class:`DataverseEmulator`."""
+    """Control methods and handlers of :class:`Dynamics365Emulator`."""
 
     def reset(self) -> None:
         """Empty tables (currencies re-seeded), default limits and config; older delta tokens expire."""

@@ -79,7 +79,7 @@ class Customizations:
 
 
 class CustomizationMixin:
-    """Metadata writes of :class:`DataverseEmulator` (see the module's docstring)."""
+    """Metadata writes of :class:`Dynamics365Emulator` (see the module's docstring)."""
 
     custom: Customizations
 

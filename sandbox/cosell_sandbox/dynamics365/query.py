@@ -53,7 +53,7 @@ _UNSUPPORTED_OPTIONS = ("$skip", "$search", "$format")
 
 
 class QueryMixin:
-    """The read handlers of :class:`DataverseEmulator`."""
+    """The read handlers of :class:`Dynamics365Emulator`."""
 
     # -- reads: query options --------------------------------------------------------------------
     def _check_names(self, table: Table, expr: str) -> None:

@@ -278,7 +278,7 @@ class DataverseConfig:
 
 
 class StoreMixin:
-    """The row store of :class:`DataverseEmulator` (callers hold ``self.lock``)."""
+    """The row store of :class:`Dynamics365Emulator` (callers hold ``self.lock``)."""
 
     # -- state primitives (callers hold self.lock) ----------------------------------------------
     def _log(self, table: Table, row_id: str) -> None:

@@ -14,7 +14,7 @@ from .schema import ACCOUNTS, CONTACTS, CURRENCIES, OPPORTUNITIES, TRANSACTION_C
 
 
 class SeedMixin:
-    """Seeding of :class:`DataverseEmulator`."""
+    """Seeding of :class:`Dynamics365Emulator`."""
 
     def _currency_id(self, iso: str) -> str:
         return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dataverse-sandbox:transactioncurrency:{iso}"))

@@ -41,7 +41,7 @@ from .schema import (
 
 
 class ValidationMixin:
-    """Column validation and row writes of :class:`DataverseEmulator`."""
+    """Column validation and row writes of :class:`Dynamics365Emulator`."""
 
     # -- writes: validation --------------------------------------------------------------------
     def _coerce(self, table: Table, column: Column, value: Any) -> Any:

@@ -36,7 +36,7 @@ from .schema import (
 
 
 class WritesMixin:
-    """The write handlers of :class:`DataverseEmulator`."""
+    """The write handlers of :class:`Dynamics365Emulator`."""
 
     # -- handlers: writes ------------------------------------------------------------------------
     def _select_only(self, request: Request, table: Table) -> list[str] | None:

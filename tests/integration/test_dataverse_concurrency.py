@@ -91,6 +91,24 @@ def test_chunked_reads_go_out_concurrently_and_find_every_row(dv, dyn_hook, slow
     assert dv.protection.peak_inflight > 1  # the chunks overlapped
 
 
+def test_lookups_by_referral_id_go_out_concurrently_and_find_every_row(dv, dyn_hook, slow):
+    """A load's lookups before its creates (opportunities already holding the referral ids),
+    one query per chunk of ids: concurrent, every holder found once, in the rows' order."""
+    ids = dv.seed(opportunities=24, seed=11)["opportunities"]
+    referral_ids = [f"ref-{n:02d}" for n in range(len(ids))]
+    for crm_id, referral_id in zip(ids, referral_ids, strict=True):
+        dv.edit("opportunities", str(crm_id), {"cosell_referralid": referral_id})
+    side = DynamicsSide(dyn_hook, load_mapping("dynamics365"))
+    side.id_chunk = 4
+    dv.log.clear()
+    records = side.extract(referral_ids=[*referral_ids, "ref-none"])
+
+    assert sorted(r["cosell_referralid"] for r in records) == referral_ids
+    reads = [e for e in dv.log if e.method == "GET" and e.path.endswith("/opportunities")]
+    assert len(reads) == 7  # one query per chunk of 4 ids (25 ids)
+    assert dv.protection.peak_inflight > 1  # the chunks overlapped
+
+
 def _refusing(dv, dyn_hook, monkeypatch, n: int, bad: int, exc: Exception) -> tuple[DynamicsSide, list[str]]:
     """A side reading ``n`` seeded opportunities 4 ids a query; the query naming the ``bad``-th raises ``exc``."""
     ids = [str(i).lower() for i in dv.seed(opportunities=n, seed=n)["opportunities"]]

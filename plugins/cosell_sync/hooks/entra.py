@@ -190,21 +190,23 @@ def msal_app(
 
 def cached_token(key: tuple[str, ...], acquire: Callable[[], dict[str, Any]], force: bool = False) -> str:
     """A cached access token for ``key``; ``acquire`` returns msal's result dict."""
-    with _lock:
-        hit = _tokens.get(key)
-    if hit and not force and hit[1] - EXPIRY_SKEW > time.time():
-        return hit[0]
+    if not force and (token := _fresh(key)):
+        return token
     with _lock:
         gate = _acquiring.setdefault(key, threading.Lock())
     # Threads that miss the cache together (a write pool's first requests) wait for one grant
-    # instead of each asking the token service for its own.
+    # instead of each asking the token service for its own; they then find it cached.
     with gate:
-        if not force:
-            with _lock:
-                hit = _tokens.get(key)
-            if hit and hit[1] - EXPIRY_SKEW > time.time():
-                return hit[0]
+        if not force and (token := _fresh(key)):
+            return token
         return _acquired(key, acquire, time.time())
+
+
+def _fresh(key: tuple[str, ...]) -> str | None:
+    """The cached token for ``key`` while it is not about to expire."""
+    with _lock:
+        hit = _tokens.get(key)
+    return hit[0] if hit and hit[1] - EXPIRY_SKEW > time.time() else None
 
 
 def _acquired(key: tuple[str, ...], acquire: Callable[[], dict[str, Any]], now: float) -> str:

@@ -47,17 +47,19 @@ browser:
 lint: venv
 	$(BIN)/ruff check .
 
-# Two xdist workers (this machine has 2 cores). The tests that start real Airflow components
+# Three xdist workers on this 2-core machine. The tests that start real Airflow components
 # (scheduler, Celery workers, API server, `airflow standalone`, the browser's Airflow) run in two
 # lanes, xdist groups "airflow-cluster-a" and "airflow-cluster-b": a lane's tests run one after
 # another on one worker, so at most two clusters run at once. The tests that only need "an
 # Airflow with our DAGs and plugin" (the Co-sell page, webhooks end to end, the browser) share
 # one cluster in lane a, started once and reset between them (tests/shared_airflow.py); the
-# topologies of their own (Celery, `make airflow`, a backfill's and a per-minute schedule's)
-# start theirs. --dist loadgroup hands out the groups first, so both lanes start at once, and
-# every other test is spread over both workers as they free up. The 25 slowest tests are listed.
+# topologies of their own (a backfill's in lane a; Celery, `make airflow` and a per-minute
+# schedule's in lane b) start theirs. --dist loadgroup hands out the groups first, so both lanes
+# start at once. A lane's worker spends much of its time waiting on its cluster (a scheduler's
+# loop, a minute's schedule), so the third worker runs the rest of the suite from the start and
+# the lanes' workers join it as they free up: both cores stay busy. The 25 slowest tests are listed.
 test: venv lint browser
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -n 3 --dist loadgroup --durations=25
 
 # The fast tier: pure logic and the emulators, no Airflow components, under two minutes.
 test-fast: venv lint

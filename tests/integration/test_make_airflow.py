@@ -30,9 +30,10 @@ from cosell_sandbox.airflow_cluster import free_port
 from cosell_sandbox.standalone import MARKER, port_free
 
 REPO = Path(__file__).resolve().parents[2]
-# Real Airflow components: `make test` runs the tests of one lane ("airflow-cluster-a") one after another on
-# one xdist worker, so at most two clusters (one per lane) run at once, beside the rest of the suite.
-pytestmark = pytest.mark.xdist_group("airflow-cluster-a")
+# Real Airflow components: `make test` runs the tests of one lane ("airflow-cluster-b", with the Celery and
+# the scheduler tests; lane a holds the shared cluster's tests and the backfill's) one after another on one
+# xdist worker, so at most two clusters (one per lane) run at once, beside the rest of the suite.
+pytestmark = pytest.mark.xdist_group("airflow-cluster-b")
 DAG_IDS = {
     "cosell_sync_dynamics365",
     "cosell_sync_salesforce",

@@ -43,6 +43,7 @@ os.environ.setdefault("AIRFLOW__COSELL__HTTP_RETRY_BACKOFF_MAX", "0.2")
 
 from cosell_sandbox.runtime import Sandbox  # noqa: E402
 from tests import services  # noqa: E402
+from tests.helpers import reset_secrets_masker  # noqa: E402
 
 pytest_plugins = ["tests.xdist_groups", "tests.shared_airflow"]
 
@@ -58,23 +59,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit("make test needs the local services:\n" + "\n".join(missing), returncode=3)
 
 
-_MASKERS = ("airflow.sdk._shared.secrets_masker.secrets_masker", "airflow._shared.secrets_masker.secrets_masker")
-
-
 @pytest.fixture(autouse=True)
 def _fresh_secrets_masker() -> Iterator[None]:
-    """Each test starts with an empty secrets masker, as each Airflow task process does.
-
-    The hooks register every access token they get with Airflow's masker (``cosell_sync.masking``),
-    and the masker recompiles one alternation of every secret it holds on each new one. A test
-    worker gets thousands of tokens over a session (each test forgets its cached tokens), so the
-    recompiles grew with every test: a third of the suite's CPU went to compiling regular
-    expressions. Only maskers already imported are reset: pure engine tests never import Airflow."""
+    """Each test starts with an empty secrets masker, as each Airflow task process does (see
+    ``tests.helpers.reset_secrets_masker``)."""
     yield
-    for name in _MASKERS:
-        module = sys.modules.get(name)
-        if module is not None:
-            module.reset_secrets_masker()
+    reset_secrets_masker()
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ from cosell_sync.hooks.entra import forget_tokens
 from cosell_sync.sides.dynamics365 import DynamicsSide
 from cosell_sync.sides.salesforce import writes as salesforce_side
 from cosell_sync.state import StateStore
+from tests.helpers import reset_secrets_masker
 from tests.integration.sync_jobs import quiet_sides
 from tests.integration.test_sync_kill import LINK_FIELD, duplicates, link_problems, snapshot
 from tests.integration.test_sync_retries import crm_counts, flag_one_more
@@ -160,6 +161,7 @@ class Runs:
             self.tries[step] += 1
             forget_tokens()  # a new process has no cached token, msal app or currency
             dynamics._currencies.clear()
+            reset_secrets_masker()  # nor the secrets an earlier one masked
             try:
                 return True, dag_factory.run_step(spec, body)
             except Exception as exc:

@@ -24,9 +24,9 @@ def reset_secrets_masker() -> None:
 
     The hooks register every access token they get with the masker (``cosell_sync.masking``), and
     the masker recompiles one alternation of every secret it holds on each new one: 50 tokens cost
-    55 ms a token, 200 cost 220 ms. A test worker gets thousands over a session (each test, and
-    each simulated task process, forgets its cached tokens), so without this a third of the
-    suite's CPU went to compiling regular expressions. Only maskers already imported are reset:
+    55 ms a token, 200 cost 220 ms. A test worker kept gathering them for the whole session (each
+    test, and each simulated task process, forgets its cached tokens), and py-spy put a third of
+    the suite's CPU in compiling regular expressions. Only maskers already imported are reset:
     pure engine tests never import Airflow."""
     import sys
 

@@ -320,15 +320,18 @@ class PartnerCenterSide:
         failed: dict[str, ApiError] = {}
         ids = list(dict.fromkeys(str(c) for c in crm_ids if c))
 
+        def find(chunk: list[str]) -> list[dict[str, Any]]:
+            try:
+                return self.hook.find_by_external_references(chunk)
+            except ValidationError:
+                if len(chunk) == 1:
+                    raise
+                # A service that refuses "or" in $filter: one query per id instead.
+                return [d for one in chunk for d in self.hook.find_by_external_references([one])]
+
         def lookup(chunk: list[str]) -> list[dict[str, Any]] | ApiError:
             try:
-                try:
-                    docs = self.hook.find_by_external_references(chunk)
-                except ValidationError:
-                    if len(chunk) == 1:
-                        raise
-                    # A service that refuses "or" in $filter: one query per id instead.
-                    docs = [d for one in chunk for d in self.hook.find_by_external_references([one])]
+                docs = find(chunk)
             except ApiError as exc:  # handed back: the caller fails the chunk's records, or the task
                 return exc
             return [d for d in docs if not microsoft_side(d)]
